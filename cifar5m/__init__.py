@@ -1,0 +1,9 @@
+"""cifar5m: make, serve and use CIFAR-5m-scale synthetic datasets.
+
+The stages live in top-level packages (``shards``, ``generator``, ``dataset_server``,
+``train``); this package holds what they share: the CLI, the errors and the version.
+"""
+
+from cifar5m.version import __version__
+
+__all__ = ["__version__"]

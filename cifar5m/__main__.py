@@ -1,0 +1,3 @@
+from cifar5m.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The ``cifar5m`` command line.
+
+Commands are registered by name and imported only when run, so ``cifar5m serve``
+never imports torch and ``cifar5m --help`` starts instantly. Each command module
+under ``cifar5m/commands/`` in turn imports its stage inside the command body.
+Errors are turned into one ``Error: ...`` line here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from cifar5m.errors import Cifar5mError
+from cifar5m.version import __version__
+
+# name -> "module:attribute"; one line per command, grouped by stage.
+COMMANDS: dict[str, str] = {
+    # shards/
+    "import": "cifar5m.commands.dataset:import_cmd",
+    "verify": "cifar5m.commands.dataset:verify_cmd",
+    "info": "cifar5m.commands.dataset:info_cmd",
+    "grid": "cifar5m.commands.dataset:grid_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        # The one place where project errors become `Error: ...` and exit status 1
+        # (click prints a ClickException as "Error: <message>").
+        try:
+            return super().invoke(ctx)
+        except Cifar5mError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cifar5m")
+def cli() -> None:
+    """Make, serve and use CIFAR-5m-scale synthetic datasets.
+
+    \b
+    Example:
+      cifar5m import ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10
+      cifar5m info data/cifar10
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        cli.main(args=argv, prog_name="cifar5m")
+    except KeyboardInterrupt:
+        click.echo("Interrupted; re-run the same command to resume.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

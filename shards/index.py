@@ -1,0 +1,87 @@
+"""``index.parquet``: one row per sample, the basis of random access.
+
+Columns: ``key``, ``split``, ``shard`` (file name), ``position`` (0-based within the
+split), the data offset and size of the image and label members inside the shard
+(a member's 512-byte header sits right before its offset), ``label``, and nullable
+generator columns: ``confidence`` and ``probs`` (labeler softmax), ``seed`` (the
+noise seed of the sample) and ``cond_label`` (class a conditional model was given).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("image_offset", pa.int64(), nullable=False),
+        pa.field("image_size", pa.int32(), nullable=False),
+        pa.field("label_offset", pa.int64(), nullable=False),
+        pa.field("label_size", pa.int32(), nullable=False),
+        pa.field("label", pa.int16(), nullable=False),
+        pa.field("confidence", pa.float32()),
+        pa.field("seed", pa.int64()),
+        pa.field("cond_label", pa.int16()),
+        pa.field("probs", pa.list_(pa.float32())),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+# Columns a row may omit (filled with nulls).
+OPTIONAL = ("confidence", "seed", "cond_label", "probs")
+
+
+def rows_to_table(columns: dict[str, list]) -> pa.Table:
+    """Build an index table from column lists; optional columns may be missing."""
+    n = len(columns["key"])
+    arrays = []
+    for fld in SCHEMA:
+        values = columns.get(fld.name)
+        if values is None:
+            if fld.name not in OPTIONAL:
+                raise ValueError(f"index column {fld.name!r} is required")
+            values = [None] * n
+        arrays.append(pa.array(values, type=fld.type))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def write_table(path: Path, table: pa.Table, *, metadata: dict[str, str] | None = None) -> None:
+    """Write one index table (zstd; dictionary-encoded strings keep split/shard cheap)."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    pq.write_table(table, path, compression="zstd", use_dictionary=["split", "shard"])
+
+
+def read_index(path: str | Path, *, columns: list[str] | None = None, filesystem=None) -> pa.Table:
+    """Read the index (or some columns of it)."""
+    return pq.read_table(path, columns=columns, filesystem=filesystem)
+
+
+def balanced_subset(labels: np.ndarray, n: int, *, seed: int, num_classes: int) -> np.ndarray:
+    """Positions of ``n`` samples, as equal per class as the data allows, chosen by ``seed``.
+
+    Deterministic for (labels, n, seed). Classes get ``n // k`` each; the remainder goes
+    to the lowest class ids; a class with too few samples gives all it has and the rest
+    is taken from the others. Returned positions are sorted.
+    """
+    labels = np.asarray(labels)
+    if n > len(labels):
+        raise ValueError(f"asked for {n} samples but the split holds {len(labels)}")
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    want = [n // num_classes + (1 if c < n % num_classes else 0) for c in range(num_classes)]
+    take = [min(w, len(p)) for w, p in zip(want, pools, strict=True)]
+    short = n - sum(take)
+    while short > 0:  # hand the shortfall to classes with spare samples, round robin
+        for c in range(num_classes):
+            if short and take[c] < len(pools[c]):
+                take[c] += 1
+                short -= 1
+    chosen = np.concatenate([p[:t] for p, t in zip(pools, take, strict=True)])
+    return np.sort(chosen.astype(np.int64))

@@ -1,0 +1,217 @@
+"""Reading datasets: iterate a split, or read any sample by key or position.
+
+Works on a local directory (files read directly) and on any fsspec URL
+(``http://``, ``s3://``, ...), where single samples cost one byte-range request
+through the index. Every error names the shard and, where it applies, the offset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.implementations.local import LocalFileSystem
+
+from cifar5m.errors import (
+    CorruptShardError,
+    DatasetNotFoundError,
+    SampleNotFoundError,
+    ShardNotFoundError,
+)
+from shards import codec
+from shards.format import INDEX_NAME, MANIFEST_NAME
+from shards.index import read_index
+from shards.manifest import Manifest, ShardInfo, load_manifest, read_manifest_text
+
+
+class Sample(NamedTuple):
+    key: str
+    image: np.ndarray  # (32, 32, 3) uint8
+    label: int
+
+
+class Batch(NamedTuple):
+    keys: list[str]
+    images: np.ndarray  # (N, 32, 32, 3) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+class Dataset:
+    """A dataset directory, local or remote (any fsspec URL)."""
+
+    def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None) -> None:
+        self.url = str(root)
+        self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.manifest: Manifest = self._load_manifest()
+        self.shards: dict[str, ShardInfo] = {s.file: s for s in self.manifest.shards}
+
+    def _load_manifest(self) -> Manifest:
+        if self.is_local:
+            return load_manifest(self.path)
+        where = self.location(MANIFEST_NAME)
+        try:
+            text = self.fs.cat_file(where).decode()
+        except FileNotFoundError:
+            raise DatasetNotFoundError(f"{self.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
+        return read_manifest_text(text, where=where)
+
+    def location(self, name: str) -> str:
+        """Path or URL of a file of the dataset."""
+        return str(Path(self.path) / name) if self.is_local else f"{self.path.rstrip('/')}/{name}"
+
+    @cached_property
+    def index(self) -> pa.Table:
+        where = self.location(INDEX_NAME)
+        try:
+            return read_index(where, filesystem=None if self.is_local else self.fs)
+        except FileNotFoundError:
+            raise DatasetNotFoundError(f"{where} is missing; the dataset is incomplete") from None
+
+    def split(self, name: str) -> Split:
+        if name not in self.manifest.splits:
+            raise SampleNotFoundError(f"{self.url} has no split {name!r}; it has {self.manifest.splits}")
+        return Split(self, name)
+
+    def read_bytes(self, file: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a dataset file (the whole file by default)."""
+        where = self.location(file)
+        try:
+            if self.is_local:
+                with open(where, "rb") as f:
+                    if start is None:
+                        return f.read()
+                    return os.pread(f.fileno(), end - start, start)
+            return self.fs.cat_file(where, start=start, end=end)
+        except FileNotFoundError:
+            raise ShardNotFoundError(
+                f"{where} is missing; the manifest lists it (re-download or re-create the dataset)"
+            ) from None
+
+    def read_shard(self, file: str) -> bytes:
+        """A whole shard, checked for truncation against the manifest's size."""
+        data = self.read_bytes(file)
+        expected = self.shards[file].bytes
+        if len(data) != expected:
+            raise CorruptShardError(
+                f"{self.location(file)} is truncated or altered: {len(data)} bytes, the manifest "
+                f"says {expected}; re-download it or run `cifar5m verify`"
+            )
+        return data
+
+
+class Split:
+    """The samples of one split, in order, with random access through the index."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        self.dataset = dataset
+        self.name = name
+        table = dataset.index.filter(pc.equal(dataset.index["split"], name)).sort_by("position")
+        self.keys: list[str] = table["key"].to_pylist()
+        encoded = pc.dictionary_encode(table["shard"]).combine_chunks()
+        names = encoded.dictionary.to_pylist()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        self.shard_of = np.asarray(names, dtype=object)[codes] if len(codes) else np.array([], object)
+        # Rows of one shard are contiguous (sorted by position, shards in order).
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.array([], int)
+        stops = np.r_[starts[1:], len(codes)]
+        self._slices = {names[codes[a]]: slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
+        self.image_offset = table["image_offset"].to_numpy()
+        self.image_size = table["image_size"].to_numpy()
+        self.labels = table["label"].to_numpy().astype(np.int64)
+        self.format = dataset.manifest.image_format
+        self.shard_files = [s.file for s in dataset.manifest.split_shards(name)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @cached_property
+    def _position_of(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def position(self, key: str) -> int:
+        try:
+            return self._position_of[key]
+        except KeyError:
+            raise SampleNotFoundError(f"no sample with key {key!r} in split {self.name!r}") from None
+
+    def __getitem__(self, position: int) -> Sample:
+        if not -len(self) <= position < len(self):
+            raise SampleNotFoundError(f"position {position} is outside split {self.name!r} of {len(self)}")
+        i = position % len(self)
+        start = int(self.image_offset[i])
+        data = self.dataset.read_bytes(self.shard_of[i], start, start + int(self.image_size[i]))
+        return Sample(self.keys[i], self._decode(data, self.shard_of[i], start), int(self.labels[i]))
+
+    def get(self, key: str) -> Sample:
+        return self[self.position(key)]
+
+    def _decode(self, data: bytes, shard: str, offset: int) -> np.ndarray:
+        try:
+            return codec.decode_image(data, self.format)
+        except ValueError as exc:
+            raise CorruptShardError(f"{self.dataset.location(shard)} at byte {offset}: {exc}") from None
+
+    def _rows(self, shard: str) -> slice:
+        return self._slices.get(shard, slice(0, 0))
+
+    def decode_shard(self, shard: str) -> Batch:
+        """Every sample of one shard, decoded (npy shards in one vectorised gather)."""
+        rows = self._rows(shard)
+        data = self.dataset.read_shard(shard)
+        buffer = np.frombuffer(data, np.uint8)
+        if self.format == "npy":
+            try:
+                images = codec.decode_npy_batch(buffer, self.image_offset[rows])
+            except ValueError as exc:
+                raise CorruptShardError(f"{self.dataset.location(shard)}: {exc}") from None
+        else:
+            images = np.empty((rows.stop - rows.start, 32, 32, 3), np.uint8)
+            view = memoryview(data)
+            for j, (off, size) in enumerate(zip(self.image_offset[rows].tolist(),
+                                                self.image_size[rows].tolist(), strict=True)):
+                images[j] = self._decode(view[off : off + size], shard, off)
+        return Batch(self.keys[rows], images, self.labels[rows])
+
+    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Consecutive batches of the split in order (the last one may be short)."""
+        rest: Batch | None = None
+        for shard in self.shard_files:
+            batch = self.decode_shard(shard)
+            if rest is not None:  # only a batch that straddles two shards is copied
+                batch = _concat([rest, batch])
+            stop = len(batch.keys) - len(batch.keys) % batch_size
+            for a in range(0, stop, batch_size):
+                yield Batch(batch.keys[a : a + batch_size], batch.images[a : a + batch_size],
+                            batch.labels[a : a + batch_size])
+            rest = Batch(batch.keys[stop:], batch.images[stop:], batch.labels[stop:]) if stop < len(batch.keys) else None
+        if rest is not None:
+            yield rest
+
+    def __iter__(self) -> Iterator[Sample]:
+        for shard in self.shard_files:
+            batch = self.decode_shard(shard)
+            for key, image, label in zip(batch.keys, batch.images, batch.labels.tolist(), strict=True):
+                yield Sample(key, image, label)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(
+        [k for b in batches for k in b.keys],
+        np.concatenate([b.images for b in batches]),
+        np.concatenate([b.labels for b in batches]),
+    )
+
+
+def open_dataset(root: str | os.PathLike, *, storage_options: dict | None = None) -> Dataset:
+    """Open a dataset directory or URL."""
+    return Dataset(root, storage_options=storage_options)

@@ -1,0 +1,338 @@
+"""Writing datasets: shards, their index parts, then index, card and manifest.
+
+Write order is what makes a crash harmless:
+
+1. each shard is built in memory (~40 MB at 10k PNG samples), written to a temp
+   name and renamed to ``{split}-{index:06d}.tar``;
+2. then its index rows go to ``_work/{split}-{index:06d}.parquet`` (temp + rename),
+   carrying the shard's size and sha256: a shard without its part is unfinished;
+3. ``finalize`` streams all parts into ``index.parquet``, writes ``README.md`` and
+   finally ``manifest.json``, then removes ``_work/``.
+
+``write_shard`` is usable on its own, so several processes (torchrun ranks) can
+write disjoint shards of one dataset and one of them finalises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cifar5m.errors import (
+    ChecksumMismatchError,
+    ConfigMismatchError,
+    DatasetExistsError,
+    InvalidImageError,
+    ShardNotFoundError,
+)
+from shards import codec, ustar
+from shards.card import render_card
+from shards.format import (
+    CARD_NAME,
+    CIFAR10_CLASSES,
+    DEFAULT_SHARD_SIZE,
+    IMAGE_FORMATS,
+    INDEX_NAME,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    SPLITS,
+    TAR_BLOCK,
+    WORK_DIR,
+    check_key,
+    shard_name,
+)
+from shards.index import SCHEMA, read_index, rows_to_table, write_table
+from shards.manifest import FileInfo, Manifest, ShardInfo, atomic_write_bytes, load_manifest
+
+STATE_NAME = "state.json"
+_SHARD_META = b"cifar5m.shard"
+
+
+class Sample(NamedTuple):
+    """One sample to write. Optional fields end up in the index's nullable columns."""
+
+    key: str
+    image: np.ndarray
+    label: int
+    confidence: float | None = None
+    seed: int | None = None
+    cond_label: int | None = None
+    probs: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard: its manifest entry and its index rows."""
+
+    info: ShardInfo
+    table: pa.Table
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) -> tuple[bytes, dict]:
+    """Build a shard's bytes and its index columns (positions left at 0)."""
+    chunks: list[bytes] = []
+    cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    pos = 0
+    for s in samples:
+        key = check_key(s.key)
+        try:
+            image = codec.check_image(s.image, where=f"{where}: sample {key!r}")
+        except ValueError as exc:
+            raise InvalidImageError(str(exc)) from None
+        for ext, data, prefix in (
+            (image_format, codec.encode_image(image, image_format), "image"),
+            (LABEL_EXT, codec.encode_label(s.label), "label"),
+        ):
+            chunks.append(ustar.member(f"{key}.{ext}", data))
+            cols[f"{prefix}_offset"].append(pos + TAR_BLOCK)
+            cols[f"{prefix}_size"].append(len(data))
+            pos += len(chunks[-1])
+        cols["key"].append(key)
+        cols["label"].append(int(s.label))
+        cols["confidence"].append(s.confidence)
+        cols["seed"].append(s.seed)
+        cols["cond_label"].append(s.cond_label)
+        cols["probs"].append(None if s.probs is None else [float(p) for p in s.probs])
+    chunks.append(ustar.END_OF_ARCHIVE)
+    return b"".join(chunks), cols
+
+
+def write_shard(
+    root: str | Path, split: str, index: int, samples: Iterable[Sample], *, image_format: str
+) -> ShardRecord:
+    """Encode ``samples`` into shard ``index`` of ``split`` under ``root``, atomically."""
+    root = Path(root)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {image_format!r}; use one of {IMAGE_FORMATS}")
+    name = shard_name(split, index)
+    data, cols = encode_shard(samples, image_format=image_format, where=str(root / name))
+    if not cols["key"]:
+        raise ValueError(f"shard {name} would hold no samples")
+    n = len(cols["key"])
+    cols.update(split=[split] * n, shard=[name] * n, position=[0] * n)
+    info = ShardInfo(
+        file=name, split=split, samples=n, first_key=cols["key"][0], bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    atomic_write_bytes(root / name, data)
+    table = rows_to_table(cols)
+    _write_part(root, info, table)
+    return ShardRecord(info, table)
+
+
+def _write_part(root: Path, info: ShardInfo, table: pa.Table) -> None:
+    work = root / WORK_DIR
+    work.mkdir(exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)
+    atomic_write_bytes(work / (Path(info.file).stem + ".parquet"), sink.getvalue().to_pybytes())
+
+
+def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardRecord]:
+    """Finished shards of an unfinished write, by file name.
+
+    With ``check``, each shard's size and sha256 are compared with its part; a shard
+    that does not match is reported by ``ChecksumMismatchError``.
+    """
+    root = Path(root)
+    records: dict[str, ShardRecord] = {}
+    for part in sorted((root / WORK_DIR).glob("*.parquet")):
+        table = pq.read_table(part)
+        info = ShardInfo(**json.loads(table.schema.metadata[_SHARD_META]))
+        shard = root / info.file
+        if not shard.is_file():
+            raise ShardNotFoundError(f"{shard} is missing but {part} says it was written")
+        if check and (shard.stat().st_size != info.bytes or sha256_file(shard) != info.sha256):
+            raise ChecksumMismatchError(
+                f"{shard} does not match the checksum recorded when it was written; "
+                f"delete it and {part}, then re-run to rewrite it"
+            )
+        records[info.file] = ShardRecord(info, table.replace_schema_metadata(None))
+    return records
+
+
+def records_from_dataset(root: str | Path) -> dict[str, ShardRecord]:
+    """The shards of a finished dataset as records (to extend it)."""
+    manifest = load_manifest(root)
+    index = read_index(Path(root) / INDEX_NAME)
+    out = {}
+    for info in manifest.shards:
+        rows = index.filter(pc.equal(index["shard"], info.file))
+        out[info.file] = ShardRecord(info, rows)
+    return out
+
+
+def _ordered(records: Iterable[ShardRecord]) -> list[ShardRecord]:
+    rank = {s: i for i, s in enumerate(SPLITS)}
+    return sorted(records, key=lambda r: (rank.get(r.info.split, len(rank)), r.info.split, r.info.file))
+
+
+def finalize(
+    root: str | Path,
+    records: Iterable[ShardRecord],
+    *,
+    image_format: str,
+    class_names: Sequence[str] = CIFAR10_CLASSES,
+    provenance: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write index, card and (last) manifest for ``records``; remove the work dir."""
+    root = Path(root)
+    ordered = _ordered(records)
+    tmp_index = root / f".{INDEX_NAME}.tmp"
+    with pq.ParquetWriter(tmp_index, SCHEMA, compression="zstd", use_dictionary=["split", "shard"]) as out:
+        counts: dict[str, int] = {}
+        for rec in ordered:
+            start = counts.get(rec.info.split, 0)
+            positions = pa.array(np.arange(start, start + rec.info.samples, dtype=np.int64))
+            table = rec.table.select(SCHEMA.names).cast(SCHEMA)
+            table = table.set_column(SCHEMA.get_field_index("position"), SCHEMA.field("position"), positions)
+            out.write_table(table)
+            counts[rec.info.split] = start + rec.info.samples
+    tmp_index.replace(root / INDEX_NAME)
+    shards = tuple(r.info for r in ordered)
+    draft = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
+                     provenance=provenance or {})
+    atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
+    files = tuple(
+        FileInfo(name, (root / name).stat().st_size, sha256_file(root / name))
+        for name in (INDEX_NAME, CARD_NAME)
+    )
+    manifest = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
+                        files=files, provenance=provenance or {})
+    atomic_write_bytes(root / MANIFEST_NAME, manifest.to_json().encode())
+    shutil.rmtree(root / WORK_DIR, ignore_errors=True)
+    return manifest
+
+
+def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False) -> dict[str, ShardRecord]:
+    """Open ``root`` for writing; return the shards already finished there.
+
+    A fresh directory starts empty. An unfinished write with the same ``fingerprint``
+    resumes (its shards are checked and kept). A different fingerprint, or a finished
+    dataset without ``extend``, is refused before anything is written.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state_path = root / WORK_DIR / STATE_NAME
+    finished = (root / MANIFEST_NAME).is_file()
+    if finished and not extend and not state_path.is_file():
+        raise DatasetExistsError(
+            f"{root} already holds a finished dataset; choose another output directory "
+            f"or delete it first"
+        )
+    if state_path.is_file():
+        previous = json.loads(state_path.read_text())["fingerprint"]
+    elif finished:
+        previous = load_manifest(root).provenance.get("fingerprint", fingerprint)
+    else:
+        previous = fingerprint
+    if previous != fingerprint:
+        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        raise ConfigMismatchError(
+            f"{root} holds a dataset made with other settings ({', '.join(changed)} differ: "
+            f"{ {k: previous.get(k) for k in changed} }); use the same settings to resume, "
+            f"or another output directory"
+        )
+    for stale in root.glob(".*.tmp"):
+        stale.unlink()
+    (root / WORK_DIR).mkdir(exist_ok=True)
+    atomic_write_bytes(state_path, json.dumps({"fingerprint": fingerprint}, indent=1).encode())
+    records = records_from_dataset(root) if finished else {}
+    records.update(load_records(root))
+    return records
+
+
+class DatasetWriter:
+    """Stream samples into a dataset with bounded memory; resumable.
+
+    >>> with DatasetWriter("out", fingerprint={"source": "x"}) as w:   # doctest: +SKIP
+    ...     skip = w.completed("train")        # samples already durable from a killed run
+    ...     for sample in samples[skip:]:
+    ...         w.add("train", sample)
+
+    Shards roll over every ``shard_size`` samples per split. On a clean exit the
+    index, card and manifest are written; on an exception they are not, and running
+    the same code again resumes after the last finished shard.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        fingerprint: dict[str, Any],
+        image_format: str = "png",
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        class_names: Sequence[str] = CIFAR10_CLASSES,
+        provenance: dict[str, Any] | None = None,
+        extend: bool = False,
+    ) -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"unknown image format {image_format!r}; use one of {IMAGE_FORMATS}")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        self.root = Path(root)
+        self.image_format = image_format
+        self.shard_size = shard_size
+        self.class_names = tuple(class_names)
+        self.fingerprint = {**fingerprint, "image_format": image_format, "shard_size": shard_size}
+        self.provenance = {**(provenance or {}), "fingerprint": self.fingerprint}
+        self.records = begin(self.root, self.fingerprint, extend=extend)
+        self._pending: dict[str, list[Sample]] = {}
+        self._next_index: dict[str, int] = {}
+        for rec in self.records.values():
+            idx = int(Path(rec.info.file).stem.rsplit("-", 1)[1])
+            self._next_index[rec.info.split] = max(self._next_index.get(rec.info.split, 0), idx + 1)
+        self.manifest: Manifest | None = None
+
+    def completed(self, split: str) -> int:
+        """Samples of ``split`` already in finished shards (skip these when resuming)."""
+        return sum(r.info.samples for r in self.records.values() if r.info.split == split)
+
+    def add(self, split: str, sample: Sample) -> None:
+        pending = self._pending.setdefault(split, [])
+        pending.append(sample)
+        if len(pending) >= self.shard_size:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        pending = self._pending.pop(split, [])
+        if not pending:
+            return
+        index = self._next_index.get(split, 0)
+        rec = write_shard(self.root, split, index, pending, image_format=self.image_format)
+        self.records[rec.info.file] = rec
+        self._next_index[split] = index + 1
+
+    def close(self) -> Manifest:
+        for split in list(self._pending):
+            self._flush(split)
+        self.manifest = finalize(
+            self.root, self.records.values(), image_format=self.image_format,
+            class_names=self.class_names, provenance=self.provenance,
+        )
+        return self.manifest
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
