@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ from shards.format import (
     check_key,
     shard_name,
 )
-from shards.index import SCHEMA, read_index, rows_to_table, write_table
+from shards.index import SCHEMA, read_index, rows_to_table
 from shards.manifest import FileInfo, Manifest, ShardInfo, atomic_write_bytes, load_manifest
 
 STATE_NAME = "state.json"
@@ -283,6 +285,7 @@ class DatasetWriter:
         class_names: Sequence[str] = CIFAR10_CLASSES,
         provenance: dict[str, Any] | None = None,
         extend: bool = False,
+        workers: int = 0,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"unknown image format {image_format!r}; use one of {IMAGE_FORMATS}")
@@ -295,12 +298,35 @@ class DatasetWriter:
         self.fingerprint = {**fingerprint, "image_format": image_format, "shard_size": shard_size}
         self.provenance = {**(provenance or {}), "fingerprint": self.fingerprint}
         self.records = begin(self.root, self.fingerprint, extend=extend)
+        self._next_index = self._keep_prefix()
         self._pending: dict[str, list[Sample]] = {}
-        self._next_index: dict[str, int] = {}
-        for rec in self.records.values():
-            idx = int(Path(rec.info.file).stem.rsplit("-", 1)[1])
-            self._next_index[rec.info.split] = max(self._next_index.get(rec.info.split, 0), idx + 1)
+        # PNG encoding is ~4k images/s per core: shards are encoded in worker processes
+        # when asked, at most 2 per worker in flight so memory stays bounded.
+        self._pool = None
+        if workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+        self._workers = workers
+        self._futures: deque = deque()
         self.manifest: Manifest | None = None
+
+    def _keep_prefix(self) -> dict[str, int]:
+        """Keep each split's finished shards 0..k-1; drop later ones left by parallel workers.
+
+        Resuming then means skipping exactly ``completed(split)`` samples in order.
+        """
+        next_index: dict[str, int] = {}
+        for rec in sorted(self.records.values(), key=lambda r: r.info.file):
+            split = rec.info.split
+            idx = int(Path(rec.info.file).stem.rsplit("-", 1)[1])
+            if idx == next_index.get(split, 0):
+                next_index[split] = idx + 1
+            else:
+                del self.records[rec.info.file]
+                (self.root / WORK_DIR / (Path(rec.info.file).stem + ".parquet")).unlink(missing_ok=True)
+                (self.root / rec.info.file).unlink(missing_ok=True)
+        return next_index
 
     def completed(self, split: str) -> int:
         """Samples of ``split`` already in finished shards (skip these when resuming)."""
@@ -317,13 +343,26 @@ class DatasetWriter:
         if not pending:
             return
         index = self._next_index.get(split, 0)
-        rec = write_shard(self.root, split, index, pending, image_format=self.image_format)
-        self.records[rec.info.file] = rec
         self._next_index[split] = index + 1
+        if self._pool is None:
+            rec = write_shard(self.root, split, index, pending, image_format=self.image_format)
+            self.records[rec.info.file] = rec
+            return
+        self._futures.append(self._pool.submit(
+            write_shard, self.root, split, index, pending, image_format=self.image_format))
+        while len(self._futures) > 2 * self._workers:
+            self._collect()
+
+    def _collect(self) -> None:
+        rec = self._futures.popleft().result()
+        self.records[rec.info.file] = rec
 
     def close(self) -> Manifest:
         for split in list(self._pending):
             self._flush(split)
+        while self._futures:
+            self._collect()
+        self._shutdown()
         self.manifest = finalize(
             self.root, self.records.values(), image_format=self.image_format,
             class_names=self.class_names, provenance=self.provenance,
@@ -333,6 +372,13 @@ class DatasetWriter:
     def __enter__(self) -> DatasetWriter:
         return self
 
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self._shutdown()

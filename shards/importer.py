@@ -1,0 +1,122 @@
+"""``cifar5m import``: convert existing datasets into the shard format, resumably."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cifar5m.errors import InvalidSourceError
+from cifar5m.version import __version__
+from shards.format import DEFAULT_SHARD_SIZE
+from shards.manifest import Manifest
+from shards.sources import (
+    FORMATS,
+    Item,
+    detect_format,
+    iter_cifar10_jpeg,
+    iter_cifar10_python,
+    iter_npz,
+    part_number,
+)
+from shards.writer import DatasetWriter, Sample
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Everything that decides the imported dataset; saved in the manifest's provenance."""
+
+    sources: tuple[str, ...]
+    format: str
+    image_format: str = "png"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    # CIFAR-5m split (the paper's): parts 0-4 train, the first 10,000 images of part 5 test.
+    test_part: int | None = 5
+    test_count: int = 10_000
+    rest_of_test_part: str = "drop"  # or "train"
+    limit: int | None = None  # per split, for quick slices
+    workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        """Settings that must match for an interrupted import to resume."""
+        keep = ("sources", "format", "test_part", "test_count", "rest_of_test_part", "limit")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+
+
+def resolve_config(sources: Sequence[str], *, format: str | None = None, **options) -> ImportConfig:
+    """Build the config, detecting the format and checking the sources agree."""
+    if not sources:
+        raise InvalidSourceError("no sources given; pass npz parts, the CIFAR-10 JPEG tar or batches")
+    fmt = format or detect_format(sources[0])
+    if fmt not in FORMATS:
+        raise InvalidSourceError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt != "cifar5m-npz" and len(sources) > 1:
+        raise InvalidSourceError(f"{fmt} takes one source, got {len(sources)}")
+    if options.get("rest_of_test_part", "drop") not in ("drop", "train"):
+        raise InvalidSourceError("--rest-of-test-part must be 'drop' or 'train'")
+    return ImportConfig(sources=tuple(str(s) for s in sources), format=fmt, **options)
+
+
+def iter_items(config: ImportConfig) -> Iterator[Item]:
+    """All items of the sources in import order (before --limit)."""
+    if config.format == "cifar10-jpeg":
+        yield from iter_cifar10_jpeg(config.sources[0])
+    elif config.format == "cifar10-python":
+        yield from iter_cifar10_python(config.sources[0])
+    else:
+        for i, source in enumerate(config.sources):
+            part = part_number(source, i)
+            yield from iter_npz(source, part=part, split_of=_npz_splitter(config, part))
+
+
+def _npz_splitter(config: ImportConfig, part: int):
+    if part != config.test_part:
+        return lambda row: "train"
+    rest = "train" if config.rest_of_test_part == "train" else None
+    return lambda row: "test" if row < config.test_count else rest
+
+
+def _limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
+    if limit is None:
+        yield from items
+        return
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.split] = seen.get(item.split, 0) + 1
+        if seen[item.split] <= limit:
+            yield item
+
+
+def import_dataset(out: str | Path, config: ImportConfig, *, progress: bool = True) -> Manifest:
+    """Import ``config.sources`` into ``out``; re-running after a crash finishes the job."""
+    provenance = {
+        "tool": f"cifar5m {__version__}",
+        "source": f"{config.format}: {', '.join(config.sources)}",
+        "importer": asdict(config),
+        "name": "CIFAR-5m (imported)" if config.format == "cifar5m-npz" else "CIFAR-10 (imported)",
+        "license": "other" if config.format == "cifar5m-npz" else "unknown",
+    }
+    writer = DatasetWriter(
+        out, fingerprint=config.fingerprint(), image_format=config.image_format,
+        shard_size=config.shard_size, provenance=provenance, workers=config.workers,
+    )
+    skip = {split: writer.completed(split) for split in ("train", "test")}
+    seen = dict.fromkeys(skip, 0)
+    bar = tqdm(desc=f"import {Path(str(out)).name}", unit="img", disable=not progress,
+               initial=sum(skip.values()), smoothing=0.05)
+    with writer:
+        for item in _limited(iter_items(config), config.limit):
+            seen[item.split] = seen.get(item.split, 0) + 1
+            if seen[item.split] <= skip.get(item.split, 0):
+                continue  # already in a finished shard of an interrupted run
+            writer.add(item.split, Sample(item.key, item.load(), item.label))
+            bar.update()
+    bar.close()
+    assert writer.manifest is not None
+    return writer.manifest
+
+
+__all__ = ["ImportConfig", "import_dataset", "iter_items", "resolve_config"]

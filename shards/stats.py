@@ -1,0 +1,52 @@
+"""``cifar5m info``: what a dataset holds, from its manifest and index alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from shards.format import INDEX_NAME
+from shards.index import read_index
+from shards.manifest import load_manifest
+
+
+def describe(root: str | Path) -> dict[str, Any]:
+    """Counts, class histogram, bytes per sample and provenance of a local dataset."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    index = read_index(root / INDEX_NAME, columns=["split", "label"])
+    splits = {}
+    for split, total in manifest.totals().items():
+        labels = index.filter(pc.equal(index["split"], split))["label"].to_numpy()
+        hist = np.bincount(labels, minlength=len(manifest.class_names))
+        splits[split] = {
+            **total,
+            "bytes_per_sample": round(total["bytes"] / max(total["samples"], 1), 1),
+            "classes": {name: int(c) for name, c in zip(manifest.class_names, hist, strict=False)},
+        }
+    return {
+        "path": str(root),
+        "format": f"{manifest.format} v{manifest.version}",
+        "image_format": manifest.image_format,
+        "splits": splits,
+        "provenance": manifest.provenance,
+    }
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """Human-readable text of ``describe``'s result."""
+    lines = [f"{info['path']}  ({info['format']}, {info['image_format']} images)"]
+    for split, s in info["splits"].items():
+        lines.append(
+            f"  {split}: {s['samples']:,} samples in {s['shards']} shards, "
+            f"{s['bytes'] / 1e6:,.1f} MB, {s['bytes_per_sample']:,.0f} bytes/sample"
+        )
+        lines.append("    " + "  ".join(f"{name} {count:,}" for name, count in s["classes"].items()))
+    prov = info["provenance"]
+    for key in ("tool", "source", "name"):
+        if key in prov:
+            lines.append(f"  {key}: {prov[key]}")
+    return "\n".join(lines)
