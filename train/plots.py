@@ -1,0 +1,60 @@
+"""The Deep Bootstrap plot (the paper's Figure 1): soft error against SGD steps.
+
+Solid lines: test soft error of the ideal world and of the real world; dashed: train
+soft error of the real world on its N samples. With several seeds the line is the
+mean and the band spans min to max. The x axis is logarithmic by default because
+the log points are dense early (the paper's plots use linear steps; ``log_x=False``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # steps, mean, lo, hi
+
+
+def curve(runs: list[list[dict]], column: str) -> Curve:
+    """Mean/min/max of ``column`` over seeds, at the steps every seed logged."""
+    steps = sorted(set.intersection(*[{r["step"] for r in rows if column in r} for rows in runs]))
+    values = np.array([[next(r[column] for r in rows if r["step"] == s) for s in steps]
+                       for rows in runs], dtype=float)
+    return np.array(steps), values.mean(0), values.min(0), values.max(0)
+
+
+def plot_bootstrap(real: list[list[dict]], ideal: list[list[dict]], path: str | Path, *,
+                   title: str = "", log_x: bool = True) -> Path:
+    """Write the comparison PNG; ``real``/``ideal`` are metric rows per seed."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    lines = [(ideal, "test_soft_error", "Ideal world: test", "tab:blue", "-"),
+             (real, "test_soft_error", "Real world: test", "tab:red", "-"),
+             (real, "train_soft_error", "Real world: train", "tab:red", "--")]
+    for runs, column, label, color, style in lines:
+        if not runs or not all(any(column in r for r in rows) for rows in runs):
+            continue
+        steps, mean, lo, hi = curve(runs, column)
+        x = np.maximum(steps, 1) if log_x else steps  # step 0 drawn at 1 on a log axis
+        ax.plot(x, mean, style, color=color, label=label, lw=1.6)
+        if len(runs) > 1:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("SGD steps")
+    ax.set_ylabel("soft error  (mean 1 - p(true class))")
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    n_seeds = max(len(real), len(ideal))
+    ax.set_title(title + (f"  ({n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

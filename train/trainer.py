@@ -1,0 +1,246 @@
+"""One training function for both worlds of the Deep Bootstrap.
+
+Real world: T SGD steps on N samples reused (epochs). Ideal world: the same T steps
+where every batch is fresh. ``train`` is the same code for both; the only place the
+world matters is the sample stream (``train.stream``) and, in the real world, the
+extra train-soft-error metric on its N samples. Defaults follow the paper's code
+(preetum/deep-bootstrap-code, ``inftrain/train.py`` and ``sample_sweep.json``):
+batch 128, SGD lr 0.1 without momentum or weight decay, cosine over T = 39,000 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifar5m.errors import ConfigMismatchError
+from shards.manifest import atomic_write_bytes
+from train import runtime
+from train.augment import AUGMENTATIONS, DeviceAugment, prepare
+from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.metrics import PAPER_DENSE, MetricsLog, log_points, read_rows
+from train.models import build_model, count_parameters
+
+CONFIG_NAME, RESULT_NAME = "config.json", "result.json"
+# Fields that may change between a run and its resume without changing the curve.
+RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` next to its metrics."""
+
+    data: str
+    world: str = "ideal"  # "real": N samples reused; "ideal": every batch fresh
+    n: int | None = None  # real world: number of samples (required)
+    arch: str = "preresnet18"
+    width: int | None = None  # None = the paper's size; small values for tests
+    steps: int = 39_000  # 100 epochs of 50K at batch 128
+    batch_size: int = 128  # global, over all ranks
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" over `steps`, or "constant"
+    augment: str = "none"  # "none" or "crop-flip"
+    seed: int = 0  # model init, sample order and augmentation
+    class_balanced: bool = False
+    log_every: int = 64
+    log_dense: tuple[tuple[int, int], ...] = PAPER_DENSE
+    test_split: str = "test"
+    test_limit: int | None = 10_000  # first samples of the test split evaluated
+    cifar10_test: str | None = None  # a dataset dir whose test split is CIFAR-10 test
+    train_eval_limit: int | None = None  # real world: evaluate on this many of the N
+    eval_batch_size: int = 1000
+    checkpoint_every: int = 1000
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    record_keys: bool = False  # write the keys of every batch (tests, audits)
+    stop_after: int | None = None  # stop (as if killed) after this many steps
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_dense", tuple(tuple(p) for p in self.log_dense))
+        problems = []
+        if self.world not in ("real", "ideal"):
+            problems.append(f"world must be 'real' or 'ideal', got {self.world!r}")
+        if self.world == "real" and not self.n:
+            problems.append("the real world needs --n (the number of samples it reuses)")
+        if self.augment not in AUGMENTATIONS:
+            problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
+            problems.append("steps, batch_size and log_every must be positive")
+        if problems:
+            raise ConfigMismatchError("; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls(**json.loads(text))
+
+    def curve_fields(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    config: TrainConfig
+    rows: list[dict]
+    step: int  # steps done (== config.steps when finished)
+    finished: bool
+
+
+def lr_factor(step: int, *, steps: int, schedule: str) -> float:
+    """Cosine from 1 to 0 over ``steps`` (per step, not per epoch as the paper's code)."""
+    return 0.5 * (1 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
+
+
+def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> TrainResult:
+    """Train one model in one world; resumes from ``out/checkpoint.pt`` when present."""
+    out = Path(out)
+    rt = runtime.Runtime.start(config.device)
+    try:
+        return _train(config, out, rt, progress)
+    finally:
+        rt.stop()
+
+
+def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) -> TrainResult:
+    finished = _prepare_out(config, out, rt)
+    if finished is not None:
+        return finished
+    torch.manual_seed(config.seed)  # same initial weights in both worlds for a given seed
+    core = build_model(config.arch, width=config.width).to(rt.device)
+    if config.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    model = rt.wrap(core, compile=config.compile)
+    optimizer = torch.optim.SGD(core.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps=config.steps, schedule=config.schedule))
+    augment = DeviceAugment(config.augment, seed=config.seed * 1000 + rt.rank, device=rt.device)
+    data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+    evaluator = runtime.Evaluator.build(config, rt, data)
+    log = MetricsLog(out) if rt.rank == 0 else None
+    step = _resume(out, rt, core, optimizer, scheduler, augment, data, log)
+    points = set(log_points(config.steps, every=config.log_every, dense=config.log_dense))
+    eval_model = torch.compile(core) if config.compile else core  # DDP would sync buffers
+    if step == 0:
+        _log(log, evaluator, eval_model, step=0, config=config, loss=None, clock=(0.0, 0))
+    stop = min(config.steps, config.stop_after or config.steps)
+    bar = rt.progress(total=config.steps, initial=step, unit_scale=config.batch_size,
+                      enabled=progress)
+    clock, loss = [0.0, 0], None
+    criterion = nn.CrossEntropyLoss()
+    while step < stop:
+        t0 = time.perf_counter()
+        saves = (step + 1) % config.checkpoint_every == 0 or step + 1 == stop
+        images, labels = data.next_batch(ahead=not saves)
+        model.train()
+        with rt.autocast(config.precision):
+            loss = criterion(model(prepare(augment(images), channels_last=config.channels_last)).float(),
+                             labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        clock = [clock[0] + time.perf_counter() - t0, clock[1] + len(labels) * rt.world_size]
+        bar.update(1)
+        if step in points:
+            _log(log, evaluator, eval_model, step=step, config=config, loss=loss, clock=clock,
+                 lr=optimizer.param_groups[0]["lr"])
+            clock = [0.0, 0]
+        if step % config.checkpoint_every == 0 or step == stop:
+            _save(out, rt, config, step, core, optimizer, scheduler, augment, data)
+    bar.close()
+    done = step == config.steps
+    if done and rt.rank == 0:
+        final = log.rows[-1] if log.rows else {}
+        atomic_write_bytes(out / RESULT_NAME, json.dumps(
+            {"step": step, "final": final, "parameters": count_parameters(core)}, indent=2).encode())
+    rows = log.rows if log is not None else []
+    return TrainResult(out, config, rows, step, done)
+
+
+def _prepare_out(config: TrainConfig, out: Path, rt: runtime.Runtime) -> TrainResult | None:
+    """Check a previous config in ``out``; write ours. A finished run is returned as is."""
+    path = out / CONFIG_NAME
+    if path.exists():
+        old = TrainConfig.from_json(path.read_text())
+        if old.curve_fields() != config.curve_fields():
+            diff = {k: (v, config.curve_fields()[k]) for k, v in old.curve_fields().items()
+                    if config.curve_fields()[k] != v}
+            raise ConfigMismatchError(
+                f"{out} holds a run with other settings {diff} (old, new); "
+                "use another --out or delete it")
+        if (out / RESULT_NAME).exists():
+            return TrainResult(out, config, read_rows(out / "metrics.jsonl"), config.steps, True)
+    if rt.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, config.to_json().encode())
+    rt.barrier()
+    return None
+
+
+def _resume(out, rt, core, optimizer, scheduler, augment, data, log) -> int:
+    state = load_checkpoint(out)
+    if state is None:
+        if log is not None:
+            log.resume(-1)
+        return 0
+    if len(state["ranks"]) != rt.world_size:
+        raise ConfigMismatchError(
+            f"{out}/checkpoint.pt was written by {len(state['ranks'])} processes, this run has "
+            f"{rt.world_size}; resume with the same number of processes")
+    core.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    mine = state["ranks"][rt.rank]
+    data.load_state_dict(mine["data"])
+    augment.load_state_dict(mine["augment"])
+    set_rng_state(mine["rng"])
+    if log is not None:
+        log.resume(state["step"])
+    return state["step"]
+
+
+def _save(out, rt, config, step, core, optimizer, scheduler, augment, data) -> None:
+    mine = {"data": data.state_dict(), "augment": augment.state_dict(), "rng": rng_state()}
+    ranks = rt.gather(mine)
+    if rt.rank == 0:
+        save_checkpoint(out, {"step": step, "model": core.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "ranks": ranks, "config": dataclasses.asdict(config)})
+    rt.barrier()
+
+
+def _log(log, evaluator, model, *, step, config, loss, clock, lr=None) -> None:
+    """Evaluate on every rank (each holds a slice of the data); rank 0 writes the row."""
+    row = {"step": step, "samples": step * config.batch_size,
+           "lr": config.lr * lr_factor(step, steps=config.steps, schedule=config.schedule)
+           if lr is None else lr}
+    if config.world == "real":
+        row["epoch"] = step * config.batch_size / config.n
+    row.update(evaluator.run(model))
+    if loss is not None:
+        row["batch_loss"] = float(loss.detach())
+    if clock[0] > 0:
+        row["images_per_s"] = clock[1] / clock[0]
+    if log is not None:
+        log.append(row)
