@@ -1,0 +1,55 @@
+"""The dataset commands through click's CliRunner, and the one-line error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from cifar5m.cli import COMMANDS, cli
+from tests.conftest import synthetic_images
+
+
+def test_import_info_verify_grid(tmp_path):
+    np.savez(tmp_path / "cifar5m_part0.npz", X=synthetic_images(30), Y=np.arange(30) % 10)
+    runner = CliRunner()
+    out = tmp_path / "ds"
+    result = runner.invoke(cli, ["import", str(tmp_path / "cifar5m_part0.npz"), "--out", str(out), "--shard-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "train: 30 samples in 2 shards" in result.output
+    result = runner.invoke(cli, ["info", str(out), "--json"])
+    info = json.loads(result.output)
+    assert info["splits"]["train"]["classes"]["airplane"] == 3
+    result = runner.invoke(cli, ["verify", str(out), "--decode"])
+    assert result.exit_code == 0 and "OK: 2 shards, 30 train samples" in result.output
+    result = runner.invoke(cli, ["grid", str(out), "-o", str(tmp_path / "g.png"), "--per-class", "2"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.size == (90 + 2 * 66, 10 * 66)
+
+
+def test_project_errors_are_one_line(tmp_path, make_dataset):
+    root = make_dataset(n_train=20, shard_size=8)
+    (root / "train-000001.tar").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(root)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+    assert "train-000001.tar is missing" in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    runner = CliRunner()
+    for name in COMMANDS:
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "cifar5m " + name in result.output or "Example" in result.output, name
+
+
+def test_console_script_runs_without_importing_torch():
+    code = "import sys; from cifar5m.cli import main; sys.argv=['cifar5m','--help']\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

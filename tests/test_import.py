@@ -1,0 +1,172 @@
+"""``cifar5m import`` of CIFAR-5m npz parts and CIFAR-10 (JPEG tree, python batches)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar5m.errors import InvalidSourceError
+from shards.importer import import_dataset, iter_items, resolve_config
+from shards.reader import Dataset
+from shards.verify import verify_dataset
+from tests.conftest import synthetic_images
+
+
+def write_part(path, n, *, seed, x=None, y=None, compressed=False):
+    x = synthetic_images(n, seed=seed) if x is None else x
+    y = (np.arange(n) * 7 + seed) % 10 if y is None else y
+    (np.savez_compressed if compressed else np.savez)(path, X=x, Y=y)
+    return x, y
+
+
+def test_npz_parts_paper_split(tmp_path):
+    parts = [write_part(tmp_path / f"cifar5m_part{p}.npz", 30, seed=p, compressed=p == 1) for p in range(3)]
+    sources = [str(tmp_path / f"cifar5m_part{p}.npz") for p in range(3)]
+    config = resolve_config(sources, test_part=2, test_count=12, shard_size=25)
+    assert config.format == "cifar5m-npz"
+    import_dataset(tmp_path / "out", config, progress=False)
+    ds = Dataset(tmp_path / "out")
+    train, test = ds.split("train"), ds.split("test")
+    assert len(train) == 60 and len(test) == 12  # the rest of part 2 is dropped, as in the paper
+    assert train.keys[0] == "p0_0000000" and train.keys[30] == "p1_0000000" and test.keys[11] == "p2_0000011"
+    np.testing.assert_array_equal(train.get("p1_0000007").image, parts[1][0][7])
+    assert train.get("p1_0000007").label == parts[1][1][7]
+    np.testing.assert_array_equal(test[5].image, parts[2][0][5])
+    verify_dataset(tmp_path / "out", decode=True, progress=False)
+
+
+def test_npz_rest_of_test_part_to_train_and_fsspec_url(tmp_path):
+    x, _ = write_part(tmp_path / "p.npz", 20, seed=4)
+    with fsspec.open("memory://bucket/cifar5m_part5.npz", "wb") as f:
+        f.write((tmp_path / "p.npz").read_bytes())
+    config = resolve_config(["memory://bucket/cifar5m_part5.npz"], test_count=5, rest_of_test_part="train")
+    import_dataset(tmp_path / "out", config, progress=False)
+    ds = Dataset(tmp_path / "out")
+    assert len(ds.split("test")) == 5 and len(ds.split("train")) == 15
+    np.testing.assert_array_equal(ds.split("train")[0].image, x[5])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((2, 32, 32, 3), np.uint8), "Y": np.zeros(2, int)}, r"expected arrays 'X'.*'images'"),
+        ({"X": np.zeros((2, 32, 32), np.uint8), "Y": np.zeros(2, int)}, r"shape \(2, 32, 32\).*expected \(N, 32, 32, 3\) uint8"),
+        ({"X": np.zeros((2, 32, 32, 3), np.float32), "Y": np.zeros(2, int)}, r"dtype float32"),
+        ({"X": np.zeros((2, 32, 32, 3), np.uint8), "Y": np.zeros(3, int)}, r"2 images but Y 3 labels"),
+        ({"X": np.zeros((2, 32, 32, 3), np.uint8), "Y": np.array([0, 12])}, r"labels must be in 0..9"),
+    ],
+)
+def test_bad_npz_is_refused_naming_the_file(tmp_path, arrays, message):
+    path = tmp_path / "cifar5m_part0.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InvalidSourceError, match=message) as info:
+        import_dataset(tmp_path / "out", resolve_config([str(path)]), progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_not_a_zip(tmp_path):
+    path = tmp_path / "cifar5m_part0.npz"
+    path.write_bytes(b"hello")
+    with pytest.raises(InvalidSourceError, match="is not an npz"):
+        import_dataset(tmp_path / "out", resolve_config([str(path)]), progress=False)
+
+
+def test_cifar10_jpeg_slice_from_shared_data(tmp_path, cifar10_jpeg):
+    config = resolve_config([str(cifar10_jpeg)], limit=40, shard_size=32)
+    assert config.format == "cifar10-jpeg"
+    import_dataset(tmp_path / "c10", config, progress=False)
+    ds = Dataset(tmp_path / "c10")
+    train = ds.split("train")
+    assert len(train) == 40 and len(ds.split("test")) == 40
+    assert train.keys[:3] == ["train_airplane_0000", "train_automobile_0000", "train_bird_0000"]
+    assert train.labels.tolist() == [i % 10 for i in range(40)]
+    with tarfile.open(cifar10_jpeg) as tar:
+        jpeg = tar.extractfile("train/bird/0001.jpg").read()
+    expected = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    np.testing.assert_array_equal(train.get("train_bird_0001").image, expected)
+    verify_dataset(tmp_path / "c10", decode=True, progress=False)
+
+
+def test_jpeg_tree_with_wrong_size_image(tmp_path):
+    (tmp_path / "tree" / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "tree" / "train" / "cat" / "0000.jpg")
+    with pytest.raises(InvalidSourceError, match=r"train/cat/0000.jpg: image is 64x64, not 32x32 RGB"):
+        import_dataset(tmp_path / "out", resolve_config([str(tmp_path / "tree")]), progress=False)
+
+
+def write_python_batches(root, n=4):
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    images = synthetic_images(6 * n, seed=9)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        chunk = images[b * n : (b + 1) * n]
+        doc = {b"data": chunk.transpose(0, 3, 1, 2).reshape(n, -1), b"labels": [(b + j) % 10 for j in range(n)]}
+        (base / name).write_bytes(pickle.dumps(doc))
+    return base, images
+
+
+def test_cifar10_python_batches(tmp_path):
+    base, images = write_python_batches(tmp_path)
+    config = resolve_config([str(base)])
+    assert config.format == "cifar10-python"
+    import_dataset(tmp_path / "out", config, progress=False)
+    ds = Dataset(tmp_path / "out")
+    train, test = ds.split("train"), ds.split("test")
+    assert len(train) == 20 and len(test) == 4
+    np.testing.assert_array_equal(train[6].image, images[6])
+    assert train[6].label == (1 + 2) % 10
+    np.testing.assert_array_equal(test[1].image, images[21])
+
+
+def test_interrupted_import_finishes_identically(tmp_path, monkeypatch):
+    write_part(tmp_path / "cifar5m_part0.npz", 50, seed=2)
+    sources = [str(tmp_path / "cifar5m_part0.npz")]
+    config = resolve_config(sources, shard_size=8)
+    import_dataset(tmp_path / "ref", config, progress=False)
+
+    import shards.importer as importer
+
+    real = importer.iter_items
+
+    def crashing(cfg):
+        for i, item in enumerate(real(cfg)):
+            if i == 29:
+                raise OSError("network dropped")
+            yield item
+
+    monkeypatch.setattr(importer, "iter_items", crashing)
+    with pytest.raises(OSError, match="network dropped"):
+        import_dataset(tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.setattr(importer, "iter_items", real)
+    import_dataset(tmp_path / "out", config, progress=False)
+    for name in ["train-000000.tar", "train-000006.tar", "index.parquet", "manifest.json"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_workers_give_the_same_dataset(tmp_path):
+    write_part(tmp_path / "cifar5m_part0.npz", 40, seed=3)
+    sources = [str(tmp_path / "cifar5m_part0.npz")]
+    import_dataset(tmp_path / "a", resolve_config(sources, shard_size=8), progress=False)
+    import_dataset(tmp_path / "b", resolve_config(sources, shard_size=8, workers=2), progress=False)
+    for name in ["train-000004.tar", "index.parquet"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_unknown_source_format(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(InvalidSourceError, match="cannot tell the format.*--format"):
+        resolve_config([str(tmp_path / "x.bin")])
+
+
+def test_iter_items_order_is_stable(tmp_path):
+    write_part(tmp_path / "cifar5m_part0.npz", 5, seed=1)
+    config = resolve_config([str(tmp_path / "cifar5m_part0.npz")])
+    assert [i.key for i in iter_items(config)] == [f"p0_{i:07d}" for i in range(5)]
