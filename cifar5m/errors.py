@@ -77,6 +77,14 @@ class NotEnoughSamplesError(Cifar5mError, ValueError):
     """A run asked for more fresh samples than the split holds."""
 
 
+class StreamConfigError(Cifar5mError, ValueError):
+    """A stream's settings do not fit together (batch size vs world size, rank, n, ...)."""
+
+
+class StreamStateError(Cifar5mError, ValueError):
+    """A saved stream state belongs to another stream (seed, batch size, source, ...)."""
+
+
 # --- serving (dataset_server/) ----------------------------------------------------------
 
 

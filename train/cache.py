@@ -1,0 +1,104 @@
+"""A local cache of decoded shards, capped in size, shared by ranks and workers.
+
+Each shard becomes one raw file of ``(samples, 3, 32, 32)`` uint8 (NCHW, the layout
+batches are delivered in, so a batch is one row gather with no transpose), named by
+the shard's sha256 so two datasets never collide and a changed shard is never served
+stale. Files are memory-mapped: every process on the machine shares the page cache.
+A per-shard ``flock`` makes the first process decode while the others wait, and the
+least recently used files are deleted once the total passes ``cap_bytes``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from shards.manifest import atomic_write_bytes
+
+SUFFIX = ".chw.u8"
+SAMPLE_BYTES = 3 * 32 * 32
+
+
+class DecodedCache:
+    def __init__(self, root: str | os.PathLike, *, cap_bytes: int | None = None, keep: int = 256) -> None:
+        self.root = Path(root)
+        self.cap_bytes = cap_bytes
+        self.keep = keep
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = self.evicted = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def path(self, sha: str) -> Path:
+        return self.root / f"{sha[:32]}{SUFFIX}"
+
+    def _open(self, sha: str, count: int) -> np.ndarray | None:
+        path = self.path(sha)
+        try:
+            if path.stat().st_size != count * SAMPLE_BYTES:
+                return None
+            array = np.memmap(path, np.uint8, "r", shape=(count, 3, 32, 32))
+            os.utime(path)  # recency for the LRU eviction
+        except FileNotFoundError:
+            return None
+        return array
+
+    def get(self, sha: str, count: int, build: Callable[[], np.ndarray]) -> np.ndarray:
+        """The decoded shard ``sha`` (``count`` samples), building and storing it on a miss."""
+        array = self._maps.get(sha)
+        if array is None:
+            array = self._open(sha, count)
+            if array is None:
+                array = self._fill(sha, count, build)
+            self._maps[sha] = array
+            while len(self._maps) > self.keep:
+                self._maps.popitem(last=False)
+        else:
+            self.hits += 1
+        self._maps.move_to_end(sha)
+        return array
+
+    def _fill(self, sha: str, count: int, build: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.cap_bytes is not None and count * SAMPLE_BYTES > self.cap_bytes:
+            self.misses += 1
+            return build()  # bigger than the whole cache: decode and do not keep
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{sha[:32]}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one decoder per shard across processes
+            array = self._open(sha, count)
+            if array is not None:
+                self.hits += 1
+                return array
+            self.misses += 1
+            images = np.ascontiguousarray(build())
+            atomic_write_bytes(self.path(sha), images.tobytes())
+            self._evict(keep=self.path(sha))
+        return self._open(sha, count) if self.path(sha).exists() else images
+
+    def _evict(self, *, keep: Path) -> None:
+        if self.cap_bytes is None:
+            return
+        files = []
+        for path in self.root.glob(f"*{SUFFIX}"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.cap_bytes:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)  # mapped elsewhere: the mapping stays valid
+                total -= size
+                self.evicted += 1
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob(f"*{SUFFIX}")) if self.root.exists() else 0

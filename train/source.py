@@ -1,0 +1,222 @@
+"""Byte-range reads of dataset files: local (mmap), plain HTTP(S), any fsspec URL.
+
+A reader asks for many ``[start, end)`` ranges of one shard at once; ranges closer
+than ``GAP`` are merged into one request (a PNG sample is ~1.5-4 KB plus 1.5 KB of tar
+headers, so a 256-sample block is one ~1 MB request instead of 256). Sources return
+what the file holds: a range past the end comes back short, and the caller turns that
+into a ``CorruptShardError`` naming the sample and offset.
+
+HTTP is done with urllib3 directly rather than fsspec's aiohttp layer: it works in
+forked DataLoader workers without event-loop juggling, and a static server that
+ignores ``Range`` (``python -m http.server``) still works: a 200 reply is kept whole
+and sliced.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from cifar5m.errors import DownloadError, ShardNotFoundError
+
+GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
+MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
+THREADS = 4
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], *, gap: int = GAP,
+             limit: int = MAX_REQUEST) -> list[tuple[int, int, list[int]]]:
+    """Group ranges into requests ``(start, end, [indices of ranges inside])``."""
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    groups: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        a, b = ranges[i]
+        if groups and a - groups[-1][1] <= gap and b - groups[-1][0] <= limit:
+            start, end, members = groups[-1]
+            groups[-1] = (start, max(end, b), [*members, i])
+        else:
+            groups.append((a, b, [i]))
+    return groups
+
+
+class Source:
+    """Reads bytes of the files of one dataset directory."""
+
+    url: str
+
+    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
+        raise NotImplementedError
+
+    def read_file(self, file: str) -> bytes | memoryview:
+        raise NotImplementedError
+
+    def _split(self, file: str, ranges: Sequence[tuple[int, int]], fetch) -> list:
+        out: list = [b""] * len(ranges)
+        groups = coalesce(ranges)
+        for (start, _, members), data in zip(groups, fetch(file, groups), strict=True):
+            view = memoryview(data)
+            for i in members:
+                a, b = ranges[i]
+                out[i] = view[a - start : b - start]
+        return out
+
+
+class LocalSource(Source):
+    """Files on a local disk, mapped into memory (the page cache is the cache)."""
+
+    def __init__(self, root: str | os.PathLike, *, keep: int = 64) -> None:
+        self.url = str(root)
+        self.root = Path(root)
+        self.keep = keep
+        self._maps: OrderedDict[str, memoryview] = OrderedDict()
+
+    def __getstate__(self) -> dict:  # maps are per process
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def _map(self, file: str) -> memoryview:
+        view = self._maps.get(file)
+        if view is None:
+            path = self.root / file
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except FileNotFoundError:
+                raise ShardNotFoundError(
+                    f"{path} is missing; the manifest lists it (re-download or re-create the dataset)"
+                ) from None
+            view = memoryview(data)
+            self._maps[file] = view
+            while len(self._maps) > self.keep:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(file)
+        return view
+
+    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        view = self._map(file)
+        return [view[a:b] for a, b in ranges]
+
+    def read_file(self, file: str) -> memoryview:
+        return self._map(file)
+
+
+class HttpSource(Source):
+    """A dataset directory behind any static HTTP(S) server (Range requests)."""
+
+    def __init__(self, url: str, *, headers: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = dict(headers or {})
+        self._pid = -1
+        self._whole: OrderedDict[str, bytes] = OrderedDict()  # servers that ignore Range
+
+    def _setup(self) -> None:
+        if self._pid != os.getpid():  # pools and threads do not survive fork
+            import urllib3
+
+            self._http = urllib3.PoolManager(maxsize=THREADS, retries=urllib3.Retry(3, backoff_factor=0.2))
+            self._pool = ThreadPoolExecutor(THREADS)
+            self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "headers": self.headers, "_pid": -1, "_whole": OrderedDict()}
+
+    def _get(self, file: str, start: int | None, end: int | None) -> bytes:
+        url = f"{self.url}/{file}"
+        headers = dict(self.headers)
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        try:
+            reply = self._http.request("GET", url, headers=headers, preload_content=True)
+        except Exception as exc:
+            raise DownloadError(f"GET {url} failed: {exc}; is the server up?") from exc
+        if reply.status == 404:
+            raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
+        if reply.status == 416:  # range starts past the end: the file is shorter
+            return b""
+        if reply.status == 200 and start is not None:
+            self._whole[file] = reply.data
+            while len(self._whole) > 2:
+                self._whole.popitem(last=False)
+            return reply.data[start:end]
+        if reply.status not in (200, 206):
+            raise DownloadError(f"GET {url} answered HTTP {reply.status}")
+        return reply.data
+
+    def _fetch(self, file: str, groups: list) -> list[bytes]:
+        if file in self._whole:
+            whole = self._whole[file]
+            return [whole[a:b] for a, b, _ in groups]
+        if len(groups) == 1:
+            return [self._get(file, groups[0][0], groups[0][1])]
+        return list(self._pool.map(lambda g: self._get(file, g[0], g[1]), groups))
+
+    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list:
+        self._setup()
+        return self._split(file, ranges, self._fetch)
+
+    def read_file(self, file: str) -> bytes:
+        self._setup()
+        return self._get(file, None, None)
+
+
+class FsspecSource(Source):
+    """Any fsspec URL (``s3://``, ``gs://``, ...): merged ranges through ``cat_ranges``."""
+
+    def __init__(self, url: str, *, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options, "_pid": -1}
+
+    def _fs(self):
+        if self._pid != os.getpid():  # async filesystems hold an event loop: one per process
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, skip_instance_cache=True,
+                                                       **self.storage_options)
+            self._pid = os.getpid()
+        return self.fs
+
+    def _fetch(self, file: str, groups: list) -> list[bytes]:
+        fs = self._fs()
+        where = f"{self.path}/{file}"
+        n = len(groups)
+        results = fs.cat_ranges([where] * n, [g[0] for g in groups], [g[1] for g in groups],
+                                on_error="return")
+        out = []
+        for result in results:
+            if isinstance(result, FileNotFoundError):
+                raise ShardNotFoundError(f"{self.url}/{file} is missing; the manifest lists it")
+            if isinstance(result, Exception):
+                if "InvalidRange" in repr(result) or "416" in str(result):
+                    result = b""  # range past the end: the caller reports a truncated shard
+                else:
+                    raise DownloadError(f"reading {self.url}/{file} failed: {result!r}")
+            out.append(result)
+        return out
+
+    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list:
+        return self._split(file, ranges, self._fetch)
+
+    def read_file(self, file: str) -> bytes:
+        try:
+            return self._fs().cat_file(f"{self.path}/{file}")
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"{self.url}/{file} is missing; the manifest lists it") from None
+
+
+def open_source(url: str, *, storage_options: dict | None = None) -> Source:
+    """The right source for a local path, an http(s) URL or another fsspec URL."""
+    if url.startswith(("http://", "https://")):
+        return HttpSource(url, headers=(storage_options or {}).get("headers"))
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        return LocalSource(path)
+    return FsspecSource(url, storage_options=storage_options)

@@ -1,0 +1,283 @@
+"""The training loader: exactly-once fresh samples (ideal world) or a reused subset (real world).
+
+    from train.stream import StreamConfig, SampleStream
+    stream = SampleStream(StreamConfig(source="data/cifar5m", world="ideal", batch_size=512))
+    for batch in stream:            # StreamBatch(images uint8 NCHW, labels int64, keys, step)
+        ...
+    state = stream.state_dict()     # resume later, also with another world size / workers
+
+The order is a pure function of (seed, the split's shards), see ``train.plan``; the
+state is the number of global batches consumed, so a restore is exact whatever the
+world size or number of DataLoader workers on either side, as long as the global batch
+size is the same. Workers produce batches ``start + w, start + w + W, ...``; the
+DataLoader's in-order round robin hands them out as ``start, start + 1, ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
+from shards.reader import Dataset
+from train.cache import DecodedCache
+from train.catalog import Catalog
+from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
+from train.reader import SampleReader
+from train.source import open_source
+
+log = logging.getLogger("cifar5m.stream")
+STATE_VERSION = 1
+# Fields a saved state must agree on: they define the order. world_size, num_workers,
+# steps and the source URL (same data behind another transport) may change.
+_STATE_KEYS = ("world", "n", "batch_size", "seed", "split", "class_balanced", "block", "window")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything that defines a stream; saved as JSON next to a run (``to_json``)."""
+
+    source: str
+    world: str = "ideal"  # "ideal": fresh samples; "real": epochs over a fixed subset of n
+    n: int | None = None  # real-world subset size
+    batch_size: int = 128  # GLOBAL batch (all ranks together)
+    steps: int | None = None  # global batches; None: ideal = all the split allows, real = 1 epoch
+    seed: int = 0
+    split: str = "train"
+    rank: int | None = None  # None: torch.distributed, else $RANK, else 0
+    world_size: int | None = None  # None: torch.distributed, else $WORLD_SIZE, else 1
+    num_workers: int = 0
+    class_balanced: bool = False
+    wrap: bool = False  # ideal world: start a new permutation instead of raising
+    return_keys: bool = False
+    pin_memory: bool = False
+    prefetch: int = 2  # batches each worker prepares ahead
+    cache_dir: str | None = None  # decoded-shard cache (ideal) / decoded subset (real)
+    cache_bytes: int | None = None  # size cap of cache_dir (LRU eviction)
+    storage_options: dict | None = None  # for fsspec URLs, e.g. {"endpoint_url": ...}
+    block: int = DEFAULT_BLOCK
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", os.fspath(self.source))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> StreamConfig:
+        return cls(**json.loads(text))
+
+
+class StreamBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, 32, 32) uint8
+    labels: torch.Tensor  # (B,) int64
+    keys: list[str] | None
+    step: int  # global batch index
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size: explicit values, else torch.distributed, else the env, else 0/1."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StreamConfigError(f"rank {rank} is not valid for world size {world_size}")
+    return rank, world_size
+
+
+class _Producer:
+    """Builds the batches of one rank; lives in the main process or in a worker."""
+
+    def __init__(self, plan: Plan, rank: int, reader: SampleReader, subset: np.ndarray | None,
+                 return_keys: bool) -> None:
+        self.plan, self.rank, self.reader = plan, rank, reader
+        self.subset, self.return_keys = subset, return_keys
+
+    def positions(self, b: int) -> np.ndarray:
+        items = self.plan.rank_batch(b, self.rank)
+        return items if self.subset is None else self.subset[items]
+
+    def batch(self, b: int) -> StreamBatch:
+        positions = self.positions(b)
+        cat = self.reader.catalog
+        keys = cat.key_list(positions) if self.return_keys else None
+        images = torch.from_numpy(self.reader.images(positions))
+        return StreamBatch(images, torch.from_numpy(cat.labels[positions]), keys, b)
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    def __init__(self, producer: _Producer, start: int) -> None:
+        self.producer, self.start = producer, start
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for b in self.producer.plan.worker_batches(self.start, worker, workers):
+            yield self.producer.batch(b)
+
+
+class SampleStream:
+    """An iterable of this rank's batches; see the module docstring."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = c = config
+        if c.world not in ("ideal", "real"):
+            raise StreamConfigError(f"world must be 'ideal' or 'real', got {c.world!r}")
+        self.rank, self.world_size = resolve_rank(c.rank, c.world_size)
+        if c.batch_size < 1 or c.batch_size % self.world_size:
+            raise StreamConfigError(
+                f"the global batch size {c.batch_size} must be a positive multiple of the world "
+                f"size {self.world_size} (each rank takes batch_size // world_size)")
+        if c.seed < 0 or (c.steps is not None and c.steps < 0):
+            raise StreamConfigError(f"seed and steps must be >= 0, got {c.seed} and {c.steps}")
+        self.dataset = Dataset(c.source, storage_options=c.storage_options)
+        self.catalog = Catalog.from_dataset(self.dataset, c.split)
+        where = f"split {c.split!r} of {c.source}"
+        self.subset: np.ndarray | None = None
+        if c.world == "real":
+            if c.n is None:
+                raise StreamConfigError("the real world needs n (the subset size)")
+            self.subset = choose_subset(self.catalog.labels, c.n, seed=c.seed,
+                                        class_balanced=c.class_balanced,
+                                        num_classes=len(self.catalog.class_names), where=where)
+        pool = len(self.catalog) if self.subset is None else len(self.subset)
+        total = pool // c.batch_size if c.steps is None else c.steps
+        if c.world == "ideal" and total * c.batch_size > pool:
+            if not c.wrap:
+                raise NotEnoughSamplesError(
+                    f"asked for {total} steps x batch {c.batch_size} = {total * c.batch_size} fresh "
+                    f"samples but {where} holds {pool}; use steps <= {pool // c.batch_size}, a "
+                    f"bigger dataset, or wrap=True (samples then repeat)")
+            log.warning("wrap=True: %d samples asked from %d; the order restarts with a new "
+                        "permutation after every %d samples", total * c.batch_size, pool, pool)
+        self.plan = Plan(pool_size=pool, batch_size=c.batch_size, world_size=self.world_size,
+                         total_batches=total, seed=c.seed,
+                         counts=self.catalog.counts if self.subset is None else None,
+                         block=c.block, window=c.window)
+        self.source = open_source(c.source, storage_options=c.storage_options)
+        cache = DecodedCache(c.cache_dir, cap_bytes=c.cache_bytes) if c.cache_dir else None
+        self.cache = cache
+        self.reader = SampleReader(self.catalog, self.source, cache if self.subset is None else None)
+        self.next_batch = 0
+        self._resumed_from = 0
+        self._delivered = 0
+        self._subset_data: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+
+    # --- iteration --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.plan.total_batches - self.next_batch
+
+    def _producer(self) -> _Producer:
+        return _Producer(self.plan, self.rank, self.reader, self.subset, self.config.return_keys)
+
+    def _pin(self) -> bool:
+        return self.config.pin_memory and torch.cuda.is_available()
+
+    def _batches(self) -> Iterator[StreamBatch]:
+        c, start = self.config, self.next_batch
+        if self.subset is not None:
+            images, labels, keys = self.real_subset()
+            for b in range(start, self.plan.total_batches):
+                idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
+                yield StreamBatch(images[idx], labels[idx],
+                                  [keys[i] for i in idx.tolist()] if c.return_keys else None, b)
+        elif c.num_workers == 0:
+            producer = self._producer()
+            for b in range(start, self.plan.total_batches):
+                yield producer.batch(b)
+        else:
+            loader = torch.utils.data.DataLoader(
+                _WorkerDataset(self._producer(), start), batch_size=None, num_workers=c.num_workers,
+                pin_memory=self._pin(), prefetch_factor=max(1, c.prefetch))
+            yield from loader
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        pin = self._pin() and (self.subset is not None or self.config.num_workers == 0)
+        for batch in self._batches():
+            if pin:
+                batch = batch._replace(images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
+            self.next_batch = batch.step + 1  # counted when handed over: prefetch is not consumed
+            self._delivered += 1
+            yield batch
+
+    # --- real world -------------------------------------------------------------------
+    def real_subset(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The fixed subset: images (N, 3, 32, 32) uint8, labels (N,) int64, keys (sorted by position)."""
+        if self.subset is None:
+            raise StreamConfigError("real_subset() exists only in the real world (world='real')")
+        if self._subset_data is None:
+            reader = SampleReader(self.catalog, self.source)
+
+            def load() -> np.ndarray:
+                return reader.images(self.subset)
+
+            if self.cache is not None:
+                key = f"subset-{self.catalog.fingerprint()}-{self.config.seed}-" \
+                      f"{int(self.config.class_balanced)}-{len(self.subset)}"
+                images = np.asarray(self.cache.get(key, len(self.subset), load))
+            else:
+                images = load()
+            self._subset_data = (torch.from_numpy(np.array(images)),
+                                 torch.from_numpy(self.catalog.labels[self.subset]),
+                                 self.catalog.key_list(self.subset))
+        return self._subset_data
+
+    def iter_index_batches(self) -> Iterator[torch.Tensor]:
+        """This rank's batches as int64 positions into ``real_subset()``; advances the state."""
+        if self.subset is None:
+            raise StreamConfigError("iter_index_batches() exists only in the real world")
+        for b in range(self.next_batch, self.plan.total_batches):
+            idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
+            self.next_batch = b + 1
+            self._delivered += 1
+            yield idx
+
+    # --- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {"version": STATE_VERSION, "next_batch": self.next_batch,
+                **{k: getattr(c, k) for k in _STATE_KEYS},
+                "dataset": self.catalog.fingerprint(), "total_batches": self.plan.total_batches,
+                "world_size": self.world_size, "num_workers": c.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in (*_STATE_KEYS, "dataset"):
+            if state.get(key) != mine[key]:
+                raise StreamStateError(
+                    f"the saved stream state has {key}={state.get(key)!r} but this stream has "
+                    f"{key}={mine[key]!r}; resume with the same {key}")
+        if not 0 <= state["next_batch"] <= self.plan.total_batches:
+            raise StreamStateError(
+                f"the saved state is at batch {state['next_batch']} but this stream has only "
+                f"{self.plan.total_batches} batches; raise steps")
+        self.next_batch = self._resumed_from = int(state["next_batch"])
+
+    def report(self) -> dict[str, Any]:
+        p, c = self.plan, self.config
+        asked = p.total_batches * p.batch_size
+        return {
+            "world": c.world, "source": c.source, "split": c.split, "split_size": len(self.catalog),
+            "pool_size": p.pool_size, "batch_size": p.batch_size, "per_rank_batch": p.per_rank,
+            "rank": self.rank, "world_size": self.world_size, "num_workers": c.num_workers,
+            "total_batches": p.total_batches, "resumed_from": self._resumed_from,
+            "next_batch": self.next_batch, "delivered_batches": self._delivered,
+            "delivered_samples": self._delivered * p.per_rank,
+            "dropped_tail": max(0, p.pool_size - asked) if c.world == "ideal" or c.steps is None else 0,
+            "epochs": asked / p.pool_size if p.pool_size else 0.0,
+            "wrapped": c.world == "ideal" and asked > p.pool_size,
+        }
