@@ -23,6 +23,9 @@ COMMANDS: dict[str, str] = {
     "verify": "cifar5m.commands.dataset:verify_cmd",
     "info": "cifar5m.commands.dataset:info_cmd",
     "grid": "cifar5m.commands.dataset:grid_cmd",
+    # dataset_server/
+    "serve": "cifar5m.commands.serve:serve_cmd",
+    "download": "cifar5m.commands.serve:download_cmd",
     # train/
     "train": "cifar5m.commands.train:train_cmd",
     "bootstrap": "cifar5m.commands.train:bootstrap_cmd",

@@ -1,0 +1,158 @@
+"""The JSON half of the Hub API: dataset info, tree listings, paths-info, dataset list.
+
+Field names and shapes follow huggingface_hub 2.4's parsers (``hf_api.py``:
+``DatasetInfo``, ``RepoFile``/``RepoFolder``, ``_iter_repo_tree_pages``,
+``get_paths_info``) and the 0.x clients, which take file names from ``siblings``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dataset_server.auth import Access
+from dataset_server.context import Denied, ServerContext, lookup, state_at
+from dataset_server.repo import RepoFile, RepoState, lfs_pointer
+from dataset_server.responses import REPO_COMMIT, hub_error
+
+# Pagination cursors are plain offsets into the listing (sorted, stable per commit).
+# A dataset is flat, so `recursive=true|false` (or True/False from 0.x clients) lists
+# the same files, and `expand` adds nothing the clients need.
+_MAX_PATHS = 10_000
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def file_entry(f: RepoFile) -> dict:
+    """A tree / paths-info entry, as the Hub returns it for a file."""
+    entry: dict = {"type": "file", "oid": f.oid, "size": f.size, "path": f.name}
+    if f.lfs:
+        pointer = lfs_pointer(f.sha256, f.size)
+        entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(pointer)}
+    return entry
+
+
+def sibling(f: RepoFile) -> dict:
+    # Siblings name the LFS hash "sha256", tree entries "oid" (DatasetInfo vs RepoFile).
+    out: dict = {"rfilename": f.name, "size": f.size, "blobId": f.oid}
+    if f.lfs:
+        pointer = lfs_pointer(f.sha256, f.size)
+        out["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": len(pointer)}
+    return out
+
+
+def info_json(ctx: ServerContext, state: RepoState, access: Access) -> dict:
+    org = state.repo_id.split("/", 1)[0]
+    gated = ctx.policy.gated(state.repo_id)
+    card = state.card_data
+    return {
+        "_id": state.sha[:24],
+        "id": state.repo_id,
+        "author": org,
+        "sha": state.sha,
+        "lastModified": _iso(state.last_modified),
+        "createdAt": _iso(min(f.mtime_ns for f in state.files.values()) / 1e9),
+        "private": ctx.policy.private(state.repo_id),
+        "gated": "manual" if gated else False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [str(t) for t in card.get("tags", []) if isinstance(t, str)],
+        "cardData": card,
+        "siblings": [sibling(f) for f in state.files.values()],
+        "usedStorage": sum(f.size for f in state.files.values()),
+    }
+
+
+async def dataset_info(ctx: ServerContext, request: Request, org: str, name: str,
+                       revision: str) -> Response:
+    repo, access = lookup(ctx, request, org, name, files=False)
+    state = await state_at(repo, revision)
+    return JSONResponse(info_json(ctx, state, access), headers={REPO_COMMIT: state.sha})
+
+
+async def tree(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
+               path: str) -> Response:
+    repo, _ = lookup(ctx, request, org, name, files=False)
+    state = await state_at(repo, revision)
+    path = path.strip("/")
+    if path in ("", "."):
+        entries = list(state.files.values())  # flat repo: recursive or not, the same list
+    elif path in state.files:
+        entries = [state.files[path]]
+    else:
+        return hub_error(404, "EntryNotFound", f"{path} does not exist in dataset {state.repo_id}",
+                         commit=state.sha)
+    try:
+        start = max(int(request.query_params.get("cursor", "0")), 0)
+    except ValueError:
+        return hub_error(400, None, "cursor must be an integer offset")
+    page = entries[start:start + ctx.page_size]
+    headers = {REPO_COMMIT: state.sha}
+    if start + ctx.page_size < len(entries):
+        # Absolute, with every query parameter: the client fetches it verbatim.
+        nxt = request.url.include_query_params(cursor=str(start + ctx.page_size))
+        headers["Link"] = f'<{nxt}>; rel="next"'
+    return JSONResponse([file_entry(f) for f in page], headers=headers)
+
+
+async def read_body(ctx: ServerContext, request: Request) -> bytes:
+    """The request body, refusing (413) anything over ``ctx.max_body`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > ctx.max_body):
+        raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes"))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > ctx.max_body:
+            raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes"))
+    return bytes(body)
+
+
+def requested_paths(body: bytes, content_type: str) -> list[str]:
+    """``paths`` of a paths-info body: form-encoded (what the clients send) or JSON."""
+    if content_type.startswith("application/json"):
+        doc = json.loads(body or b"{}")
+        paths = doc.get("paths", []) if isinstance(doc, dict) else []
+        return [p for p in paths if isinstance(p, str)][:_MAX_PATHS]
+    form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=_MAX_PATHS + 10)
+    return form.get("paths", [])[:_MAX_PATHS]
+
+
+async def paths_info(ctx: ServerContext, request: Request, org: str, name: str,
+                     revision: str) -> Response:
+    repo, _ = lookup(ctx, request, org, name, files=False)
+    body = await read_body(ctx, request)
+    state = await state_at(repo, revision)
+    try:
+        paths = requested_paths(body, request.headers.get("content-type", ""))
+    except ValueError:
+        return hub_error(400, None, "paths-info body must be form-encoded 'paths=...' or JSON")
+    # Paths that do not exist are left out, as on the Hub.
+    found = [state.files[p.strip("/")] for p in paths if p.strip("/") in state.files]
+    return JSONResponse([file_entry(f) for f in found], headers={REPO_COMMIT: state.sha})
+
+
+async def list_datasets(ctx: ServerContext, request: Request) -> Response:
+    """``GET /api/datasets``: the datasets this request may see (``list_datasets``)."""
+    author = request.query_params.get("author")
+    out = []
+    for repo_id in ctx.library.repo_ids():
+        org, name = repo_id.split("/", 1)
+        if author and org != author:
+            continue
+        try:
+            repo, _ = lookup(ctx, request, org, name, files=False)
+        except Denied:
+            continue
+        state = repo.cached(60.0)
+        out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
+                    "gated": "manual" if ctx.policy.gated(repo_id) else False,
+                    **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
+    return JSONResponse(out)

@@ -1,0 +1,149 @@
+"""The ASGI application: routing on the raw path, request limits and the access log.
+
+Routing uses ``scope["raw_path"]``, split on ``/`` before percent-decoding each part:
+clients send a revision as ``quote(rev, safe="")`` (``refs%2Fpr%2F1``) and a tree
+sub-path the same way, and a decoded path would move those slashes into the route.
+Decoded parts never reach the file system: files are looked up by name in the
+dataset's own list (see ``repo.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dataset_server import api
+from dataset_server.auth import AccessPolicy
+from dataset_server.context import MAIN, Denied, ServerContext
+from dataset_server.repo import HashCache, Library
+from dataset_server.resolve import resolve
+from dataset_server.responses import FileBody, hub_error
+
+access_log = logging.getLogger("dataset_server.access")
+
+# huggingface_hub asks for this once per process; an empty answer is cached for 24 h.
+_HARNESSES = {"standardEnvVars": [], "harnesses": {}}
+
+
+def split_path(scope: Scope) -> list[str] | None:
+    """Percent-decoded parts of the request path, or None if it is not valid UTF-8."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    try:
+        return [unquote(p.decode("ascii"), errors="strict") for p in raw.split(b"/") if p]
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+async def dispatch(request: Request) -> Response | FileBody:
+    ctx: ServerContext = request.app.state.ctx
+    parts = split_path(request.scope) or []
+    method = request.method
+    try:
+        if parts[:2] == ["api", "datasets"]:
+            return await _api(ctx, request, parts[2:], method)
+        if parts == ["api", "agent-harnesses"] and method in ("GET", "HEAD"):
+            return JSONResponse(_HARNESSES)
+        if len(parts) >= 5 and parts[0] == "datasets" and parts[3] == "resolve" and method != "POST":
+            return await resolve(ctx, request, parts[1], parts[2], parts[4], "/".join(parts[5:]))
+        if parts == ["healthz"]:
+            return JSONResponse({"ok": True})
+    except Denied as denied:
+        return denied.response
+    return hub_error(404, None, "Not Found")
+
+
+async def _api(ctx: ServerContext, request: Request, parts: list[str], method: str) -> Response:
+    if not parts and method in ("GET", "HEAD"):
+        return await api.list_datasets(ctx, request)
+    if len(parts) < 2:
+        return hub_error(404, None, "Not Found")
+    org, name, rest = parts[0], parts[1], parts[2:]
+    if method == "POST":
+        if len(rest) >= 2 and rest[0] == "paths-info":
+            return await api.paths_info(ctx, request, org, name, "/".join(rest[1:]))
+        return hub_error(405, None, "Method Not Allowed")
+    if not rest:
+        return await api.dataset_info(ctx, request, org, name, MAIN)
+    if rest[0] == "revision" and len(rest) >= 2:
+        return await api.dataset_info(ctx, request, org, name, "/".join(rest[1:]))
+    if rest[0] == "tree" and len(rest) >= 2:
+        return await api.tree(ctx, request, org, name, rest[1], "/".join(rest[2:]))
+    return hub_error(404, None, "Not Found")
+
+
+class Limits:
+    """Refuses requests with too many headers (431) or a non-GET/HEAD/POST method (405).
+
+    uvicorn's h11 parser already bounds the request line plus headers in bytes
+    (``h11_max_incomplete_event_size``); bodies are bounded where they are read.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_headers: int = 100) -> None:
+        self.app = app
+        self.max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if len(scope["headers"]) > self.max_headers:
+                await hub_error(431, None, f"more than {self.max_headers} request headers")(scope, receive, send)
+                return
+            if scope["method"] not in ("GET", "HEAD", "POST"):
+                await hub_error(405, None, "Method Not Allowed")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request: client, request line, status, body bytes, range, time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status, sent = 0, 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            query = scope.get("query_string", b"").decode("latin-1")
+            target = scope.get("raw_path", b"").decode("latin-1") + (f"?{query}" if query else "")
+            rng = dict(scope["headers"]).get(b"range", b"").decode("latin-1")
+            access_log.info('%s "%s %s" %d %d %s%.1fms', client[0], scope["method"], target, status,
+                            sent, f"range={rng} " if rng else "", (time.perf_counter() - start) * 1e3)
+
+
+def create_app(*, root: str | Path, tokens: str | Path | None = None, page_size: int = 1000,
+               max_body: int = 1024 * 1024, max_headers: int = 100, scan_max_age: float = 1.0,
+               hash_cache: str | Path | None = None) -> Starlette:
+    """The server for every dataset under ``root`` (``root/<org>/<name>/manifest.json``)."""
+    hashes = HashCache()
+    if hash_cache is not None:
+        hashes.load(Path(hash_cache))
+    ctx = ServerContext(Library(Path(root), hashes), AccessPolicy.from_file(tokens),
+                        page_size=page_size, max_body=max_body, scan_max_age=scan_max_age)
+    app = Starlette(routes=[Route("/{path:path}", dispatch, methods=["GET", "HEAD", "POST"])])
+    app.state.ctx = ctx
+    app.add_middleware(Limits, max_headers=max_headers)
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,279 @@
+"""A dataset directory seen as a Hub dataset repository: its files, hashes and commit sha.
+
+Served files are ``manifest.json`` and the files it lists (shards, ``index.parquet``,
+``README.md``), nothing else: work folders, temp files and stray files never leave the
+machine. The commit sha is a hash of every served file's name, size and sha256, so it
+changes whenever any byte of any file changes and is the same on every restart.
+
+Hashing 37 GB of shards takes minutes, so sha256s come from a cache keyed on (path,
+size, mtime_ns, inode) and, for shards, from ``manifest.json`` itself when the file is
+as the writer left it: same size, and not modified after the manifest (which is
+written last). Anything else is hashed once, off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from shards.format import CARD_NAME, MANIFEST_NAME
+from shards.manifest import Manifest
+
+# Hub repo-name rules: letters, digits, '-', '_', '.', no leading/trailing punctuation,
+# no '..' (so a name can never be a parent reference), at most 96 characters.
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+# Served file names: one path component, no leading dot (temp files are '.x.tmp').
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# Files at most this big with a text suffix are plain git files; the rest are LFS, as
+# the Hub's default .gitattributes does for *.tar and *.parquet.
+_TEXT_SUFFIXES = {".md", ".json", ".txt", ".yaml", ".yml"}
+_LFS_MIN_BYTES = 10 * 1024 * 1024
+_CHUNK = 4 * 1024 * 1024
+
+
+def valid_name(part: str) -> bool:
+    """Whether ``part`` is a valid organisation or dataset name."""
+    return _NAME.fullmatch(part) is not None and ".." not in part
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a blob holding ``data``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-lfs pointer file the Hub stores in git for an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """One served file."""
+
+    name: str
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    sha256: str
+    oid: str  # git blob id: of the content for plain files, of the LFS pointer otherwise
+    lfs: bool
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
+
+
+@dataclass(frozen=True)
+class RepoState:
+    """A snapshot of a dataset repository: one commit."""
+
+    repo_id: str
+    sha: str
+    files: dict[str, RepoFile]
+    last_modified: float
+    card_data: dict = field(default_factory=dict)
+    scanned_at: float = 0.0
+
+
+class HashCache:
+    """sha256 (and git id of small files) by (path, size, mtime_ns, inode); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sums: dict[tuple, tuple[str, str | None]] = {}
+
+    @staticmethod
+    def key(path: str, st: os.stat_result) -> tuple:
+        return (path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def get(self, key: tuple) -> tuple[str, str | None] | None:
+        with self._lock:
+            return self._sums.get(key)
+
+    def put(self, key: tuple, sums: tuple[str, str | None]) -> None:
+        with self._lock:
+            self._sums[key] = sums
+
+    def hash_file(self, path: str, st: os.stat_result, *, git: bool) -> tuple[str, str | None]:
+        """sha256 (and git blob id when ``git``) of ``path``, from the cache or read once."""
+        key = self.key(path, st)
+        cached = self.get(key)
+        if cached is not None and (cached[1] is not None or not git):
+            return cached
+        sha = hashlib.sha256()
+        blob = hashlib.sha1(b"blob %d\0" % st.st_size, usedforsecurity=False) if git else None
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                sha.update(chunk)
+                if blob is not None:
+                    blob.update(chunk)
+        sums = (sha.hexdigest(), blob.hexdigest() if blob is not None else None)
+        self.put(key, sums)
+        return sums
+
+    def save(self, path: Path) -> None:
+        with self._lock:
+            rows = [[*k, *v] for k, v in self._sums.items()]
+        Path(path).write_text(json.dumps(rows))
+
+    def load(self, path: Path) -> None:
+        try:
+            rows = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return  # a missing or broken cache only costs re-hashing
+        with self._lock:
+            for p, size, mtime_ns, ino, sha, oid in rows:
+                self._sums[(p, size, mtime_ns, ino)] = (sha, oid)
+
+
+def parse_card(text: str) -> dict:
+    """The YAML front matter of a dataset card, or {} when it has none or it is broken."""
+    if not text.startswith("---"):
+        return {}
+    _, _, rest = text.partition("\n")
+    front, sep, _ = rest.partition("\n---")
+    if not sep:
+        return {}
+    try:
+        data = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class DatasetRepo:
+    """The dataset directory ``root/org/name`` as a Hub repository."""
+
+    def __init__(self, directory: Path, repo_id: str, hashes: HashCache) -> None:
+        self.dir = directory
+        self.repo_id = repo_id
+        self.hashes = hashes
+        self._state: RepoState | None = None
+        self._manifest_cache: tuple[tuple, Manifest] | None = None
+        self._lock = threading.Lock()
+
+    def cached(self, max_age: float) -> RepoState | None:
+        """The last scan if it is at most ``max_age`` seconds old."""
+        state = self._state
+        if state is not None and time.monotonic() - state.scanned_at <= max_age:
+            return state
+        return None
+
+    def scan(self) -> RepoState:
+        """Stat every served file (hashing new or changed ones) and return the state.
+
+        Blocking (stat calls, maybe hashing): call it from a worker thread. Raises
+        FileNotFoundError when the directory is no longer a finished dataset.
+        """
+        with self._lock:
+            real_dir = os.path.realpath(self.dir)
+            manifest_path = os.path.join(real_dir, MANIFEST_NAME)
+            manifest_st = os.stat(manifest_path)
+            manifest = self._manifest(manifest_path, manifest_st)
+            files: dict[str, RepoFile | None] = {
+                MANIFEST_NAME: self._entry(real_dir, MANIFEST_NAME, None, manifest_st.st_mtime_ns)}
+            trusted = {s.file: (s.bytes, s.sha256) for s in manifest.shards}
+            trusted.update({f.file: (f.bytes, f.sha256) for f in manifest.files})
+            for name in sorted(trusted, key=lambda n: (n.endswith(".tar"), n)):
+                entry = self._entry(real_dir, name, trusted[name], manifest_st.st_mtime_ns)
+                if entry is not None:
+                    files[name] = entry
+            self._state = self._make_state({k: v for k, v in files.items() if v is not None})
+            return self._state
+
+    def _manifest(self, path: str, st: os.stat_result) -> Manifest:
+        key = HashCache.key(path, st)
+        if self._manifest_cache is not None and self._manifest_cache[0] == key:
+            return self._manifest_cache[1]
+        with open(path, encoding="utf-8") as f:
+            manifest = Manifest.from_json(f.read(), where=path)
+        self._manifest_cache = (key, manifest)
+        return manifest
+
+    def _entry(self, real_dir: str, name: str, trusted: tuple[int, str] | None,
+               manifest_mtime_ns: int) -> RepoFile | None:
+        """The served entry for ``name``, or None if it is missing, unsafe or not a file."""
+        if _FILE.fullmatch(name) is None:
+            return None
+        path = os.path.join(real_dir, name)
+        # A symlink may point anywhere: serve it only if it stays inside the dataset.
+        if os.path.dirname(os.path.realpath(path)) != real_dir:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not os.path.isfile(path):
+            return None
+        lfs = Path(name).suffix not in _TEXT_SUFFIXES or st.st_size > _LFS_MIN_BYTES
+        key = self.hashes.key(path, st)
+        sums = self.hashes.get(key)
+        if sums is None and lfs and trusted is not None:
+            size, sha = trusted
+            # The manifest is written after every file it lists: a file not touched since
+            # and of the recorded size is the one the manifest hashed.
+            if st.st_size == size and st.st_mtime_ns <= manifest_mtime_ns:
+                sums = (sha, None)
+                self.hashes.put(key, sums)
+        if sums is None or (not lfs and sums[1] is None):
+            sums = self.hashes.hash_file(path, st, git=not lfs)
+        sha256, blob = sums
+        oid = git_blob_sha1(lfs_pointer(sha256, st.st_size)) if lfs else blob
+        return RepoFile(name, path, st.st_size, st.st_mtime_ns, st.st_ino, sha256, oid, lfs)
+
+    def _make_state(self, files: dict[str, RepoFile]) -> RepoState:
+        listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
+        sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
+        card: dict = {}
+        if CARD_NAME in files:
+            try:
+                card = parse_card(Path(files[CARD_NAME].path).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                card = {}
+        last = max(f.mtime_ns for f in files.values()) / 1e9
+        return RepoState(self.repo_id, sha, files, last, card, time.monotonic())
+
+
+class Library:
+    """Every dataset under a root directory, looked up by ``org/name``."""
+
+    def __init__(self, root: Path, hashes: HashCache | None = None) -> None:
+        self.root = Path(root)
+        self.real_root = os.path.realpath(root)
+        self.hashes = hashes or HashCache()
+        self._repos: dict[str, DatasetRepo] = {}
+        self._lock = threading.Lock()
+
+    def get(self, org: str, name: str) -> DatasetRepo | None:
+        """The repository ``org/name``, or None if there is no finished dataset by that name."""
+        if not (valid_name(org) and valid_name(name)):
+            return None
+        directory = self.root / org / name
+        real = os.path.realpath(directory)
+        # A dataset folder (or org folder) symlinked out of ROOT is not served.
+        if os.path.dirname(os.path.dirname(real)) != self.real_root:
+            return None
+        if not os.path.isfile(os.path.join(real, MANIFEST_NAME)):
+            return None
+        repo_id = f"{org}/{name}"
+        with self._lock:
+            return self._repos.setdefault(repo_id, DatasetRepo(directory, repo_id, self.hashes))
+
+    def repo_ids(self) -> list[str]:
+        """``org/name`` of every finished dataset under the root."""
+        out = []
+        for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not org_dir.is_dir():
+                continue
+            for ds in sorted(org_dir.iterdir()):
+                if self.get(org_dir.name, ds.name) is not None:
+                    out.append(f"{org_dir.name}/{ds.name}")
+        return out

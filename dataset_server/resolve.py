@@ -1,0 +1,91 @@
+"""``HEAD``/``GET /datasets/{org}/{name}/resolve/{rev}/{path}``: the file downloads.
+
+Every answer carries what ``huggingface_hub.get_hf_file_metadata`` needs: the commit
+(``X-Repo-Commit``), the content hash as ETag (it names the blob in the client's
+cache) and the real ``Content-Length`` (a HEAD with length 0 would make the client
+keep an empty file). Bodies are never compressed: sizes and ranges are of the file.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from email.utils import formatdate
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dataset_server.context import ServerContext, lookup, state_at
+from dataset_server.ranges import RangeNotSatisfiable, parse_range
+from dataset_server.repo import DatasetRepo, RepoFile, RepoState
+from dataset_server.responses import REPO_COMMIT, FileBody, hub_error
+
+_TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
+          ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
+# O_NOFOLLOW: a file swapped for a symlink after the last scan is refused, not followed.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _content_type(name: str) -> str:
+    suffix = os.path.splitext(name)[1]
+    return _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
+    return {
+        REPO_COMMIT: state.sha,
+        # Quoted like the Hub's; the client strips quotes and a W/ prefix.
+        "ETag": f'"{f.sha256}"',
+        "Accept-Ranges": "bytes",
+        "Content-Type": _content_type(f.name),
+        "Last-Modified": formatdate(f.mtime_ns / 1e9, usegmt=True),
+        # "main" moves, a commit sha does not: only the latter may be cached for long.
+        "Cache-Control": "no-cache",
+    }
+
+
+async def _open(repo: DatasetRepo, revision: str, path: str, max_age: float
+                ) -> tuple[RepoState, RepoFile | None, int | None]:
+    """State, entry and an open fd whose file is exactly the entry (re-scanning once)."""
+    for attempt in range(2):
+        state = await state_at(repo, revision, max_age=max_age if attempt == 0 else 0.0)
+        entry = state.files.get(path)
+        if entry is None:
+            return state, None, None
+        try:
+            fd = os.open(entry.path, _OPEN_FLAGS)
+        except OSError:
+            continue  # gone or replaced since the scan: look again
+        if entry.matches(os.fstat(fd)):
+            return state, entry, fd
+        os.close(fd)  # changed since the scan: re-scan, so ETag and commit are of these bytes
+    return state, None, None
+
+
+async def resolve(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
+                  path: str) -> Response | FileBody:
+    repo, _ = lookup(ctx, request, org, name, files=True)
+    state, entry, fd = await _open(repo, revision, path, ctx.scan_max_age)
+    if entry is None or fd is None:
+        return hub_error(404, "EntryNotFound",
+                         f"{path} does not exist in dataset {repo.repo_id} at {state.sha}",
+                         commit=state.sha)
+    headers = file_headers(state, entry)
+    send_body = request.method != "HEAD"
+    inm = request.headers.get("if-none-match")
+    if inm is not None and inm.strip().removeprefix("W/") in (headers["ETag"], "*"):
+        os.close(fd)
+        return Response(status_code=304, headers=headers)
+    try:
+        rng = parse_range(request.headers.get("range"), entry.size)
+    except RangeNotSatisfiable as exc:
+        os.close(fd)
+        keep = {k: headers[k] for k in (REPO_COMMIT, "ETag", "Accept-Ranges")}
+        return hub_error(416, None, f"range not satisfiable: {path} has {entry.size} bytes",
+                         headers={**keep, "Content-Range": exc.content_range})
+    if rng is None:
+        headers["Content-Length"] = str(entry.size)
+        return FileBody(fd, 0, entry.size, status=200, headers=headers, send_body=send_body)
+    headers["Content-Length"] = str(rng.length)
+    headers["Content-Range"] = rng.content_range
+    return FileBody(fd, rng.start, rng.end, status=206, headers=headers, send_body=send_body)
