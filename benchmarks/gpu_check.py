@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,7 +32,14 @@ def run_part(name: str, argv: list[str]) -> tuple[str, float]:
     start = time.perf_counter()
     try:
         spec.loader.exec_module(module)
-        module.main(argv)
+        if inspect.signature(module.main).parameters:
+            module.main(argv)
+        else:  # an argparse main() without parameters reads sys.argv
+            saved, sys.argv = sys.argv, [str(path), *argv]
+            try:
+                module.main()
+            finally:
+                sys.argv = saved
         return "ok", time.perf_counter() - start
     except Exception:  # report and move on: the lease is short
         traceback.print_exc()
