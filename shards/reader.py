@@ -88,6 +88,8 @@ class Dataset:
                 with open(where, "rb") as f:
                     if start is None:
                         return f.read()
+                    if end is None:
+                        end = os.fstat(f.fileno()).st_size
                     return os.pread(f.fileno(), end - start, start)
             return self.fs.cat_file(where, start=start, end=end)
         except FileNotFoundError:

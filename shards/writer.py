@@ -74,10 +74,28 @@ class Sample(NamedTuple):
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """A finished shard: its manifest entry and its index rows."""
+    """A finished shard: its manifest entry and its index rows.
+
+    The rows are either in memory (``table``) or in the shard's ``_work/`` part file
+    (``part``); writers keep only the path, so memory stays flat at millions of rows.
+    """
 
     info: ShardInfo
-    table: pa.Table
+    table: pa.Table | None = None
+    part: Path | None = None
+
+    def rows(self) -> pa.Table:
+        if self.table is not None:
+            return self.table
+        return pq.read_table(self.part).replace_schema_metadata(None)
+
+    def slim(self) -> ShardRecord:
+        """The same record without rows in memory (they stay in the part file)."""
+        return ShardRecord(self.info, None, self.part) if self.part is not None else self
+
+
+def part_path(root: Path, shard_file: str) -> Path:
+    return Path(root) / WORK_DIR / (Path(shard_file).stem + ".parquet")
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
@@ -136,16 +154,16 @@ def write_shard(
     )
     atomic_write_bytes(root / name, data)
     table = rows_to_table(cols)
-    _write_part(root, info, table)
-    return ShardRecord(info, table)
+    return ShardRecord(info, table, _write_part(root, info, table))
 
 
-def _write_part(root: Path, info: ShardInfo, table: pa.Table) -> None:
-    work = root / WORK_DIR
-    work.mkdir(exist_ok=True)
+def _write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
+    (root / WORK_DIR).mkdir(exist_ok=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)
-    atomic_write_bytes(work / (Path(info.file).stem + ".parquet"), sink.getvalue().to_pybytes())
+    path = part_path(root, info.file)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
 
 
 def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardRecord]:
@@ -157,8 +175,7 @@ def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardReco
     root = Path(root)
     records: dict[str, ShardRecord] = {}
     for part in sorted((root / WORK_DIR).glob("*.parquet")):
-        table = pq.read_table(part)
-        info = ShardInfo(**json.loads(table.schema.metadata[_SHARD_META]))
+        info = ShardInfo(**json.loads(pq.read_schema(part).metadata[_SHARD_META]))
         shard = root / info.file
         if not shard.is_file():
             raise ShardNotFoundError(f"{shard} is missing but {part} says it was written")
@@ -167,7 +184,7 @@ def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardReco
                 f"{shard} does not match the checksum recorded when it was written; "
                 f"delete it and {part}, then re-run to rewrite it"
             )
-        records[info.file] = ShardRecord(info, table.replace_schema_metadata(None))
+        records[info.file] = ShardRecord(info, None, part)
     return records
 
 
@@ -204,7 +221,7 @@ def finalize(
         for rec in ordered:
             start = counts.get(rec.info.split, 0)
             positions = pa.array(np.arange(start, start + rec.info.samples, dtype=np.int64))
-            table = rec.table.select(SCHEMA.names).cast(SCHEMA)
+            table = rec.rows().select(SCHEMA.names).cast(SCHEMA)
             table = table.set_column(SCHEMA.get_field_index("position"), SCHEMA.field("position"), positions)
             out.write_table(table)
             counts[rec.info.split] = start + rec.info.samples
@@ -324,7 +341,7 @@ class DatasetWriter:
                 next_index[split] = idx + 1
             else:
                 del self.records[rec.info.file]
-                (self.root / WORK_DIR / (Path(rec.info.file).stem + ".parquet")).unlink(missing_ok=True)
+                part_path(self.root, rec.info.file).unlink(missing_ok=True)
                 (self.root / rec.info.file).unlink(missing_ok=True)
         return next_index
 
@@ -346,7 +363,7 @@ class DatasetWriter:
         self._next_index[split] = index + 1
         if self._pool is None:
             rec = write_shard(self.root, split, index, pending, image_format=self.image_format)
-            self.records[rec.info.file] = rec
+            self.records[rec.info.file] = rec.slim()
             return
         self._futures.append(self._pool.submit(
             write_shard, self.root, split, index, pending, image_format=self.image_format))
@@ -355,7 +372,7 @@ class DatasetWriter:
 
     def _collect(self) -> None:
         rec = self._futures.popleft().result()
-        self.records[rec.info.file] = rec
+        self.records[rec.info.file] = rec.slim()
 
     def close(self) -> Manifest:
         for split in list(self._pending):
