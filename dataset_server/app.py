@@ -80,24 +80,37 @@ async def _api(ctx: ServerContext, request: Request, parts: list[str], method: s
 
 
 class Limits:
-    """Refuses requests with too many headers (431) or a non-GET/HEAD/POST method (405).
+    """Refuses too many or too big headers (431), long URLs (414), other methods (405).
 
-    uvicorn's h11 parser already bounds the request line plus headers in bytes
-    (``h11_max_incomplete_event_size``); bodies are bounded where they are read.
+    uvicorn's h11 parser bounds only headers that arrive in pieces
+    (``h11_max_incomplete_event_size``): 100 KB sent at once passes it, hence the
+    checks here. Bodies are bounded where they are read (paths-info).
     """
 
-    def __init__(self, app: ASGIApp, *, max_headers: int = 100) -> None:
+    def __init__(self, app: ASGIApp, *, max_headers: int = 100, max_header_bytes: int = 64 * 1024,
+                 max_url_bytes: int = 8 * 1024) -> None:
         self.app = app
         self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        self.max_url_bytes = max_url_bytes
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        headers = scope["headers"]
+        if len(headers) > self.max_headers:
+            return hub_error(431, None, f"more than {self.max_headers} request headers")
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            return hub_error(431, None, f"request headers over {self.max_header_bytes} bytes")
+        if len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) > self.max_url_bytes:
+            return hub_error(414, None, f"URL over {self.max_url_bytes} bytes")
+        if scope["method"] not in ("GET", "HEAD", "POST"):
+            return hub_error(405, None, "Method Not Allowed")
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if len(scope["headers"]) > self.max_headers:
-                await hub_error(431, None, f"more than {self.max_headers} request headers")(scope, receive, send)
-                return
-            if scope["method"] not in ("GET", "HEAD", "POST"):
-                await hub_error(405, None, "Method Not Allowed")(scope, receive, send)
-                return
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -134,8 +147,8 @@ class AccessLog:
 
 
 def create_app(*, root: str | Path, tokens: str | Path | None = None, page_size: int = 1000,
-               max_body: int = 1024 * 1024, max_headers: int = 100, scan_max_age: float = 1.0,
-               hash_cache: str | Path | None = None) -> Starlette:
+               max_body: int = 1024 * 1024, max_headers: int = 100, max_header_bytes: int = 64 * 1024,
+               scan_max_age: float = 1.0, hash_cache: str | Path | None = None) -> Starlette:
     """The server for every dataset under ``root`` (``root/<org>/<name>/manifest.json``)."""
     hashes = HashCache()
     if hash_cache is not None:
@@ -144,6 +157,6 @@ def create_app(*, root: str | Path, tokens: str | Path | None = None, page_size:
                         page_size=page_size, max_body=max_body, scan_max_age=scan_max_age)
     app = Starlette(routes=[Route("/{path:path}", dispatch, methods=["GET", "HEAD", "POST"])])
     app.state.ctx = ctx
-    app.add_middleware(Limits, max_headers=max_headers)
+    app.add_middleware(Limits, max_headers=max_headers, max_header_bytes=max_header_bytes)
     app.add_middleware(AccessLog)
     return app

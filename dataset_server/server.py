@@ -54,7 +54,7 @@ class ServeConfig:
     def app_kwargs(self) -> dict:
         return {"root": self.root, "tokens": self.tokens, "page_size": self.page_size,
                 "max_body": self.max_body, "max_headers": self.max_headers,
-                "hash_cache": self.hash_cache}
+                "max_header_bytes": self.max_header_bytes, "hash_cache": self.hash_cache}
 
 
 def check_config(config: ServeConfig) -> None:

@@ -1,0 +1,108 @@
+"""Helpers for the dataset-server tests: a served root, a server thread, raw HTTP, client runs.
+
+No tests here; test_server*.py and test_download*.py import these.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_root(make_dataset: Callable[..., Path], root: Path, repo_ids=("lab/ds",), **kwargs) -> Path:
+    """A serve root holding a small dataset per repo id (moved, so mtimes stay as written)."""
+    for i, repo_id in enumerate(repo_ids):
+        src = make_dataset(f"src{i}", **kwargs)
+        dest = root / repo_id
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dest))
+    return root
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (free port) in a thread; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http="h11",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def served(make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
+    """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples)."""
+    from dataset_server.app import create_app
+
+    root = build_root(make_dataset, tmp_path / "root")
+    with serving(create_app(root=root, page_size=3, scan_max_age=0.0)) as url:
+        yield url, root
+
+
+def request(url: str, method: str, path: str, *, headers: dict | None = None,
+            body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP request (the path is sent exactly as given, '..' included)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def client_env(url: str, home: Path) -> dict[str, str]:
+    """Environment for a client process pointed at ``url``, caches under ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(home / "hf"), HF_HUB_CACHE=str(home / "hf" / "hub"),
+               HF_DATASETS_CACHE=str(home / "hf" / "datasets"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               HF_HUB_DISABLE_IMPLICIT_TOKEN="1", PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1")
+    return env
+
+
+def run_client(script: str, url: str, home: Path, *, timeout: float = 120) -> dict:
+    """Run ``script`` in a fresh Python with HF_ENDPOINT=url; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, "-c", script], env=client_env(url, home), cwd=home,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"client failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
