@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     # train/
     "train": "cifar5m.commands.train:train_cmd",
     "bootstrap": "cifar5m.commands.train:bootstrap_cmd",
+    "stream": "cifar5m.commands.stream:stream_cmd",
 }
 
 

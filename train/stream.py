@@ -214,6 +214,21 @@ class SampleStream:
             self._delivered += 1
             yield batch
 
+    def iter_positions(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, split positions)`` of this rank's batches without reading them; advances
+        the state like ``__iter__`` (used by ``--format tar`` and by checks)."""
+        producer = self._producer()
+        for b in range(self.next_batch, self.plan.total_batches):
+            positions = producer.positions(b)
+            self.next_batch = b + 1
+            self._delivered += 1
+            yield b, positions
+
+    def global_positions(self, b: int) -> np.ndarray:
+        """Split positions of global batch ``b`` (all ranks, in rank order); no I/O."""
+        items = self.plan.global_batch(b)
+        return items if self.subset is None else self.subset[items]
+
     # --- real world -------------------------------------------------------------------
     def real_subset(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """The fixed subset: images (N, 3, 32, 32) uint8, labels (N,) int64, keys (sorted by position)."""

@@ -1,0 +1,96 @@
+"""``cifar5m stream``: measure and check the training loader, or pipe it as a tar."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _size(value: str | None) -> int | None:
+    """'500M', '2G', '123' -> bytes."""
+    if value is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = value.strip().upper().rstrip("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
+
+
+@click.command("stream")
+@click.argument("source")
+@click.option("--world", type=click.Choice(["ideal", "real"]), default="ideal", show_default=True,
+              help="ideal: every sample at most once; real: epochs over a fixed subset of --n.")
+@click.option("--n", type=click.IntRange(min=1), help="Real world: subset size.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="GLOBAL batch size (all ranks together).")
+@click.option("--steps", type=click.IntRange(min=0),
+              help="Global batches of the run (default: ideal = all the split allows, real = 1 epoch).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--rank", type=click.IntRange(min=0), help="Default: torch.distributed, $RANK, else 0.")
+@click.option("--world-size", type=click.IntRange(min=1), help="Default: torch.distributed, $WORLD_SIZE, else 1.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes (stats mode).")
+@click.option("--class-balanced", is_flag=True, help="Real world: equal samples per class.")
+@click.option("--wrap", is_flag=True, help="Ideal world: repeat the split instead of failing.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Decoded-shard cache directory.")
+@click.option("--cache-bytes", help="Size cap of --cache-dir, e.g. 20G (LRU eviction).")
+@click.option("--limit", type=click.IntRange(min=0), help="Stop after this many batches of this rank.")
+@click.option("--format", "fmt", type=click.Choice(["stats", "tar"]), default="stats", show_default=True,
+              help="stats: throughput, counts and the exactly-once check; tar: WebDataset tar on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="stats: print the result as JSON.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Resume from this state file if it exists; write the state there at the end.")
+def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_size, workers,
+               class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, state_path) -> None:
+    """Stream the training batches of a dataset exactly once per rank (what training sees).
+
+    SOURCE is a dataset directory, an http(s) URL of one (any static server or
+    `cifar5m serve`) or an fsspec URL (s3://, gs://). The order is fixed by --seed;
+    every rank gets the same number of batches; --state resumes exactly.
+
+    \b
+    Examples:
+      cifar5m stream data/cifar5m --batch-size 512 --limit 200
+      cifar5m stream http://127.0.0.1:8000/cifar5m --world real --n 50000 --steps 1000
+      cifar5m stream data/cifar5m --rank 1 --world-size 4 --format tar > rank1.tar
+    \b
+    In a training job (webdataset):
+      webdataset.WebDataset("pipe:cifar5m stream data/cifar5m --format tar")
+    """
+    from pathlib import Path
+
+    from train.stream import SampleStream, StreamConfig
+    from train.stream_tool import format_stats, run_stats, write_tar
+
+    config = StreamConfig(
+        source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
+        rank=rank, world_size=world_size, num_workers=workers if fmt == "stats" else 0,
+        class_balanced=class_balanced, wrap=wrap, return_keys=True, cache_dir=cache_dir,
+        cache_bytes=_size(cache_bytes))
+    stream = SampleStream(config)
+    state_file = Path(state_path) if state_path else None
+    if state_file is not None and state_file.is_file():
+        stream.load_state_dict(json.loads(state_file.read_text()))
+    result = None
+    try:
+        if fmt == "tar":
+            write_tar(stream, sys.stdout.buffer, limit=limit)
+        else:
+            result = run_stats(stream, limit=limit)
+            click.echo(json.dumps(result, indent=1) if as_json else format_stats(result))
+    except BrokenPipeError:  # the reader (e.g. webdataset) stopped early: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+    finally:
+        if state_file is not None:
+            from shards.manifest import atomic_write_bytes
+
+            atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
+    if result is not None and not result["exactly_once"]:
+        raise SystemExit(1)

@@ -1,0 +1,112 @@
+"""What ``cifar5m stream`` does: measure a stream and check it, or write it as a tar.
+
+The exactly-once check compares what this rank was handed with the plan (the same
+positions, batch by batch) and checks the plan itself over all ranks of the world for
+the delivered batches: no position twice (ideal world), or no position twice within
+an epoch (real world). The plan check costs no I/O, so it covers every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from train.stream import SampleStream
+from train.tario import TarStreamWriter
+
+
+def _plan_check(stream: SampleStream, first: int, stop: int) -> dict[str, Any]:
+    """Duplicates among all ranks' positions of global batches ``[first, stop)``."""
+    if stop <= first:
+        return {"global_samples": 0, "global_distinct": 0, "global_repeats_within_epoch": 0}
+    plan = stream.plan
+    items = plan.items(first * plan.batch_size, stop * plan.batch_size)
+    epochs = (np.arange(first * plan.batch_size, stop * plan.batch_size) // plan.pool_size)
+    repeats = 0
+    for e in np.unique(epochs):
+        chunk = items[epochs == e]
+        repeats += len(chunk) - len(np.unique(chunk))
+    return {"global_samples": len(items), "global_distinct": len(np.unique(items)),
+            "global_repeats_within_epoch": int(repeats)}
+
+
+def run_stats(stream: SampleStream, *, limit: int | None, progress: bool = True) -> dict[str, Any]:
+    """Iterate (up to ``limit`` batches), time it and check exactly-once; a result dict."""
+    start_batch = stream.next_batch
+    total = len(stream) if limit is None else min(limit, len(stream))
+    producer = stream._producer()
+    seen: list[str] = []
+    mismatched = 0
+    t0 = time.perf_counter()
+    first_latency = None
+    bar = tqdm(total=total * stream.plan.per_rank, unit="img", unit_scale=True, disable=not progress,
+               file=sys.stderr, desc="stream")
+    for i, batch in enumerate(stream):
+        if first_latency is None:
+            first_latency = time.perf_counter() - t0
+        expected = stream.catalog.key_list(producer.positions(batch.step))
+        mismatched += batch.keys != expected
+        seen += batch.keys
+        bar.update(len(batch.keys))
+        if i + 1 >= total:
+            break
+    bar.close()
+    wall = time.perf_counter() - t0
+    report = stream.report()
+    report.update({
+        "wall_s": round(wall, 3), "first_batch_s": round(first_latency or 0.0, 3),
+        "images_per_s": round(len(seen) / wall, 1) if wall > 0 else 0.0,
+        "rank_samples": len(seen), "rank_distinct": len(set(seen)),
+        "batches_off_plan": int(mismatched),
+        **_plan_check(stream, start_batch, stream.next_batch),
+    })
+    ideal = stream.config.world == "ideal" and not report["wrapped"]
+    report["exactly_once"] = bool(
+        mismatched == 0 and report["global_repeats_within_epoch"] == 0
+        and (not ideal or report["rank_distinct"] == report["rank_samples"]))
+    return report
+
+
+def format_stats(r: dict[str, Any]) -> str:
+    lines = [
+        f"stream: {r['world']} world, {r['source']} split {r['split']} ({r['split_size']:,} samples, "
+        f"pool {r['pool_size']:,}), rank {r['rank']}/{r['world_size']}, global batch "
+        f"{r['batch_size']} ({r['per_rank_batch']} per rank), {r['num_workers']} workers",
+        f"delivered: {r['delivered_batches']:,} batches, {r['rank_samples']:,} images in {r['wall_s']:.2f} s "
+        f"= {r['images_per_s']:,.0f} images/s (first batch after {r['first_batch_s']:.2f} s)",
+        f"exactly-once: {'OK' if r['exactly_once'] else 'FAILED'}; this rank {r['rank_distinct']:,} "
+        f"distinct of {r['rank_samples']:,}, {r['batches_off_plan']} batches off the plan; all "
+        f"{r['world_size']} ranks: {r['global_distinct']:,} distinct of {r['global_samples']:,}, "
+        f"{r['global_repeats_within_epoch']} repeats within an epoch",
+        f"run: {r['total_batches']:,} batches per rank, resumed from {r['resumed_from']}, next "
+        f"{r['next_batch']}, epochs {r['epochs']:.3f}, dropped tail {r['dropped_tail']:,} samples, "
+        f"wrapped: {'yes' if r['wrapped'] else 'no'}",
+    ]
+    return "\n".join(lines)
+
+
+def write_tar(stream: SampleStream, out: BinaryIO, *, limit: int | None) -> int:
+    """Write this rank's samples as a WebDataset tar; returns the number of samples.
+
+    Real-world keys get ``_<epoch>`` appended: a subset key recurs every epoch and
+    webdataset would merge two adjacent samples with one key.
+    """
+    writer = TarStreamWriter(out)
+    ext = stream.catalog.image_format
+    real = stream.config.world == "real"
+    plan = stream.plan
+    for b, positions in itertools.islice(stream.iter_positions(), limit):
+        keys = stream.catalog.key_list(positions)
+        if real:
+            first = b * plan.batch_size + stream.rank * plan.per_rank
+            epochs = (first + np.arange(len(keys))) // plan.pool_size
+            keys = [f"{k}_{e}" for k, e in zip(keys, epochs.tolist(), strict=True)]
+        raws = stream.reader.raw(positions)
+        writer.write_batch(keys, raws, stream.catalog.labels[positions].tolist(), ext)
+    writer.close()
+    return writer.samples
