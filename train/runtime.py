@@ -97,8 +97,8 @@ class TrainData:
         self._iter = None
         if self.real:
             images, labels, keys = stream.real_subset()
-            self.images = torch.as_tensor(np.ascontiguousarray(images)).to(rt.device)
-            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(rt.device)
+            self.images = torch.as_tensor(images).contiguous().to(rt.device)
+            self.labels = torch.as_tensor(labels, dtype=torch.int64).to(rt.device)
             self.keys = list(keys) if keys is not None else None
 
     @classmethod
@@ -124,7 +124,7 @@ class TrainData:
             self._iter = self._source()
         item = next(self._iter)
         if self.real:
-            pos = torch.as_tensor(np.asarray(item), dtype=torch.int64).to(self.rt.device)
+            pos = torch.as_tensor(item, dtype=torch.int64).to(self.rt.device)
             keys = [self.keys[i] for i in pos.tolist()] if self.config.record_keys else None
             return self.images[pos], self.labels[pos], keys
         x, y = torch.as_tensor(item.images), torch.as_tensor(item.labels, dtype=torch.int64)

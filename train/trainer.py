@@ -161,7 +161,7 @@ def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) 
         scheduler.step()
         step += 1
         clock = [clock[0] + time.perf_counter() - t0, clock[1] + len(labels) * rt.world_size]
-        bar.update(1)
+        bar.update(config.batch_size)
         if step in points:
             _log(log, evaluator, eval_model, step=step, config=config, loss=loss, clock=clock,
                  lr=optimizer.param_groups[0]["lr"])
