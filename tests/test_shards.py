@@ -247,3 +247,14 @@ def test_card_is_hub_yaml(make_dataset):
                                                {"split": "test", "path": "test-*.tar"}]
     names = meta["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
     assert names["0"] == "airplane" and names["9"] == "truck" and meta["size_categories"] == ["n<1K"]
+
+
+def test_datasets_reads_the_directory_as_a_hub_repo(make_dataset):
+    """The card's `configs` and features drive `datasets` with no arguments but the path."""
+    datasets = pytest.importorskip("datasets")
+    root = make_dataset(n_train=12, n_test=5, shard_size=8)
+    ds = datasets.load_dataset(str(root), split="test", streaming=True)
+    assert ds.features["cls"].names[3] == "cat"
+    rows = list(ds)
+    assert [r["cls"] for r in rows] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(np.asarray(rows[4]["png"]), synthetic_images(17)[16])
