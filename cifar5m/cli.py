@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "verify": "cifar5m.commands.dataset:verify_cmd",
     "info": "cifar5m.commands.dataset:info_cmd",
     "grid": "cifar5m.commands.dataset:grid_cmd",
+    # generator/
+    "generate": "cifar5m.commands.generate:generate_cmd",
     # dataset_server/
     "serve": "cifar5m.commands.serve:serve_cmd",
     "download": "cifar5m.commands.serve:download_cmd",

@@ -94,3 +94,14 @@ class ServerConfigError(Cifar5mError, ValueError):
 
 class DownloadError(Cifar5mError, OSError):
     """A downloaded file does not match the manifest, or the download failed."""
+
+
+# --- generation (generator/) ------------------------------------------------------------
+
+
+class OutputNotWritableError(Cifar5mError, PermissionError):
+    """The output directory cannot be created or written."""
+
+
+class GenerationError(Cifar5mError, RuntimeError):
+    """Generation cannot fill a shard (filters reject too many samples) or ranks disagree."""

@@ -1,0 +1,80 @@
+"""The ``generate`` command: sample, label and shard images from a diffusion model."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("generate")
+@click.option("--count", type=click.IntRange(min=1), required=True,
+              help="Samples in the dataset (train + test). A larger count extends an existing one.")
+@click.option("--out", required=True, help="Output directory, or an fsspec URL (s3://...; staged locally).")
+@click.option("--model", default="google/ddpm-cifar10-32", show_default=True,
+              help="UNet2DModel + scheduler config: Hub id, local directory, or 'builtin'.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmsolver++", "unipc"]), default="ddpm",
+              show_default=True, help="Sampling algorithm (see docs/generate.md for cost vs FID).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Sampling steps = UNet calls per image [default: ddpm 1000, ddim 100, others 20].")
+@click.option("--labeler", help="Labeler directory (save_labeler format) or 'builtin'; "
+                                "'none' only for class-conditional models.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run seed; sample i's noise depends only on (seed, i).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per UNet call (capped at 2048). Does not change the images on CPU.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Samples per shard.")
+@click.option("--test-count", type=click.IntRange(min=0), default=10_000, show_default=True,
+              help="The first this-many samples form the test split.")
+@click.option("--image-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+              help="png: lossless, Hub-viewable; npy: raw uint8, faster to read.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Drop samples whose label has lower labeler probability.")
+@click.option("--balance/--no-balance", default=False, show_default=True,
+              help="Exactly size/10 samples of each class per shard (so count/10 per class).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda:LOCAL_RANK or cpu), cpu, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="UNet precision; auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the UNet [default: on for CUDA].")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Background threads encoding and writing shards.")
+@click.option("--staging", type=click.Path(file_okay=False),
+              help="Local directory for URL outputs [default: ~/.cache/cifar5m/staging/<hash>].")
+@click.option("--dry-run", is_flag=True, help="Print NFE per image, FLOPs and GPU-hours; write nothing.")
+def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, shard_size, test_count,
+                 image_format, min_confidence, balance, device, dtype, compile_, workers, staging,
+                 dry_run) -> None:
+    """Generate a CIFAR-5m-style dataset: sample a diffusion UNet, label, write shards.
+
+    Re-running the same command resumes a killed run (finished shards are checked
+    and kept); a larger --count extends a finished dataset; other settings are
+    refused. Under torchrun, ranks write disjoint shards and rank 0 finalises.
+
+    \b
+    Examples:
+      cifar5m generate --count 6000000 --out data/cifar5m-ddim --sampler ddim \\
+          --steps 100 --labeler builtin --batch-size 1024 --dry-run
+      torchrun --nproc-per-node 8 -m cifar5m generate --count 6000000 \\
+          --out data/cifar5m-ddim --sampler ddim --steps 100 --labeler builtin
+    """
+    from generator.config import GenerateConfig
+
+    try:
+        cfg = GenerateConfig(
+            count=count, out=out, model=model, sampler=sampler, steps=steps, labeler=labeler,
+            seed=seed, batch_size=batch_size, shard_size=shard_size, test_count=test_count,
+            image_format=image_format, min_confidence=min_confidence, balance=balance,
+            device=device, dtype=dtype, compile=compile_, workers=workers, staging=staging)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if dry_run:
+        from generator.plan import dry_run as plan_dry_run
+
+        click.echo(plan_dry_run(cfg))
+        return
+    from generator.pipeline import run
+
+    manifest = run(cfg)
+    if manifest is not None:
+        n = sum(s.samples for s in manifest.shards)
+        click.echo(f"wrote {n:,} samples in {len(manifest.shards)} shards to {out}")

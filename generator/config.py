@@ -1,0 +1,88 @@
+"""The one frozen config of a generation run, and what of it defines the dataset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from generator.model import DEFAULT_MODEL
+from generator.sampler import DEFAULT_STEPS, SAMPLERS
+from shards.format import IMAGE_FORMATS
+
+NOISE_SCHEME = "lowbias32-boxmuller-v1"  # generator.noise; bump if its output changes
+CONFIG_NAME = "generate_config.json"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything ``cifar5m generate`` takes. Saved as ``generate_config.json`` in the output."""
+
+    count: int
+    out: str
+    model: str = DEFAULT_MODEL
+    sampler: str = "ddpm"
+    steps: int | None = None  # None: the sampler's default (DEFAULT_STEPS)
+    labeler: str | None = None  # path, "builtin", or None/"none" (conditional models only)
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = 10_000
+    test_count: int = 10_000
+    image_format: str = "png"
+    min_confidence: float = 0.0
+    balance: bool = False
+    device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool | None = None  # None: on for CUDA
+    workers: int = 2  # background shard writers (PNG encoding + tar + sha256)
+    staging: str | None = None  # local dir for fsspec URLs; default under ~/.cache/cifar5m
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.count < 1:
+            problems.append(f"--count must be positive, got {self.count}")
+        if not 0 <= self.test_count < self.count:
+            problems.append(f"--test-count must be in [0, count) = [0, {self.count}), got {self.test_count}")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be positive, got {self.steps}")
+        if self.batch_size < 1 or self.shard_size < 1 or self.workers < 1:
+            problems.append("--batch-size, --shard-size and --workers must be positive")
+        if self.image_format not in IMAGE_FORMATS:
+            problems.append(f"unknown image format {self.image_format!r}; use one of {IMAGE_FORMATS}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            problems.append(f"--min-confidence must be in [0, 1), got {self.min_confidence}")
+        if not 0 <= self.seed < 2**63:
+            problems.append(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"unknown dtype {self.dtype!r}; use auto, fp32, bf16 or fp16")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
+
+    @property
+    def labeler_path(self) -> str | None:
+        return None if self.labeler in (None, "", "none") else self.labeler
+
+    @property
+    def filtered(self) -> bool:
+        return self.min_confidence > 0 or self.balance
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fingerprint(cfg: GenerateConfig, *, model_sha256: str, labeler_sha256: str | None,
+                dtype: str) -> dict[str, Any]:
+    """The settings that decide the samples. Not count (extending is allowed), batch size,
+    workers, device or ranks (they do not change the images; see docs/generate.md on GPUs)."""
+    return {
+        "generator": "cifar5m generate", "noise": NOISE_SCHEME, "model_sha256": model_sha256,
+        "sampler": cfg.sampler, "steps": cfg.num_steps, "seed": cfg.seed,
+        "labeler_sha256": labeler_sha256, "min_confidence": cfg.min_confidence,
+        "balance": cfg.balance, "test_count": cfg.test_count, "dtype": dtype,
+        "image_format": cfg.image_format, "shard_size": cfg.shard_size,
+    }

@@ -1,0 +1,148 @@
+"""Which samples go in which shard, and what a run will cost (``--dry-run``).
+
+Sample indices run over the whole dataset in generation order: the test split is
+samples ``[0, test_count)``, the train split ``[test_count, count)``; each split is
+cut into shards of ``shard_size``. Growing ``count`` only appends train samples (and
+rewrites the last, partial train shard), so extending never moves a finished sample.
+
+Noise ids ("candidates"): a shard holding samples ``[a, a + n)`` draws candidates
+``[stride * a, stride * (a + n))``. Without filters ``stride == 1``: candidate i *is*
+sample i, key ``s{i:010d}``. With ``--min-confidence`` or ``--balance`` a shard may
+reject candidates, so it gets ``FILTER_STRIDE`` candidates per slot, disjoint from
+every other shard's, and keys are the candidate ids of the kept samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shards.format import shard_name
+
+FILTER_STRIDE = 64  # candidates per kept sample before a shard gives up (acceptance >= 1/64)
+DDPM_CIFAR10_GFLOP = 12.44  # per image per UNet call, measured (perf-anchors.md section 1)
+DDPM_CIFAR10_PARAMS = 35_746_307
+H100_BF16_PEAK_TFLOPS = 989.5  # dense, datasheet
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to write: ``size`` samples starting at sample index ``first``."""
+
+    split: str
+    index: int
+    first: int
+    size: int
+    stride: int
+
+    @property
+    def file(self) -> str:
+        return shard_name(self.split, self.index)
+
+    @property
+    def candidates(self) -> range:
+        return range(self.stride * self.first, self.stride * (self.first + self.size))
+
+
+def key_of(candidate: int) -> str:
+    return f"s{candidate:010d}"
+
+
+def plan_shards(*, count: int, test_count: int, shard_size: int, stride: int = 1) -> list[ShardPlan]:
+    """Test shards then train shards, in generation order."""
+    out: list[ShardPlan] = []
+    for split, lo, hi in (("test", 0, test_count), ("train", test_count, count)):
+        for index, first in enumerate(range(lo, hi, shard_size)):
+            out.append(ShardPlan(split, index, first, min(shard_size, hi - first), stride))
+    return out
+
+
+def class_quotas(size: int, num_classes: int) -> list[int]:
+    """Per-class sample counts of a balanced shard (remainder to the first classes)."""
+    return [size // num_classes + (1 if c < size % num_classes else 0) for c in range(num_classes)]
+
+
+def is_ddpm_cifar10(config: dict) -> bool:
+    """Whether a UNet config is the google/ddpm-cifar10-32 architecture (FLOPs known)."""
+    return (tuple(config.get("block_out_channels", ())) == (128, 256, 256, 256)
+            and config.get("layers_per_block") == 2
+            and tuple(config.get("down_block_types", ())) == (
+                "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+            and not config.get("num_class_embeds"))
+
+
+def measure_gflop(config: dict) -> float:
+    """GFLOP per image per UNet call, counted with torch.utils.flop_counter on random weights.
+
+    FlopCounterMode does not see CPU SDPA attention (+0.34 GFLOP, 2.7 %, on the DDPM UNet).
+    """
+    import torch
+    from diffusers import UNet2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    labels = torch.zeros(1, dtype=torch.long) if config.get("num_class_embeds") else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, 500, class_labels=labels)
+    return counter.get_total_flops() / 1e9
+
+
+def describe(*, count: int, nfe: int, gflop: float, gflop_source: str, shards: int,
+             test_count: int, stride: int) -> str:
+    """The dry-run report."""
+    total = gflop * 1e9 * nfe * count
+    lines = [
+        f"images:        {count:,} ({test_count:,} test, {count - test_count:,} train) in {shards} shards",
+        f"NFE per image: {nfe} (one UNet call per step)",
+        f"UNet cost:     {gflop:.2f} GFLOP per image per call ({gflop_source})",
+        f"total:         {total:.3g} FLOP",
+    ]
+    if stride > 1:
+        lines.append(f"filters on:    up to {stride}x more candidates per kept image; costs above "
+                     f"are for 100 % acceptance")
+    for mfu in (0.25, 0.40):
+        hours = total / (mfu * H100_BF16_PEAK_TFLOPS * 1e12) / 3600
+        lines.append(f"H100 at {mfu:.0%} of bf16 peak: {hours:,.2f} GPU-hours "
+                     f"({count / (hours * 3600):,.0f} images/s)")
+    ddpm_pipe = 9866  # image-steps/s, DDPMPipeline fp16 batch 512 on an H200 (issue 3)
+    if gflop_source.startswith("google/ddpm"):
+        hours = count * nfe / ddpm_pipe / 3600
+        lines.append(f"diffusers DDPMPipeline fp16 (9,866 image-steps/s, H200): {hours:,.2f} GPU-hours")
+    return "\n".join(lines)
+
+
+def gflop_per_call(config: dict) -> tuple[float, str]:
+    if is_ddpm_cifar10(config):
+        return DDPM_CIFAR10_GFLOP, "google/ddpm-cifar10-32 architecture, measured"
+    return measure_gflop(config), "counted with torch.utils.flop_counter, attention excluded"
+
+
+def hours_at(total_flop: float, mfu: float) -> float:
+    return total_flop / (mfu * H100_BF16_PEAK_TFLOPS * 1e12) / 3600
+
+
+
+def dry_run(cfg) -> str:  # cfg: generator.config.GenerateConfig (not imported: no cycle)
+    """The plan of ``cfg`` without loading weights: the default model needs no download."""
+    from generator.model import DEFAULT_MODEL, resolve
+    from generator.sampler import build_scheduler
+
+    if cfg.model == DEFAULT_MODEL and not _in_cache(cfg.model):
+        gflop, source, nfe = DDPM_CIFAR10_GFLOP, "google/ddpm-cifar10-32 architecture, measured", cfg.num_steps
+    else:
+        src = resolve(cfg.model)
+        gflop, source = gflop_per_call(src.config)
+        nfe = len(build_scheduler(cfg.sampler, src.scheduler_config, cfg.num_steps).timesteps)
+    stride = FILTER_STRIDE if cfg.filtered else 1
+    n_shards = len(plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size))
+    return describe(count=cfg.count, nfe=nfe, gflop=gflop, gflop_source=source, shards=n_shards,
+                    test_count=cfg.test_count, stride=stride)
+
+
+def _in_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False

@@ -1,0 +1,170 @@
+"""The sampling loop: diffusers schedulers driven by our own loop, not DDPMPipeline.
+
+Why our own loop: the batch stays on the device as float32 latents while the UNet
+runs in bf16 + channels_last (and optionally ``torch.compile``d); noise comes from
+``generator.noise`` per sample, so results do not depend on batch composition.
+
+Samplers (all 1 UNet evaluation per step; UniPC's corrector reuses the next call):
+
+* ``ddpm``: ancestral DDPM with the model's variance (``fixed_large`` for
+  google/ddpm-cifar10-32, sigma_t^2 = beta_t), x0 clipped as the scheduler config says.
+  Written here (same formulas as ``DDPMScheduler.step``) because diffusers draws the
+  step noise itself; ours comes from stream ``1 + step`` of ``generator.noise``.
+* ``ddim``: eta = 0 with the DDIM paper's quadratic timestep skip, run as
+  ``DPMSolverMultistepScheduler(solver_order=1, dpmsolver++)`` (first-order
+  DPM-Solver++ is exactly DDIM) with explicit timesteps. ``DDIMScheduler`` is not used:
+  it takes no custom timesteps and its ``prev_t = t - T // steps`` is off by one
+  for ``linspace`` spacing (diffusers #12633).
+* ``dpmsolver++`` / ``unipc``: multistep order 3 (the diffusers docs' advice for
+  unconditional models), x0 thresholded to [-1, 1], default linspace timesteps.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar5m.errors import ModelError
+from generator import noise
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmsolver++": 20, "unipc": 20}
+IMAGE_CHW = (3, 32, 32)
+
+
+def quadratic_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
+    """The DDIM repo's ``skip_type="quad"``: floor((i * sqrt(0.8 T) / (S - 1))**2), descending.
+
+    The formula repeats t = 0 a few times (0, 0, 0, 0, 1, 2, ... at 100 steps); repeats
+    are bumped up by one so every step is a distinct timestep and NFE == steps.
+    """
+    if steps == 1:
+        return [0]
+    seq = (np.linspace(0, np.sqrt(num_train_timesteps * 0.8), steps) ** 2).astype(np.int64)
+    for k in range(1, len(seq)):
+        seq[k] = max(seq[k], seq[k - 1] + 1)
+    return [int(t) for t in seq[::-1]]
+
+
+def build_scheduler(sampler: str, scheduler_config: dict[str, Any], steps: int) -> Any:
+    """A diffusers scheduler with the model's betas, timesteps set for ``steps``."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    total = int(cfg.get("num_train_timesteps", 1000))
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
+    if not 1 <= steps <= total:
+        raise ValueError(f"--steps must be in [1, {total}] (the model's training timesteps), got {steps}")
+    if sampler == "ddpm":
+        sched = DDPMScheduler.from_config(cfg)
+        if sched.config.variance_type not in ("fixed_small", "fixed_large"):
+            raise ModelError(f"ddpm sampler: variance_type {sched.config.variance_type!r} unsupported")
+        sched.set_timesteps(steps)
+        return sched
+    if sampler == "ddim":
+        sched = DPMSolverMultistepScheduler.from_config(
+            cfg, algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero",
+            thresholding=False)
+        sched.set_timesteps(timesteps=quadratic_timesteps(steps, total))
+        return sched
+    cls = DPMSolverMultistepScheduler if sampler == "dpmsolver++" else UniPCMultistepScheduler
+    extra = {"algorithm_type": "dpmsolver++"} if sampler == "dpmsolver++" else {"predict_x0": True}
+    sched = cls.from_config(cfg, solver_order=3, thresholding=True, sample_max_value=1.0, **extra)
+    sched.set_timesteps(steps)
+    return sched
+
+
+class SharedTimeEmbedding(nn.Module):
+    """Runs the time-embedding MLP on one row and broadcasts it to the batch.
+
+    Every sample of a batch is at the same timestep, so this is exact, and it makes
+    the UNet's output per sample independent of the batch size on CPU: the MLP's
+    ``Linear`` takes a gemv path at batch 1 and gemm above, which differ in the last bit.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, sample: torch.Tensor, *args: Any) -> torch.Tensor:
+        return self.inner(sample[:1], *args).expand(sample.shape[0], -1)
+
+
+class Sampler:
+    """Turns sample ids into uint8 images, deterministically per (seed, id)."""
+
+    def __init__(self, unet: nn.Module, scheduler_config: dict[str, Any], *, sampler: str,
+                 steps: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 compile: bool = False) -> None:
+        self.device, self.dtype, self.sampler = torch.device(device), dtype, sampler
+        self.template = build_scheduler(sampler, scheduler_config, steps)
+        self.template.set_timesteps(**self._timestep_args(steps, scheduler_config), device=self.device)
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        if not isinstance(unet.time_embedding, SharedTimeEmbedding):
+            unet.time_embedding = SharedTimeEmbedding(unet.time_embedding)
+        self.unet = unet.to(self.device, dtype=dtype, memory_format=self.memory_format).eval()
+        self.forward = torch.compile(self.unet) if compile else self.unet
+        self.num_classes = unet.config.get("num_class_embeds")
+
+    def _timestep_args(self, steps: int, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+        if self.sampler == "ddim":
+            total = int(scheduler_config.get("num_train_timesteps", 1000))
+            return {"timesteps": quadratic_timesteps(steps, total)}
+        return {"num_inference_steps": steps}
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [int(t) for t in self.template.timesteps]
+
+    @property
+    def nfe(self) -> int:
+        """UNet evaluations per image."""
+        return len(self.template.timesteps)
+
+    @torch.no_grad()
+    def sample(self, seed: int, ids: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,))."""
+        ids = ids.to(self.device)
+        x = noise.normal(seed, ids, 0, IMAGE_CHW)
+        if class_labels is not None:
+            class_labels = class_labels.to(self.device)
+        sched = copy.deepcopy(self.template)  # multistep schedulers keep per-run state
+        for k, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(x, t).to(self.dtype).contiguous(memory_format=self.memory_format)
+            out = self.forward(inp, t, class_labels=class_labels).sample.float()
+            if self.sampler == "ddpm":
+                x = ddpm_step(sched, out, int(t), x, noise.normal(seed, ids, 1 + k, IMAGE_CHW))
+            else:
+                x = sched.step(out, t, x).prev_sample
+        # Same quantisation as diffusers' DDPMPipeline: (x / 2 + 0.5) clamped, * 255, rounded.
+        images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu()
+
+
+def ddpm_step(sched: Any, model_output: torch.Tensor, t: int, x: torch.Tensor,
+              step_noise: torch.Tensor) -> torch.Tensor:
+    """One ancestral DDPM step (Ho et al. eq. 7), as ``DDPMScheduler.step`` computes it."""
+    cfg = sched.config
+    prev = int(sched.previous_timestep(t))
+    ab = float(sched.alphas_cumprod[t])
+    ab_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else 1.0
+    beta = 1 - ab / ab_prev
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - (1 - ab) ** 0.5 * model_output) / ab**0.5
+    elif cfg.prediction_type == "sample":
+        x0 = model_output
+    else:  # v_prediction
+        x0 = ab**0.5 * x - (1 - ab) ** 0.5 * model_output
+    if cfg.thresholding:
+        x0 = sched._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
+    if t == 0:
+        return mean
+    return mean + float(sched._get_variance(t)) ** 0.5 * step_noise

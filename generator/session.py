@@ -1,0 +1,156 @@
+"""One rank's resources for a run: device, model, labeler; producing and finishing shards."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cifar5m.errors import GenerationError, ModelError
+from cifar5m.version import __version__
+from generator import model as model_mod
+from generator.config import CONFIG_NAME, GenerateConfig
+from generator.pipeline import NUM_CLASSES, open_labeler, write_in_background
+from generator.plan import ShardPlan
+from generator.ranks import Rank
+from shards.format import CIFAR10_CLASSES, MANIFEST_NAME
+from shards.manifest import Manifest, atomic_write_bytes
+from shards.writer import ShardRecord, finalize, load_records, records_from_dataset
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class Session:
+    def __init__(self, cfg: GenerateConfig, rank: Rank) -> None:
+        import torch
+
+        self.cfg, self.rank = cfg, rank
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{rank.local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.source = model_mod.resolve(cfg.model)
+        total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
+        if cfg.num_steps > total:
+            raise ValueError(f"--steps {cfg.num_steps} exceeds the model's {total} training timesteps")
+        k = self.source.num_class_embeds
+        self.conditional = bool(k)
+        if self.conditional and k != NUM_CLASSES:
+            raise ModelError(f"{self.source.unet_dir}: num_class_embeds={k}; a CIFAR-10 conditional "
+                             f"UNet has {NUM_CLASSES} classes")
+        self.labeler = open_labeler(cfg, self.conditional, self.device)
+        self.model_sha256 = self.source.weights_sha256()
+        self.labeler_sha256 = self.labeler.sha256 if self.labeler is not None else None
+        self.timesteps: list[int] = []
+        self.candidates_used = 0
+
+    def make_sampler(self) -> Any:
+        import torch
+        from diffusers.utils import logging as dlogging
+
+        from generator.sampler import Sampler
+
+        dlogging.set_verbosity_error()  # from_config warns about every DDPM-only key
+        if self.device.type == "cpu":
+            # oneDNN and NNPACK (used at batch >= 16) pick conv kernels by batch size, which
+            # changes last bits; the native path computes each image alone, so CPU output
+            # is batch- and rank-invariant (measured: ~2x slower for the tiny test UNet).
+            torch.backends.mkldnn.enabled = False
+            torch.backends.nnpack.set_flags(False)
+        unet = model_mod.load_unet(self.source)
+        compile_ = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        return Sampler(unet, self.source.scheduler_config, sampler=self.cfg.sampler,
+                       steps=self.cfg.num_steps, device=self.device,
+                       dtype=getattr(torch, DTYPES[self.dtype_name]), compile=compile_)
+
+    def produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        from generator.producer import Producer
+
+        if not todo:
+            return
+        sampler = self.make_sampler()
+        self.timesteps = sampler.timesteps
+        producer = Producer(sampler, self.labeler, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
+                            num_classes=NUM_CLASSES, conditional=self.conditional,
+                            min_confidence=self.cfg.min_confidence, balance=self.cfg.balance)
+        desc = f"generate (rank {self.rank.rank}/{self.rank.world})" if self.rank.world > 1 else "generate"
+        bar = tqdm(total=sum(p.size for p in todo), unit="img", desc=desc, dynamic_ncols=True,
+                   disable=not (progress and self.rank.is_main))
+        with ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="shard-writer") as pool:
+            pending: deque = deque()
+            for plan in todo:
+                samples = producer.shard(plan, on_images=bar.update)
+                write_in_background(pool, pending, self.cfg.workers, root, plan, samples,
+                                    self.cfg.image_format)
+            while pending:
+                pending.popleft().result()
+        bar.close()
+        self.candidates_used = producer.candidates_used
+
+    def finish(self, root: Path, url: str | None, plan: list[ShardPlan], fp: dict[str, Any]) -> Manifest:
+        records = records_from_dataset(root) if (root / MANIFEST_NAME).is_file() else {}
+        records.update(load_records(root))
+        missing = [p.file for p in plan if p.file not in records or records[p.file].info.samples != p.size]
+        if missing:
+            raise GenerationError(f"{root}: shards {missing[:3]} are missing after all ranks finished; "
+                                  f"re-run the same command to write them")
+        ordered = [records[p.file] for p in plan]
+        atomic_write_bytes(root / CONFIG_NAME, json.dumps(self.cfg.to_dict(), indent=1).encode())
+        class_names = self.labeler.class_names if self.labeler is not None else CIFAR10_CLASSES
+        manifest = finalize(root, ordered, image_format=self.cfg.image_format,
+                            class_names=class_names, provenance=self.provenance(fp, ordered))
+        if url:
+            self.upload(root, url)
+        return manifest
+
+    def provenance(self, fp: dict[str, Any], records: list[ShardRecord]) -> dict[str, Any]:
+        import diffusers
+        import torch
+
+        from generator.sampler import build_scheduler
+
+        cfg, src = self.cfg, self.source
+        sched = build_scheduler(cfg.sampler, src.scheduler_config, cfg.num_steps)
+        out: dict[str, Any] = {
+            "source": "cifar5m generate", "model": src.name, "model_revision": src.revision,
+            "model_sha256": self.model_sha256, "conditional": self.conditional,
+            "sampler": cfg.sampler, "steps": cfg.num_steps,
+            "timesteps": [int(t) for t in sched.timesteps], "seed": cfg.seed,
+            "noise": fp["noise"], "labeler": cfg.labeler_path, "labeler_sha256": self.labeler_sha256,
+            "min_confidence": cfg.min_confidence, "balance": cfg.balance, "count": cfg.count,
+            "test_count": cfg.test_count, "dtype": self.dtype_name, "device_type": self.device.type,
+            "sample_order": "test = samples [0, test_count), train = the rest; key s{noise id:010d}",
+            "versions": {"cifar5m": __version__, "torch": torch.__version__,
+                         "diffusers": diffusers.__version__},
+            "fingerprint": fp,
+        }
+        if self.conditional and self.labeler is not None:
+            out["labeler_agreement"] = agreement(records)
+        return out
+
+    def upload(self, root: Path, url: str) -> None:
+        """Copy the finished dataset to an fsspec URL, manifest last (readers wait for it)."""
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(url)
+        fs.makedirs(base, exist_ok=True)
+        names = sorted(p.name for p in root.iterdir() if p.is_file())
+        for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
+            fs.put_file(str(root / name), f"{base.rstrip('/')}/{name}")
+
+
+def agreement(records: list[ShardRecord]) -> float:
+    """Fraction of samples whose conditioned class is the labeler's top class."""
+    table = pa.concat_tables([r.table.select(["cond_label", "probs"]) for r in records])
+    probs = np.asarray(table["probs"].combine_chunks().flatten(), dtype=np.float32)
+    top = probs.reshape(len(table), -1).argmax(axis=1)
+    cond = table["cond_label"].to_numpy(zero_copy_only=False)
+    return round(float(np.mean(top == cond)), 6)
