@@ -110,6 +110,47 @@ def lr_factor(step: int, *, steps: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
 
 
+@dataclass
+class Learner:
+    """Model, optimizer, schedule and augmentation; ``step`` is one SGD step on a device batch."""
+
+    config: TrainConfig
+    rt: runtime.Runtime
+    core: nn.Module  # the plain model (its state_dict is what checkpoints hold)
+    model: nn.Module  # core, wrapped in DDP and/or torch.compile
+    eval_model: nn.Module  # core (compiled): evaluation runs per rank, outside DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: DeviceAugment
+
+    @classmethod
+    def build(cls, config: TrainConfig, rt: runtime.Runtime) -> Learner:
+        torch.manual_seed(config.seed)  # same initial weights in both worlds for a given seed
+        core = build_model(config.arch, width=config.width).to(rt.device)
+        if config.channels_last:
+            core = core.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(core.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, steps=config.steps, schedule=config.schedule))
+        augment = DeviceAugment(config.augment, seed=config.seed * 1000 + rt.rank, device=rt.device)
+        return cls(config, rt, core, rt.wrap(core, compile=config.compile),
+                   torch.compile(core) if config.compile else core, optimizer, scheduler, augment)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One SGD step on uint8 images already on the device; returns the (lazy) loss."""
+        self.model.train()
+        x = prepare(self.augment(images), channels_last=self.config.channels_last)
+        with self.rt.autocast(self.config.precision):
+            logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+
 def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> TrainResult:
     """Train one model in one world; resumes from ``out/checkpoint.pt`` when present."""
     out = Path(out)
@@ -124,56 +165,38 @@ def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) 
     finished = _prepare_out(config, out, rt)
     if finished is not None:
         return finished
-    torch.manual_seed(config.seed)  # same initial weights in both worlds for a given seed
-    core = build_model(config.arch, width=config.width).to(rt.device)
-    if config.channels_last:
-        core = core.to(memory_format=torch.channels_last)
-    model = rt.wrap(core, compile=config.compile)
-    optimizer = torch.optim.SGD(core.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps=config.steps, schedule=config.schedule))
-    augment = DeviceAugment(config.augment, seed=config.seed * 1000 + rt.rank, device=rt.device)
+    learner = Learner.build(config, rt)
     data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
     evaluator = runtime.Evaluator.build(config, rt, data)
     log = MetricsLog(out) if rt.rank == 0 else None
-    step = _resume(out, rt, core, optimizer, scheduler, augment, data, log)
+    step = _resume(out, rt, learner, data, log)
     points = set(log_points(config.steps, every=config.log_every, dense=config.log_dense))
-    eval_model = torch.compile(core) if config.compile else core  # DDP would sync buffers
     if step == 0:
-        _log(log, evaluator, eval_model, step=0, config=config, loss=None, clock=(0.0, 0))
+        _log(log, evaluator, learner.eval_model, step=0, config=config, loss=None, clock=(0.0, 0))
     stop = min(config.steps, config.stop_after or config.steps)
     bar = rt.progress(total=config.steps, initial=step, unit_scale=config.batch_size,
                       enabled=progress)
-    clock, loss = [0.0, 0], None
-    criterion = nn.CrossEntropyLoss()
+    since, start = step, time.perf_counter()
     while step < stop:
-        t0 = time.perf_counter()
         saves = (step + 1) % config.checkpoint_every == 0 or step + 1 == stop
         images, labels = data.next_batch(ahead=not saves)
-        model.train()
-        with rt.autocast(config.precision):
-            loss = criterion(model(prepare(augment(images), channels_last=config.channels_last)).float(),
-                             labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss = learner.step(images, labels)
         step += 1
-        clock = [clock[0] + time.perf_counter() - t0, clock[1] + len(labels) * rt.world_size]
         bar.update(config.batch_size)
         if step in points:
-            _log(log, evaluator, eval_model, step=step, config=config, loss=loss, clock=clock,
-                 lr=optimizer.param_groups[0]["lr"])
-            clock = [0.0, 0]
+            rt.sync()  # the clock covers the steps since the last row, not the evaluation
+            clock = (time.perf_counter() - start, (step - since) * config.batch_size)
+            _log(log, evaluator, learner.eval_model, step=step, config=config, loss=loss,
+                 clock=clock, lr=learner.optimizer.param_groups[0]["lr"])
+            since, start = step, time.perf_counter()
         if step % config.checkpoint_every == 0 or step == stop:
-            _save(out, rt, config, step, core, optimizer, scheduler, augment, data)
+            _save(out, rt, config, step, learner, data)
     bar.close()
     done = step == config.steps
     if done and rt.rank == 0:
         final = log.rows[-1] if log.rows else {}
         atomic_write_bytes(out / RESULT_NAME, json.dumps(
-            {"step": step, "final": final, "parameters": count_parameters(core)}, indent=2).encode())
+            {"step": step, "final": final, "parameters": count_parameters(learner.core)}, indent=2).encode())
     rows = log.rows if log is not None else []
     return TrainResult(out, config, rows, step, done)
 
@@ -198,7 +221,7 @@ def _prepare_out(config: TrainConfig, out: Path, rt: runtime.Runtime) -> TrainRe
     return None
 
 
-def _resume(out, rt, core, optimizer, scheduler, augment, data, log) -> int:
+def _resume(out, rt, learner: Learner, data, log) -> int:
     state = load_checkpoint(out)
     if state is None:
         if log is not None:
@@ -208,24 +231,25 @@ def _resume(out, rt, core, optimizer, scheduler, augment, data, log) -> int:
         raise ConfigMismatchError(
             f"{out}/checkpoint.pt was written by {len(state['ranks'])} processes, this run has "
             f"{rt.world_size}; resume with the same number of processes")
-    core.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    learner.core.load_state_dict(state["model"])
+    learner.optimizer.load_state_dict(state["optimizer"])
+    learner.scheduler.load_state_dict(state["scheduler"])
     mine = state["ranks"][rt.rank]
     data.load_state_dict(mine["data"])
-    augment.load_state_dict(mine["augment"])
+    learner.augment.load_state_dict(mine["augment"])
     set_rng_state(mine["rng"])
     if log is not None:
         log.resume(state["step"])
     return state["step"]
 
 
-def _save(out, rt, config, step, core, optimizer, scheduler, augment, data) -> None:
-    mine = {"data": data.state_dict(), "augment": augment.state_dict(), "rng": rng_state()}
+def _save(out, rt, config, step, learner: Learner, data) -> None:
+    mine = {"data": data.state_dict(), "augment": learner.augment.state_dict(), "rng": rng_state()}
     ranks = rt.gather(mine)
     if rt.rank == 0:
-        save_checkpoint(out, {"step": step, "model": core.state_dict(),
-                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_checkpoint(out, {"step": step, "model": learner.core.state_dict(),
+                              "optimizer": learner.optimizer.state_dict(),
+                              "scheduler": learner.scheduler.state_dict(),
                               "ranks": ranks, "config": dataclasses.asdict(config)})
     rt.barrier()
 
@@ -241,6 +265,6 @@ def _log(log, evaluator, model, *, step, config, loss, clock, lr=None) -> None:
     if loss is not None:
         row["batch_loss"] = float(loss.detach())
     if clock[0] > 0:
-        row["images_per_s"] = clock[1] / clock[0]
+        row["images_per_s"] = clock[1] / clock[0]  # training only, all ranks
     if log is not None:
         log.append(row)
