@@ -12,10 +12,16 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from cifar5m.errors import SampleNotFoundError
-from shards.reader import Dataset
+from cifar5m.errors import DatasetNotFoundError, SampleNotFoundError, ShardNotFoundError
+from shards.format import INDEX_NAME, MANIFEST_NAME
+from shards.manifest import Manifest, read_manifest_text
+from train.source import Source
+
+_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label")
 
 
 @dataclass
@@ -35,12 +41,28 @@ class Catalog:
     keys: np.ndarray  # fixed-width bytes
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, split: str) -> Catalog:
-        if split not in dataset.manifest.splits:
-            raise SampleNotFoundError(
-                f"{dataset.url} has no split {split!r}; it has {dataset.manifest.splits}")
-        infos = dataset.manifest.split_shards(split)
-        table = dataset.index.filter(pc.equal(dataset.index["split"], split)).sort_by("position")
+    def load(cls, source: Source, split: str) -> Catalog:
+        """Read manifest and index through ``source``: each is fetched whole (one GET), so any
+        static HTTP server works, also one without Range support (pyarrow's random reads
+        of a remote parquet file need Range)."""
+        where = f"{source.url}/{MANIFEST_NAME}"
+        try:
+            manifest = read_manifest_text(bytes(source.read_file(MANIFEST_NAME)).decode(), where=where)
+        except ShardNotFoundError:
+            raise DatasetNotFoundError(f"{source.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
+        if split not in manifest.splits:
+            raise SampleNotFoundError(f"{source.url} has no split {split!r}; it has {manifest.splits}")
+        try:
+            data = source.read_file(INDEX_NAME)
+        except ShardNotFoundError:
+            raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
+        table = pq.read_table(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS))
+        return cls.from_table(table, manifest, split, url=source.url)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, manifest: Manifest, split: str, *, url: str) -> Catalog:
+        infos = manifest.split_shards(split)
+        table = table.filter(pc.equal(table["split"], split)).sort_by("position")
         names = [s.file for s in infos]
         lookup = {name: i for i, name in enumerate(names)}
         encoded = pc.dictionary_encode(table["shard"]).combine_chunks()
@@ -49,8 +71,8 @@ class Catalog:
             np.zeros(0, np.int32)
         counts = np.bincount(shard_id, minlength=len(names))
         return cls(
-            url=dataset.url, split=split, image_format=dataset.manifest.image_format,
-            class_names=tuple(dataset.manifest.class_names), shards=names,
+            url=url, split=split, image_format=manifest.image_format,
+            class_names=tuple(manifest.class_names), shards=names,
             shard_bytes=np.array([s.bytes for s in infos], np.int64),
             shard_sha=[s.sha256 for s in infos],
             shard_start=(np.cumsum(counts) - counts).astype(np.int64),

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
-from shards.reader import Dataset
 from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
@@ -144,8 +143,8 @@ class SampleStream:
                 f"size {self.world_size} (each rank takes batch_size // world_size)")
         if c.seed < 0 or (c.steps is not None and c.steps < 0):
             raise StreamConfigError(f"seed and steps must be >= 0, got {c.seed} and {c.steps}")
-        self.dataset = Dataset(c.source, storage_options=c.storage_options)
-        self.catalog = Catalog.from_dataset(self.dataset, c.split)
+        self.source = open_source(c.source, storage_options=c.storage_options)
+        self.catalog = Catalog.load(self.source, c.split)
         where = f"split {c.split!r} of {c.source}"
         self.subset: np.ndarray | None = None
         if c.world == "real":
@@ -168,7 +167,6 @@ class SampleStream:
                          total_batches=total, seed=c.seed,
                          counts=self.catalog.counts if self.subset is None else None,
                          block=c.block, window=c.window)
-        self.source = open_source(c.source, storage_options=c.storage_options)
         cache = DecodedCache(c.cache_dir, cap_bytes=c.cache_bytes) if c.cache_dir else None
         self.cache = cache
         self.reader = SampleReader(self.catalog, self.source, cache if self.subset is None else None)

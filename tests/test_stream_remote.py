@@ -1,0 +1,126 @@
+"""train.stream over HTTP (two static servers on 127.0.0.1) and S3 (moto's server).
+
+Each must deliver exactly the batches (keys, pixels, labels) a local directory gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar5m.errors import CorruptShardError, DatasetNotFoundError
+from tests.conftest import write_dataset
+from train.stream import SampleStream, StreamConfig
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
+                         shard_size=40, image_format="png")
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def plain_http():
+    """``python -m http.server`` (no Range support) serving a directory: ``serve(root) -> url``."""
+    servers = []
+
+    def serve(root: Path) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def range_http(dataset):
+    """Starlette's StaticFiles under uvicorn (answers Range with 206), on 127.0.0.1."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    app = Starlette(routes=[Mount("/data", StaticFiles(directory=str(dataset.parent)))])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/data/{dataset.name}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def batches(source: str, **kw) -> list:
+    cfg = dict(source=source, batch_size=24, seed=3, return_keys=True, rank=1, world_size=2, **kw)
+    return [(b.step, b.keys, b.images, b.labels) for b in SampleStream(StreamConfig(**cfg))]
+
+
+def assert_same(got: list, ref: list) -> None:
+    assert len(got) == len(ref) == 6
+    for (s1, k1, i1, l1), (s2, k2, i2, l2) in zip(got, ref, strict=True):
+        assert s1 == s2 and k1 == k2 and torch.equal(i1, i2) and torch.equal(l1, l2)
+
+
+def test_http_range_server_delivers_the_local_batches(dataset, range_http, tmp_path):
+    ref = batches(str(dataset))
+    assert_same(batches(range_http), ref)
+    assert_same(batches(range_http, cache_dir=str(tmp_path / "cache")), ref)  # whole-shard GETs
+    assert_same(batches(range_http, num_workers=2), ref)
+
+
+def test_plain_http_server_without_range_support_works(dataset, plain_http):
+    assert_same(batches(plain_http(dataset)), batches(str(dataset)))
+
+
+def test_http_truncated_shard_and_missing_dataset(tmp_path, plain_http):
+    root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
+    shard = root / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    url = plain_http(root)
+    stream = SampleStream(StreamConfig(source=url, batch_size=60))
+    with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample .* at byte offset \d+"):
+        list(stream)
+    with pytest.raises(DatasetNotFoundError, match="no manifest.json"):
+        SampleStream(StreamConfig(source=url + "/nothing-here"))
+
+
+def test_s3_through_moto_delivers_the_local_batches(dataset, tmp_path):
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        creds = dict(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=endpoint, **creds)
+        s3.create_bucket(Bucket="bucket")
+        for path in dataset.iterdir():
+            s3.upload_file(str(path), "bucket", f"sets/ds/{path.name}")
+        options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint,
+                                                                        "region_name": "us-east-1"}}
+        ref = batches(str(dataset))
+        assert_same(batches("s3://bucket/sets/ds", storage_options=options), ref)
+        assert_same(batches("s3://bucket/sets/ds", storage_options=options, num_workers=2), ref)
+    finally:
+        server.stop()
