@@ -1,0 +1,156 @@
+"""One shard: encoding samples into a tar, and the shard's index part in ``_work/``.
+
+A shard is built in memory (~40 MB at 10k PNG samples), written to a temp name and
+renamed; then its index rows go to ``_work/{split}-{index:06d}.parquet`` (temp +
+rename) with the shard's size and sha256. A shard without its part is unfinished.
+``write_shard`` is usable on its own, so several processes can write disjoint shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cifar5m.errors import ChecksumMismatchError, InvalidImageError, ShardNotFoundError
+from shards import codec, ustar
+from shards.format import IMAGE_FORMATS, LABEL_EXT, TAR_BLOCK, WORK_DIR, check_key, shard_name
+from shards.index import SCHEMA, rows_to_table
+from shards.manifest import ShardInfo, atomic_write_bytes
+
+_SHARD_META = b"cifar5m.shard"
+
+
+class Sample(NamedTuple):
+    """One sample to write. Optional fields end up in the index's nullable columns."""
+
+    key: str
+    image: np.ndarray
+    label: int
+    confidence: float | None = None
+    seed: int | None = None
+    cond_label: int | None = None
+    probs: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard: its manifest entry and its index rows.
+
+    The rows are either in memory (``table``) or in the shard's ``_work/`` part file
+    (``part``); writers keep only the path, so memory stays flat at millions of rows.
+    """
+
+    info: ShardInfo
+    table: pa.Table | None = None
+    part: Path | None = None
+
+    def rows(self) -> pa.Table:
+        if self.table is not None:
+            return self.table
+        return pq.read_table(self.part).replace_schema_metadata(None)
+
+    def slim(self) -> ShardRecord:
+        """The same record without rows in memory (they stay in the part file)."""
+        return ShardRecord(self.info, None, self.part) if self.part is not None else self
+
+
+def part_path(root: Path, shard_file: str) -> Path:
+    return Path(root) / WORK_DIR / (Path(shard_file).stem + ".parquet")
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) -> tuple[bytes, dict]:
+    """Build a shard's bytes and its index columns (positions left at 0)."""
+    chunks: list[bytes] = []
+    cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    pos = 0
+    for s in samples:
+        key = check_key(s.key)
+        try:
+            image = codec.check_image(s.image, where=f"{where}: sample {key!r}")
+        except ValueError as exc:
+            raise InvalidImageError(str(exc)) from None
+        for ext, data, prefix in (
+            (image_format, codec.encode_image(image, image_format), "image"),
+            (LABEL_EXT, codec.encode_label(s.label), "label"),
+        ):
+            chunks.append(ustar.member(f"{key}.{ext}", data))
+            cols[f"{prefix}_offset"].append(pos + TAR_BLOCK)
+            cols[f"{prefix}_size"].append(len(data))
+            pos += len(chunks[-1])
+        cols["key"].append(key)
+        cols["label"].append(int(s.label))
+        cols["confidence"].append(s.confidence)
+        cols["seed"].append(s.seed)
+        cols["cond_label"].append(s.cond_label)
+        cols["probs"].append(None if s.probs is None else [float(p) for p in s.probs])
+    chunks.append(ustar.END_OF_ARCHIVE)
+    return b"".join(chunks), cols
+
+
+def write_shard(
+    root: str | Path, split: str, index: int, samples: Iterable[Sample], *, image_format: str
+) -> ShardRecord:
+    """Encode ``samples`` into shard ``index`` of ``split`` under ``root``, atomically."""
+    root = Path(root)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {image_format!r}; use one of {IMAGE_FORMATS}")
+    name = shard_name(split, index)
+    data, cols = encode_shard(samples, image_format=image_format, where=str(root / name))
+    if not cols["key"]:
+        raise ValueError(f"shard {name} would hold no samples")
+    n = len(cols["key"])
+    cols.update(split=[split] * n, shard=[name] * n, position=[0] * n)
+    info = ShardInfo(
+        file=name, split=split, samples=n, first_key=cols["key"][0], bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    atomic_write_bytes(root / name, data)
+    table = rows_to_table(cols)
+    return ShardRecord(info, table, _write_part(root, info, table))
+
+
+def _write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
+    (root / WORK_DIR).mkdir(exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)
+    path = part_path(root, info.file)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardRecord]:
+    """Finished shards of an unfinished write, by file name.
+
+    With ``check``, each shard's size and sha256 are compared with its part; a shard
+    that does not match is reported by ``ChecksumMismatchError``.
+    """
+    root = Path(root)
+    records: dict[str, ShardRecord] = {}
+    for part in sorted((root / WORK_DIR).glob("*.parquet")):
+        info = ShardInfo(**json.loads(pq.read_schema(part).metadata[_SHARD_META]))
+        shard = root / info.file
+        if not shard.is_file():
+            raise ShardNotFoundError(f"{shard} is missing but {part} says it was written")
+        if check and (shard.stat().st_size != info.bytes or sha256_file(shard) != info.sha256):
+            raise ChecksumMismatchError(
+                f"{shard} does not match the checksum recorded when it was written; "
+                f"delete it and {part}, then re-run to rewrite it"
+            )
+        records[info.file] = ShardRecord(info, None, part)
+    return records
