@@ -149,7 +149,7 @@ class Session:
 
 def agreement(records: list[ShardRecord]) -> float:
     """Fraction of samples whose conditioned class is the labeler's top class."""
-    table = pa.concat_tables([r.table.select(["cond_label", "probs"]) for r in records])
+    table = pa.concat_tables([r.rows().select(["cond_label", "probs"]) for r in records])
     probs = np.asarray(table["probs"].combine_chunks().flatten(), dtype=np.float32)
     top = probs.reshape(len(table), -1).argmax(axis=1)
     cond = table["cond_label"].to_numpy(zero_copy_only=False)

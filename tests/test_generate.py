@@ -1,0 +1,192 @@
+"""cifar5m generate on CPU with a tiny random UNet and labeler: samplers, determinism,
+resume after SIGKILL, torchrun ranks, extend, filters, conditional models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
+
+from generator.config import GenerateConfig
+from generator.pipeline import run
+from shards.format import WORK_DIR
+from shards.reader import Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# The reference run: 200 samples (40 test) in shards of 48, 2 DDPM steps.
+REF = {"count": 200, "test_count": 40, "shard_size": 48, "sampler": "ddpm", "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("models")
+    return {"unet": save_tiny_unet(base / "unet"), "labeler": save_tiny_labeler(base / "labeler"),
+            "cond": save_tiny_unet(base / "cond", num_class_embeds=10)}
+
+
+def config(models: dict[str, Path], out: Path, **kw) -> GenerateConfig:
+    args = {**REF, "model": str(models["unet"]), "labeler": str(models["labeler"]), "batch_size": 32,
+            "out": str(out), **kw}
+    return GenerateConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def reference(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ds"
+    run(config(models, out), progress=False)
+    return out
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "cifar5m", "generate", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_args(models: dict[str, Path], out: Path, **kw) -> list[str]:
+    opts = {**REF, "model": models["unet"], "labeler": models["labeler"], "batch_size": 32, **kw}
+    args = ["--out", str(out)]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_reference_dataset_layout(reference: Path) -> None:
+    ds = Dataset(reference)
+    assert [s.file for s in ds.manifest.shards] == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar",
+        "test-000000.tar"]
+    test, train = ds.split("test"), ds.split("train")
+    assert len(test) == 40 and len(train) == 160
+    assert list(test.keys) == [f"s{i:010d}" for i in range(40)]
+    assert list(train.keys) == [f"s{i:010d}" for i in range(40, 200)]
+    idx = ds.index.to_pydict()
+    probs = np.array(idx["probs"])
+    assert probs.shape == (200, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert idx["label"] == list(probs.argmax(1))
+    assert np.allclose(idx["confidence"], probs.max(1))
+    assert idx["seed"] == [int(k[1:]) for k in idx["key"]]
+    prov = ds.manifest.provenance
+    assert prov["sampler"] == "ddpm" and prov["steps"] == 2 and len(prov["timesteps"]) == 2
+    assert len(prov["model_sha256"]) == 64 and len(prov["labeler_sha256"]) == 64
+    assert "count" not in prov["fingerprint"] and prov["count"] == 200
+    batch = train.decode_shard("train-000000.tar")
+    assert batch.images.shape == (48, 32, 32, 3) and batch.images.dtype == np.uint8
+    assert batch.images.std() > 10  # noise-like, not constant
+
+
+def test_same_command_other_batch_size_is_byte_identical(models, reference, tmp_path) -> None:
+    run(config(models, tmp_path / "b", batch_size=7, workers=1), progress=False)
+    assert dataset_digest(tmp_path / "b") == dataset_digest(reference)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc"])
+def test_each_sampler_writes_a_deterministic_dataset(models, tmp_path, sampler) -> None:
+    kw = {"sampler": sampler, "steps": 3, "count": 100, "test_count": 20, "shard_size": 40}
+    man = run(config(models, tmp_path / "a", **kw), progress=False)
+    assert sum(s.samples for s in man.shards) == 100 and len(man.shards) == 2 + 1
+    assert man.provenance["sampler"] == sampler and len(man.provenance["timesteps"]) == 3
+    run(config(models, tmp_path / "b", batch_size=13, **kw), progress=False)
+    assert dataset_digest(tmp_path / "a") == dataset_digest(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(models, reference, tmp_path) -> None:
+    out = tmp_path / "ds"
+    proc = cli(*cli_args(models, out, batch_size=16))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / WORK_DIR).glob("*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts = len(list((out / WORK_DIR).glob("*.parquet")))
+    assert 2 <= parts < 5 and not (out / "manifest.json").exists()
+    done = cli(*cli_args(models, out))
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert dataset_digest(out) == dataset_digest(reference)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(models, reference, tmp_path) -> None:
+    out = tmp_path / "ds"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "cifar5m", "generate", *cli_args(models, out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert dataset_digest(out) == dataset_digest(reference)
+
+
+def test_extend_count_equals_direct_run(models, reference, tmp_path) -> None:
+    out = tmp_path / "ds"
+    first = run(config(models, out, count=130), progress=False)  # last train shard partial (42)
+    assert [s.samples for s in first.shards if s.split == "train"] == [48, 42]
+    run(config(models, out), progress=False)
+    assert dataset_digest(out) == dataset_digest(reference)
+    again = run(config(models, out), progress=False)  # same count: nothing to do
+    assert again is not None and dataset_digest(out) == dataset_digest(reference)
+
+
+def test_conditional_model_labels_by_construction_and_records_agreement(models, tmp_path) -> None:
+    kw = {"model": str(models["cond"]), "count": 60, "test_count": 20, "shard_size": 20, "sampler": "ddim"}
+    man = run(config(models, tmp_path / "a", **kw), progress=False)
+    idx = Dataset(tmp_path / "a").index.to_pydict()
+    assert idx["label"] == [i % 10 for i in range(60)] == idx["cond_label"]
+    top = np.array(idx["probs"]).argmax(1)
+    assert man.provenance["labeler_agreement"] == pytest.approx(float(np.mean(top == idx["label"])))
+    man = run(config(models, tmp_path / "b", labeler="none", **kw), progress=False)
+    idx = Dataset(tmp_path / "b").index.to_pydict()
+    assert idx["label"] == [i % 10 for i in range(60)] and idx["probs"] == [None] * 60
+
+
+def test_min_confidence_drops_and_balance_evens_classes(models, tmp_path) -> None:
+    kw = {"model": str(models["cond"]), "count": 40, "test_count": 20, "shard_size": 20,
+          "sampler": "ddim", "steps": 2}
+    run(config(models, tmp_path / "ref", **kw), progress=False)
+    ref = Dataset(tmp_path / "ref").index.to_pydict()
+    conf, labels = np.array(ref["confidence"]), np.array(ref["label"])
+    # Each class keeps at least half of its candidates; some samples are dropped.
+    threshold = float(min(np.median(conf[labels == c]) for c in range(10)))
+    assert (conf < threshold).any()
+    man = run(config(models, tmp_path / "a", min_confidence=threshold, balance=True, **kw), progress=False)
+    idx = Dataset(tmp_path / "a").index.to_pydict()
+    assert len(idx["key"]) == 40 and min(idx["confidence"]) >= threshold
+    assert [s.samples for s in man.shards] == [20, 20]
+    for split in ("train", "test"):
+        labels = [lab for lab, s in zip(idx["label"], idx["split"], strict=True) if s == split]
+        assert np.bincount(labels, minlength=10).tolist() == [2] * 10
+    keys = [int(k[1:]) for k in idx["key"]]
+    assert len(set(keys)) == 40 and max(keys) >= 40  # candidates beyond the first 40 were used
+
+
+def test_filters_that_cannot_fill_a_shard_fail_clearly(models, tmp_path, monkeypatch) -> None:
+    from cifar5m.errors import GenerationError
+
+    monkeypatch.setattr("generator.pipeline.FILTER_STRIDE", 2)
+    with pytest.raises(GenerationError, match="passed --min-confidence"):
+        run(config(models, tmp_path / "a", min_confidence=0.99, count=12, test_count=2, shard_size=10,
+                   steps=1), progress=False)
+
+
+def test_fsspec_url_output_is_staged_then_uploaded(models, tmp_path) -> None:
+    import fsspec
+
+    url = "memory://cifar5m-test/ds"
+    run(config(models, url, count=30, test_count=10, shard_size=10, steps=1,
+               staging=str(tmp_path / "staging")), progress=False)
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("/cifar5m-test/ds", detail=False))
+    assert "manifest.json" in names and "train-000001.tar" in names
+    ds = Dataset(url)
+    assert len(ds.split("train")) == 20 and ds.split("test").keys[0] == "s0000000000"

@@ -1,0 +1,161 @@
+"""Generator parts: noise, DDPM step, timesteps, model loading, bad input, dry run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from generate_helpers import save_tiny_labeler, save_tiny_unet
+
+from cifar5m.cli import cli
+from cifar5m.errors import ConfigMismatchError, ModelError, OutputNotWritableError
+from generator import noise
+from generator.config import GenerateConfig
+from generator.model import resolve
+from generator.pipeline import run
+from generator.sampler import build_scheduler, ddpm_step, quadratic_timesteps
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("models")
+    return {"unet": save_tiny_unet(base / "unet"), "labeler": save_tiny_labeler(base / "labeler")}
+
+
+def test_noise_depends_only_on_seed_id_stream() -> None:
+    ids = torch.arange(100, 164)
+    z = noise.normal(7, ids, 0, (3, 32, 32))
+    parts = torch.cat([noise.normal(7, ids[a : a + 5], 0, (3, 32, 32)) for a in range(0, 64, 5)])
+    assert torch.equal(z, parts)
+    assert torch.equal(z[3:4], noise.normal(7, torch.tensor([103]), 0, (3, 32, 32)))
+    assert not torch.equal(z, noise.normal(8, ids, 0, (3, 32, 32)))
+    assert not torch.equal(z, noise.normal(7, ids, 1, (3, 32, 32)))
+    flat = z.flatten().double()
+    assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
+    from scipy import stats
+
+    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
+    corr = torch.corrcoef(z.flatten(1)) - torch.eye(64)
+    assert corr.abs().max() < 0.1  # 3072-dim independent draws: |r| ~ 0.02
+
+
+def test_noise_rejects_bad_seed() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        noise.normal(-1, torch.arange(2), 0, (3,))
+
+
+def test_ddpm_step_matches_diffusers_with_the_same_noise() -> None:
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
+    sched.set_timesteps(50)
+    x, eps = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    for t in (int(sched.timesteps[0]), int(sched.timesteps[25]), 0):
+        ref = sched.step(eps, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(ddpm_step(sched, eps, t, x, z), ref, atol=1e-5)
+
+
+def test_ddim_uses_the_ddim_papers_quadratic_timesteps() -> None:
+    ts = quadratic_timesteps(20, 1000)
+    assert ts[0] == 800 and ts[-1] == 0 and len(set(ts)) == 20
+    expected = (np.linspace(0, np.sqrt(800), 20) ** 2).astype(int)[::-1]
+    assert ts[:10] == expected[:10].tolist()
+    sched = build_scheduler("ddim", {"num_train_timesteps": 1000}, 20)
+    assert [int(t) for t in sched.timesteps] == ts and sched.config.solver_order == 1
+
+
+def test_model_from_hub_cache_offline(models, tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-ddpm" / "snapshots" / ("a" * 40)
+    shutil.copytree(models["unet"], snap)
+    (cache / "models--someone--tiny-ddpm" / "refs").mkdir()
+    (cache / "models--someone--tiny-ddpm" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    src = resolve("someone/tiny-ddpm")
+    assert src.unet_dir == snap and src.revision == "a" * 40
+    with pytest.raises(ModelError, match=r"not in the Hub cache \(HF_HUB_OFFLINE is set\)"):
+        resolve("someone/unknown-model")
+
+
+def bad(models: dict[str, Path], out: Path, **kw) -> GenerateConfig:
+    args = {"count": 20, "test_count": 5, "shard_size": 10, "steps": 1, "model": str(models["unet"]),
+            "labeler": str(models["labeler"]), "out": str(out), **kw}
+    return GenerateConfig(**args)
+
+
+def test_bad_models_and_labelers_fail_before_writing(models, tmp_path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="no such directory"):
+        run(bad(models, out, model=str(tmp_path / "nope" / "x")), progress=False)
+    small = save_tiny_unet(tmp_path / "small", sample_size=16)
+    with pytest.raises(ModelError, match="32x32x3"):
+        run(bad(models, out, model=str(small)), progress=False)
+    five = save_tiny_labeler(tmp_path / "five", num_classes=5)
+    with pytest.raises(ModelError, match="5 classes"):
+        run(bad(models, out, labeler=str(five)), progress=False)
+    with pytest.raises(ModelError, match="unconditional"):
+        run(bad(models, out, labeler=None), progress=False)
+    cfg = json.loads((models["unet"] / "config.json").read_text())
+    assert cfg["_class_name"] == "UNet2DModel"
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_writing(models, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputNotWritableError, match="not writable"):
+        run(bad(models, blocker / "out"), progress=False)
+    with pytest.raises(OutputNotWritableError, match="not a directory"):
+        run(bad(models, blocker), progress=False)
+
+
+def test_other_settings_or_smaller_count_refused_unchanged(models, tmp_path) -> None:
+    out = tmp_path / "out"
+    run(bad(models, out), progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConfigMismatchError, match=r"seed differ"):
+        run(bad(models, out, seed=1), progress=False)
+    with pytest.raises(ConfigMismatchError, match=r"holds 20 samples.*--count >= 20"):
+        run(bad(models, out, count=15), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_config_rejects_bad_numbers() -> None:
+    with pytest.raises(ValueError, match="test-count"):
+        GenerateConfig(count=10, out="x", test_count=10)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        GenerateConfig(count=10, out="x", test_count=1, sampler="euler")
+
+
+def test_cli_dry_run_prints_the_plan_without_writing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "never"
+    res = CliRunner().invoke(cli, ["generate", "--count", "6000000", "--out", str(out),
+                                   "--sampler", "ddim", "--steps", "20", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "NFE per image: 20" in res.output and "12.44 GFLOP" in res.output
+    assert "GPU-hours" in res.output and "1.49e+18 FLOP" in res.output
+    assert not out.exists()
+
+
+def test_cli_dry_run_counts_flops_of_other_models(models, tmp_path) -> None:
+    res = CliRunner().invoke(cli, ["generate", "--count", "1000", "--test-count", "100", "--out", str(tmp_path / "x"),
+                                   "--model", str(models["unet"]), "--sampler", "unipc", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "NFE per image: 20" in res.output and "flop_counter" in res.output
+
+
+def test_cli_reports_errors_in_one_line(tmp_path) -> None:
+    res = CliRunner().invoke(cli, ["generate", "--count", "10", "--test-count", "2",
+                                   "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none")])
+    assert res.exit_code == 1 and res.output.startswith("Error: model") and "no such directory" in res.output
