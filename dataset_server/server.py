@@ -12,7 +12,11 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,9 +127,30 @@ def run(config: ServeConfig) -> None:
                       timeout_graceful_shutdown=config.graceful_s,
                       h11_max_incomplete_event_size=config.max_header_bytes, http="h11")
         configure_logging(access_log=config.access_log)
-        if config.workers == 1:
-            uvicorn.run(create_app(**config.app_kwargs()), **common)
-        else:
-            os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-            uvicorn.run("dataset_server.server:app_from_env", factory=True, workers=config.workers, **common)
+        with _quiet_stop_signals():
+            if config.workers == 1:
+                uvicorn.run(create_app(**config.app_kwargs()), **common)
+            else:
+                os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+                uvicorn.run("dataset_server.server:app_from_env", factory=True, workers=config.workers,
+                            **common)
     log.info("server stopped")
+
+
+@contextmanager
+def _quiet_stop_signals() -> Iterator[None]:
+    """Make Ctrl-C / SIGTERM a normal exit (status 0) after uvicorn's graceful shutdown.
+
+    uvicorn handles both signals while serving, then re-raises the one it caught into
+    the handlers that were there before: the defaults would turn a clean stop into
+    KeyboardInterrupt or death by SIGTERM (status -15).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

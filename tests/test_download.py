@@ -1,0 +1,148 @@
+"""``cifar5m download``: real snapshot_download against the server, verification, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataset_server.app import create_app
+from tests.test_server_support import build_root, client_env, serving
+
+
+class Recorder:
+    """Wraps the app: records (method, file, range) and can cut or stall one file's body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.calls: list[tuple[str, str, str]] = []
+        self.drop_once: set[str] = set()  # close the connection after 1000 bytes, once
+        self.stall: set[str] = set()  # send 1000 bytes, then nothing more
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        name = scope["path"].rsplit("/", 1)[-1]
+        rng = dict(scope["headers"]).get(b"range", b"").decode()
+        self.calls.append((scope["method"], name, rng))
+        cut = scope["method"] == "GET" and (name in self.drop_once or name in self.stall)
+        if not cut:
+            await self.app(scope, receive, send)
+            return
+        stall = name in self.stall
+        self.drop_once.discard(name)
+
+        async def cutting_send(message) -> None:
+            body = message.get("body", b"")
+            if message["type"] == "http.response.body" and len(body) > 1000:
+                await send({"type": "http.response.body", "body": body[:1000], "more_body": True})
+                if stall:
+                    await asyncio.sleep(3600)
+                raise ConnectionAbortedError("test: connection dropped mid-file")
+            await send(message)
+
+        await self.app(scope, receive, cutting_send)
+
+    def gets(self) -> list[str]:
+        return [name for method, name, _ in self.calls if method == "GET" and "." in name]
+
+
+def cli(args: list[str], url: str, home: Path, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cifar5m", "download", *args, "--endpoint", url]
+    env = client_env(url, home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "60"}
+    if kwargs.pop("background", False):
+        return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=120)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+@pytest.fixture
+def root(make_dataset, tmp_path) -> Path:
+    root = build_root(make_dataset, tmp_path / "root")
+    build_root(make_dataset, root, ("lab/private",), n_train=20, n_test=10, shard_size=10)
+    (tmp_path / "tokens.yaml").write_text("datasets:\n  lab/private: [s3cret]\n")
+    return root
+
+
+def test_download_verifies_and_a_rerun_fetches_nothing(root, tmp_path):
+    app = Recorder(create_app(root=root))
+    with serving(app) as url:
+        done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "lab/ds: 8 files" in done.stdout and "verified" in done.stdout
+        assert same_files(root / "lab/ds", tmp_path / "out")
+        first = app.gets()
+        assert sorted(first) == sorted(p.name for p in (root / "lab/ds").iterdir() if p.is_file())
+        app.calls.clear()
+        again = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert app.gets() == []  # complete files are not fetched again
+
+
+def test_a_connection_dropped_mid_file_is_resumed(root, tmp_path):
+    app = Recorder(create_app(root=root))
+    app.drop_once.add("train-000001.tar")
+    with serving(app) as url:
+        done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert same_files(root / "lab/ds", tmp_path / "out")
+    assert app.gets().count("train-000001.tar") == 2
+
+
+def test_a_killed_download_completes_on_rerun_without_refetching(root, tmp_path):
+    app = Recorder(create_app(root=root))
+    app.stall.add("train-000002.tar")
+    out = tmp_path / "out"
+    meta = out / ".cache" / "huggingface" / "download"
+    with serving(app) as url:
+        proc = cli(["lab/ds", "--local-dir", "out", "--workers", "2"], url, tmp_path, background=True)
+        others = [p.name for p in (root / "lab/ds").iterdir() if p.is_file() and p.name != "train-000002.tar"]
+        deadline = time.monotonic() + 90
+        while not (all((meta / f"{n}.metadata").is_file() for n in others)
+                   and list(meta.glob("*.incomplete"))):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(f"download did not stall as planned: {proc.communicate()}")
+            time.sleep(0.1)
+        proc.kill()
+        proc.communicate()
+        assert not (out / "train-000002.tar").exists()
+        app.stall.clear()
+        app.calls.clear()
+        done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert app.gets() == ["train-000002.tar"]
+    assert same_files(root / "lab/ds", out)
+
+
+def test_a_file_that_differs_from_the_manifest_is_named(root, tmp_path):
+    shard = root / "lab/ds/train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01  # the server now serves (and hashes) other bytes than the manifest's
+    shard.write_bytes(bytes(data))
+    with serving(create_app(root=root)) as url:
+        done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+    assert done.returncode == 1
+    assert "Error:" in done.stderr and "train-000000.tar does not match the sha256" in done.stderr
+
+
+def test_private_download_needs_the_token(root, tmp_path):
+    with serving(create_app(root=root, tokens=tmp_path / "tokens.yaml")) as url:
+        denied = cli(["lab/private", "--local-dir", "p1"], url, tmp_path)
+        assert denied.returncode == 1 and "not found" in denied.stderr and "--token" in denied.stderr
+        done = cli(["lab/private", "--local-dir", "p2", "--token", "s3cret"], url, tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert same_files(root / "lab/private", tmp_path / "p2")
+    digest = hashlib.sha256((tmp_path / "p2/manifest.json").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256((root / "lab/private/manifest.json").read_bytes()).hexdigest()

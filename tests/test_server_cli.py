@@ -1,0 +1,96 @@
+"""``cifar5m serve`` as a process: no torch, access log, clean shutdown, workers, bad config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_server_support import REPO_ROOT, build_root, request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port), *args],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if request(url, "GET", "/healthz")[0] == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server did not start: {proc.communicate()[0]}")
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+def test_serve_never_imports_torch():
+    code = ("import sys\n"
+            "from cifar5m.cli import cli\n"
+            "import cifar5m.commands.serve, dataset_server.server, dataset_server.app, dataset_server.download\n"
+            "from click.testing import CliRunner\n"
+            "assert CliRunner().invoke(cli, ['serve', '--help']).exit_code == 0\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    proc, url = start(root)
+    status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000001.tar",
+                                    headers={"Range": "bytes=0-99"})
+    assert headers["content-range"].startswith("bytes 0-99/")
+    assert status == 206 and body == (root / "lab/ds/train-000001.tar").read_bytes()[:100]
+    code, log = stop(proc, sig)
+    assert code == 0, log
+    assert "serving lab/ds: 6 files" in log
+    assert '"GET /datasets/lab/ds/resolve/main/train-000001.tar" 206 100 range=bytes=0-99' in log
+    assert "server stopped" in log
+
+
+def test_serve_with_two_workers(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    proc, url = start(root, "--workers", "2", "--no-access-log")
+    try:
+        sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
+        for _ in range(4):  # whichever worker answers, the same commit and bytes
+            status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")
+            assert (status, headers["x-repo-commit"]) == (200, sha)
+            assert body == (root / "lab/ds/README.md").read_bytes()
+    finally:
+        code, log = stop(proc, signal.SIGTERM)
+    assert code == 0, log
+    assert "resolve/main/README.md" not in log  # --no-access-log
+
+
+def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    bad = tmp_path / "tokens.yaml"
+    bad.write_text("datasets:\n  lab/ds: {tokens: []}\n")
+    out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--tokens", str(bad)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"Error: {bad}: entry 'lab/ds' needs at least one non-empty token string")
