@@ -1,0 +1,234 @@
+"""``cifar5m report DIR``: what a dataset looks like, as PNGs plus a JSON and text summary.
+
+Writes to ``--out`` (default ``DIR/report``):
+
+    class_histogram.png        samples per class
+    confidence_histogram.png   the labeler confidence column of the index (if any)
+    grid_<class>.png           a grid of random samples of each class
+    summary.json, summary.txt  counts, confidence stats, distances
+
+Distances: a Frechet distance in the labeler's penultimate feature space against a
+reference dataset (``--reference``, e.g. CIFAR-10 in our format), which always works
+offline but is NOT comparable to published FID; and real FID (Inception-v3) only
+when torch-fidelity is installed and ``--fid-weights`` points at local weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards.manifest import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    root: str
+    out: str
+    split: str = "train"
+    per_class: int = 64
+    reference: str | None = None        # dataset dir; its test split is the reference
+    labeler: str = "builtin"
+    max_samples: int = 10_000           # per side, for the distances
+    fid_weights: str | None = None
+    seed: int = 0
+
+
+def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2) -> Path:
+    """Tile uint8 NHWC ``images`` into a PNG (1 px white border, nearest-neighbour upscale)."""
+    from PIL import Image
+
+    nrow = max(1, -(-len(images) // ncol))
+    canvas = np.full((nrow * 34, ncol * 34, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[r * 34 + 1 : r * 34 + 33, c * 34 + 1 : c * 34 + 33] = im
+    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def class_histogram(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(names)), counts, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    _save_fig(fig, path)
+
+
+def confidence_histogram(conf: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(conf, bins=np.linspace(0, 1, 41), color="tab:orange")
+    ax.set_xlabel("labeler confidence (max softmax)")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    _save_fig(fig, path)
+
+
+def _subset_images(split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` random samples of a split as (uint8 NHWC images, labels)."""
+    rng = np.random.default_rng(seed)
+    pos = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
+    by_shard: dict[str, list[int]] = {}
+    for p in pos.tolist():
+        by_shard.setdefault(split.shard_of[p], []).append(p)
+    images, labels = [], []
+    for shard, ps in by_shard.items():
+        batch = split.decode_shard(shard)
+        first = split.position(batch.keys[0])
+        idx = np.asarray(ps) - first
+        images.append(batch.images[idx])
+        labels.append(batch.labels[idx])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def labeler_distance(cfg: ReportConfig, split) -> dict[str, Any]:
+    """Frechet distance in the labeler's feature space, and its agreement with stored labels."""
+    from generator.frechet import frechet_distance_features
+    from generator.labeler import load_labeler
+    from shards.reader import Dataset
+
+    lab = load_labeler(cfg.labeler)
+    ours, our_labels = _subset_images(split, cfg.max_samples, cfg.seed)
+    ref_split = Dataset(cfg.reference).split("test")
+    ref, _ = _subset_images(ref_split, cfg.max_samples, cfg.seed)
+    feats_a, feats_b = lab.features(ours), lab.features(ref)
+    agree = float((lab.predict(ours).argmax(1) == our_labels).mean())
+    return {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
+            "labeler": cfg.labeler, "labeler_sha256": lab.sha256, "feature_dim": int(feats_a.shape[1]),
+            "samples": len(ours), "reference": cfg.reference, "reference_samples": len(ref),
+            "labeler_agreement_with_stored_labels": agree,
+            "note": "labeler feature space; NOT comparable to published (Inception) FID"}
+
+
+def inception_fid(cfg: ReportConfig, split) -> dict[str, Any]:
+    """FID with torch-fidelity and local Inception weights; a message when that is impossible."""
+    if not cfg.fid_weights:
+        return {"fid": None, "fid_message": "FID skipped: give --fid-weights PATH (local Inception-v3 "
+                "FID weights, pt_inception-2015-12-05) and --reference; nothing is downloaded"}
+    if not Path(cfg.fid_weights).is_file():
+        return {"fid": None, "fid_message": f"FID skipped: {cfg.fid_weights} is not a file"}
+    if cfg.reference is None:
+        return {"fid": None, "fid_message": "FID skipped: --reference DATASET is needed"}
+    try:
+        import torch
+        import torch_fidelity
+    except ImportError:
+        return {"fid": None, "fid_message": "FID skipped: torch-fidelity is not installed "
+                "(pip install torch-fidelity); the labeler Frechet distance is reported instead"}
+    from shards.reader import Dataset
+
+    class _Images(torch.utils.data.Dataset):
+        def __init__(self, images: np.ndarray) -> None:
+            self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i: int):
+            return self.images[i]
+
+    ours, _ = _subset_images(split, cfg.max_samples, cfg.seed)
+    ref, _ = _subset_images(Dataset(cfg.reference).split("test"), cfg.max_samples, cfg.seed)
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_Images(ours), input2=_Images(ref), fid=True, verbose=False,
+        cuda=torch.cuda.is_available(), feature_extractor_weights_path=cfg.fid_weights)
+    return {"fid": float(metrics["frechet_inception_distance"]), "fid_samples": len(ours),
+            "fid_message": "torch-fidelity, Inception-v3 from --fid-weights"}
+
+
+def make_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Write the report files for ``cfg.root`` into ``cfg.out``; return the summary."""
+    from shards.reader import Dataset
+
+    ds = Dataset(cfg.root)
+    split = ds.split(cfg.split)
+    names = list(ds.manifest.class_names)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(split.labels)
+    counts = np.bincount(labels, minlength=len(names))
+    class_histogram(counts, names, out / "class_histogram.png", f"{Path(cfg.root).name} / {cfg.split}: classes")
+    index = ds.index
+    rows = np.asarray(index["split"].to_pylist()) == cfg.split
+    conf_col = np.asarray(index["confidence"].to_pylist(), dtype=object)[rows]
+    conf = np.asarray([c for c in conf_col if c is not None], dtype=np.float64)
+    summary: dict[str, Any] = {
+        "dataset": cfg.root, "split": cfg.split, "samples": len(labels),
+        "class_counts": dict(zip(names, counts.tolist(), strict=True)),
+        "splits": {s: len(ds.split(s)) for s in ds.manifest.splits},
+        "provenance": ds.manifest.provenance,
+    }
+    if len(conf):
+        confidence_histogram(conf, out / "confidence_histogram.png", f"{cfg.split}: labeler confidence")
+        summary["confidence"] = {"count": len(conf), "mean": float(conf.mean()),
+                                 "median": float(np.median(conf)),
+                                 "fraction_below_0.5": float((conf < 0.5).mean()),
+                                 "fraction_above_0.9": float((conf > 0.9).mean())}
+    else:
+        summary["confidence"] = None
+    rng = np.random.default_rng(cfg.seed)
+    grids = {}
+    for c, name in enumerate(names):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) == 0:
+            continue
+        pick = np.sort(rng.choice(pool, size=min(cfg.per_class, len(pool)), replace=False))
+        images = np.stack([split[int(p)].image for p in pick])
+        grids[name] = write_grid(images, out / f"grid_{name}.png").name
+    summary["grids"] = grids
+    if cfg.reference is not None:
+        summary["labeler_distance"] = labeler_distance(cfg, split)
+    summary.update(inception_fid(cfg, split))
+    summary["config"] = asdict(cfg)
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "summary.txt", render_text(summary).encode())
+    return summary
+
+
+def render_text(s: dict[str, Any]) -> str:
+    lines = [f"dataset {s['dataset']} split {s['split']}: {s['samples']} samples",
+             "class counts: " + ", ".join(f"{k} {v}" for k, v in s["class_counts"].items())]
+    if s.get("confidence"):
+        c = s["confidence"]
+        lines.append(f"labeler confidence: mean {c['mean']:.3f}, median {c['median']:.3f}, "
+                     f"<0.5: {c['fraction_below_0.5']:.1%}, >0.9: {c['fraction_above_0.9']:.1%}")
+    else:
+        lines.append("labeler confidence: none recorded in the index")
+    if "labeler_distance" in s:
+        d = s["labeler_distance"]
+        lines.append(f"labeler-feature Frechet distance vs {d['reference']} test: "
+                     f"{d['labeler_frechet_distance']:.3f} ({d['samples']} vs {d['reference_samples']} "
+                     f"samples; not comparable to published FID)")
+        lines.append(f"labeler agreement with stored labels: {d['labeler_agreement_with_stored_labels']:.1%}")
+    lines.append(f"FID: {s['fid']:.2f}" if s.get("fid") is not None else s["fid_message"])
+    lines.append("grids: " + ", ".join(s["grids"].values()))
+    return "\n".join(lines) + "\n"
