@@ -1,0 +1,89 @@
+"""GPU check for issue 3: end-to-end generation vs DDPMPipeline fp16 on an H100/H200.
+
+    python benchmarks/gpu_generate.py [--count 20480 --batch 512 --steps 20] [--out DIR]
+
+Same UNet (ddpm-cifar10-32 architecture, random weights), same steps and batch for
+both. Prints images/s, image-steps/s and the fraction of the card's dense bf16 peak
+(989.5 TFLOP/s on H100 SXM and H200), plus our sampler alone (no labeling/writing)
+to show what the CPU side costs. The goal (issue 3): end to end >= 2.5x DDPMPipeline
+fp16, i.e. >= 25,000 image-steps/s.
+
+The GPU image has torch but not diffusers/webdataset: install them from wheels first,
+e.g. ``pip install --no-deps diffusers-*.whl huggingface_hub-*.whl safetensors-*.whl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate_bench import (
+    bench_ours,
+    bench_pipeline,
+    save_models,
+    table,
+)
+
+
+def card_name() -> str:
+    name = torch.cuda.get_device_name(0)
+    return "H200" if "H200" in name else "H100" if "H100" in name else name
+
+
+def bench_sampler_only(unet_dir: Path, *, batch: int, steps: int, sampler: str, repeats: int = 5) -> float:
+    from generator import model as model_mod
+    from generator.sampler import Sampler
+
+    src = model_mod.resolve(str(unet_dir))
+    s = Sampler(model_mod.load_unet(src), src.scheduler_config, sampler=sampler, steps=steps,
+                device="cuda", dtype=torch.bfloat16, compile=True)
+    ids = torch.arange(batch)
+    s.sample(0, ids)  # compile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for r in range(repeats):
+        s.sample(0, ids + batch * (r + 1))
+    torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=20480)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--out", default=None, help="directory for gpu_check (unused: results are printed)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this is the GPU check (run generate_bench.py on CPU)")
+    card = card_name()
+    root = Path(tempfile.mkdtemp(prefix="gpu-generate-"))
+    unet_dir, labeler = save_models(root)
+    base = bench_pipeline(unet_dir, batch=args.batch, steps=args.steps, device="cuda",
+                          dtype=torch.float16, repeats=5)
+    alone = bench_sampler_only(unet_dir, batch=args.batch, steps=args.steps, sampler=args.sampler)
+    ours = bench_ours(unet_dir, labeler, root, count=args.count, batch=args.batch, steps=args.steps,
+                      sampler=args.sampler, device="cuda", dtype="bf16", compile_=True)
+    print(f"card={torch.cuda.get_device_name(0)} batch={args.batch} steps={args.steps} "
+          f"sampler={args.sampler} count={args.count}; torch {torch.__version__}")
+    print(table([("DDPMPipeline fp16 (sampling only)", base),
+                 ("our sampler bf16+channels_last+compile (sampling only)", alone),
+                 ("cifar5m generate, end to end (label+PNG+tar+index)", ours)],
+                steps=args.steps, peak=989.5 if card in ("H100", "H200") else None))
+    hours = 6e6 / ours / 3600
+    print(f"6M images at {args.steps} steps, end to end: {hours:.2f} GPU-hours on this card "
+          f"(goal: < 1.5 at 20 steps)")
+
+
+if __name__ == "__main__":
+    main()
