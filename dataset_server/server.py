@@ -53,6 +53,10 @@ class ServeConfig:
     keep_alive_s: int = 30
     # Seconds that running downloads get to finish after Ctrl-C / SIGTERM.
     graceful_s: int = 10
+    # h11 bounds header bytes while they arrive; httptools (faster parsing) does not.
+    http: str = "h11"
+    # "auto": uvloop when installed (the `serve` extra), else asyncio.
+    loop: str = "auto"
     hash_cache: str | None = None
 
     def app_kwargs(self) -> dict:
@@ -125,7 +129,8 @@ def run(config: ServeConfig) -> None:
                       limit_concurrency=config.limit_concurrency,
                       timeout_keep_alive=config.keep_alive_s,
                       timeout_graceful_shutdown=config.graceful_s,
-                      h11_max_incomplete_event_size=config.max_header_bytes, http="h11")
+                      h11_max_incomplete_event_size=config.max_header_bytes, http=config.http,
+                      loop=config.loop)
         configure_logging(access_log=config.access_log)
         with _quiet_stop_signals():
             if config.workers == 1:

@@ -16,10 +16,12 @@ import click
               help="Server processes (2 roughly doubles throughput on 2+ free cores).")
 @click.option("--page-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Entries per page of tree listings (the Hub's is 1000).")
+@click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
+              help="Event loop (auto: uvloop when installed).")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per request to stderr.")
 def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int, page_size: int,
-              access_log: bool) -> None:
+              loop: str, access_log: bool) -> None:
     """Serve every dataset ROOT/<org>/<name>/ as a Hugging Face Hub dataset repo.
 
     huggingface_hub, datasets and webdataset URLs download from it as from the Hub.
@@ -36,7 +38,7 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
 
     configure_logging(access_log=access_log)
     run(ServeConfig(root=root, host=host, port=port, tokens=tokens, workers=workers,
-                    page_size=page_size, access_log=access_log))
+                    page_size=page_size, loop=loop, access_log=access_log))
 
 
 @click.command("download")

@@ -1,0 +1,228 @@
+"""Load test of ``cifar5m serve`` against ``python -m http.server`` on the same files.
+
+Loopback only, bounded by ``--seconds`` per server and ``--max-requests`` per client.
+``--clients`` concurrent clients (threads spread over ``--client-procs`` processes,
+HTTP/1.1 keep-alive where the server allows it) download random whole shards and
+random byte ranges (up to 1 MiB) of a dataset written with the real writer, and
+compare every byte with the file. http.server ignores Range, so a range costs it the
+whole shard; the client then checks the slice it wanted. "MB/s" counts the bytes
+the clients asked for. Our API endpoints (info, tree, paths-info, HEAD) are sampled
+between downloads and their p99 latency reported; http.server only has HEAD.
+
+    python benchmarks/serve_bench.py --seconds 60 --clients 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing as mp
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+REPO = "bench/ds"
+
+
+def build_dataset(root: Path, *, shards: int, per_shard: int) -> Path:
+    """Shards of raw npy samples (fast to write; ~3.8 KB per sample in the tar)."""
+    from shards.writer import DatasetWriter, Sample
+
+    out = root / REPO
+    rng = np.random.default_rng(0)
+    with DatasetWriter(out, fingerprint={"bench": shards}, image_format="npy", shard_size=per_shard,
+                       provenance={"source": "serve_bench synthetic"}) as w:
+        for i in range(shards * per_shard):
+            w.add("train", Sample(f"b{i:07d}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), i % 10))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, root: Path, workers: int, loop: str = "auto") -> tuple[subprocess.Popen, int, str]:
+    port = free_port()
+    if kind == "http.server":
+        cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+               "--directory", str(root / REPO)]
+        prefix = ""
+    else:
+        cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
+               "--workers", str(workers), "--loop", loop, "--no-access-log"]
+        prefix = f"/datasets/{REPO}/resolve/main"
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("HEAD", f"{prefix}/manifest.json")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return proc, port, prefix
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not start")
+
+
+def _api_call(conn: http.client.HTTPConnection, ours: bool, prefix: str, name: str) -> int:
+    if not ours:
+        conn.request("HEAD", f"/{name}")
+        return conn.getresponse().status
+    kind = random.randrange(4)
+    if kind == 0:
+        conn.request("GET", f"/api/datasets/{REPO}")
+    elif kind == 1:
+        conn.request("GET", f"/api/datasets/{REPO}/tree/main?recursive=true&expand=false")
+    elif kind == 2:
+        conn.request("POST", f"/api/datasets/{REPO}/paths-info/main", body=f"paths={name}&expand=false",
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    else:
+        conn.request("HEAD", f"{prefix}/{name}")
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def client(files: dict[str, bytes], port: int, prefix: str, ours: bool, deadline: float,
+           args: argparse.Namespace, seed: int, out: list) -> None:
+    """One client: loops until the deadline; appends its counters to ``out``."""
+    rnd = random.Random(seed)
+    names = sorted(files)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    stats = {"bytes": 0, "wire": 0, "full": 0, "ranges": 0, "errors": 0, "lat": [], "api": []}
+    for i in range(args.max_requests):
+        if time.monotonic() >= deadline:
+            break
+        name = rnd.choice(names)
+        data = files[name]
+        try:
+            if i % 10 == 9:
+                t0 = time.perf_counter()
+                ok = _api_call(conn, ours, prefix, name) == 200
+                stats["api"].append(time.perf_counter() - t0)
+                stats["errors"] += not ok
+                continue
+            t0 = time.perf_counter()
+            if rnd.random() < args.range_fraction:
+                start = rnd.randrange(len(data))
+                end = min(len(data), start + rnd.randrange(1, args.max_range + 1))
+                conn.request("GET", f"{prefix}/{name}", headers={"Range": f"bytes={start}-{end - 1}"})
+                resp = conn.getresponse()
+                body = resp.read()
+                got = body if resp.status == 206 else body[start:end] if resp.status == 200 and body == data else None
+                ok = got == data[start:end]
+                stats["ranges"] += 1
+                size = end - start
+            else:
+                conn.request("GET", f"{prefix}/{name}")
+                resp = conn.getresponse()
+                body = resp.read()
+                ok = resp.status == 200 and body == data
+                stats["full"] += 1
+                size = len(data)
+            stats["lat"].append(time.perf_counter() - t0)
+            stats["wire"] += len(body)
+            if ok:
+                stats["bytes"] += size
+            else:
+                stats["errors"] += 1
+        except (OSError, http.client.HTTPException):
+            stats["errors"] += 1
+            conn.close()
+    conn.close()
+    out.append(stats)
+
+
+def client_proc(files, port, prefix, ours, args, threads, seed, queue) -> None:
+    deadline = time.monotonic() + args.seconds
+    out: list = []
+    workers = [threading.Thread(target=client, args=(files, port, prefix, ours, deadline, args,
+                                                     seed * 1000 + t, out)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    queue.put(out)
+
+
+def run_load(files: dict[str, bytes], port: int, prefix: str, ours: bool, args) -> dict:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    per = [args.clients // args.client_procs + (i < args.clients % args.client_procs)
+           for i in range(args.client_procs)]
+    procs = [ctx.Process(target=client_proc, args=(files, port, prefix, ours, args, n, i, queue))
+             for i, n in enumerate(per)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [s for _ in procs for s in queue.get()]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    lat = np.array([x for s in results for x in s["lat"]] or [0.0])
+    api = np.array([x for s in results for x in s["api"]] or [0.0])
+    total = {k: sum(s[k] for s in results) for k in ("bytes", "wire", "full", "ranges", "errors")}
+    return {**total, "wall": wall, "mbps": total["bytes"] / wall / 1e6, "wire_mbps": total["wire"] / wall / 1e6,
+            "req_s": (total["full"] + total["ranges"]) / wall,
+            "p50": float(np.percentile(lat, 50)) * 1e3, "p99": float(np.percentile(lat, 99)) * 1e3,
+            "api_p99": float(np.percentile(api, 99)) * 1e3, "api_n": len(api)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load time per server (report: 60)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the client threads run in")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="uvicorn worker counts to run")
+    parser.add_argument("--loop", default="auto", help="event loop of our server (auto/asyncio/uvloop)")
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")
+    parser.add_argument("--range-fraction", type=float, default=0.5, help="share of downloads that are ranges")
+    parser.add_argument("--max-range", type=int, default=1024 * 1024, help="longest range in bytes")
+    parser.add_argument("--max-requests", type=int, default=100_000, help="per client")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        root = Path(tmp)
+        ds = build_dataset(root, shards=args.shards, per_shard=args.per_shard)
+        files = {p.name: p.read_bytes() for p in ds.iterdir() if p.name.endswith(".tar")}
+        size = sum(map(len, files.values())) / 1e6
+        print(f"{len(files)} shards, {size:.1f} MB; {args.clients} clients in {args.client_procs} processes, "
+              f"{args.seconds:.0f} s per server, {1 - args.range_fraction:.0%} whole shards / "
+              f"{args.range_fraction:.0%} ranges of 1..{args.max_range} bytes, every 10th call an API call")
+        runs = [("http.server", 1)] + [("cifar5m serve", w) for w in args.workers]
+        rows = []
+        for kind, workers in runs:
+            proc, port, prefix = start_server(kind, root, workers, args.loop)
+            try:
+                rows.append((kind, workers, run_load(files, port, prefix, kind != "http.server", args)))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    base = rows[0][2]["mbps"] or 1e-9
+    print("\n| server | workers | MB/s (asked) | MB/s (wire) | req/s | whole | ranges | errors "
+          "| p50 ms | p99 ms | API p99 ms (n) | vs http.server |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, workers, r in rows:
+        api = "HEAD only" if kind == "http.server" else "info/tree/paths-info/HEAD"
+        print(f"| {kind} | {workers} | {r['mbps']:.0f} | {r['wire_mbps']:.0f} | {r['req_s']:.0f} | {r['full']} "
+              f"| {r['ranges']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
+              f"| {r['api_p99']:.1f} ({r['api_n']}, {api}) | {r['mbps'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
