@@ -14,6 +14,7 @@ import numpy as np
 from cifar5m.errors import CorruptShardError
 from shards import codec
 from shards.format import IMAGE_BYTES, IMAGE_SHAPE
+from train.blocks import BlockStore
 from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.source import Source
@@ -31,16 +32,34 @@ def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 
 class SampleReader:
-    def __init__(self, catalog: Catalog, source: Source, cache: DecodedCache | None = None) -> None:
+    """Decodes samples of one split. ``block``: remote sources fetch whole plan blocks (the
+    order is block-shuffled, so a window of the order reads each block once), keeping
+    the last ``keep_blocks``; None: per-sample ranges (scattered subsets)."""
+
+    def __init__(self, catalog: Catalog, source: Source, cache: DecodedCache | None = None, *,
+                 block: int | None = None, keep_blocks: int = 128) -> None:
         self.catalog = catalog
         self.source = source
         self.cache = cache
+        self.blocks = None if source.local or not block else \
+            BlockStore(catalog, source, block=block, keep=keep_blocks)
+        self._views: dict[int, tuple[np.ndarray, int] | None] = {}
+
+    def __getstate__(self) -> dict:  # views are of this process's maps
+        return {**self.__dict__, "_views": {}}
+
+    def lookahead(self, positions: np.ndarray) -> None:
+        """Positions the next call will ask for: remote blocks start downloading now."""
+        if self.blocks is not None and self.cache is None:
+            self.blocks.lookahead(np.asarray(positions, np.int64))
 
     def images(self, positions: np.ndarray) -> np.ndarray:
         """Images of ``positions`` (split positions), ``(k, 3, 32, 32)`` uint8, in order."""
         positions = np.asarray(positions, np.int64)
         out = np.empty((len(positions), 3, 32, 32), np.uint8)
         cat = self.catalog
+        if self.blocks is not None and self.cache is None:
+            self.blocks.ensure(positions)
         for shard, idx in group_by_shard(cat.shard_id[positions]):
             rows = positions[idx]
             if self.cache is not None:
@@ -65,10 +84,20 @@ class SampleReader:
         """The encoded image members of ``positions`` (for re-serving as tar), in order."""
         positions = np.asarray(positions, np.int64)
         out: list[bytes] = [b""] * len(positions)
+        if self.blocks is not None and self.cache is None:
+            self.blocks.ensure(positions)
         for shard, idx in group_by_shard(self.catalog.shard_id[positions]):
             for i, data in zip(idx.tolist(), self._read(shard, positions[idx]), strict=True):
                 out[i] = bytes(data)
         return out
+
+    def _truncated(self, shard: int, row: int, start: int, end: int) -> CorruptShardError:
+        cat = self.catalog
+        return CorruptShardError(
+            f"{self.source.url}/{cat.shards[shard]} is truncated: sample {cat.keys[row].decode()!r} "
+            f"at byte offset {start} ({end - start} bytes) runs past the end of the shard (the "
+            f"manifest says {int(cat.shard_bytes[shard])} bytes); re-download it or run "
+            f"`cifar5m verify`")
 
     def _read(self, shard: int, rows: np.ndarray, *, whole: bool = False) -> list:
         cat = self.catalog
@@ -78,23 +107,67 @@ class SampleReader:
         if whole:
             view = memoryview(self.source.read_file(file))
             datas = [view[a:b] for a, b in ranges]
+        elif self.blocks is not None and self.cache is None:
+            datas = self.blocks.slices(rows, ranges)
         else:
             datas = self.source.read_ranges(file, ranges)
         for data, (a, b), row in zip(datas, ranges, rows.tolist(), strict=True):
             if len(data) != b - a:
-                raise CorruptShardError(
-                    f"{self.source.url}/{file} is truncated: sample {cat.keys[row].decode()!r} at "
-                    f"byte offset {a} ({b - a} bytes) runs past the end of the shard (the "
-                    f"manifest says {int(cat.shard_bytes[shard])} bytes); re-download it or run "
-                    f"`cifar5m verify`")
+                raise self._truncated(shard, row, a, b)
         return datas
+
+    def _npy_view(self, shard: int, whole: bool) -> tuple[np.ndarray, int] | None:
+        """``(windows, good)`` of an npy shard: ``windows[o]`` is the 3072 image bytes at data
+        offset ``o``; samples from local row ``good`` on run past a truncated end. Headers
+        are checked once per shard here, so a batch costs one fancy index per shard (the
+        per-sample loop costs ~10x more). None: use the per-sample path."""
+        if shard in self._views:
+            return self._views[shard]
+        array = getattr(self.source, "array", None)
+        if array is None and not whole:
+            return None
+        file = self.catalog.shards[shard]
+        buf = array(file) if array is not None else np.frombuffer(self.source.read_file(file), np.uint8)
+        start = int(self.catalog.shard_start[shard])
+        rows = slice(start, start + self._count(shard))
+        offsets, sizes = self.catalog.image_offset[rows], self.catalog.image_size[rows]
+        ends = offsets + codec.NPY_SIZE
+        bad = np.flatnonzero(ends > buf.size)
+        good = int(bad[0]) if len(bad) else len(offsets)
+        view = None
+        if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE):
+            headers = np.lib.stride_tricks.as_strided(buf, (buf.size - codec.NPY_HEADER_SIZE + 1,
+                                                            codec.NPY_HEADER_SIZE), (1, 1))
+            if np.array_equal(headers[offsets[:good]], np.broadcast_to(
+                    np.frombuffer(codec.NPY_HEADER, np.uint8), (good, codec.NPY_HEADER_SIZE))):
+                windows = np.lib.stride_tricks.as_strided(
+                    buf[codec.NPY_HEADER_SIZE:], (buf.size - codec.NPY_SIZE + 1, IMAGE_BYTES), (1, 1),
+                    writeable=False)
+                view = (windows, good)
+        if array is not None:  # whole-file reads are one-off (cache fills): do not keep them
+            self._views[shard] = view
+        return view
+
+    def _gather_npy(self, shard: int, rows: np.ndarray, whole: bool) -> np.ndarray | None:
+        view = self._npy_view(shard, whole)
+        if view is None:
+            return None
+        windows, good = view
+        local = rows - self.catalog.shard_start[shard]
+        if len(local) and local.max() >= good:
+            j = int(np.argmax(local >= good))
+            offset = int(self.catalog.image_offset[rows[j]])
+            raise self._truncated(shard, int(rows[j]), offset, offset + codec.NPY_SIZE)
+        return windows[self.catalog.image_offset[rows]].reshape(len(rows), *IMAGE_SHAPE)
 
     def decode(self, shard: int, rows: np.ndarray, *, whole: bool = False) -> np.ndarray:
         """Images of split positions ``rows`` (all in ``shard``), NHWC."""
+        npy = self.catalog.image_format == "npy"
+        if npy and (fast := self._gather_npy(shard, rows, whole)) is not None:
+            return fast
         datas = self._read(shard, rows, whole=whole)
         out = np.empty((len(rows), *IMAGE_SHAPE), np.uint8)
         flat = out.reshape(len(rows), IMAGE_BYTES)
-        npy = self.catalog.image_format == "npy"
         header, hsize = codec.NPY_HEADER, codec.NPY_HEADER_SIZE
         for j, data in enumerate(datas):
             if npy and len(data) == codec.NPY_SIZE and data[:hsize] == header:

@@ -22,13 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.errors import DownloadError, ShardNotFoundError
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
-THREADS = 4
+THREADS = 8  # concurrent requests per process: loopback HTTP is latency-, not bandwidth-bound
+WHOLE_BYTES = 512 << 20  # whole files kept from a server that ignores Range
 
 
 def coalesce(ranges: Sequence[tuple[int, int]], *, gap: int = GAP,
@@ -50,26 +52,43 @@ class Source:
     """Reads bytes of the files of one dataset directory."""
 
     url: str
+    local = False
+
+    def fetch(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes | memoryview]:
+        """``[(file, start, end)]`` -> the bytes of each (short where a file ends early).
+
+        Ranges are merged per file and all requests of one call run concurrently."""
+        jobs: list[tuple[str, int, int]] = []
+        where: list[tuple[int, list[int]]] = []  # job index, request indices inside it
+        by_file: dict[str, list[int]] = {}
+        for i, (file, _, _) in enumerate(requests):
+            by_file.setdefault(file, []).append(i)
+        for file, members in by_file.items():
+            for start, end, inside in coalesce([requests[i][1:] for i in members]):
+                where.append((len(jobs), [members[k] for k in inside]))
+                jobs.append((file, start, end))
+        out: list = [b""] * len(requests)
+        datas = self._get_many(jobs) if jobs else []
+        for job, inside in where:
+            view, start = memoryview(datas[job]), jobs[job][1]
+            for i in inside:
+                out[i] = view[requests[i][1] - start : requests[i][2] - start]
+        return out
 
     def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
-        raise NotImplementedError
+        return self.fetch([(file, a, b) for a, b in ranges])
 
     def read_file(self, file: str) -> bytes | memoryview:
         raise NotImplementedError
 
-    def _split(self, file: str, ranges: Sequence[tuple[int, int]], fetch) -> list:
-        out: list = [b""] * len(ranges)
-        groups = coalesce(ranges)
-        for (start, _, members), data in zip(groups, fetch(file, groups), strict=True):
-            view = memoryview(data)
-            for i in members:
-                a, b = ranges[i]
-                out[i] = view[a - start : b - start]
-        return out
+    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
+        raise NotImplementedError
 
 
 class LocalSource(Source):
     """Files on a local disk, mapped into memory (the page cache is the cache)."""
+
+    local = True
 
     def __init__(self, root: str | os.PathLike, *, keep: int = 64) -> None:
         self.url = str(root)
@@ -99,12 +118,15 @@ class LocalSource(Source):
         self._maps.move_to_end(file)
         return view
 
-    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
-        view = self._map(file)
-        return [view[a:b] for a, b in ranges]
+    def fetch(self, requests: Sequence[tuple[str, int, int]]) -> list[memoryview]:
+        return [self._map(file)[a:b] for file, a, b in requests]
 
     def read_file(self, file: str) -> memoryview:
         return self._map(file)
+
+    def array(self, file: str) -> np.ndarray:
+        """The mapped file as a read-only uint8 array (no copy)."""
+        return np.frombuffer(self._map(file), np.uint8)
 
 
 class HttpSource(Source):
@@ -140,26 +162,25 @@ class HttpSource(Source):
             raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
         if reply.status == 416:  # range starts past the end: the file is shorter
             return b""
-        if reply.status == 200 and start is not None:
+        if reply.status == 200 and start is not None:  # no Range support: keep whole files
             self._whole[file] = reply.data
-            while len(self._whole) > 2:
+            while sum(map(len, self._whole.values())) > WHOLE_BYTES and len(self._whole) > 1:
                 self._whole.popitem(last=False)
             return reply.data[start:end]
         if reply.status not in (200, 206):
             raise DownloadError(f"GET {url} answered HTTP {reply.status}")
         return reply.data
 
-    def _fetch(self, file: str, groups: list) -> list[bytes]:
-        if file in self._whole:
-            whole = self._whole[file]
-            return [whole[a:b] for a, b, _ in groups]
-        if len(groups) == 1:
-            return [self._get(file, groups[0][0], groups[0][1])]
-        return list(self._pool.map(lambda g: self._get(file, g[0], g[1]), groups))
+    def _one(self, job: tuple[str, int, int]) -> bytes:
+        file, start, end = job
+        whole = self._whole.get(file)
+        return whole[start:end] if whole is not None else self._get(file, start, end)
 
-    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list:
+    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
         self._setup()
-        return self._split(file, ranges, self._fetch)
+        if len(jobs) == 1:
+            return [self._one(jobs[0])]
+        return list(self._pool.map(self._one, jobs))
 
     def read_file(self, file: str) -> bytes:
         self._setup()
@@ -184,14 +205,12 @@ class FsspecSource(Source):
             self._pid = os.getpid()
         return self.fs
 
-    def _fetch(self, file: str, groups: list) -> list[bytes]:
+    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
         fs = self._fs()
-        where = f"{self.path}/{file}"
-        n = len(groups)
-        results = fs.cat_ranges([where] * n, [g[0] for g in groups], [g[1] for g in groups],
-                                on_error="return")
+        results = fs.cat_ranges([f"{self.path}/{f}" for f, _, _ in jobs], [j[1] for j in jobs],
+                                [j[2] for j in jobs], on_error="return")
         out = []
-        for result in results:
+        for (file, _, _), result in zip(jobs, results, strict=True):
             if isinstance(result, FileNotFoundError):
                 raise ShardNotFoundError(f"{self.url}/{file} is missing; the manifest lists it")
             if isinstance(result, Exception):
@@ -201,9 +220,6 @@ class FsspecSource(Source):
                     raise DownloadError(f"reading {self.url}/{file} failed: {result!r}")
             out.append(result)
         return out
-
-    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list:
-        return self._split(file, ranges, self._fetch)
 
     def read_file(self, file: str) -> bytes:
         try:

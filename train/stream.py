@@ -110,8 +110,10 @@ class _Producer:
         items = self.plan.rank_batch(b, self.rank)
         return items if self.subset is None else self.subset[items]
 
-    def batch(self, b: int) -> StreamBatch:
+    def batch(self, b: int, *, next_b: int | None = None) -> StreamBatch:
         positions = self.positions(b)
+        if next_b is not None and next_b < self.plan.total_batches:
+            self.reader.lookahead(self.positions(next_b))
         cat = self.reader.catalog
         keys = cat.key_list(positions) if self.return_keys else None
         images = torch.from_numpy(self.reader.images(positions))
@@ -126,7 +128,7 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for b in self.producer.plan.worker_batches(self.start, worker, workers):
-            yield self.producer.batch(b)
+            yield self.producer.batch(b, next_b=b + workers)
 
 
 class SampleStream:
@@ -169,7 +171,8 @@ class SampleStream:
                          block=c.block, window=c.window)
         cache = DecodedCache(c.cache_dir, cap_bytes=c.cache_bytes) if c.cache_dir else None
         self.cache = cache
-        self.reader = SampleReader(self.catalog, self.source, cache if self.subset is None else None)
+        self.reader = SampleReader(self.catalog, self.source, cache if self.subset is None else None,
+                                   block=c.block if self.subset is None else None, keep_blocks=max(16, 2 * c.window // c.block))
         self.next_batch = 0
         self._resumed_from = 0
         self._delivered = 0
@@ -196,7 +199,7 @@ class SampleStream:
         elif c.num_workers == 0:
             producer = self._producer()
             for b in range(start, self.plan.total_batches):
-                yield producer.batch(b)
+                yield producer.batch(b, next_b=b + 1)
         else:
             loader = torch.utils.data.DataLoader(
                 _WorkerDataset(self._producer(), start), batch_size=None, num_workers=c.num_workers,
