@@ -35,8 +35,8 @@ def test_gap_is_real_minus_ideal_averaged_over_seeds():
     assert table[2]["gap"] == pytest.approx(0.2)
     assert table[1]["real_train_soft_error"] == pytest.approx(0.5)
     text = format_gap(table)
-    assert "| 20 | 0.3000 | 0.5000 | +0.2000 | 0.2000 |" in text
-    assert "End (step 20): gap +0.2000" in text
+    assert "| 20 | 0.3000 | 0.5000 | +0.2000 | 0.2000 | 0.1500 | 0.2500 | +0.1000 |  |" in text
+    assert "End (step 20): gap +0.2000" in text and "test error gap +0.1000" in text
 
 
 def test_report_plot_holds_both_worlds(tmp_path):
@@ -44,7 +44,7 @@ def test_report_plot_holds_both_worlds(tmp_path):
     ideal = [rows("ideal", [0.9, 0.5, 0.3])]
     result = write_report(real, ideal, out=tmp_path, title="test")
     with Image.open(result.plot) as im:
-        assert im.format == "PNG" and im.size == (640, 420)
+        assert im.format == "PNG" and im.size == (1000, 420)
         pixels = im.convert("RGB").getcolors(1 << 20)
     colors = {c for _, c in pixels}
     assert (31, 119, 180) in colors and (214, 39, 40) in colors  # tab:blue ideal, tab:red real

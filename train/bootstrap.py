@@ -22,7 +22,8 @@ from train.plots import curve, plot_bootstrap
 from train.trainer import TrainConfig, train
 
 GAP_COLUMNS = ("step", "ideal_test_soft_error", "real_test_soft_error", "gap",
-               "real_train_soft_error", "ideal_test_error", "real_test_error")
+               "real_train_soft_error", "ideal_test_error", "real_test_error", "error_gap",
+               "real_train_error")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def gap_table(real: list[list[dict]], ideal: list[list[dict]]) -> list[dict]:
     """Mean over seeds at every step both worlds logged; gap = real - ideal test soft error."""
     columns = {}
     for world, runs in (("real", real), ("ideal", ideal)):
-        for name in ("test_soft_error", "test_error", "train_soft_error"):
+        for name in ("test_soft_error", "test_error", "train_soft_error", "train_error"):
             if runs and all(any(name in r for r in rows) for rows in runs):
                 steps, mean, _, _ = curve(runs, name)
                 columns[f"{world}_{name}"] = dict(zip(steps.tolist(), mean.tolist(), strict=True))
@@ -88,6 +89,9 @@ def gap_table(real: list[list[dict]], ideal: list[list[dict]]) -> list[dict]:
         for name in GAP_COLUMNS[1:]:
             if name == "gap":
                 row[name] = row["real_test_soft_error"] - row["ideal_test_soft_error"]
+            elif name == "error_gap":
+                both = row.get("real_test_error") is not None and row.get("ideal_test_error") is not None
+                row[name] = row["real_test_error"] - row["ideal_test_error"] if both else None
             elif name in columns:
                 row[name] = columns[name].get(step)
         table.append(row)
@@ -96,20 +100,27 @@ def gap_table(real: list[list[dict]], ideal: list[list[dict]]) -> list[dict]:
 
 def format_gap(gap: list[dict], *, every: int = 1) -> str:
     """A Markdown table of the gap (every ``every``-th row, and always the last)."""
-    head = "| step | ideal test soft err | real test soft err | gap (real - ideal) | real train soft err |"
-    lines = [head, "|---:|---:|---:|---:|---:|"]
+    head = ("| step | ideal test soft err | real test soft err | gap (real - ideal) | "
+            "real train soft err | ideal test err | real test err | err gap | real train err |")
+    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(gap):
         if i % every and i != len(gap) - 1:
             continue
-        train = row.get("real_train_soft_error")
-        lines.append(f"| {row['step']} | {row['ideal_test_soft_error']:.4f} | "
-                     f"{row['real_test_soft_error']:.4f} | {row['gap']:+.4f} | "
-                     f"{'' if train is None else f'{train:.4f}'} |")
+        lines.append(f"| {row['step']} | " + " | ".join(_cell(row, c) for c in GAP_COLUMNS[1:]) + " |")
     if gap:
         last = gap[-1]
         lines.append(f"\nEnd (step {last['step']}): gap {last['gap']:+.4f} "
-                     f"(real {last['real_test_soft_error']:.4f}, ideal {last['ideal_test_soft_error']:.4f}).")
+                     f"(real {last['real_test_soft_error']:.4f}, ideal {last['ideal_test_soft_error']:.4f})"
+                     + (f"; test error gap {last['error_gap']:+.4f}." if last.get("error_gap") is not None
+                        else "."))
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    return f"{value:+.4f}" if column.endswith("gap") else f"{value:.4f}"
 
 
 def _title(config: BootstrapConfig) -> str:

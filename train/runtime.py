@@ -99,6 +99,7 @@ class TrainData:
         self.keys_file = None
         self._ahead = None
         self._iter = None
+        self._side = None  # CUDA stream that copies the next ideal-world batch
         if self.real:
             images, labels, keys = stream.real_subset()
             self.images = torch.as_tensor(images).contiguous().to(rt.device)
@@ -134,7 +135,9 @@ class TrainData:
         x, y = torch.as_tensor(item.images), torch.as_tensor(item.labels, dtype=torch.int64)
         if self.rt.device.type != "cuda":
             return x, y, item.keys
-        side = torch.cuda.Stream(self.rt.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.rt.device)
+        side = self._side
         with torch.cuda.stream(side):
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
         return x, y, item.keys, side
