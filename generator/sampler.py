@@ -109,6 +109,11 @@ class Sampler:
             unet.time_embedding = SharedTimeEmbedding(unet.time_embedding)
         self.unet = unet.to(self.device, dtype=dtype, memory_format=self.memory_format).eval()
         self.forward = torch.compile(self.unet) if compile else self.unet
+        # A compiled UNet recompiles for each new batch shape; pad short batches (a shard's
+        # tail) up to the largest batch seen instead. Eager runs are not padded, so CPU
+        # results stay exactly per-sample.
+        self.pad = compile
+        self.max_batch = 0
         self.num_classes = unet.config.get("num_class_embeds")
 
     def _timestep_args(self, steps: int, scheduler_config: dict[str, Any]) -> dict[str, Any]:
@@ -129,28 +134,43 @@ class Sampler:
     @torch.no_grad()
     def sample(self, seed: int, ids: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,))."""
+        n = len(ids)
+        self.max_batch = max(self.max_batch, n)
+        if self.pad and n < self.max_batch:  # repeat the last sample; its copies are dropped
+            ids = torch.cat([ids, ids[-1:].expand(self.max_batch - n)])
+            if class_labels is not None:
+                class_labels = torch.cat([class_labels, class_labels[-1:].expand(self.max_batch - n)])
         ids = ids.to(self.device)
         x = noise.normal(seed, ids, 0, IMAGE_CHW)
         if class_labels is not None:
             class_labels = class_labels.to(self.device)
         sched = copy.deepcopy(self.template)  # multistep schedulers keep per-run state
-        for k, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(x, t).to(self.dtype).contiguous(memory_format=self.memory_format)
-            out = self.forward(inp, t, class_labels=class_labels).sample.float()
+        # Python ints for the scheduler maths (no device sync), device tensors for the UNet
+        # (a compiled UNet would specialise, i.e. recompile, on each distinct int).
+        steps = [int(t) for t in sched.timesteps.cpu()]
+        for k, (t, t_dev) in enumerate(zip(steps, sched.timesteps, strict=True)):
+            inp = sched.scale_model_input(x, t_dev).to(self.dtype).contiguous(memory_format=self.memory_format)
+            out = self.forward(inp, t_dev, class_labels=class_labels).sample.float()
             if self.sampler == "ddpm":
-                x = ddpm_step(sched, out, int(t), x, noise.normal(seed, ids, 1 + k, IMAGE_CHW))
+                prev = steps[k + 1] if k + 1 < len(steps) else -1
+                x = ddpm_step(sched, out, t, prev, x, noise.normal(seed, ids, 1 + k, IMAGE_CHW))
             else:
-                x = sched.step(out, t, x).prev_sample
+                x = sched.step(out, t_dev, x).prev_sample
+        x = x[:n]
         # Same quantisation as diffusers' DDPMPipeline: (x / 2 + 0.5) clamped, * 255, rounded.
         images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
 
 
-def ddpm_step(sched: Any, model_output: torch.Tensor, t: int, x: torch.Tensor,
+def ddpm_step(sched: Any, model_output: torch.Tensor, t: int, prev: int, x: torch.Tensor,
               step_noise: torch.Tensor) -> torch.Tensor:
-    """One ancestral DDPM step (Ho et al. eq. 7), as ``DDPMScheduler.step`` computes it."""
+    """One ancestral DDPM step (Ho et al. eq. 7) from t to prev (-1 after the last step).
+
+    The same formulas as ``DDPMScheduler.step`` with ``fixed_small``/``fixed_large``
+    variance, but all coefficients are Python floats: no per-step device sync (diffusers
+    looks ``prev`` up with a tensor ``nonzero``).
+    """
     cfg = sched.config
-    prev = int(sched.previous_timestep(t))
     ab = float(sched.alphas_cumprod[t])
     ab_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else 1.0
     beta = 1 - ab / ab_prev
@@ -167,4 +187,7 @@ def ddpm_step(sched: Any, model_output: torch.Tensor, t: int, x: torch.Tensor,
     mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
     if t == 0:
         return mean
-    return mean + float(sched._get_variance(t)) ** 0.5 * step_noise
+    # fixed_large: sigma^2 = beta_t (Ho et al.'s better-FID choice on CIFAR-10);
+    # fixed_small: the posterior variance, clamped as diffusers does.
+    var = beta if cfg.variance_type == "fixed_large" else max((1 - ab_prev) / (1 - ab) * beta, 1e-20)
+    return mean + var**0.5 * step_noise

@@ -53,13 +53,16 @@ def test_noise_rejects_bad_seed() -> None:
 def test_ddpm_step_matches_diffusers_with_the_same_noise() -> None:
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(variance_type="fixed_large", clip_sample=True)
-    sched.set_timesteps(50)
     x, eps = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    for t in (int(sched.timesteps[0]), int(sched.timesteps[25]), 0):
-        ref = sched.step(eps, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-        assert torch.allclose(ddpm_step(sched, eps, t, x, z), ref, atol=1e-5)
+    for variance in ("fixed_large", "fixed_small"):
+        sched = DDPMScheduler(variance_type=variance, clip_sample=True)
+        sched.set_timesteps(50)
+        ts = [int(t) for t in sched.timesteps] + [-1]
+        for k in (0, 25, 49):
+            t, prev = ts[k], ts[k + 1]
+            ref = sched.step(eps, t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+            assert torch.allclose(ddpm_step(sched, eps, t, prev, x, z), ref, atol=1e-5)
 
 
 def test_ddim_uses_the_ddim_papers_quadratic_timesteps() -> None:
