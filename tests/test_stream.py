@@ -295,3 +295,18 @@ def test_class_balanced_subset_and_one_epoch_default(dataset_dir):
     assert len(keys) == 48 == len(set(keys)) and stream.report()["dropped_tail"] == 2
     with pytest.raises(NotEnoughSamplesError, match="n=500 .* holds 120"):
         SampleStream(StreamConfig(source=root, world="real", n=500))
+
+
+def test_config_json_round_trip_and_positions_without_reading(dataset_dir):
+    root = dataset_dir(50, 20)
+    cfg = StreamConfig(source=root, batch_size=10, seed=2, cache_dir=root / "c",
+                       storage_options={"anon": True})
+    assert cfg.source == str(root) and StreamConfig.from_json(cfg.to_json()) == cfg
+    stream = SampleStream(StreamConfig(source=str(root), batch_size=10, rank=1, world_size=2,
+                                       return_keys=True))
+    steps = [(b, stream.catalog.key_list(p)) for b, p in stream.iter_positions()]
+    assert stream.state_dict()["next_batch"] == 5 and len(stream) == 0
+    ref = [(b.step, b.keys) for b in SampleStream(StreamConfig(source=str(root), batch_size=10,
+                                                               rank=1, world_size=2, return_keys=True))]
+    assert steps == ref
+    assert stream.global_positions(0)[5:].tolist() == [int(k[1:]) for k in ref[0][1]]

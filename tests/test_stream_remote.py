@@ -86,6 +86,9 @@ def test_http_range_server_delivers_the_local_batches(dataset, range_http, tmp_p
     assert_same(batches(range_http), ref)
     assert_same(batches(range_http, cache_dir=str(tmp_path / "cache")), ref)  # whole-shard GETs
     assert_same(batches(range_http, num_workers=2), ref)
+    # tiny blocks: 38 blocks but only 16 kept, so the lookahead evicts and refetches
+    small = dict(block=4, window=64)
+    assert_same(batches(range_http, **small), batches(str(dataset), **small))
 
 
 def test_plain_http_server_without_range_support_works(dataset, plain_http):
