@@ -23,12 +23,12 @@ COMMANDS: dict[str, str] = {
     "verify": "cifar5m.commands.dataset:verify_cmd",
     "info": "cifar5m.commands.dataset:info_cmd",
     "grid": "cifar5m.commands.dataset:grid_cmd",
-    # generator/ (models)
+    "demo": "cifar5m.commands.demo:demo_cmd",
+    # generator/
+    "generate": "cifar5m.commands.generate:generate_cmd",
     "train-labeler": "cifar5m.commands.models:train_labeler_cmd",
     "train-generator": "cifar5m.commands.models:train_generator_cmd",
     "report": "cifar5m.commands.models:report_cmd",
-    # generator/
-    "generate": "cifar5m.commands.generate:generate_cmd",
     # dataset_server/
     "serve": "cifar5m.commands.serve:serve_cmd",
     "download": "cifar5m.commands.serve:download_cmd",
