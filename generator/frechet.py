@@ -38,7 +38,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     middle = np.linalg.eigvalsh(r1 @ s2 @ r1)
     tr_covmean = np.sqrt(np.clip(middle, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean))
 
 
 def frechet_distance_features(a: np.ndarray, b: np.ndarray) -> float:

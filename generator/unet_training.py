@@ -121,7 +121,7 @@ def sample_images(unet, scheduler_config: dict, *, count: int, steps: int, seed:
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
-    sched.set_timesteps(steps)
+    sched.set_timesteps(min(steps, sched.config.num_train_timesteps))
     x = torch.randn(count, 3, 32, 32, generator=_seeded(seed, 7)).to(device)
     was_training = unet.training
     unet.eval()

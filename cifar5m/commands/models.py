@@ -90,6 +90,8 @@ def train_labeler_cmd(data, out, arch, widths, epochs, batch_size, lr, label_smo
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--sample-every", type=click.IntRange(min=0), default=5000, show_default=True,
               help="Write a DDIM sample grid PNG to WORK/samples every K steps (0: never).")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="DDIM steps for the sample grids.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--compile/--no-compile", default=False, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), help="Train on a class-balanced subset.")
@@ -98,7 +100,7 @@ def train_labeler_cmd(data, out, arch, widths, epochs, batch_size, lr, label_smo
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
 def train_generator_cmd(data, out, channels, layers_per_block, attention_levels, norm_groups, dropout,
                         timesteps, beta_schedule, beta_start, beta_end, lr, batch_size, warmup, grad_clip,
-                        ema_decay, ema_warmup, steps, checkpoint_every, sample_every, precision, compile,
+                        ema_decay, ema_warmup, steps, checkpoint_every, sample_every, sample_steps, precision, compile,
                         max_train, work, seed, threads) -> None:
     """Train a DDPM UNet2DModel on DATA; save EMA weights + scheduler to --out.
 
@@ -126,7 +128,7 @@ def train_generator_cmd(data, out, channels, layers_per_block, attention_levels,
         num_train_timesteps=timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
         beta_end=beta_end, lr=lr, batch_size=batch_size, warmup_steps=warmup, grad_clip=grad_clip,
         ema_decay=ema_decay, ema_warmup=ema_warmup, steps=steps, checkpoint_every=checkpoint_every,
-        sample_every=sample_every, precision=precision, compile=compile, max_train=max_train,
+        sample_every=sample_every, sample_steps=sample_steps, precision=precision, compile=compile, max_train=max_train,
         work=work, seed=seed)
     metrics = train_generator(cfg)
     click.echo(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; wrote {out}")
