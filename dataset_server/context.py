@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dataset_server.auth import Access, AccessPolicy
-from dataset_server.repo import DatasetRepo, Library, RepoState
+from dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
 from dataset_server.responses import hub_error, repo_not_found
 
 MAIN = "main"
@@ -38,6 +38,9 @@ def lookup(ctx: ServerContext, request: Request, org: str, name: str, *,
            files: bool) -> tuple[DatasetRepo, Access]:
     """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
     repo_id = f"{org}/{name}"
+    if not (valid_name(org) and valid_name(name)):
+        # '..', '.', '%2F' and the like can never name a dataset: plain 404, no probing risk.
+        raise Denied(hub_error(404, "RepoNotFound", f"Repository not found: {repo_id!r} is not a valid name"))
     repo = ctx.library.get(org, name)
     access = ctx.policy.access(repo_id, request.headers.get("authorization"))
     if repo is None or access is Access.NONE:

@@ -13,9 +13,10 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-# 1 MiB per read: one worker-thread hop and one socket write per MiB keeps the
-# per-chunk overhead (~50 us) small next to copying the chunk; 32 clients hold at
-# most 32 MiB in flight.
+# 1 MiB per read. Measured (curl clients, uvloop, 1 worker): 64 KiB chunks cost
+# 3.3 CPU-s per GB served (~100 us of thread hop + ASGI layers per chunk), 256 KiB
+# 0.70, 1 MiB 0.48-0.53, 4 MiB 0.52; http.server needs 0.38-0.46. 32 clients hold
+# at most 32 MiB in flight.
 CHUNK = 1024 * 1024
 
 REPO_COMMIT = "X-Repo-Commit"
