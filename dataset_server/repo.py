@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -204,14 +205,17 @@ class DatasetRepo:
         if _FILE.fullmatch(name) is None:
             return None
         path = os.path.join(real_dir, name)
-        # A symlink may point anywhere: serve it only if it stays inside the dataset.
-        if os.path.dirname(os.path.realpath(path)) != real_dir:
-            return None
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # one syscall per file: API calls re-scan 600 shards
+            if stat.S_ISLNK(st.st_mode):
+                # A symlink may point anywhere: serve it only if it stays inside the dataset.
+                path = os.path.realpath(path)
+                if os.path.dirname(path) != real_dir:
+                    return None
+                st = os.stat(path)
         except OSError:
             return None
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             return None
         lfs = Path(name).suffix not in _TEXT_SUFFIXES or st.st_size > _LFS_MIN_BYTES
         key = self.hashes.key(path, st)

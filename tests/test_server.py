@@ -170,6 +170,11 @@ def test_traversal_never_serves_outside_files(served, tmp_path):
     # A listed shard replaced by a symlink to a file outside the dataset.
     (ds / "train-000003.tar").unlink()
     (ds / "train-000003.tar").symlink_to(tmp_path / "secret.txt")
+    # A listed shard that is a symlink to a file inside the dataset is served.
+    inside = (ds / "train-000002.tar").read_bytes()
+    (ds / "train-000002.tar").rename(ds / "train-000002.tar.real")
+    (ds / "train-000002.tar").symlink_to("train-000002.tar.real")
+    assert request(url, "GET", f"{DS}/train-000002.tar")[2] == inside
     # A dataset folder symlinked out of ROOT.
     outside = tmp_path / "outside"
     outside.mkdir()
