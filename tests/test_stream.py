@@ -145,6 +145,26 @@ def test_block_order_is_a_seeded_permutation_that_keeps_blocks_within_shards():
     assert all(len(set(shard_of[r])) == 1 and len(r) <= 4 for r in runs)
 
 
+def test_prefetch_thread_keeps_order_stops_early_and_raises_in_place():
+    from train.prefetch import ahead
+
+    assert list(ahead(lambda i: i * i, range(10), 3)) == [i * i for i in range(10)]
+    gen = ahead(lambda i: i, range(1000), 2)
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()  # stops the thread (joins it)
+
+    def fail(i):
+        if i == 4:
+            raise ValueError("bad 4")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad 4"):
+        for x in ahead(fail, range(10), 2):
+            got.append(x)
+    assert got == [0, 1, 2, 3]
+
+
 def test_images_labels_and_keys_match_the_dataset(dataset_dir):
     root = dataset_dir(100, 30, "png")
     images = synthetic_images(103)
@@ -202,6 +222,7 @@ def test_truncated_shard_names_shard_and_offset(tmp_path):
         list(stream)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("fmt", ["npy", "png"])
 def test_real_dataloader_workers_match_in_process(dataset_dir, fmt):
     root = str(dataset_dir(120, 25, fmt))
@@ -230,6 +251,9 @@ def test_decoded_cache_gives_identical_batches_and_respects_the_cap(dataset_dir,
         assert [k for k, _ in got] == [k for k, _ in ref]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref, strict=True))
     assert len(list((tmp_path / "c").glob("*.chw.u8"))) == 5
+    # two worker processes filling one fresh cache at once (flock: one decoder per shard)
+    got = [b.keys for b in SampleStream(StreamConfig(**base, cache_dir=str(tmp_path / "w"), num_workers=2))]
+    assert got == [k for k, _ in ref] and len(list((tmp_path / "w").glob("*.chw.u8"))) == 5
     cap = 2 * 25 * 3072
     stream = SampleStream(StreamConfig(**base, cache_dir=str(tmp_path / "small"), cache_bytes=cap))
     got = [b.keys for b in stream]

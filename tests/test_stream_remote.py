@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar5m.errors import CorruptShardError, DatasetNotFoundError
+from cifar5m.errors import CorruptShardError, DatasetNotFoundError, DownloadError
 from tests.conftest import write_dataset
 from train.stream import SampleStream, StreamConfig
 
@@ -105,6 +105,11 @@ def test_http_truncated_shard_and_missing_dataset(tmp_path, plain_http):
         list(stream)
     with pytest.raises(DatasetNotFoundError, match="no manifest.json"):
         SampleStream(StreamConfig(source=url + "/nothing-here"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ds"
+    with pytest.raises(DownloadError, match="is the server up"):
+        SampleStream(StreamConfig(source=dead))
 
 
 def test_s3_through_moto_delivers_the_local_batches(dataset, tmp_path):

@@ -30,6 +30,7 @@ from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamState
 from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
+from train.prefetch import ahead
 from train.reader import SampleReader
 from train.source import open_source
 
@@ -58,7 +59,7 @@ class StreamConfig:
     wrap: bool = False  # ideal world: start a new permutation instead of raising
     return_keys: bool = False
     pin_memory: bool = False
-    prefetch: int = 2  # batches each worker prepares ahead
+    prefetch: int = 2  # batches prepared ahead (per worker; without workers: in a thread)
     cache_dir: str | None = None  # decoded-shard cache (ideal) / decoded subset (real)
     cache_bytes: int | None = None  # size cap of cache_dir (LRU eviction)
     storage_options: dict | None = None  # for fsspec URLs, e.g. {"endpoint_url": ...}
@@ -198,8 +199,8 @@ class SampleStream:
                                   [keys[i] for i in idx.tolist()] if c.return_keys else None, b)
         elif c.num_workers == 0:
             producer = self._producer()
-            for b in range(start, self.plan.total_batches):
-                yield producer.batch(b, next_b=b + 1)
+            yield from ahead(lambda b: producer.batch(b, next_b=b + 1),
+                             range(start, self.plan.total_batches), c.prefetch)
         else:
             loader = torch.utils.data.DataLoader(
                 _WorkerDataset(self._producer(), start), batch_size=None, num_workers=c.num_workers,
