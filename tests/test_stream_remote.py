@@ -91,6 +91,15 @@ def test_http_range_server_delivers_the_local_batches(dataset, range_http, tmp_p
     assert_same(batches(range_http, **small), batches(str(dataset), **small))
 
 
+def test_real_world_subset_over_http_equals_local(dataset, range_http):
+    cfg = dict(world="real", n=37, batch_size=8, steps=10, seed=1, return_keys=True)
+    local = SampleStream(StreamConfig(source=str(dataset), **cfg))
+    remote = SampleStream(StreamConfig(source=range_http, **cfg))
+    for a, b in zip(local.real_subset(), remote.real_subset(), strict=True):
+        assert a == b if isinstance(a, list) else torch.equal(a, b)
+    assert [b.keys for b in local] == [b.keys for b in remote]
+
+
 def test_plain_http_server_without_range_support_works(dataset, plain_http):
     assert_same(batches(plain_http(dataset)), batches(str(dataset)))
 

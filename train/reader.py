@@ -58,8 +58,13 @@ class SampleReader:
         positions = np.asarray(positions, np.int64)
         out = np.empty((len(positions), 3, 32, 32), np.uint8)
         cat = self.catalog
+        fetched = None
         if self.blocks is not None and self.cache is None:
             self.blocks.ensure(positions)
+        elif not self.source.local and self.cache is None:  # scattered (a real-world subset):
+            offsets, sizes = cat.image_offset[positions], cat.image_size[positions]  # one round
+            fetched = self.source.fetch([(cat.shards[s], o, o + n) for s, o, n in zip(
+                cat.shard_id[positions].tolist(), offsets.tolist(), sizes.tolist(), strict=True)])
         for shard, idx in group_by_shard(cat.shard_id[positions]):
             rows = positions[idx]
             if self.cache is not None:
@@ -67,7 +72,8 @@ class SampleReader:
                 whole = self.cache.get(cat.shard_sha[shard], count, lambda s=shard: self.decode_shard(s))
                 out[idx] = whole[rows - cat.shard_start[shard]]
             else:
-                out[idx] = self.decode(shard, rows).transpose(0, 3, 1, 2)
+                datas = None if fetched is None else [fetched[i] for i in idx.tolist()]
+                out[idx] = self.decode(shard, rows, datas=datas).transpose(0, 3, 1, 2)
         return out
 
     def _count(self, shard: int) -> int:
@@ -99,17 +105,17 @@ class SampleReader:
             f"manifest says {int(cat.shard_bytes[shard])} bytes); re-download it or run "
             f"`cifar5m verify`")
 
-    def _read(self, shard: int, rows: np.ndarray, *, whole: bool = False) -> list:
+    def _read(self, shard: int, rows: np.ndarray, *, whole: bool = False, datas: list | None = None) -> list:
         cat = self.catalog
         file = cat.shards[shard]
         offsets, sizes = cat.image_offset[rows], cat.image_size[rows]
         ranges = list(zip(offsets.tolist(), (offsets + sizes).tolist(), strict=True))
-        if whole:
+        if datas is None and whole:
             view = memoryview(self.source.read_file(file))
             datas = [view[a:b] for a, b in ranges]
-        elif self.blocks is not None and self.cache is None:
+        elif datas is None and self.blocks is not None and self.cache is None:
             datas = self.blocks.slices(rows, ranges)
-        else:
+        elif datas is None:
             datas = self.source.read_ranges(file, ranges)
         for data, (a, b), row in zip(datas, ranges, rows.tolist(), strict=True):
             if len(data) != b - a:
@@ -160,12 +166,13 @@ class SampleReader:
             raise self._truncated(shard, int(rows[j]), offset, offset + codec.NPY_SIZE)
         return windows[self.catalog.image_offset[rows]].reshape(len(rows), *IMAGE_SHAPE)
 
-    def decode(self, shard: int, rows: np.ndarray, *, whole: bool = False) -> np.ndarray:
+    def decode(self, shard: int, rows: np.ndarray, *, whole: bool = False,
+               datas: list | None = None) -> np.ndarray:
         """Images of split positions ``rows`` (all in ``shard``), NHWC."""
         npy = self.catalog.image_format == "npy"
         if npy and (fast := self._gather_npy(shard, rows, whole)) is not None:
             return fast
-        datas = self._read(shard, rows, whole=whole)
+        datas = self._read(shard, rows, whole=whole, datas=datas)
         out = np.empty((len(rows), *IMAGE_SHAPE), np.uint8)
         flat = out.reshape(len(rows), IMAGE_BYTES)
         header, hsize = codec.NPY_HEADER, codec.NPY_HEADER_SIZE

@@ -16,6 +16,7 @@ DataLoader's in-order round robin hands them out as ``start, start + 1, ...``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -243,8 +244,9 @@ class SampleStream:
                 return reader.images(self.subset)
 
             if self.cache is not None:
-                key = f"subset-{self.catalog.fingerprint()}-{self.config.seed}-" \
-                      f"{int(self.config.class_balanced)}-{len(self.subset)}"
+                name = f"subset:{self.catalog.fingerprint()}:{self.config.seed}:" \
+                       f"{int(self.config.class_balanced)}:{len(self.subset)}"
+                key = hashlib.sha256(name.encode()).hexdigest()  # the cache keeps 32 hex digits
                 images = np.asarray(self.cache.get(key, len(self.subset), load))
             else:
                 images = load()
