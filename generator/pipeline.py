@@ -35,6 +35,7 @@ from shards.writer import (
     begin,
     load_records,
     records_from_dataset,
+    sha256_file,
     write_shard,
 )
 
@@ -94,6 +95,24 @@ def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dic
     return {f: r for f, r in records.items() if r.info.samples == sizes[f]}
 
 
+def drop_damaged(root: Path) -> list[str]:
+    """Delete unfinished-run shards whose bytes no longer match their recorded sha256.
+
+    They are regenerated like never-written shards (same noise, same bytes), so a torn
+    or corrupted file costs one shard of work instead of a manual clean-up.
+    """
+    if not (root / WORK_DIR / STATE_NAME).is_file():
+        return []
+    dropped = []
+    for name, rec in load_records(root, check=False).items():
+        shard = root / name
+        if shard.stat().st_size != rec.info.bytes or sha256_file(shard) != rec.info.sha256:
+            shard.unlink()
+            rec.part.unlink()
+            dropped.append(name)
+    return dropped
+
+
 def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | None:
     if cfg.labeler_path is None:
         if not conditional:
@@ -134,9 +153,12 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
     ranks.init(rank)
     try:
         if rank.is_main:
+            for name in drop_damaged(root):
+                print(f"{root / name} does not match its recorded sha256: regenerating it")
             begin(root, fp, extend=True)
             atomic_write_bytes(root / WORK_DIR / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1).encode())
         ranks.barrier(rank)
+        keep = check_existing(root, fp, plan)  # again: rank 0 may have dropped damaged shards
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
         ok = True
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -57,12 +59,10 @@ class Session:
         from generator.sampler import Sampler
 
         dlogging.set_verbosity_error()  # from_config warns about every DDPM-only key
-        if self.device.type == "cpu":
-            # oneDNN and NNPACK (used at batch >= 16) pick conv kernels by batch size, which
-            # changes last bits; the native path computes each image alone, so CPU output
-            # is batch- and rank-invariant (measured: ~2x slower for the tiny test UNet).
-            torch.backends.mkldnn.enabled = False
-            torch.backends.nnpack.set_flags(False)
+        if self.device.type == "cuda":
+            # Fixed shapes all run long: let cuDNN time its algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")  # the fp32 labeler's matmuls on TF32
         unet = model_mod.load_unet(self.source)
         compile_ = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
         return Sampler(unet, self.source.scheduler_config, sampler=self.cfg.sampler,
@@ -70,12 +70,16 @@ class Session:
                        dtype=getattr(torch, DTYPES[self.dtype_name]), compile=compile_)
 
     def produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
+        if not todo:
+            return
+        with cpu_determinism(self.device):
+            self._produce(root, todo, progress=progress)
+
+    def _produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         from generator.producer import Producer
 
-        if not todo:
-            return
         sampler = self.make_sampler()
         self.timesteps = sampler.timesteps
         producer = Producer(sampler, self.labeler, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
@@ -145,6 +149,31 @@ class Session:
         names = sorted(p.name for p in root.iterdir() if p.is_file())
         for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
             fs.put_file(str(root / name), f"{base.rstrip('/')}/{name}")
+
+
+@contextlib.contextmanager
+def cpu_determinism(device: Any) -> Iterator[None]:
+    """On CPU, run convolutions on the native path while generating and labelling.
+
+    oneDNN and NNPACK (NNPACK from batch 16) choose conv kernels by batch size, which
+    changes the last bits of a sample's output with the batch it is in; the native
+    path computes each image alone, so CPU datasets are batch- and rank-invariant
+    (checked on the ddpm-cifar10-32 UNet: batch 17 vs 5+5+5+2, 2 vs 1 threads). It is
+    slower than oneDNN; CPUs are for tests and small sets anyway.
+    """
+    import torch
+
+    if device.type != "cpu":
+        yield
+        return
+    # (not mkldnn.flags(): it would also reset oneDNN's tf32/deterministic settings)
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.backends.nnpack.flags(enabled=False):
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def agreement(records: list[ShardRecord]) -> float:

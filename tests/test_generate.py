@@ -190,3 +190,42 @@ def test_fsspec_url_output_is_staged_then_uploaded(models, tmp_path) -> None:
     assert "manifest.json" in names and "train-000001.tar" in names
     ds = Dataset(url)
     assert len(ds.split("train")) == 20 and ds.split("test").keys[0] == "s0000000000"
+
+
+def test_crash_then_corrupted_shard_is_regenerated_on_resume(models, reference, tmp_path,
+                                                             monkeypatch, capsys) -> None:
+    from generator.producer import Producer
+
+    real_shard, calls = Producer.shard, []
+
+    def crash_on_third(self, plan, **kw):
+        calls.append(plan.file)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run dies mid-way, like Ctrl-C
+        return real_shard(self, plan, **kw)
+
+    out = tmp_path / "ds"
+    monkeypatch.setattr(Producer, "shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(models, out, workers=1), progress=False)
+    monkeypatch.setattr(Producer, "shard", real_shard)
+    assert not (out / "manifest.json").exists()
+    damaged = out / calls[0]
+    data = bytearray(damaged.read_bytes())
+    data[700] ^= 0xFF  # inside the first PNG
+    damaged.write_bytes(bytes(data))
+    run(config(models, out), progress=False)
+    assert f"{damaged} does not match its recorded sha256: regenerating it" in capsys.readouterr().out
+    assert dataset_digest(out) == dataset_digest(reference)
+
+
+def test_cli_help_explains_with_examples() -> None:
+    from click.testing import CliRunner
+
+    from cifar5m.cli import cli as cli_group
+
+    res = CliRunner().invoke(cli_group, ["generate", "--help"])
+    assert res.exit_code == 0
+    for text in ("Examples:", "torchrun --nproc-per-node 8", "--dry-run", "--min-confidence",
+                 "--balance", "--test-count", "--image-format", "--labeler", "--seed"):
+        assert text in res.output
