@@ -180,6 +180,28 @@ def test_images_labels_and_keys_match_the_dataset(dataset_dir):
     assert seen == 6 and stream.report()["dropped_tail"] == 4
 
 
+def test_pillow_fallback_decodes_the_same_and_damaged_png_names_the_offset(dataset_dir, tmp_path,
+                                                                         monkeypatch):
+    import train.reader
+
+    cfg = dict(batch_size=20, return_keys=True)
+    root = str(dataset_dir(100, 30, "png"))
+    fast = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
+    monkeypatch.setattr(train.reader, "_spng", None)
+    slow = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    monkeypatch.undo()
+    damaged = write_dataset(tmp_path / "bad", n_train=40, n_test=3, shard_size=40, image_format="png")
+    row = Dataset(damaged).split("train")
+    offset, size = int(row.image_offset[7]), int(row.image_size[7])
+    shard = damaged / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[offset + 8 : offset + size] = b"\x00" * (size - 8)  # keep the signature, wreck the chunks
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=rf"train-000000\.tar at byte offset {offset} \(sample 't000007'\)"):
+        list(SampleStream(StreamConfig(source=str(damaged), batch_size=40)))
+
+
 def test_not_enough_samples_names_both_numbers_and_wrap_is_logged(dataset_dir, caplog):
     root = str(dataset_dir(50, 20))
     with pytest.raises(NotEnoughSamplesError, match=r"= 60 fresh samples .* holds 50"):

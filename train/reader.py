@@ -19,6 +19,11 @@ from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.source import Source
 
+try:  # libspng decodes a CIFAR PNG in ~40% of Pillow's time, same pixels (PNG is lossless)
+    from imagecodecs import spng_decode as _spng
+except ImportError:  # optional (the `train` extra): Pillow then decodes
+    _spng = None
+
 
 def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """``[(shard, indices into shard_ids)]``, shards ascending, indices in original order."""
@@ -180,6 +185,14 @@ class SampleReader:
             if npy and len(data) == codec.NPY_SIZE and data[:hsize] == header:
                 flat[j] = np.frombuffer(data, np.uint8, IMAGE_BYTES, hsize)
                 continue
+            if not npy and _spng is not None:
+                try:
+                    image = _spng(data)
+                    if image.shape == IMAGE_SHAPE and image.dtype == np.uint8:
+                        out[j] = image
+                        continue
+                except Exception:  # Pillow below says what is wrong with it
+                    pass
             try:
                 out[j] = codec.decode_image(data, self.catalog.image_format)
             except ValueError as exc:
