@@ -101,10 +101,10 @@ def sync(device: str) -> None:
 
 def table(rows: list[tuple[str, float]], *, steps: int, peak: float | None) -> str:
     base = rows[0][1]
-    lines = [f"{'':62s} {'images/s':>10s} {'image-steps/s':>14s} {'% of peak':>10s} {'vs baseline':>12s}"]
+    lines = [f"{'':68s} {'images/s':>10s} {'image-steps/s':>14s} {'% of peak':>10s} {'vs baseline':>12s}"]
     for name, ips in rows:
         frac = f"{ips * steps * GFLOP * 1e9 / (peak * 1e12):.1%}" if peak else "-"
-        lines.append(f"{name:62s} {ips:10.2f} {ips * steps:14.1f} {frac:>10s} {ips / base:11.2f}x")
+        lines.append(f"{name:68s} {ips:10.2f} {ips * steps:14.1f} {frac:>10s} {ips / base:11.2f}x")
     return "\n".join(lines)
 
 

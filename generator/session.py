@@ -36,6 +36,8 @@ class Session:
             self.device = torch.device(f"cuda:{rank.local_rank}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # kernels that use "the current device" follow
         self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.source = model_mod.resolve(cfg.model)
         total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
