@@ -173,8 +173,10 @@ class SampleStream:
                          block=c.block, window=c.window)
         cache = DecodedCache(c.cache_dir, cap_bytes=c.cache_bytes) if c.cache_dir else None
         self.cache = cache
-        self.reader = SampleReader(self.catalog, self.source, cache if self.subset is None else None,
-                                   block=c.block if self.subset is None else None, keep_blocks=max(16, 2 * c.window // c.block))
+        ideal = self.subset is None  # the real world reads its scattered subset once, by sample
+        self.reader = SampleReader(self.catalog, self.source, cache if ideal else None,
+                                   block=c.block if ideal else None,
+                                   keep_blocks=max(16, 2 * c.window // c.block))
         self.next_batch = 0
         self._resumed_from = 0
         self._delivered = 0
