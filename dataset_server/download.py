@@ -54,15 +54,19 @@ def _sha256(path: Path, progress) -> str:
     return h.hexdigest()
 
 
-def verify_download(root: str | Path) -> DownloadResult:
-    """Check every file ``manifest.json`` lists under ``root``; raise DownloadError naming one."""
+def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResult:
+    """Check every file ``manifest.json`` lists under ``root``; raise DownloadError naming one.
+
+    With ``remember``, hashes already checked are kept in ``root/.cache/cifar5m`` (not
+    done inside the huggingface_hub cache, whose snapshot folders hold repo files only).
+    """
     from tqdm import tqdm
 
     root = Path(root)
     expected = _expected(root)
     cache_path = root / VERIFIED_CACHE
     try:
-        cache = json.loads(cache_path.read_text())
+        cache = json.loads(cache_path.read_text()) if remember else {}
     except (OSError, ValueError):
         cache = {}
     todo: list[tuple[FileInfo, Path, os.stat_result]] = []
@@ -81,13 +85,14 @@ def verify_download(root: str | Path) -> DownloadResult:
               desc="verify sha256", disable=not todo) as progress:
         for info, path, st in todo:
             if _sha256(path, progress) != info.sha256:
-                cache.pop(info.file, None)
-                _save(cache_path, cache)
+                if remember:
+                    cache.pop(info.file, None)
+                    _save(cache_path, cache)
                 raise DownloadError(f"{path} does not match the sha256 in {MANIFEST_NAME}: delete it "
                                     "and re-run the download (the server's copy may be corrupt: "
                                     "run `cifar5m verify` there)")
             cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
-    if todo:
+    if todo and remember:
         _save(cache_path, cache)
     return DownloadResult(root, len(expected) + 1, sum(i.bytes for i in expected))
 
@@ -150,4 +155,4 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, httpx2.HTTPError) as exc:
         raise DownloadError(f"downloading {repo_id} from {where} failed ({exc}); re-run the same "
                             "command to resume (complete files are kept)") from exc
-    return verify_download(path)
+    return verify_download(path, remember=local_dir is not None)

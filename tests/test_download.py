@@ -146,3 +146,13 @@ def test_private_download_needs_the_token(root, tmp_path):
     assert same_files(root / "lab/private", tmp_path / "p2")
     digest = hashlib.sha256((tmp_path / "p2/manifest.json").read_bytes()).hexdigest()
     assert digest == hashlib.sha256((root / "lab/private/manifest.json").read_bytes()).hexdigest()
+
+
+def test_download_into_the_hub_cache_by_default(root, tmp_path):
+    with serving(create_app(root=root)) as url:
+        done = cli(["lab/ds"], url, tmp_path)
+    assert done.returncode == 0, done.stderr
+    snapshot = Path(done.stdout.strip().rsplit(" in ", 1)[1])
+    assert snapshot.parent.name == "snapshots" and "datasets--lab--ds" in str(snapshot)
+    assert same_files(root / "lab/ds", snapshot)
+    assert not (snapshot / ".cache").exists()  # nothing of ours inside the hub cache
