@@ -13,7 +13,7 @@ import click
 @click.option("--tokens", type=click.Path(exists=True, dir_okay=False),
               help="YAML/JSON file of bearer tokens per private or gated dataset (see docs/serving.md).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Server processes (2 roughly doubles throughput on 2+ free cores).")
+              help="Server processes, about one per free core (2 gave +15% on a busy 2-core box).")
 @click.option("--page-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Entries per page of tree listings (the Hub's is 1000).")
 @click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
