@@ -111,6 +111,9 @@ def test_resolve_head_and_get_carry_commit_etag_and_real_length(served):
         assert "content-encoding" not in headers
         assert not any(k.startswith("x-xet") for k in headers)
         assert body == (data if method == "GET" else b"")
+    etag = f'"{sha256(data)}"'
+    status, headers, body = request(url, "GET", f"{DS}/train-000000.tar", headers={"If-None-Match": etag})
+    assert (status, body, headers["etag"]) == (304, b"", etag)
     # By commit sha too, and a revision that is neither main nor the sha is typed.
     assert request(url, "GET", f"/datasets/lab/ds/resolve/{sha}/train-000000.tar")[2] == data
     status, headers, _ = request(url, "HEAD", "/datasets/lab/ds/resolve/" + "a" * 40 + "/README.md")
