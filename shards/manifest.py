@@ -117,14 +117,23 @@ class Manifest:
             raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from exc
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory and a rename.
 
     A crash leaves either the old file or the new one under ``path``, never half of one.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600, so a
+    server or reader running as another user can read it.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -133,6 +142,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_UMASK = _umask()  # read once: os.umask is process-wide and not thread-safe to toggle
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:

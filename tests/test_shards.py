@@ -258,3 +258,14 @@ def test_datasets_reads_the_directory_as_a_hub_repo(make_dataset):
     rows = list(ds)
     assert [r["cls"] for r in rows] == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(np.asarray(rows[4]["png"]), synthetic_images(17)[16])
+
+
+def test_written_files_are_readable_by_others(make_dataset):
+    import os
+    import stat
+
+    root = make_dataset(n_train=5, n_test=0)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ["train-000000.tar", "index.parquet", "manifest.json", "README.md"]:
+        assert stat.S_IMODE((root / name).stat().st_mode) == 0o666 & ~mask, name
