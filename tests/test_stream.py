@@ -1,6 +1,6 @@
 """train.stream: exactly-once delivery, equal per-rank counts, elastic resume, real world.
 
-Most examples simulate DataLoader workers by running ``_WorkerDataset`` with a patched
+Most examples simulate DataLoader workers by running ``WorkerDataset`` with a patched
 worker id and merging the way the DataLoader does (in-order round robin), which is the
 exact code path the workers run; two plain tests start real worker processes.
 """
@@ -27,7 +27,8 @@ from cifar5m.errors import (
 from shards.reader import Dataset
 from tests.conftest import synthetic_images, write_dataset
 from train.plan import block_order
-from train.stream import SampleStream, StreamConfig, _WorkerDataset
+from train.producer import WorkerDataset, unpack
+from train.stream import SampleStream, StreamConfig
 
 _DATASETS: dict[tuple, Path] = {}
 
@@ -47,8 +48,9 @@ def dataset_dir(tmp_path_factory):
     return get
 
 
-def worker_view(stream: SampleStream, workers: int) -> list:
-    """Batches as a DataLoader with ``workers`` workers hands them out, without processes."""
+def worker_view(stream: SampleStream, workers: int, group: int = 1) -> list:
+    """Batches as a DataLoader with ``workers`` workers hands them out, without processes:
+    each worker's messages (runs of ``group`` batches), merged in-order round robin."""
     if workers == 0:
         return list(stream)
     start = stream.next_batch
@@ -56,17 +58,18 @@ def worker_view(stream: SampleStream, workers: int) -> list:
     for w in range(workers):
         info = mock.Mock(id=w, num_workers=workers)
         with mock.patch("torch.utils.data.get_worker_info", return_value=info):
-            iters.append(list(iter(_WorkerDataset(stream._producer(), start))))
+            iters.append(list(iter(WorkerDataset(stream._producer(), start, group))))
     out, i = [], 0
     while any(iters):  # in-order round robin, skipping exhausted workers
         if iters[i % workers]:
-            out.append(iters[i % workers].pop(0))
+            out += list(unpack(iters[i % workers].pop(0)))
         i += 1
     stream.next_batch = out[-1].step + 1 if out else start
     return out
 
 
-def run_ranks(cfg: dict, world_size: int, workers: int, *, state=None, stop=None) -> list[list]:
+def run_ranks(cfg: dict, world_size: int, workers: int, *, state=None, stop=None,
+              group: int = 1) -> list[list]:
     """Per rank, the batches one pass delivers (optionally restored, optionally cut at ``stop``)."""
     per_rank = []
     for rank in range(world_size):
@@ -75,7 +78,7 @@ def run_ranks(cfg: dict, world_size: int, workers: int, *, state=None, stop=None
         if state is not None:
             stream.load_state_dict(state)
         expected_len = len(stream)
-        batches = worker_view(stream, workers)
+        batches = worker_view(stream, workers, group)
         assert len(batches) == expected_len
         per_rank.append(batches[:stop] if stop is not None else batches)
     return per_rank
@@ -97,16 +100,17 @@ def run_shapes(draw):
     batch = draw(st.integers(1, 24))
     divisors = [d for d in range(1, 9) if batch % d == 0]
     ws, ws2 = draw(st.sampled_from(divisors)), draw(st.sampled_from(divisors))
-    n = draw(st.integers(max(1, batch - 2), batch * 9 + 5))
+    n = draw(st.integers(max(1, batch - 2), batch * 14 + 5))
     return batch, ws, ws2, n
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=run_shapes(), shard=st.integers(1, 40), workers=st.integers(0, 4),
        workers2=st.integers(0, 4), seed=st.integers(0, 3), cut=st.floats(0, 1),
-       block=st.integers(1, 9), window=st.integers(1, 40), use_steps=st.booleans())
+       block=st.integers(1, 9), window=st.integers(1, 40), use_steps=st.booleans(),
+       groups=st.tuples(st.integers(1, 3), st.integers(1, 3)))
 def test_exactly_once_equal_counts_and_elastic_resume(dataset_dir, shape, shard, workers, workers2,
-                                                      seed, cut, block, window, use_steps):
+                                                      seed, cut, block, window, use_steps, groups):
     batch, ws, ws2, n = shape
     root = dataset_dir(n, shard)
     total = n // batch
@@ -118,13 +122,13 @@ def test_exactly_once_equal_counts_and_elastic_resume(dataset_dir, shape, shard,
     split_keys = set(Dataset(root).split("train").keys)
 
     k = int(cut * total)
-    first = run_ranks(cfg, ws, workers, stop=k)
+    first = run_ranks(cfg, ws, workers, stop=k, group=groups[0])
     probe = SampleStream(StreamConfig(**cfg, rank=0, world_size=ws))
     for _ in zip(range(k), probe, strict=False):
         pass
     state = probe.state_dict()
     assert state["next_batch"] == k
-    second = run_ranks(cfg, ws2, workers2, state=state)
+    second = run_ranks(cfg, ws2, workers2, state=state, group=groups[1])
     assert {len(r) for r in second} == {total - k}  # every rank the same count
     delivered = global_keys(first) + global_keys(second)
     assert delivered == reference  # same global batches, same order, whatever the split

@@ -11,7 +11,7 @@ on world size or workers, which is what makes elastic resumption exact:
   ``wrap``);
 * global batch ``b`` is stream items ``[b*B, (b+1)*B)``; rank ``r`` of ``R`` takes the
   contiguous slice ``r`` of it (``B/R`` items); DataLoader worker ``w`` of ``W`` takes
-  batches ``start + w, start + w + W, ...``.
+  runs of ``g`` consecutive batches: run ``w``, ``w + W``, ... counted from ``start``.
 
 The ideal-world permutation is block-level: contiguous runs of ``block`` samples inside
 a shard are shuffled as units, then samples are shuffled inside windows of ``window``
@@ -21,7 +21,7 @@ the defaults) while imported shards sorted by class still mix within every batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -134,6 +134,11 @@ class Plan:
         start = b * self.batch_size + rank * self.per_rank
         return self.items(start, start + self.per_rank)
 
-    def worker_batches(self, start: int, worker: int, num_workers: int) -> range:
-        """Global batch indices worker ``worker`` produces when a pass begins at ``start``."""
-        return range(start + worker, self.total_batches, num_workers)
+    def worker_groups(self, start: int, worker: int, num_workers: int, group: int = 1) -> Iterator[range]:
+        """Runs of ``group`` consecutive global batches that worker ``worker`` produces when a
+        pass begins at ``start``: runs ``worker, worker + W, ...`` of the batches from ``start``
+        on; the DataLoader's in-order round robin then hands them out in stream order."""
+        first = start + worker * group
+        while first < self.total_batches:
+            yield range(first, min(first + group, self.total_batches))
+            first += num_workers * group

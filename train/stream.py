@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +32,14 @@ from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
 from train.prefetch import ahead
+from train.producer import Producer, StreamBatch, WorkerDataset, unpack
 from train.reader import SampleReader
 from train.source import open_source
 
+__all__ = ["SampleStream", "StreamBatch", "StreamConfig", "resolve_rank"]
 log = logging.getLogger("cifar5m.stream")
 STATE_VERSION = 1
+GROUP_IMAGES = 1024  # images per worker message (whole batches, at least one)
 # Fields a saved state must agree on: they define the order. world_size, num_workers,
 # steps and the source URL (same data behind another transport) may change.
 _STATE_KEYS = ("world", "n", "batch_size", "seed", "split", "class_balanced", "block", "window")
@@ -80,13 +83,6 @@ class StreamConfig:
         return cls(**json.loads(text))
 
 
-class StreamBatch(NamedTuple):
-    images: torch.Tensor  # (B, 3, 32, 32) uint8
-    labels: torch.Tensor  # (B,) int64
-    keys: list[str] | None
-    step: int  # global batch index
-
-
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Rank and world size: explicit values, else torch.distributed, else the env, else 0/1."""
     dist = torch.distributed
@@ -98,39 +94,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise StreamConfigError(f"rank {rank} is not valid for world size {world_size}")
     return rank, world_size
-
-
-class _Producer:
-    """Builds the batches of one rank; lives in the main process or in a worker."""
-
-    def __init__(self, plan: Plan, rank: int, reader: SampleReader, subset: np.ndarray | None,
-                 return_keys: bool) -> None:
-        self.plan, self.rank, self.reader = plan, rank, reader
-        self.subset, self.return_keys = subset, return_keys
-
-    def positions(self, b: int) -> np.ndarray:
-        items = self.plan.rank_batch(b, self.rank)
-        return items if self.subset is None else self.subset[items]
-
-    def batch(self, b: int, *, next_b: int | None = None) -> StreamBatch:
-        positions = self.positions(b)
-        if next_b is not None and next_b < self.plan.total_batches:
-            self.reader.lookahead(self.positions(next_b))
-        cat = self.reader.catalog
-        keys = cat.key_list(positions) if self.return_keys else None
-        images = torch.from_numpy(self.reader.images(positions))
-        return StreamBatch(images, torch.from_numpy(cat.labels[positions]), keys, b)
-
-
-class _WorkerDataset(torch.utils.data.IterableDataset):
-    def __init__(self, producer: _Producer, start: int) -> None:
-        self.producer, self.start = producer, start
-
-    def __iter__(self) -> Iterator[StreamBatch]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for b in self.producer.plan.worker_batches(self.start, worker, workers):
-            yield self.producer.batch(b, next_b=b + workers)
 
 
 class SampleStream:
@@ -186,8 +149,8 @@ class SampleStream:
     def __len__(self) -> int:
         return self.plan.total_batches - self.next_batch
 
-    def _producer(self) -> _Producer:
-        return _Producer(self.plan, self.rank, self.reader, self.subset, self.config.return_keys)
+    def _producer(self) -> Producer:
+        return Producer(self.plan, self.rank, self.reader, self.subset, self.config.return_keys)
 
     def _pin(self) -> bool:
         return self.config.pin_memory and torch.cuda.is_available()
@@ -205,10 +168,12 @@ class SampleStream:
             yield from ahead(lambda b: producer.batch(b, next_b=b + 1),
                              range(start, self.plan.total_batches), c.prefetch)
         else:
+            group = max(1, GROUP_IMAGES // self.plan.per_rank)
             loader = torch.utils.data.DataLoader(
-                _WorkerDataset(self._producer(), start), batch_size=None, num_workers=c.num_workers,
-                pin_memory=self._pin(), prefetch_factor=max(1, c.prefetch))
-            yield from loader
+                WorkerDataset(self._producer(), start, group), batch_size=None,
+                num_workers=c.num_workers, pin_memory=self._pin(), prefetch_factor=max(1, c.prefetch))
+            for packed in loader:
+                yield from unpack(packed)
 
     def __iter__(self) -> Iterator[StreamBatch]:
         pin = self._pin() and (self.subset is not None or self.config.num_workers == 0)
