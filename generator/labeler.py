@@ -248,6 +248,8 @@ def save_labeler(model: nn.Module, path: str | Path, *, arch: str, arch_kwargs: 
         state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a labeler is meant to be shared
+        (tmp / WEIGHTS_NAME).chmod(0o644)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
