@@ -360,3 +360,20 @@ def test_config_json_round_trip_and_positions_without_reading(dataset_dir):
                                                                rank=1, world_size=2, return_keys=True))]
     assert steps == ref
     assert stream.global_positions(0)[5:].tolist() == [int(k[1:]) for k in ref[0][1]]
+
+
+def test_pin_memory_pins_images_and_labels_when_cuda_is_there(dataset_dir, monkeypatch):
+    pinned = []
+
+    def fake_pin(self):  # CPU-only torch cannot pin; count the calls instead
+        pinned.append(self.dtype)
+        return self.clone()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    root = str(dataset_dir(50, 20))
+    assert len(list(SampleStream(StreamConfig(source=root, batch_size=10, pin_memory=True)))) == 5
+    assert pinned == [torch.uint8, torch.int64] * 5
+    pinned.clear()
+    real = SampleStream(StreamConfig(source=root, world="real", n=20, batch_size=10, pin_memory=True))
+    assert len(list(real)) == 2 and pinned == [torch.uint8, torch.int64] * 2

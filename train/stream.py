@@ -96,6 +96,10 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def _pinned(batch: StreamBatch) -> StreamBatch:
+    return batch._replace(images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
+
+
 class SampleStream:
     """An iterable of this rank's batches; see the module docstring."""
 
@@ -164,9 +168,13 @@ class SampleStream:
                 yield StreamBatch(images[idx], labels[idx],
                                   [keys[i] for i in idx.tolist()] if c.return_keys else None, b)
         elif c.num_workers == 0:
-            producer = self._producer()
-            yield from ahead(lambda b: producer.batch(b, next_b=b + 1),
-                             range(start, self.plan.total_batches), c.prefetch)
+            producer, pin = self._producer(), self._pin()
+
+            def make(b: int) -> StreamBatch:  # runs in the prefetch thread, pinning included
+                batch = producer.batch(b, next_b=b + 1)
+                return _pinned(batch) if pin else batch
+
+            yield from ahead(make, range(start, self.plan.total_batches), c.prefetch)
         else:
             group = max(1, GROUP_IMAGES // self.plan.per_rank)
             loader = torch.utils.data.DataLoader(
@@ -176,10 +184,10 @@ class SampleStream:
                 yield from unpack(packed)
 
     def __iter__(self) -> Iterator[StreamBatch]:
-        pin = self._pin() and (self.subset is not None or self.config.num_workers == 0)
+        pin = self._pin() and self.subset is not None  # workers and the thread pin their own
         for batch in self._batches():
             if pin:
-                batch = batch._replace(images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
+                batch = _pinned(batch)
             self.next_batch = batch.step + 1  # counted when handed over: prefetch is not consumed
             self._delivered += 1
             yield batch
