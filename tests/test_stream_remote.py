@@ -5,7 +5,9 @@ Each must deliver exactly the batches (keys, pixels, labels) a local directory g
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
 import socket
 import threading
 import time
@@ -48,15 +50,11 @@ def plain_http():
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-def range_http(dataset):
-    """Starlette's StaticFiles under uvicorn (answers Range with 206), on 127.0.0.1."""
+@contextlib.contextmanager
+def serve_app(app):
+    """Run an ASGI app under uvicorn in a thread on 127.0.0.1; yields the base URL."""
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-    from starlette.staticfiles import StaticFiles
 
-    app = Starlette(routes=[Mount("/data", StaticFiles(directory=str(dataset.parent)))])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -65,9 +63,31 @@ def range_http(dataset):
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/data/{dataset.name}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def range_http(dataset):
+    """Starlette's StaticFiles under uvicorn (answers Range with 206), on 127.0.0.1."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    app = Starlette(routes=[Mount("/data", StaticFiles(directory=str(dataset.parent)))])
+    with serve_app(app) as url:
+        yield f"{url}/data/{dataset.name}"
+
+
+def test_cifar5m_serve_resolve_urls_deliver_the_local_batches(dataset, tmp_path):
+    """`cifar5m serve` (dataset_server) exposes a dataset's files under .../resolve/main."""
+    app_module = pytest.importorskip("dataset_server.app")
+    shutil.copytree(dataset, tmp_path / "lab" / "ds")
+    with serve_app(app_module.create_app(root=tmp_path)) as url:
+        assert_same(batches(f"{url}/datasets/lab/ds/resolve/main"), batches(str(dataset)))
 
 
 def batches(source: str, **kw) -> list:
