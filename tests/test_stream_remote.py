@@ -132,6 +132,14 @@ def test_http_truncated_shard_and_missing_dataset(tmp_path, plain_http):
     stream = SampleStream(StreamConfig(source=url, batch_size=60))
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample .* at byte offset \d+"):
         list(stream)
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    with serve_app(Starlette(routes=[Mount("/", StaticFiles(directory=str(root)))])) as ranged:
+        stream = SampleStream(StreamConfig(source=ranged, batch_size=60))  # block reads: 206/416
+        with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample"):
+            list(stream)
     with pytest.raises(DatasetNotFoundError, match="no manifest.json"):
         SampleStream(StreamConfig(source=url + "/nothing-here"))
     with socket.socket() as s:  # a port nobody listens on
