@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shutil
 import socket
 import threading
@@ -167,5 +168,13 @@ def test_s3_through_moto_delivers_the_local_batches(dataset, tmp_path):
         ref = batches(str(dataset))
         assert_same(batches("s3://bucket/sets/ds", storage_options=options), ref)
         assert_same(batches("s3://bucket/sets/ds", storage_options=options, num_workers=2), ref)
+        from click.testing import CliRunner
+
+        from cifar5m.cli import cli
+
+        result = CliRunner().invoke(cli, ["stream", "s3://bucket/sets/ds", "--batch-size", "30",
+                                          "--storage-options", json.dumps(options), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["exactly_once"] is True
     finally:
         server.stop()

@@ -20,6 +20,18 @@ def _size(value: str | None) -> int | None:
         raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
 
 
+def _options(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("--storage-options must be a JSON object")
+    return value
+
+
 @click.command("stream")
 @click.argument("source")
 @click.option("--world", type=click.Choice(["ideal", "real"]), default="ideal", show_default=True,
@@ -43,10 +55,12 @@ def _size(value: str | None) -> int | None:
 @click.option("--format", "fmt", type=click.Choice(["stats", "tar"]), default="stats", show_default=True,
               help="stats: throughput, counts and the exactly-once check; tar: WebDataset tar on stdout.")
 @click.option("--json", "as_json", is_flag=True, help="stats: print the result as JSON.")
+@click.option("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Resume from this state file if it exists; write the state there at the end.")
 def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_size, workers,
-               class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, state_path) -> None:
+               class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, storage_options,
+               state_path) -> None:
     """Stream the training batches of a dataset exactly once per rank (what training sees).
 
     SOURCE is a dataset directory, an http(s) URL of one (any static server or
@@ -71,7 +85,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
         source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
         rank=rank, world_size=world_size, num_workers=workers if fmt == "stats" else 0,
         class_balanced=class_balanced, wrap=wrap, return_keys=True, cache_dir=cache_dir,
-        cache_bytes=_size(cache_bytes))
+        cache_bytes=_size(cache_bytes), storage_options=_options(storage_options))
     stream = SampleStream(config)
     state_file = Path(state_path) if state_path else None
     if state_file is not None and state_file.is_file():
