@@ -71,7 +71,11 @@ class Dataset:
     def index(self) -> pa.Table:
         where = self.location(INDEX_NAME)
         try:
-            return read_index(where, filesystem=None if self.is_local else self.fs)
+            if self.is_local:
+                return read_index(where)
+            # One GET of the whole file: pyarrow would issue range requests, which plain
+            # static servers (python -m http.server) do not support.
+            return read_index(pa.BufferReader(self.fs.cat_file(where)))
         except FileNotFoundError:
             raise DatasetNotFoundError(f"{where} is missing; the dataset is incomplete") from None
 
