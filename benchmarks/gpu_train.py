@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_train needs a CUDA GPU")
-    common = ["--device", "cuda", "--steps", str(args.steps), "--warmup", "20",
+    common = ["--device", "cuda", "--steps", str(args.steps), "--warmup", "20", "--block", "20",
               "--num-workers", str(args.num_workers)]
     train_bench.main(common)
     train_bench.main([*common, "--compile"])

@@ -13,7 +13,7 @@ The goal (issue 7) is >= 90 % of compute-only. Without ``--data`` a synthetic np
 dataset with enough fresh samples is written to a temp dir first.
 
     python benchmarks/train_bench.py                      # CPU: a few steps
-    python benchmarks/train_bench.py --device cuda --steps 200 --num-workers 8 --compile
+    python benchmarks/train_bench.py --device cuda --steps 200 --block 20 --num-workers 8 --compile
 """
 
 from __future__ import annotations
@@ -42,36 +42,40 @@ def synthetic_dataset(root: Path, n: int) -> Path:
     return root
 
 
-def measure(config: TrainConfig, rt: Runtime, *, warmup: int, steps: int, from_shards: bool) -> float:
-    """Images/s of ``steps`` SGD steps after ``warmup`` untimed ones."""
+def measure(config: TrainConfig, rt: Runtime, *, warmup: int, steps: int, block: int) -> tuple[float, float]:
+    """Images/s (compute-only, from shards): medians over alternating timed blocks of steps.
+
+    Alternating blocks of ``block`` steps between the two sources on the same model makes
+    the ratio robust to a shared machine whose speed drifts (the 2 CPU cores this was
+    written on are shared by 6 people); each block ends with a device sync.
+    """
     learner = Learner.build(config, rt)
-    if from_shards:
-        data = TrainData.open(config, rt)
-
-        def batch():
-            return data.next_batch(ahead=True)
-    else:
-        x = torch.randint(0, 256, (config.batch_size, 3, 32, 32), dtype=torch.uint8, device=rt.device)
-        y = torch.randint(0, 10, (config.batch_size,), device=rt.device)
-
-        def batch():
-            return x, y
+    data = TrainData.open(config, rt)
+    x = torch.randint(0, 256, (config.batch_size, 3, 32, 32), dtype=torch.uint8, device=rt.device)
+    y = torch.randint(0, 10, (config.batch_size,), device=rt.device)
+    sources = {"compute": lambda: (x, y), "shards": lambda: data.next_batch(ahead=True)}
     for _ in range(warmup):
-        learner.step(*batch())
-    rt.sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = learner.step(*batch())
-    float(loss)  # waits for the device
-    return steps * config.batch_size / (time.perf_counter() - start)
+        for get in sources.values():
+            learner.step(*get())
+    rates: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(max(1, steps // block)):
+        for name, get in sources.items():
+            rt.sync()
+            start = time.perf_counter()
+            for _ in range(block):
+                loss = learner.step(*get())
+            float(loss)  # waits for the device
+            rates[name].append(block * config.batch_size / (time.perf_counter() - start))
+    return float(np.median(rates["compute"])), float(np.median(rates["shards"]))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="dataset dir with >= (warmup+steps)*batch train samples")
     p.add_argument("--batch-sizes", default="128,512")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per source")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per source")
+    p.add_argument("--block", type=int, default=1, help="steps per timed block (GPU: 20)")
     p.add_argument("--arch", default="preresnet18")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="auto")
@@ -83,22 +87,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     rt = Runtime.start(args.device)
-    need = (args.warmup + args.steps) * max(sizes)
+    need = (args.warmup + args.steps + 1) * max(sizes)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or str(synthetic_dataset(Path(tmp) / "bench", need + 1))
         results = []
         for bs in sizes:
             config = TrainConfig(data=data, world="ideal", arch=args.arch, batch_size=bs,
-                                 steps=args.warmup + args.steps, precision=args.precision,
+                                 steps=args.warmup + args.steps + 1, precision=args.precision,
                                  device=args.device, num_workers=args.num_workers,
                                  compile=args.compile, augment="crop-flip")
-            compute = measure(config, rt, warmup=args.warmup, steps=args.steps, from_shards=False)
-            shards = measure(config, rt, warmup=args.warmup, steps=args.steps, from_shards=True)
+            compute, shards = measure(config, rt, warmup=args.warmup, steps=args.steps, block=args.block)
             results.append({"batch": bs, "compute_only": compute, "from_shards": shards})
     where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.arch}, {args.precision}, channels_last, crop+flip on device, {where}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, num_workers={args.num_workers}")
+          f"median of {max(1, args.steps // args.block)} alternating blocks of {args.block} steps "
+          f"after {args.warmup} warm-up, num_workers={args.num_workers}")
     print("| batch | compute-only img/s | ideal world from shards img/s | ratio |")
     print("|---:|---:|---:|---:|")
     for r in results:

@@ -9,6 +9,7 @@ fresh batch from the stream, one batch ahead on a side CUDA stream.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -25,12 +26,16 @@ from train.augment import prepare
 from train.metrics import evaluate
 
 
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    owns_group: bool = False
 
     @classmethod
     def start(cls, device: str = "auto") -> Runtime:
@@ -42,16 +47,16 @@ class Runtime:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cudnn.benchmark = True
-        owns = False
         if world > 1 and not dist.is_initialized():
+            # Kept for the life of the process: re-creating the default group under one
+            # torchrun job (bootstrap trains several runs) hung about 1 time in 3 here.
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            owns = True
+            atexit.register(_destroy_group)
         rank = dist.get_rank() if world > 1 else 0
-        return cls(dev, rank, world, owns)
+        return cls(dev, rank, world)
 
     def stop(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
+        self.barrier()  # no rank starts the next run (or exits) while another still saves
 
     def wrap(self, model: nn.Module, *, compile: bool) -> nn.Module:
         if self.world_size > 1:
