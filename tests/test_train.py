@@ -145,3 +145,10 @@ def test_sigkill_mid_run_resumes_onto_the_same_curve(data, tmp_path):
                        augment="crop-flip"), out=tmp_path / "whole", progress=False)
     assert killed_at < len(whole.rows)  # it really was cut short
     assert curve(read_rows(metrics)) == curve(whole.rows)
+
+
+def test_class_balanced_real_world_subset(data, tmp_path):
+    train(tiny(data, n=50, class_balanced=True, record_keys=True, steps=4), out=tmp_path, progress=False)
+    keys = set((tmp_path / "keys-rank0.txt").read_text().split())
+    labels = [int(k[1:]) % 10 for k in keys]  # the fixture's label is position % 10
+    assert len(keys) == 50 and all(labels.count(c) == 5 for c in range(10))
