@@ -105,3 +105,10 @@ class OutputNotWritableError(Cifar5mError, PermissionError):
 
 class GenerationError(Cifar5mError, RuntimeError):
     """Generation cannot fill a shard (filters reject too many samples) or ranks disagree."""
+
+
+# --- training (train/) ------------------------------------------------------------------
+
+
+class TrainConfigError(Cifar5mError, ValueError):
+    """A training setting is invalid (world, n, augmentation, steps, ...) or its data is unusable."""

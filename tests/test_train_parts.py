@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar5m.errors import ConfigMismatchError, ModelError
+from cifar5m.errors import ModelError, TrainConfigError
 from train.augment import DeviceAugment, prepare
 from train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
 from train.models import MODELS, build_model, count_parameters, register
@@ -120,9 +120,9 @@ def test_prepare_scales_to_minus_one_one():
 
 
 def test_config_rejects_bad_values_with_the_reason():
-    with pytest.raises(ConfigMismatchError, match="--n"):
+    with pytest.raises(TrainConfigError, match="--n"):
         TrainConfig(data="x", world="real")
-    with pytest.raises(ConfigMismatchError, match="augment"):
+    with pytest.raises(TrainConfigError, match="augment"):
         TrainConfig(data="x", augment="mixup")
     c = TrainConfig(data="x", world="real", n=5)
     assert TrainConfig.from_json(c.to_json()) == c

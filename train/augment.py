@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cifar5m.errors import ConfigMismatchError
+from cifar5m.errors import TrainConfigError
 
 AUGMENTATIONS = ("none", "crop-flip")
 PAD = 4  # random crop 32 from 40 (padding 4), the paper's `--aug 2`
@@ -22,7 +22,7 @@ class DeviceAugment:
 
     def __init__(self, mode: str, *, seed: int, device: torch.device) -> None:
         if mode not in AUGMENTATIONS:
-            raise ConfigMismatchError(f"unknown augmentation {mode!r}; choose one of {AUGMENTATIONS}")
+            raise TrainConfigError(f"unknown augmentation {mode!r}; choose one of {AUGMENTATIONS}")
         self.mode = mode
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

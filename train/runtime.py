@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifar5m.errors import ConfigMismatchError
+from cifar5m.errors import TrainConfigError
 from shards.reader import Dataset
 from train.augment import prepare
 from train.metrics import evaluate
@@ -194,7 +194,7 @@ def load_split(source: str, split: str, *, limit: int | None, rt: Runtime) -> Ev
         if limit is not None and have >= limit:
             break
     if not images:
-        raise ConfigMismatchError(f"{source} split {split!r} is empty; evaluate on another split")
+        raise TrainConfigError(f"{source} split {split!r} is empty; evaluate on another split")
     x = np.concatenate(images)[:limit].transpose(0, 3, 1, 2)[rt.rank :: rt.world_size]
     y = np.concatenate(labels)[:limit][rt.rank :: rt.world_size]
     return EvalSet(split, torch.from_numpy(np.ascontiguousarray(x)).to(rt.device),

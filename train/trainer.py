@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar5m.errors import ConfigMismatchError
+from cifar5m.errors import ConfigMismatchError, TrainConfigError
 from shards.manifest import atomic_write_bytes
 from train import runtime
 from train.augment import AUGMENTATIONS, DeviceAugment, prepare
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
             problems.append("steps, batch_size and log_every must be positive")
         if problems:
-            raise ConfigMismatchError("; ".join(problems))
+            raise TrainConfigError("; ".join(problems))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
