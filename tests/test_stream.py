@@ -377,3 +377,39 @@ def test_pin_memory_pins_images_and_labels_when_cuda_is_there(dataset_dir, monke
     pinned.clear()
     real = SampleStream(StreamConfig(source=root, world="real", n=20, batch_size=10, pin_memory=True))
     assert len(list(real)) == 2 and pinned == [torch.uint8, torch.int64] * 2
+
+
+def test_a_second_live_iterator_raises_and_closing_the_first_frees_the_stream(dataset_dir):
+    root = str(dataset_dir(50, 20))
+    stream = SampleStream(StreamConfig(source=root, batch_size=10, return_keys=True))
+    first = iter(stream)
+    assert next(first).step == 0
+    for second in (iter(stream), stream.iter_positions()):
+        with pytest.raises(StreamStateError, match="already being iterated"):
+            next(second)
+    first.close()  # or finish it / drop it: then the next pass goes on from batch 1
+    assert [b.step for b in stream] == [1, 2, 3, 4]
+    real = SampleStream(StreamConfig(source=root, world="real", n=20, batch_size=10, steps=4))
+    it = real.iter_index_batches()
+    next(it)
+    with pytest.raises(StreamStateError, match="already being iterated"):
+        next(iter(real))
+
+
+def test_positions_without_advance_count_only_batches_marked_delivered(dataset_dir):
+    stream = SampleStream(StreamConfig(source=str(dataset_dir(50, 20)), batch_size=10))
+    for b, _ in stream.iter_positions(advance=False):
+        if b == 2:
+            break
+        stream.delivered(b)
+    assert stream.state_dict()["next_batch"] == 2
+    with pytest.raises(StreamStateError, match="next batch is 2"):
+        stream.delivered(3)
+
+
+def test_a_pool_smaller_than_one_batch_is_an_error_not_zero_batches(dataset_dir):
+    root = str(dataset_dir(50, 20))
+    with pytest.raises(StreamConfigError, match=r"n=30 is smaller than the global batch size 64"):
+        SampleStream(StreamConfig(source=root, world="real", n=30, batch_size=64, steps=5))
+    with pytest.raises(StreamConfigError, match=r"\(50 samples\) is smaller than the global batch size 64"):
+        SampleStream(StreamConfig(source=root, batch_size=64))

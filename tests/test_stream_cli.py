@@ -65,3 +65,40 @@ def test_tar_output_reads_in_webdataset_through_pipe(root):
     for key, image, label in got[:10]:
         np.testing.assert_array_equal(image, images[int(key[1:])])
         assert label == int(key[1:]) % 10
+
+
+def _tar_keys(data: bytes) -> list[str]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        return [m.name.rsplit(".", 1)[0] for m in tar if m.name.endswith(".png")]
+
+
+def test_tar_sigterm_then_resume_delivers_each_key_exactly_once(root, tmp_path):
+    import signal
+    import subprocess
+
+    state = tmp_path / "state.json"
+    cmd = [sys.executable, "-m", "cifar5m", "stream", str(root), "--batch-size", "10", "--seed", "3",
+           "--format", "tar", "--state", str(state), "--state-every", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # ~540 kB of tar: the writer blocks on the 64 kB pipe long before the end
+    head = proc.stdout.read(20_000)
+    proc.send_signal(signal.SIGTERM)
+    first = _tar_keys(head + proc.stdout.read())  # what was flushed before it stopped
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    saved = json.loads(state.read_text())["next_batch"]
+    assert 0 < len(first) < 120 and len(first) == 10 * saved  # whole batches, all counted
+    second = _tar_keys(subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=300).stdout)
+    expected = [k for b in SampleStream(StreamConfig(source=str(root), batch_size=10, seed=3,
+                                                     return_keys=True)) for k in b.keys]
+    assert first + second == expected and len(set(expected)) == 120
+    assert json.loads(state.read_text())["next_batch"] == 12
+
+
+def test_real_world_smaller_than_a_batch_is_an_error(root):
+    result = CliRunner().invoke(cli, ["stream", str(root), "--world", "real", "--n", "10",
+                                      "--batch-size", "16"])
+    assert result.exit_code == 1
+    assert "n=10 is smaller than the global batch size 16" in result.output

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,12 @@ class SampleStream:
                                         class_balanced=c.class_balanced,
                                         num_classes=len(self.catalog.class_names), where=where)
         pool = len(self.catalog) if self.subset is None else len(self.subset)
+        if pool < c.batch_size and (c.world == "real" or c.steps is None):
+            # would be 0 batches (steps=None), or batches holding one sample twice (real world)
+            what = f"the real-world subset n={pool}" if c.world == "real" else f"{where} ({pool} samples)"
+            raise StreamConfigError(
+                f"{what} is smaller than the global batch size {c.batch_size}; use a batch "
+                f"size <= {pool} or more samples")
         total = pool // c.batch_size if c.steps is None else c.steps
         if c.world == "ideal" and total * c.batch_size > pool:
             if not c.wrap:
@@ -148,6 +155,7 @@ class SampleStream:
         self._resumed_from = 0
         self._delivered = 0
         self._subset_data: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
+        self._live = threading.Lock()  # held by the one running iterator (see _exclusive)
 
     # --- iteration --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -183,7 +191,22 @@ class SampleStream:
             for packed in loader:
                 yield from unpack(packed)
 
+    def _exclusive(self, items: Iterator) -> Iterator:
+        """Run ``items`` as the only live pass: two passes would both start at next_batch and
+        deliver the same batches twice, so a second one raises while the first runs."""
+        if not self._live.acquire(blocking=False):
+            raise StreamStateError(
+                "this SampleStream is already being iterated (another iterator is still open); "
+                "finish or close() the first one, or make a second SampleStream for another pass")
+        try:
+            yield from items
+        finally:
+            self._live.release()
+
     def __iter__(self) -> Iterator[StreamBatch]:
+        return self._exclusive(self._iterate())
+
+    def _iterate(self) -> Iterator[StreamBatch]:
         pin = self._pin() and self.subset is not None  # workers and the thread pin their own
         for batch in self._batches():
             if pin:
@@ -192,15 +215,30 @@ class SampleStream:
             self._delivered += 1
             yield batch
 
-    def iter_positions(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, split positions)`` of this rank's batches without reading them; advances
-        the state like ``__iter__`` (used by ``--format tar`` and by checks)."""
+    def iter_positions(self, *, advance: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """``(step, split positions)`` of this rank's batches without reading them.
+
+        ``advance=True`` advances the state like ``__iter__`` (when handed over);
+        ``advance=False`` leaves it to the caller, who calls ``delivered(step)`` once the
+        batch is safely out (``--format tar``: written and flushed).
+        """
+        return self._exclusive(self._positions(advance))
+
+    def _positions(self, advance: bool) -> Iterator[tuple[int, np.ndarray]]:
         producer = self._producer()
         for b in range(self.next_batch, self.plan.total_batches):
             positions = producer.positions(b)
-            self.next_batch = b + 1
-            self._delivered += 1
+            if advance:
+                self.delivered(b)
             yield b, positions
+
+    def delivered(self, step: int) -> None:
+        """Count global batch ``step`` as consumed; it must be the next one."""
+        if step != self.next_batch:
+            raise StreamStateError(f"batch {step} marked delivered but the next batch is "
+                                   f"{self.next_batch}; mark batches in order, once each")
+        self.next_batch = step + 1
+        self._delivered += 1
 
     def global_positions(self, b: int) -> np.ndarray:
         """Split positions of global batch ``b`` (all ranks, in rank order); no I/O."""
@@ -234,6 +272,9 @@ class SampleStream:
         """This rank's batches as int64 positions into ``real_subset()``; advances the state."""
         if self.subset is None:
             raise StreamConfigError("iter_index_batches() exists only in the real world")
+        return self._exclusive(self._index_batches())
+
+    def _index_batches(self) -> Iterator[torch.Tensor]:
         for b in range(self.next_batch, self.plan.total_batches):
             idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
             self.next_batch = b + 1

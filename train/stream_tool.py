@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -90,17 +91,23 @@ def format_stats(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_tar(stream: SampleStream, out: BinaryIO, *, limit: int | None) -> int:
+def write_tar(stream: SampleStream, out: BinaryIO, *, limit: int | None,
+              on_batch: Callable[[], bool] | None = None) -> int:
     """Write this rank's samples as a WebDataset tar; returns the number of samples.
 
-    Real-world keys get ``_<epoch>`` appended: a subset key recurs every epoch and
-    webdataset would merge two adjacent samples with one key.
+    A batch counts as delivered (``stream.delivered``) only after it is written and
+    ``out`` is flushed, so a state saved at any moment covers exactly the batches that
+    left this process. ``on_batch`` runs after each such batch (the command saves the
+    state there every N batches); when it returns True the tar is ended at this batch
+    boundary (a SIGTERM was received). Real-world keys get ``_<epoch>`` appended: a
+    subset key recurs every epoch and webdataset would merge two adjacent samples with
+    one key.
     """
     writer = TarStreamWriter(out)
     ext = stream.catalog.image_format
     real = stream.config.world == "real"
     plan = stream.plan
-    for b, positions in itertools.islice(stream.iter_positions(), limit):
+    for b, positions in itertools.islice(stream.iter_positions(advance=False), limit):
         keys = stream.catalog.key_list(positions)
         if real:
             first = b * plan.batch_size + stream.rank * plan.per_rank
@@ -108,5 +115,9 @@ def write_tar(stream: SampleStream, out: BinaryIO, *, limit: int | None) -> int:
             keys = [f"{k}_{e}" for k, e in zip(keys, epochs.tolist(), strict=True)]
         raws = stream.reader.raw(positions)
         writer.write_batch(keys, raws, stream.catalog.labels[positions].tolist(), ext)
+        out.flush()
+        stream.delivered(b)
+        if on_batch is not None and on_batch():
+            break
     writer.close()
     return writer.samples

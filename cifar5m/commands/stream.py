@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -57,15 +58,21 @@ def _options(text: str | None) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="stats: print the result as JSON.")
 @click.option("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
-              help="Resume from this state file if it exists; write the state there at the end.")
+              help="Resume from this state file if it exists; save the state there (atomically) "
+                   "every --state-every batches, on SIGTERM and at the end.")
+@click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="--format tar: save --state after every this many flushed batches.")
 def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_size, workers,
                class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, storage_options,
-               state_path) -> None:
+               state_path, state_every) -> None:
     """Stream the training batches of a dataset exactly once per rank (what training sees).
 
     SOURCE is a dataset directory, an http(s) URL of one (any static server or
     `cifar5m serve`) or an fsspec URL (s3://, gs://). The order is fixed by --seed;
     every rank gets the same number of batches; --state resumes exactly.
+    With --format tar a batch counts as delivered once it is written and flushed;
+    SIGTERM ends the tar at the next batch boundary, saves --state and exits 143.
+    See docs/streaming.md for what a pipe guarantees when the reader dies.
 
     \b
     Examples:
@@ -90,10 +97,33 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     state_file = Path(state_path) if state_path else None
     if state_file is not None and state_file.is_file():
         stream.load_state_dict(json.loads(state_file.read_text()))
+
+    def save() -> None:
+        if state_file is not None:
+            from shards.manifest import atomic_write_bytes
+
+            atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
+
+    terminated: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        if fmt != "tar":  # stats: stop now; the state counts batches handed over
+            raise SystemExit(128 + signum)
+        terminated.append(signum)  # tar: finish the batch being written, then stop
+
+    flushed = [0]
+
+    def on_batch() -> bool:
+        flushed[0] += 1
+        if flushed[0] % state_every == 0:
+            save()
+        return bool(terminated)
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
     result = None
     try:
         if fmt == "tar":
-            write_tar(stream, sys.stdout.buffer, limit=limit)
+            write_tar(stream, sys.stdout.buffer, limit=limit, on_batch=on_batch)
         else:
             result = run_stats(stream, limit=limit)
             click.echo(json.dumps(result, indent=1) if as_json else format_stats(result))
@@ -102,9 +132,9 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
     finally:
-        if state_file is not None:
-            from shards.manifest import atomic_write_bytes
-
-            atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
+        signal.signal(signal.SIGTERM, previous)
+        save()  # exact: only batches written and flushed (tar) or handed over (stats) count
+    if terminated:
+        raise SystemExit(128 + terminated[0])
     if result is not None and not result["exactly_once"]:
         raise SystemExit(1)
