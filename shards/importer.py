@@ -99,23 +99,20 @@ def import_dataset(out: str | Path, config: ImportConfig, *, progress: bool = Tr
         "name": "CIFAR-5m (imported)" if config.format == "cifar5m-npz" else "CIFAR-10 (imported)",
         "license": "other" if config.format == "cifar5m-npz" else "unknown",
     }
-    writer = DatasetWriter(
+    with DatasetWriter(
         out, fingerprint=config.fingerprint(), image_format=config.image_format,
         shard_size=config.shard_size, provenance=provenance, workers=config.workers,
-    )
-    skip = {split: writer.completed(split) for split in ("train", "test")}
-    seen = dict.fromkeys(skip, 0)
-    bar = tqdm(desc=f"import {Path(str(out)).name}", unit="img", disable=not progress,
-               initial=sum(skip.values()), smoothing=0.05)
-    with writer:
+    ) as writer, tqdm(desc=f"import {Path(str(out)).name}", unit="img", disable=not progress,
+                      smoothing=0.05) as bar:
+        skip = {split: writer.completed(split) for split in ("train", "test")}
+        bar.update(sum(skip.values()))
+        seen = dict.fromkeys(skip, 0)
         for item in _limited(iter_items(config), config.limit):
             seen[item.split] = seen.get(item.split, 0) + 1
             if seen[item.split] <= skip.get(item.split, 0):
                 continue  # already in a finished shard of an interrupted run
             writer.add(item.split, Sample(item.key, item.load(), item.label))
             bar.update()
-    bar.close()
-    assert writer.manifest is not None
     return writer.manifest
 
 

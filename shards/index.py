@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 SCHEMA = pa.schema(
@@ -58,7 +59,10 @@ def write_table(path: Path, table: pa.Table, *, metadata: dict[str, str] | None 
     pq.write_table(table, path, compression="zstd", use_dictionary=["split", "shard"])
 
 
-def read_index(path: str | Path, *, columns: list[str] | None = None, filesystem=None) -> pa.Table:
+def read_index(
+    path: str | Path | pa.NativeFile, *, columns: list[str] | None = None,
+    filesystem: pa.fs.FileSystem | object | None = None,
+) -> pa.Table:
     """Read the index (or some columns of it)."""
     return pq.read_table(path, columns=columns, filesystem=filesystem)
 

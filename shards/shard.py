@@ -122,10 +122,11 @@ def write_shard(
     )
     atomic_write_bytes(root / name, data)
     table = rows_to_table(cols)
-    return ShardRecord(info, table, _write_part(root, info, table))
+    return ShardRecord(info, table, write_part(root, info, table))
 
 
-def _write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
+def write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
+    """Persist a finished shard's index rows (and its size and sha256) in ``_work/``."""
     (root / WORK_DIR).mkdir(exist_ok=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -51,6 +52,7 @@ from shards.shard import (
     load_records,
     part_path,
     sha256_file,
+    write_part,
     write_shard,
 )
 
@@ -65,6 +67,7 @@ __all__ = [
     "part_path",
     "records_from_dataset",
     "sha256_file",
+    "write_part",
     "write_shard",
 ]
 
@@ -108,6 +111,8 @@ def finalize(
             table = table.set_column(SCHEMA.get_field_index("position"), SCHEMA.field("position"), positions)
             out.write_table(table)
             counts[rec.info.split] = start + rec.info.samples
+    with open(tmp_index, "rb+") as f:  # durable before it replaces the old index
+        os.fsync(f.fileno())
     tmp_index.replace(root / INDEX_NAME)
     shards = tuple(r.info for r in ordered)
     draft = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
@@ -157,8 +162,16 @@ def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False
         stale.unlink()
     (root / WORK_DIR).mkdir(exist_ok=True)
     atomic_write_bytes(state_path, json.dumps({"fingerprint": fingerprint}, indent=1).encode())
-    records = records_from_dataset(root) if finished else {}
-    records.update(load_records(root))
+    records = load_records(root)
+    if finished:
+        # Extending: first give every finished shard its part in _work/, then take the
+        # manifest away. While shards change, readers then see an unfinished write (a
+        # DatasetNotFoundError that says so) rather than a manifest that no longer
+        # matches the bytes; a crash anywhere in between resumes the same way.
+        for file, rec in records_from_dataset(root).items():
+            if file not in records:
+                records[file] = ShardRecord(rec.info, None, write_part(root, rec.info, rec.rows()))
+        (root / MANIFEST_NAME).unlink()
     return records
 
 
@@ -258,11 +271,13 @@ class DatasetWriter:
         self.records[rec.info.file] = rec.slim()
 
     def close(self) -> Manifest:
-        for split in list(self._pending):
-            self._flush(split)
-        while self._futures:
-            self._collect()
-        self._shutdown()
+        try:
+            for split in list(self._pending):
+                self._flush(split)
+            while self._futures:
+                self._collect()
+        finally:
+            self._shutdown()
         self.manifest = finalize(
             self.root, self.records.values(), image_format=self.image_format,
             class_names=self.class_names, provenance=self.provenance,

@@ -215,11 +215,21 @@ def test_finished_dataset_and_other_settings_are_refused(tmp_path, make_dataset)
 def test_extend_appends_shards(make_dataset):
     root = make_dataset(n_train=32, n_test=0, shard_size=16)
     images = synthetic_images(64, seed=1)
-    with DatasetWriter(root, fingerprint={"test": 0}, shard_size=16, extend=True,
-                       provenance={"source": "synthetic test data"}) as w:
-        assert w.completed("train") == 32
-        for i in range(32, 64):
-            w.add("train", Sample(f"t{i:06d}", images[i], i % 10))
+    def extend(crash_at=None):
+        with DatasetWriter(root, fingerprint={"test": 0}, shard_size=16, extend=True,
+                           provenance={"source": "synthetic test data"}) as w:
+            # while shards change, readers see an unfinished write, never stale offsets
+            with pytest.raises(DatasetNotFoundError, match="unfinished write"):
+                Dataset(root)
+            for i in range(w.completed("train"), 64):
+                if i == crash_at:
+                    raise KeyboardInterrupt
+                w.add("train", Sample(f"t{i:06d}", images[i], i % 10))
+
+    with pytest.raises(KeyboardInterrupt):
+        extend(crash_at=50)
+    assert sorted(p.name for p in root.glob("train-*.tar"))[-1] == "train-000002.tar"
+    extend()
     train = Dataset(root).split("train")
     assert len(train) == 64 and train.keys[40] == "t000040"
     np.testing.assert_array_equal(train[50].image, images[50])
