@@ -1,8 +1,11 @@
 # `make demo` and `make test` do all set-up on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU build from local disk; override for a CUDA box, e.g. TORCH_SPEC='torch==2.6.0'.
+# The CPU build (this project's machines serve it from local disk). Elsewhere, plain PyPI
+# would pull a multi-GB CUDA build: pass TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+# On a CUDA box: TORCH_SPEC='torch==2.6.0' (or whatever matches the driver).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
@@ -13,7 +16,7 @@ SHARED ?= ../shared
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[all]"
 	touch $(STAMP)
 
