@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -130,13 +131,21 @@ class LocalSource(Source):
 
 
 class HttpSource(Source):
-    """A dataset directory behind any static HTTP(S) server (Range requests)."""
+    """A dataset directory behind any static HTTP(S) server (Range requests).
+
+    A server that ignores Range answers 200 with the whole file: from then on whole files
+    are fetched and kept (up to ``WHOLE_BYTES``), each by one request even when many
+    pool threads want it at once (one in-flight future per file, under a lock).
+    """
 
     def __init__(self, url: str, *, headers: dict | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = dict(headers or {})
         self._pid = -1
+        self._ranges: bool | None = None  # does the server honour Range? None: not known yet
         self._whole: OrderedDict[str, bytes] = OrderedDict()  # servers that ignore Range
+        self._inflight: dict[str, Future] = {}
+        self._lock = threading.Lock()  # guards _whole, _inflight and _ranges
 
     def _setup(self) -> None:
         if self._pid != os.getpid():  # pools and threads do not survive fork
@@ -147,7 +156,10 @@ class HttpSource(Source):
             self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "headers": self.headers, "_pid": -1, "_whole": OrderedDict()}
+        return {"url": self.url, "headers": self.headers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], headers=state["headers"])
 
     def _get(self, file: str, start: int | None, end: int | None) -> bytes:
         url = f"{self.url}/{file}"
@@ -162,22 +174,58 @@ class HttpSource(Source):
             raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
         if reply.status == 416:  # range starts past the end: the file is shorter
             return b""
-        if reply.status == 200 and start is not None:  # no Range support: keep whole files
-            self._whole[file] = reply.data
-            while sum(map(len, self._whole.values())) > WHOLE_BYTES and len(self._whole) > 1:
-                self._whole.popitem(last=False)
-            return reply.data[start:end]
         if reply.status not in (200, 206):
             raise DownloadError(f"GET {url} answered HTTP {reply.status}")
+        if start is not None:
+            with self._lock:
+                self._ranges = reply.status == 206
+            if reply.status == 200:  # no Range support: keep the whole file
+                self._keep(file, reply.data)
+                return reply.data[start:end]
         return reply.data
+
+    def _keep(self, file: str, data: bytes) -> None:
+        with self._lock:
+            self._whole[file] = data
+            self._whole.move_to_end(file)
+            while sum(map(len, self._whole.values())) > WHOLE_BYTES and len(self._whole) > 1:
+                self._whole.popitem(last=False)
+
+    def _whole_file(self, file: str) -> bytes:
+        """The whole file, downloaded once however many threads ask for it together."""
+        with self._lock:
+            data = self._whole.get(file)
+            if data is not None:
+                self._whole.move_to_end(file)
+                return data
+            future = self._inflight.get(file)
+            owner = future is None
+            if owner:
+                future = self._inflight[file] = Future()
+        if not owner:
+            return future.result()
+        try:
+            data = self._get(file, None, None)
+            self._keep(file, data)
+            future.set_result(data)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(file, None)
+        return data
 
     def _one(self, job: tuple[str, int, int]) -> bytes:
         file, start, end = job
-        whole = self._whole.get(file)
-        return whole[start:end] if whole is not None else self._get(file, start, end)
+        if self._ranges is False:
+            return self._whole_file(file)[start:end]
+        return self._get(file, start, end)
 
     def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
         self._setup()
+        if self._ranges is None:  # the first request tells whether Range works, before the pool
+            return [self._one(jobs[0]), *self._get_many(jobs[1:])] if jobs else []
         if len(jobs) == 1:
             return [self._one(jobs[0])]
         return list(self._pool.map(self._one, jobs))
