@@ -123,28 +123,36 @@ def test_cli_train_stops_and_resumes(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_onto_the_same_curve(data, tmp_path):
+def test_sigkill_mid_run_resumes_onto_the_same_curve_and_keys(data, tmp_path):
     """A real SIGKILL (no cleanup at all) between checkpoints, then the same command again."""
     args = [sys.executable, "-m", "cifar5m", "train", "--data", str(data), "--world", "ideal",
             "--arch", "preresnet18", "--width", "8", "--steps", "12", "--batch-size", "16",
             "--log-every", "2", "--log-dense", "none", "--checkpoint-every", "3",
-            "--augment", "crop-flip", "--seed", "1", "--out", str(tmp_path / "killed")]
+            "--augment", "crop-flip", "--seed", "1", "--record-keys", "--out", str(tmp_path / "killed")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    keys = tmp_path / "killed" / "keys-rank0.txt"
+    deadline = time.monotonic() + 600  # polls for progress: a loaded 2-core CI box is slow
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(read_rows(metrics)) >= 3:  # past the checkpoint at step 3
+        # step 4 logged and keys of step 5 written: past the checkpoint at 3, before the one at 6
+        if metrics.exists() and len(read_rows(metrics)) >= 3 and keys.exists() \
+                and len(keys.read_text().splitlines()) >= 5:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     killed_at = len(read_rows(metrics))
-    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
+    keys_at_kill = len(keys.read_text().splitlines())
+    assert killed_at >= 3 and keys_at_kill >= 5, proc.stderr.read().decode()[-2000:]
+    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     whole = train(tiny(data, world="ideal", arch="preresnet18", steps=12, checkpoint_every=3,
-                       augment="crop-flip"), out=tmp_path / "whole", progress=False)
+                       augment="crop-flip", record_keys=True), out=tmp_path / "whole", progress=False)
     assert killed_at < len(whole.rows)  # it really was cut short
     assert curve(read_rows(metrics)) == curve(whole.rows)
+    got = keys.read_text().split()
+    assert got == (tmp_path / "whole" / "keys-rank0.txt").read_text().split()
+    assert len(got) == len(set(got)) == 12 * 16  # the re-trained steps' keys are not doubled
 
 
 def test_class_balanced_real_world_subset(data, tmp_path):

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar5m.errors import TrainConfigError
+from shards.manifest import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
 from train.metrics import evaluate
@@ -168,6 +170,20 @@ class TrainData:
             self.keys_file = open(self.keys_path, "a")  # noqa: SIM115 (open for the whole run)
         self.keys_file.write(" ".join(map(str, keys)) + "\n")
         self.keys_file.flush()
+
+    def resume_keys(self, step: int) -> None:
+        """Keep the keys file's first ``step`` lines (one per step): after a kill between
+        checkpoints the steps past the checkpoint are trained again and logged again."""
+        if not self.config.record_keys or self.keys_path is None:
+            return
+        path = Path(self.keys_path)
+        lines = path.read_text().splitlines(keepends=True)[:step] if path.exists() else []
+        atomic_write_bytes(path, "".join(lines).encode())
+
+    def close(self) -> None:
+        if self.keys_file is not None:
+            self.keys_file.close()
+            self.keys_file = None
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

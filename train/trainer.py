@@ -167,9 +167,18 @@ def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) 
         return finished
     learner = Learner.build(config, rt)
     data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+    try:
+        return _run(config, out, rt, progress, learner, data)
+    finally:
+        data.close()
+
+
+def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, learner: Learner,
+         data: runtime.TrainData) -> TrainResult:
     evaluator = runtime.Evaluator.build(config, rt, data)
     log = MetricsLog(out) if rt.rank == 0 else None
     step = _resume(out, rt, learner, data, log)
+    data.resume_keys(step)
     points = set(log_points(config.steps, every=config.log_every, dense=config.log_dense))
     if step == 0:
         _log(log, evaluator, learner.eval_model, step=0, config=config, loss=None, clock=(0.0, 0))
