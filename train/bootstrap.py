@@ -34,7 +34,7 @@ class BootstrapConfig:
     seeds: tuple[int, ...] = (0,)
 
     def to_json(self) -> str:
-        return json.dumps({"template": dataclasses.asdict(self.template), "seeds": list(self.seeds)},
+        return json.dumps({"template": self.template.saved(), "seeds": list(self.seeds)},
                           indent=2, sort_keys=True) + "\n"
 
 

@@ -124,7 +124,7 @@ class TrainData:
             world_size=rt.world_size if rt.world_size > 1 else None,
             num_workers=config.num_workers, class_balanced=config.class_balanced,
             return_keys=config.record_keys and config.world == "ideal",
-            pin_memory=rt.device.type == "cuda")
+            pin_memory=rt.device.type == "cuda", storage_options=config.storage_options)
         return cls(SampleStream(cfg), config, rt, keys_path)
 
     def _source(self):
@@ -200,10 +200,12 @@ class EvalSet:
     labels: torch.Tensor
 
 
-def load_split(source: str, split: str, *, limit: int | None, rt: Runtime) -> EvalSet:
+def load_split(source: str, split: str, *, limit: int | None, rt: Runtime,
+               storage_options: dict | None = None) -> EvalSet:
     """The first ``limit`` samples of a split; each rank keeps every world_size-th one."""
     images, labels, have = [], [], 0
-    for batch in Dataset(source).split(split).iter_batches(10_000):
+    dataset = Dataset(source, storage_options=storage_options)
+    for batch in dataset.split(split).iter_batches(10_000):
         images.append(batch.images)
         labels.append(batch.labels)
         have += len(batch.labels)
@@ -225,7 +227,8 @@ class Evaluator:
 
     @classmethod
     def build(cls, config, rt: Runtime, data: TrainData) -> Evaluator:
-        sets = {"test": load_split(config.data, config.test_split, limit=config.test_limit, rt=rt)}
+        sets = {"test": load_split(config.data, config.test_split, limit=config.test_limit, rt=rt,
+                                   storage_options=config.storage_options)}
         if config.cifar10_test:
             sets["cifar10"] = load_split(config.cifar10_test, "test", limit=None, rt=rt)
         if data.real:

@@ -30,7 +30,10 @@ from train.models import build_model, count_parameters
 
 CONFIG_NAME, RESULT_NAME = "config.json", "result.json"
 # Fields that may change between a run and its resume without changing the curve.
-RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile"}
+RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile",
+                    "storage_options"}
+# Not written to config.json or checkpoints: fsspec options may hold credentials.
+UNSAVED_FIELDS = {"storage_options"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class TrainConfig:
     num_workers: int = 0
     record_keys: bool = False  # write the keys of every batch (tests, audits)
     stop_after: int | None = None  # stop (as if killed) after this many steps
+    storage_options: dict | None = None  # fsspec options for --data (s3:// endpoint, ...); not saved
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dense", tuple(tuple(p) for p in self.log_dense))
@@ -85,8 +89,12 @@ class TrainConfig:
         if problems:
             raise TrainConfigError("; ".join(problems))
 
+    def saved(self) -> dict:
+        """The fields written to config.json and checkpoints (no storage options)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNSAVED_FIELDS}
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.saved(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
@@ -259,7 +267,7 @@ def _save(out, rt, config, step, learner: Learner, data) -> None:
         save_checkpoint(out, {"step": step, "model": learner.core.state_dict(),
                               "optimizer": learner.optimizer.state_dict(),
                               "scheduler": learner.scheduler.state_dict(),
-                              "ranks": ranks, "config": dataclasses.asdict(config)})
+                              "ranks": ranks, "config": config.saved()})
     rt.barrier()
 
 

@@ -21,7 +21,8 @@ def _size(value: str | None) -> int | None:
         raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
 
 
-def _options(text: str | None) -> dict | None:
+def parse_storage_options(text: str | None) -> dict | None:
+    """``--storage-options`` JSON -> a dict (also used by ``cifar5m train``)."""
     if text is None:
         return None
     try:
@@ -92,7 +93,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
         source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
         rank=rank, world_size=world_size, num_workers=workers if fmt == "stats" else 0,
         class_balanced=class_balanced, wrap=wrap, return_keys=True, cache_dir=cache_dir,
-        cache_bytes=_size(cache_bytes), storage_options=_options(storage_options))
+        cache_bytes=_size(cache_bytes), storage_options=parse_storage_options(storage_options))
     stream = SampleStream(config)
     state_file = Path(state_path) if state_path else None
     if state_file is not None and state_file.is_file():

@@ -51,6 +51,9 @@ def _run_options(command: Callable) -> Callable:
                      help="Loader processes reading and decoding shards."),
         click.option("--stop-after", type=click.IntRange(min=1),
                      help="Stop after this many steps (checkpointed; rerun to continue)."),
+        click.option("--storage-options",
+                     help='fsspec options for --data as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
+                          '"http://127.0.0.1:9000"}}\' for s3:// (not saved: may hold credentials).'),
         click.option("--out", required=True, type=click.Path(file_okay=False),
                      help="Run directory (config.json, metrics.jsonl/csv, checkpoint.pt)."),
     ]
@@ -60,6 +63,7 @@ def _run_options(command: Callable) -> Callable:
 
 
 def _config(world: str, seed: int, opts: dict):
+    from cifar5m.commands.stream import parse_storage_options
     from train.metrics import parse_dense
     from train.trainer import TrainConfig
 
@@ -67,6 +71,7 @@ def _config(world: str, seed: int, opts: dict):
     opts["compile"] = opts.pop("compile_")
     opts["log_dense"] = parse_dense(opts["log_dense"])
     opts.pop("out")
+    opts["storage_options"] = parse_storage_options(opts.get("storage_options"))
     return TrainConfig(world=world, seed=seed, **opts)
 
 
