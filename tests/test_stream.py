@@ -413,3 +413,32 @@ def test_a_pool_smaller_than_one_batch_is_an_error_not_zero_batches(dataset_dir)
         SampleStream(StreamConfig(source=root, world="real", n=30, batch_size=64, steps=5))
     with pytest.raises(StreamConfigError, match=r"\(50 samples\) is smaller than the global batch size 64"):
         SampleStream(StreamConfig(source=root, batch_size=64))
+
+
+def test_cache_removes_lock_files_and_serves_a_read_only_cache(dataset_dir, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from train import cache as cache_module
+
+    base = dict(source=str(dataset_dir(50, 20)), batch_size=10, return_keys=True)
+    ref = [(b.keys, b.images) for b in SampleStream(StreamConfig(**base, cache_dir=str(tmp_path)))]
+    assert list(tmp_path.glob("*.chw.u8")) and not list(tmp_path.glob("*.lock"))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    class ReadOnlyOs:  # a shared cache owned by someone else (CI runs as root: chmod would not bite)
+        utime = open = staticmethod(denied)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(cache_module, "os", ReadOnlyOs())
+    for cache_dir in (tmp_path, tmp_path / "empty"):  # hits, then misses that cannot be kept
+        if cache_dir != tmp_path:
+            cache_dir.mkdir()
+        got = [(b.keys, b.images) for b in SampleStream(StreamConfig(**base, cache_dir=str(cache_dir)))]
+        assert [k for k, _ in got] == [k for k, _ in ref]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref, strict=True))
+    assert not list((tmp_path / "empty").iterdir())

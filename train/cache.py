@@ -6,21 +6,28 @@ the shard's sha256 so two datasets never collide and a changed shard is never se
 stale. Files are memory-mapped: every process on the machine shares the page cache.
 A per-shard ``flock`` makes the first process decode while the others wait, and the
 least recently used files are deleted once the total passes ``cap_bytes``.
+Lock files are removed when their decode is done; a read-only cache (a shared,
+pre-filled directory) is used as it is: hits are served, misses decoded and not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from shards.manifest import atomic_write_bytes
 
+log = logging.getLogger("cifar5m.stream")
 SUFFIX = ".chw.u8"
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 SAMPLE_BYTES = 3 * 32 * 32
 
 
@@ -44,10 +51,35 @@ class DecodedCache:
             if path.stat().st_size != count * SAMPLE_BYTES:
                 return None
             array = np.memmap(path, np.uint8, "r", shape=(count, 3, 32, 32))
-            os.utime(path)  # recency for the LRU eviction
         except FileNotFoundError:
             return None
+        try:
+            os.utime(path)  # recency for the LRU eviction
+        except OSError as exc:  # read-only cache (another owner, a read-only mount): no recency
+            if exc.errno not in READ_ONLY:
+                raise
         return array
+
+    @contextlib.contextmanager
+    def _locked(self, sha: str) -> Iterator[None]:
+        """Hold ``<sha>.lock`` (flock) and delete it when done. A waiter that locked a file
+        already unlinked sees another inode under the name and retries on the new file."""
+        path = self.root / f"{sha[:32]}.lock"
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(PermissionError):
+                path.unlink(missing_ok=True)  # still locked: nobody else holds this inode
+            os.close(fd)
 
     def get(self, sha: str, count: int, build: Callable[[], np.ndarray]) -> np.ndarray:
         """The decoded shard ``sha`` (``count`` samples), building and storing it on a miss."""
@@ -68,9 +100,16 @@ class DecodedCache:
         if self.cap_bytes is not None and count * SAMPLE_BYTES > self.cap_bytes:
             self.misses += 1
             return build()  # bigger than the whole cache: decode and do not keep
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{sha[:32]}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one decoder per shard across processes
+        with contextlib.ExitStack() as stack:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(self._locked(sha))  # one decoder per shard across processes
+            except OSError as exc:
+                if exc.errno not in READ_ONLY:
+                    raise
+                log.warning("cache %s is not writable (%s): decoding without keeping", self.root, exc)
+                self.misses += 1
+                return build()
             array = self._open(sha, count)
             if array is not None:
                 self.hits += 1
