@@ -151,8 +151,7 @@ def start_server(directory: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def main() -> None:
-    global SECONDS
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=256)
@@ -162,72 +161,110 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=SECONDS, help="Time limit of one run.")
     ap.add_argument("--min-samples", type=int, default=200_000,
                     help="Fast rows of ours run at least this many samples (new epochs).")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+class Table:
+    """The rows of the result table: (case, baseline name, baseline img/s, ours img/s)."""
+
+    def __init__(self, args: argparse.Namespace, roots: dict[str, Path], cache: Path) -> None:
+        self.args, self.roots, self.cache = args, roots, cache
+        self.rows: list[tuple[str, str, float, float]] = []
+
+    def fast(self, fmt: str) -> int:
+        return self.args.min_samples if fmt == "npy" else 0
+
+    def add(self, case: str, base_name: str, base: float, ours: float) -> None:
+        self.rows.append((case, base_name, base, ours))
+        print(f"  {case}: {base:,.0f} vs {ours:,.0f} img/s", file=sys.stderr)
+
+    def shard_rows(self) -> None:
+        """Both loaders on PNG and npy shards, in one process and with 2 workers."""
+        roots, batch, rep = self.roots, self.args.batch, self.args.repeat
+        for fmt in ("png", "npy"):
+            for workers in (0, 2):
+                where = "1 process" if workers == 0 else "DataLoader, 2 workers"
+                self.add(f"{fmt} shards, {where}", "webdataset", *best_of(
+                    rep, lambda f=fmt, w=workers: rate_wds(roots[f], f, batch, w),
+                    lambda f=fmt, w=workers: rate_ours(str(roots[f]), batch, w,
+                                                       min_samples=self.fast(f))))
+        import train.reader
+
+        if train.reader._spng is not None:  # the same row with Pillow, to show what libspng adds
+            spng, train.reader._spng = train.reader._spng, None
+            try:
+                self.add("png shards, 1 process, ours with Pillow", "webdataset", *best_of(
+                    rep, lambda: rate_wds(roots["png"], "png", batch, 0),
+                    lambda: rate_ours(str(roots["png"]), batch, 0)))
+            finally:
+                train.reader._spng = spng
+
+    def cache_rows(self) -> None:
+        """Ours from the warm decoded cache against webdataset on PNG."""
+        png, batch, cache = self.roots["png"], self.args.batch, str(self.cache)
+        rate_ours(str(png), batch, 0, cache)  # fill the decoded cache once
+        for workers in (0, 2):
+            where = "1 process" if workers == 0 else "DataLoader, 2 workers"
+            self.add(f"decoded cache (warm), {where}", "webdataset png", *best_of(
+                self.args.repeat, lambda w=workers: rate_wds(png, "png", batch, w),
+                lambda w=workers: rate_ours(str(png), batch, w, cache,
+                                            min_samples=self.args.min_samples)))
+
+    def http_rows(self) -> None:
+        """Ours over HTTP from 127.0.0.1 against ours on the same local files."""
+        roots, batch = self.roots, self.args.batch
+        proc, url = start_server(self.args.work)
+        try:
+            for fmt in ("png", "npy"):
+                self.add(f"HTTP 127.0.0.1, {fmt}, 1 process", f"ours, local {fmt}", *best_of(
+                    self.args.repeat,
+                    lambda f=fmt: rate_ours(str(roots[f]), batch, 0, min_samples=self.fast(f)),
+                    lambda f=fmt: rate_ours(f"{url}/{roots[f].name}", batch, 0,
+                                            min_samples=self.fast(f))))
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def print(self, data: str) -> None:
+        a = self.args
+        print(f"\n{data}, {a.samples:,} samples, batch {a.batch}, {os.cpu_count()} CPU cores "
+              f"(shared), torch {torch.__version__}; best of {a.repeat} interleaved runs of <= "
+              f"{SECONDS:.0f} s each; load average {os.getloadavg()[0]:.1f} at the end\n")
+        print("| case | baseline | baseline img/s | ours img/s | ratio |")
+        print("|---|---|---:|---:|---:|")
+        for case, base_name, base, ours in self.rows:
+            print(f"| {case} | {base_name} | {base:,.0f} | {ours:,.0f} | {ours / base:.2f}x |")
+
+    def print_cores(self) -> None:
+        """How many cores of ours feed the GPU, from one thread's images per CPU-second."""
+        print(f"\nCores of ours to feed {GPU_RATE:,} img/s (bf16 ResNet-18, H200), from images per "
+              f"CPU-second of one thread (prefetch=0, no workers):")
+        png, npy, minimum = str(self.roots["png"]), str(self.roots["npy"]), self.args.min_samples
+        for name, source, cache_dir, least in (("png shards", png, None, 0),
+                                               ("npy shards", npy, None, minimum),
+                                               ("decoded cache", png, str(self.cache), minimum)):
+            per_core = max(cpu_rate_ours(source, self.args.batch, cache_dir, min_samples=least)
+                           for _ in range(self.args.repeat))
+            print(f"  {name}: {per_core:,.0f} img/s per core -> {math.ceil(GPU_RATE / per_core)} core(s)")
+
+
+def main() -> None:
+    global SECONDS
+    args = parse_args()
     SECONDS = args.seconds
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     roots = {}
     for fmt in ("png", "npy"):
         roots[fmt], data = prepare(args.work, args.samples, fmt, args.cifar10)
-    cache = args.work / f"cache-{args.samples}"
     logging.getLogger("cifar5m.stream").setLevel(logging.ERROR)  # wrap=True warns by design
+    table = Table(args, roots, args.work / f"cache-{args.samples}")
+    table.shard_rows()
+    table.cache_rows()
+    table.http_rows()
+    table.print(data)
+    table.print_cores()
 
-    def fast(fmt: str) -> int:
-        return args.min_samples if fmt == "npy" else 0
-    rows: list[tuple[str, str, float, float]] = []
-    rep = args.repeat
-
-    def add(case: str, base_name: str, base: float, ours: float) -> None:
-        rows.append((case, base_name, base, ours))
-        print(f"  {case}: {base:,.0f} vs {ours:,.0f} img/s", file=sys.stderr)
-
-    for fmt in ("png", "npy"):
-        for workers in (0, 2):
-            where = "1 process" if workers == 0 else "DataLoader, 2 workers"
-            add(f"{fmt} shards, {where}", "webdataset", *best_of(
-                rep, lambda f=fmt, w=workers: rate_wds(roots[f], f, args.batch, w),
-                lambda f=fmt, w=workers: rate_ours(str(roots[f]), args.batch, w, min_samples=fast(f))))
-    import train.reader
-
-    if train.reader._spng is not None:  # the same row with Pillow, to show what libspng adds
-        spng, train.reader._spng = train.reader._spng, None
-        try:
-            add("png shards, 1 process, ours with Pillow", "webdataset", *best_of(
-                rep, lambda: rate_wds(roots["png"], "png", args.batch, 0),
-                lambda: rate_ours(str(roots["png"]), args.batch, 0)))
-        finally:
-            train.reader._spng = spng
-    rate_ours(str(roots["png"]), args.batch, 0, str(cache))  # fill the decoded cache once
-    for workers in (0, 2):
-        where = "1 process" if workers == 0 else "DataLoader, 2 workers"
-        add(f"decoded cache (warm), {where}", "webdataset png", *best_of(
-            rep, lambda w=workers: rate_wds(roots["png"], "png", args.batch, w),
-            lambda w=workers: rate_ours(str(roots["png"]), args.batch, w, str(cache),
-                                        min_samples=args.min_samples)))
-    proc, url = start_server(args.work)
-    try:
-        for fmt in ("png", "npy"):
-            add(f"HTTP 127.0.0.1, {fmt}, 1 process", f"ours, local {fmt}", *best_of(
-                rep, lambda f=fmt: rate_ours(str(roots[f]), args.batch, 0, min_samples=fast(f)),
-                lambda f=fmt: rate_ours(f"{url}/{roots[f].name}", args.batch, 0, min_samples=fast(f))))
-    finally:
-        proc.terminate()
-        proc.wait()
-    print(f"\n{data}, {args.samples:,} samples, batch {args.batch}, {os.cpu_count()} CPU cores "
-          f"(shared), torch {torch.__version__}; best of {rep} interleaved runs of <= {SECONDS:.0f} s "
-          f"each; load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| case | baseline | baseline img/s | ours img/s | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for case, base_name, base, ours in rows:
-        print(f"| {case} | {base_name} | {base:,.0f} | {ours:,.0f} | {ours / base:.2f}x |")
-    print(f"\nCores of ours to feed {GPU_RATE:,} img/s (bf16 ResNet-18, H200), from images per "
-          f"CPU-second of one thread (prefetch=0, no workers):")
-    for name, source, cache_dir, minimum in (
-            ("png shards", str(roots["png"]), None, 0),
-            ("npy shards", str(roots["npy"]), None, args.min_samples),
-            ("decoded cache", str(roots["png"]), str(cache), args.min_samples)):
-        per_core = max(cpu_rate_ours(source, args.batch, cache_dir, min_samples=minimum) for _ in range(rep))
-        print(f"  {name}: {per_core:,.0f} img/s per core -> {math.ceil(GPU_RATE / per_core)} core(s)")
 
 if __name__ == "__main__":
     main()

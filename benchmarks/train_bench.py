@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rt = Runtime.start(args.device)
+    rt = Runtime.start(device=args.device)
     need = (args.warmup + args.steps + 1) * max(sizes)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or str(synthetic_dataset(Path(tmp) / "bench", need + 1))

@@ -6,8 +6,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from generator.model import DEFAULT_MODEL
-from generator.sampler import DEFAULT_STEPS, SAMPLERS
 from shards.format import IMAGE_FORMATS
+
+# Here, not in generator.sampler, so that checking a config (and --dry-run of the
+# default model) never imports torch: generator.sampler imports it at the top.
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmsolver++": 20, "unipc": 20}
 
 NOISE_SCHEME = "lowbias32-boxmuller-v1"  # generator.noise; bump if its output changes
 CONFIG_NAME = "generate_config.json"

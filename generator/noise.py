@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from cifar5m.errors import ModelError
+
 _MASK32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
 _SEED_SALT = 0x9E3779B9  # golden-ratio constant: keeps seed 0 from hashing zeros
@@ -38,13 +40,24 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def sample_keys(seed: int, ids: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent 32-bit keys per sample, shape (B,), int64 on ``ids.device``."""
-    if not 0 <= seed < 2**63 or not 0 <= stream < 2**32:
-        raise ValueError(f"seed must be in [0, 2**63) and stream in [0, 2**32); got {seed}, {stream}")
-    ids = ids.to(torch.int64)
+def check_ids(ids: torch.Tensor) -> None:
+    """Refuse negative sample ids. Reads the values: call it on CPU tensors (on CUDA it
+    would wait for the device, once per call, i.e. per sampling step)."""
     if ids.numel() and int(ids.min()) < 0:
-        raise ValueError("sample ids must be non-negative")
+        raise ModelError(f"sample ids must be non-negative; got {int(ids.min())}")
+
+
+def sample_keys(seed: int, ids: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent 32-bit keys per sample, shape (B,), int64 on ``ids.device``.
+
+    Ids on the CPU are checked; device ids are not (the check would sync): check them
+    before moving them, as ``Sampler.sample`` does.
+    """
+    if not 0 <= seed < 2**63 or not 0 <= stream < 2**32:
+        raise ModelError(f"noise seed must be in [0, 2**63) and stream in [0, 2**32); got {seed}, {stream}")
+    ids = ids.to(torch.int64)
+    if ids.device.type == "cpu":
+        check_ids(ids)
     words = (seed & _MASK32, seed >> 32)
     k = torch.full_like(ids, _SEED_SALT)
     for w in words:

@@ -15,8 +15,12 @@ every other shard's, and keys are the candidate ids of the kept samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shards.format import shard_name
+
+if TYPE_CHECKING:
+    from generator.config import GenerateConfig
 
 FILTER_STRIDE = 64  # candidates per kept sample before a shard gives up (acceptance >= 1/64)
 DDPM_CIFAR10_GFLOP = 12.44  # per image per UNet call, measured (perf-anchors.md section 1)
@@ -121,15 +125,15 @@ def hours_at(total_flop: float, mfu: float) -> float:
     return total_flop / (mfu * H100_BF16_PEAK_TFLOPS * 1e12) / 3600
 
 
-
-def dry_run(cfg) -> str:  # cfg: generator.config.GenerateConfig (not imported: no cycle)
+def dry_run(cfg: GenerateConfig) -> str:
     """The plan of ``cfg`` without loading weights: the default model needs no download."""
     from generator.model import DEFAULT_MODEL, resolve
-    from generator.sampler import build_scheduler
 
     if cfg.model == DEFAULT_MODEL and not _in_cache(cfg.model):
         gflop, source, nfe = DDPM_CIFAR10_GFLOP, "google/ddpm-cifar10-32 architecture, measured", cfg.num_steps
     else:
+        from generator.sampler import build_scheduler  # imports torch: only for models on disk
+
         src = resolve(cfg.model)
         gflop, source = gflop_per_call(src.config)
         nfe = len(build_scheduler(cfg.sampler, src.scheduler_config, cfg.num_steps).timesteps)

@@ -39,7 +39,7 @@ class Producer:
         for a in range(0, len(ids), self.batch_size):
             batch = ids[a : a + self.batch_size]
             cond = batch % self.num_classes if self.conditional else None
-            parts.append(self.sampler.sample(self.seed, batch, cond))
+            parts.append(self.sampler.sample(self.seed, batch, class_labels=cond))
         return torch.cat(parts)
 
     def _chunk_size(self, plan: ShardPlan, pos: int, need: int) -> int:

@@ -30,9 +30,8 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from generator import noise
+from generator.config import DEFAULT_STEPS, SAMPLERS  # noqa: F401  (re-exported)
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmsolver++": 20, "unipc": 20}
 IMAGE_CHW = (3, 32, 32)
 
 
@@ -57,9 +56,9 @@ def build_scheduler(sampler: str, scheduler_config: dict[str, Any], steps: int) 
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     total = int(cfg.get("num_train_timesteps", 1000))
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
+        raise ModelError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     if not 1 <= steps <= total:
-        raise ValueError(f"--steps must be in [1, {total}] (the model's training timesteps), got {steps}")
+        raise ModelError(f"--steps must be in [1, {total}] (the model's training timesteps), got {steps}")
     if sampler == "ddpm":
         sched = DDPMScheduler.from_config(cfg)
         if sched.config.variance_type not in ("fixed_small", "fixed_large"):
@@ -132,8 +131,10 @@ class Sampler:
         return len(self.template.timesteps)
 
     @torch.no_grad()
-    def sample(self, seed: int, ids: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,))."""
+    def sample(self, seed: int, ids: torch.Tensor, *,
+               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,), on the CPU)."""
+        noise.check_ids(ids)  # here, on the CPU: on the device every check would sync
         n = len(ids)
         self.max_batch = max(self.max_batch, n)
         if self.pad and n < self.max_batch:  # repeat the last sample; its copies are dropped

@@ -35,14 +35,21 @@ class Session:
         if cfg.device == "auto":
             self.device = torch.device(f"cuda:{rank.local_rank}" if torch.cuda.is_available() else "cpu")
         else:
-            self.device = torch.device(cfg.device)
+            try:
+                self.device = torch.device(cfg.device)
+            except RuntimeError as exc:
+                raise GenerationError(f"--device {cfg.device!r}: {exc}; use auto, cpu or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise GenerationError(f"--device {cfg.device!r}, but torch sees no CUDA device here; "
+                                  f"use --device cpu (or auto)")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # kernels that use "the current device" follow
         self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.source = model_mod.resolve(cfg.model)
         total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
         if cfg.num_steps > total:
-            raise ValueError(f"--steps {cfg.num_steps} exceeds the model's {total} training timesteps")
+            raise ModelError(f"--steps {cfg.num_steps} exceeds the {total} training timesteps of model "
+                             f"{cfg.model!r}; pass --steps {total} or fewer")
         k = self.source.num_class_embeds
         self.conditional = bool(k)
         if self.conditional and k != NUM_CLASSES:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +49,34 @@ def test_noise_depends_only_on_seed_id_stream() -> None:
     assert corr.abs().max() < 0.1  # 3072-dim independent draws: |r| ~ 0.02
 
 
-def test_noise_rejects_bad_seed() -> None:
-    with pytest.raises(ValueError, match="seed"):
+def test_noise_rejects_bad_seed_and_ids_as_model_errors() -> None:
+    with pytest.raises(ModelError, match="seed"):
         noise.normal(-1, torch.arange(2), 0, (3,))
+    with pytest.raises(ModelError, match="non-negative; got -3"):
+        noise.normal(0, torch.tensor([1, -3]), 0, (3,))
+
+
+def test_noise_on_device_ids_reads_no_values() -> None:
+    # A meta tensor has no values: reading one (.min() -> int, a device sync on CUDA)
+    # raises, so this passes only if per-step noise never reads the ids.
+    z = noise.normal(3, torch.arange(4, device="meta"), 1, (3, 2, 2))
+    assert z.shape == (4, 3, 2, 2) and z.device.type == "meta"
+
+
+def test_sampler_checks_ids_on_the_cpu_and_takes_class_labels_by_keyword(models) -> None:
+    from generator.model import load_unet
+    from generator.sampler import Sampler
+
+    src = resolve(str(models["unet"]))
+    sampler = Sampler(load_unet(src), src.scheduler_config, sampler="ddim", steps=1)
+    with pytest.raises(ModelError, match="non-negative"):
+        sampler.sample(0, torch.tensor([-1]))
+    kind = inspect.signature(Sampler.sample).parameters["class_labels"].kind
+    assert kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(ModelError, match="unknown sampler 'euler'"):
+        build_scheduler("euler", src.scheduler_config, 10)
+    with pytest.raises(ModelError, match=r"--steps must be in \[1, 1000\]"):
+        build_scheduler("ddim", src.scheduler_config, 1001)
 
 
 def test_ddpm_step_matches_diffusers_with_the_same_noise() -> None:
@@ -162,3 +191,40 @@ def test_cli_reports_errors_in_one_line(tmp_path) -> None:
     res = CliRunner().invoke(cli, ["generate", "--count", "10", "--test-count", "2",
                                    "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none")])
     assert res.exit_code == 1 and res.output.startswith("Error: model") and "no such directory" in res.output
+
+
+def test_cli_steps_beyond_the_models_timesteps_is_one_error_line(models, tmp_path) -> None:
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["generate", "--count", "10", "--test-count", "2", "--out", str(out),
+                                   "--model", str(models["unet"]), "--labeler", str(models["labeler"]),
+                                   "--sampler", "ddim", "--steps", "1001"])
+    assert res.exit_code == 1, res.output
+    assert res.output.splitlines() == [
+        f"Error: --steps 1001 exceeds the 1000 training timesteps of model {str(models['unet'])!r}; "
+        f"pass --steps 1000 or fewer"]
+    assert not out.exists()
+
+
+def test_cli_unusable_device_is_one_error_line(models, tmp_path) -> None:
+    args = ["generate", "--count", "10", "--test-count", "2", "--out", str(tmp_path / "o"),
+            "--model", str(models["unet"]), "--labeler", str(models["labeler"])]
+    res = CliRunner().invoke(cli, [*args, "--device", "nonsense"])
+    assert res.exit_code == 1 and res.output.startswith("Error: --device 'nonsense'"), res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(cli, [*args, "--device", "cuda:0"])
+        assert res.exit_code == 1 and "no CUDA device" in res.output, res.output
+
+
+def test_config_and_dry_run_of_the_default_model_do_not_import_torch(tmp_path) -> None:
+    code = (
+        "import sys\n"
+        "from cifar5m.cli import cli\n"
+        "cli.main(args=['generate', '--count', '1000', '--test-count', '10', '--out', 'x', '--dry-run'],"
+        " standalone_mode=False)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "NFE per image: 1000" in res.stdout and "torch loaded: False" in res.stdout
+

@@ -134,7 +134,8 @@ class Plan:
         start = b * self.batch_size + rank * self.per_rank
         return self.items(start, start + self.per_rank)
 
-    def worker_groups(self, start: int, worker: int, num_workers: int, group: int = 1) -> Iterator[range]:
+    def worker_groups(self, start: int, worker: int, num_workers: int, *,
+                      group: int = 1) -> Iterator[range]:
         """Runs of ``group`` consecutive global batches that worker ``worker`` produces when a
         pass begins at ``start``: runs ``worker, worker + W, ...`` of the batches from ``start``
         on; the DataLoader's in-order round robin then hands them out in stream order."""

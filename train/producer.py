@@ -83,7 +83,7 @@ class WorkerDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Packed]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        runs = self.producer.plan.worker_groups(self.start, worker, workers, self.group)
+        runs = self.producer.plan.worker_groups(self.start, worker, workers, group=self.group)
         run = next(runs, None)
         while run is not None:
             following = next(runs, None)

@@ -14,6 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from shards.manifest import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
 from train.metrics import evaluate
+
+if TYPE_CHECKING:  # train.trainer imports this module
+    from train.stream import SampleStream
+    from train.trainer import TrainConfig
 
 
 def _destroy_group() -> None:
@@ -40,7 +45,7 @@ class Runtime:
     world_size: int = 1
 
     @classmethod
-    def start(cls, device: str = "auto") -> Runtime:
+    def start(cls, *, device: str = "auto") -> Runtime:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
@@ -100,7 +105,8 @@ class Runtime:
 class TrainData:
     """The training batches of one rank, as uint8 ``(B, 3, 32, 32)`` + int64 on the device."""
 
-    def __init__(self, stream, config, rt: Runtime, keys_path: str | None = None) -> None:
+    def __init__(self, stream: SampleStream, config: TrainConfig, rt: Runtime,
+                 keys_path: str | os.PathLike | None = None) -> None:
         self.stream, self.config, self.rt, self.keys_path = stream, config, rt, keys_path
         self.real = config.world == "real"
         self.keys_file = None
@@ -114,7 +120,8 @@ class TrainData:
             self.keys = list(keys) if keys is not None else None
 
     @classmethod
-    def open(cls, config, rt: Runtime, *, keys_path=None) -> TrainData:
+    def open(cls, config: TrainConfig, rt: Runtime, *,
+             keys_path: str | os.PathLike | None = None) -> TrainData:
         from train.stream import SampleStream, StreamConfig
 
         cfg = StreamConfig(
@@ -222,11 +229,11 @@ def load_split(source: str, split: str, *, limit: int | None, rt: Runtime,
 class Evaluator:
     """Computes a log row's metrics: test split, CIFAR-10 test, real-world train set."""
 
-    def __init__(self, sets: dict[str, EvalSet], config, rt: Runtime) -> None:
+    def __init__(self, sets: dict[str, EvalSet], config: TrainConfig, rt: Runtime) -> None:
         self.sets, self.config, self.rt = sets, config, rt
 
     @classmethod
-    def build(cls, config, rt: Runtime, data: TrainData) -> Evaluator:
+    def build(cls, config: TrainConfig, rt: Runtime, data: TrainData) -> Evaluator:
         sets = {"test": load_split(config.data, config.test_split, limit=config.test_limit, rt=rt,
                                    storage_options=config.storage_options)}
         if config.cifar10_test:

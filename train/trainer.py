@@ -162,7 +162,7 @@ class Learner:
 def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> TrainResult:
     """Train one model in one world; resumes from ``out/checkpoint.pt`` when present."""
     out = Path(out)
-    rt = runtime.Runtime.start(config.device)
+    rt = runtime.Runtime.start(device=config.device)
     try:
         return _train(config, out, rt, progress)
     finally:
