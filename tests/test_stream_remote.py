@@ -61,7 +61,7 @@ def serve_app(app):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # generous: 2 cores shared by several jobs in CI
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     try:
