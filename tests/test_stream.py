@@ -116,6 +116,10 @@ def test_exactly_once_equal_counts_and_elastic_resume(dataset_dir, shape, shard,
     total = n // batch
     steps = max(0, total - 1) if use_steps else None
     cfg = dict(source=str(root), batch_size=batch, seed=seed, steps=steps, block=block, window=window)
+    if steps is None and n < batch:  # not even one batch: an error, not an empty run
+        with pytest.raises(StreamConfigError, match=f"smaller than the global batch size {batch}"):
+            SampleStream(StreamConfig(**cfg))
+        return
     total = total if steps is None else steps
     reference = global_keys(run_ranks(cfg, 1, 0))
     assert len(reference) == total
