@@ -25,7 +25,7 @@ from dataset_server.auth import AccessPolicy
 from dataset_server.context import MAIN, Denied, ServerContext
 from dataset_server.repo import HashCache, Library
 from dataset_server.resolve import resolve
-from dataset_server.responses import FileBody, hub_error
+from dataset_server.responses import PATHSEND, FileBody, hub_error
 
 access_log = logging.getLogger("dataset_server.access")
 
@@ -125,14 +125,17 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status, sent = 0, 0
+        status, sent, length = 0, 0, 0
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, length
             if message["type"] == "http.response.start":
                 status = message["status"]
+                length = int(dict(message["headers"]).get(b"content-length", 0))
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == PATHSEND:
+                sent += length  # the server sends the whole file itself
             await send(message)
 
         try:

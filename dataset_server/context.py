@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from dataset_server.auth import Access, AccessPolicy
+from dataset_server.handles import OpenFiles
 from dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
 from dataset_server.responses import hub_error, repo_not_found
 
@@ -24,6 +25,8 @@ class ServerContext:
     # A file request re-stats the whole dataset at most this often (seconds); each one
     # still checks its own file, and API calls always re-scan.
     scan_max_age: float = 1.0
+    # fds that whole files are handed to the server by (pathsend; granian only).
+    open_files: OpenFiles = field(default_factory=OpenFiles)
 
 
 class Denied(Exception):

@@ -85,7 +85,8 @@ async def resolve(ctx: ServerContext, request: Request, org: str, name: str, rev
                          headers={**keep, "Content-Range": exc.content_range})
     if rng is None:
         headers["Content-Length"] = str(entry.size)
-        return FileBody(fd, 0, entry.size, status=200, headers=headers, send_body=send_body)
+        return FileBody(fd, 0, entry.size, status=200, headers=headers, send_body=send_body,
+                        name=str(entry.path), open_files=ctx.open_files)
     headers["Content-Length"] = str(rng.length)
     headers["Content-Range"] = rng.content_range
     return FileBody(fd, rng.start, rng.end, status=206, headers=headers, send_body=send_body)

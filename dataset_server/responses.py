@@ -13,6 +13,8 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from dataset_server.handles import FD_DIR, OpenFiles, pathsend_supported
+
 # 1 MiB per read. Measured (curl clients, uvloop, 1 worker): 64 KiB chunks cost
 # 3.3 CPU-s per GB served (~100 us of thread hop + ASGI layers per chunk), 256 KiB
 # 0.70, 1 MiB 0.48-0.53, 4 MiB 0.52; http.server needs 0.38-0.46. 32 clients hold
@@ -20,6 +22,10 @@ from starlette.types import Receive, Scope, Send
 CHUNK = 1024 * 1024
 
 REPO_COMMIT = "X-Repo-Commit"
+
+# ASGI extension: the server sends a whole file by path from its own (Rust) code, with no
+# Python chunk loop and no GIL (granian advertises it; uvicorn does not).
+PATHSEND = "http.response.pathsend"
 
 
 def hub_error(status: int, code: str | None, message: str, *, commit: str | None = None,
@@ -46,14 +52,18 @@ def repo_not_found(repo_id: str) -> JSONResponse:
 class FileBody:
     """An ASGI response that sends bytes ``[start, end)`` of an open file, then closes it.
 
-    Reads run in worker threads so a slow disk never stalls the event loop; a client
-    that disconnects stops the transfer at once (uvicorn's ``send`` keeps accepting
-    chunks after a disconnect, so we listen for ``http.disconnect`` ourselves).
+    A whole file (200) goes out through ``http.response.pathsend`` where the server offers
+    it (granian: read and sent in Rust), named by an fd kept in ``open_files`` (see
+    ``handles.py``) under ``name`` (the file's path). Otherwise (uvicorn, ranges) reads run in worker
+    threads so a slow disk never stalls the event loop; a client that disconnects stops
+    the transfer at once (uvicorn's ``send`` keeps accepting chunks after a disconnect,
+    so we listen for ``http.disconnect`` ourselves).
     """
 
     def __init__(self, fd: int, start: int, end: int, *, status: int, headers: dict[str, str],
-                 send_body: bool) -> None:
+                 send_body: bool, name: str = "", open_files: OpenFiles | None = None) -> None:
         self.fd, self.start, self.end = fd, start, end
+        self.name, self.open_files = name, open_files
         self.status = status
         self.headers = headers
         self.send_body = send_body
@@ -61,6 +71,11 @@ class FileBody:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+            path = self._pathsend_path(scope)
+            if path is not None:
+                await send({"type": "http.response.start", "status": self.status, "headers": raw})
+                await send({"type": PATHSEND, "path": path})
+                return
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
             if not self.send_body or self.start >= self.end:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -76,7 +91,18 @@ class FileBody:
                     pass
                 group.cancel_scope.cancel()
         finally:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
+
+    def _pathsend_path(self, scope: Scope) -> str | None:
+        """The path to pathsend this whole file by, or None to send it ourselves."""
+        if (self.open_files is None or not self.send_body or self.status != 200 or self.start >= self.end
+                or PATHSEND not in (scope.get("extensions") or {}) or not pathsend_supported()):
+            return None
+        path = self.open_files.path_for(self.name, self.fd)
+        if path == f"{FD_DIR}/{self.fd}":
+            self.fd = -1  # kept by open_files now
+        return path
 
     async def _stream(self, send: Send) -> None:
         pos = self.start

@@ -1,4 +1,4 @@
-"""Running the server: configuration, start-up hashing and uvicorn.
+"""Running the server: configuration, start-up hashing, then granian or uvicorn.
 
 Start-up scans every dataset once, so files that need hashing (those changed after
 their manifest was written, e.g. copied without ``cp -p``) are hashed before the
@@ -9,6 +9,7 @@ every worker loads, instead of each worker hashing again.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from cifar5m.errors import ServerConfigError
 from dataset_server.auth import AccessPolicy
+from dataset_server.engines import CONFIG_ENV, ENGINES, run_granian, run_uvicorn
 from dataset_server.repo import Library
 
 if TYPE_CHECKING:
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dataset_server")
 
-CONFIG_ENV = "CIFAR5M_SERVE_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ServeConfig:
     http: str = "h11"
     # "auto": uvloop when installed (the `serve` extra), else asyncio.
     loop: str = "auto"
+    # granian sends whole files from Rust (ASGI pathsend); see docs/serving.md for numbers.
+    server: str = "granian"
     hash_cache: str | None = None
 
     def app_kwargs(self) -> dict:
@@ -73,6 +76,11 @@ def check_config(config: ServeConfig) -> None:
     AccessPolicy.from_file(config.tokens)
     if config.page_size < 1 or config.workers < 1:
         raise ServerConfigError("--page-size and --workers must be at least 1")
+    if config.server not in ENGINES:
+        raise ServerConfigError(f"--server {config.server!r} is not one of {', '.join(ENGINES)}")
+    if config.server == "granian" and importlib.util.find_spec("granian") is None:
+        raise ServerConfigError("granian is not installed: pip install 'cifar5m[serve]', "
+                                "or pass --server uvicorn")
 
 
 def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
@@ -114,41 +122,26 @@ def app_from_env() -> Starlette:
 
 def run(config: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then finish running requests (up to ``graceful_s``)."""
-    import uvicorn
-
-    from dataset_server.app import create_app
-
     check_config(config)
     library, _ = prewarm(config)
     with tempfile.TemporaryDirectory(prefix="cifar5m-serve-") as tmp:
         cache = Path(tmp) / "hashes.json"
         library.hashes.save(cache)
         config = dataclasses.replace(config, hash_cache=str(cache))
-        common = dict(host=config.host, port=config.port, access_log=False,
-                      log_config=None, proxy_headers=False, server_header=False,
-                      limit_concurrency=config.limit_concurrency,
-                      timeout_keep_alive=config.keep_alive_s,
-                      timeout_graceful_shutdown=config.graceful_s,
-                      h11_max_incomplete_event_size=config.max_header_bytes, http=config.http,
-                      loop=config.loop)
         configure_logging(access_log=config.access_log)
         with _quiet_stop_signals():
-            if config.workers == 1:
-                uvicorn.run(create_app(**config.app_kwargs()), **common)
-            else:
-                os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-                uvicorn.run("dataset_server.server:app_from_env", factory=True, workers=config.workers,
-                            **common)
+            (run_granian if config.server == "granian" else run_uvicorn)(config)
     log.info("server stopped")
 
 
 @contextmanager
 def _quiet_stop_signals() -> Iterator[None]:
-    """Make Ctrl-C / SIGTERM a normal exit (status 0) after uvicorn's graceful shutdown.
+    """Make Ctrl-C / SIGTERM a normal exit (status 0) after the server's graceful shutdown.
 
     uvicorn handles both signals while serving, then re-raises the one it caught into
     the handlers that were there before: the defaults would turn a clean stop into
-    KeyboardInterrupt or death by SIGTERM (status -15).
+    KeyboardInterrupt or death by SIGTERM (status -15). granian installs its own
+    handlers in the main process and stops its workers (``graceful_s`` each at most).
     """
     if threading.current_thread() is not threading.main_thread():
         yield

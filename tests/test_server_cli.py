@@ -55,24 +55,31 @@ def test_serve_never_imports_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("engine", ["granian", "uvicorn"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
+def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig, engine):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
-    proc, url = start(root)
+    proc, url = start(root, "--server", engine)
     status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000001.tar",
                                     headers={"Range": "bytes=0-99"})
     assert headers["content-range"].startswith("bytes 0-99/")
     assert status == 206 and body == (root / "lab/ds/train-000001.tar").read_bytes()[:100]
+    whole = (root / "lab/ds/train-000000.tar").read_bytes()
+    status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000000.tar")
+    assert (status, body, headers["content-length"]) == (200, whole, str(len(whole)))
     code, log = stop(proc, sig)
     assert code == 0, log
     assert "serving lab/ds: 6 files" in log
     assert '"GET /datasets/lab/ds/resolve/main/train-000001.tar" 206 100 range=bytes=0-99' in log
+    # Whole files sent by granian itself (pathsend) are logged with their size too.
+    assert f'"GET /datasets/lab/ds/resolve/main/train-000000.tar" 200 {len(whole)} ' in log
     assert "server stopped" in log
 
 
-def test_serve_with_two_workers(make_dataset, tmp_path):
+@pytest.mark.parametrize("engine", ["granian", "uvicorn"])
+def test_serve_with_two_workers(make_dataset, tmp_path, engine):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
-    proc, url = start(root, "--workers", "2", "--no-access-log")
+    proc, url = start(root, "--workers", "2", "--no-access-log", "--server", engine)
     try:
         sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
         for _ in range(4):  # whichever worker answers, the same commit and bytes

@@ -60,13 +60,52 @@ def serving(app) -> Iterator[str]:
         sock.close()
 
 
-@pytest.fixture
-def served(make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
-    """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples)."""
+@contextmanager
+def serving_granian(app) -> Iterator[str]:
+    """Run ``app`` with granian's embedded server (same Rust worker as ``cifar5m serve``)
+    on 127.0.0.1 in a thread with its own event loop; yield its base URL."""
+    import asyncio
+
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Server(app, address="127.0.0.1", port=port, interface=Interfaces.ASGINL, http=HTTPModes.http1,
+                    websockets=False, log_level=LogLevels.error)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("granian test server did not start") from None
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        loop.call_soon_threadsafe(server.stop)
+        thread.join(10)
+
+
+ENGINES = {"uvicorn": serving, "granian": serving_granian}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def served(request, make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
+    """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples),
+    once per HTTP server ``cifar5m serve --server`` offers."""
     from dataset_server.app import create_app
 
     root = build_root(make_dataset, tmp_path / "root")
-    with serving(create_app(root=root, page_size=3, scan_max_age=0.0)) as url:
+    with ENGINES[request.param](create_app(root=root, page_size=3, scan_max_age=0.0)) as url:
         yield url, root
 
 
