@@ -10,6 +10,8 @@ the clients asked for. Our API endpoints (info, tree, paths-info, HEAD) are samp
 between downloads and their p99 latency reported; http.server only has HEAD.
 
     python benchmarks/serve_bench.py --seconds 60 --clients 32
+
+Our server runs once per ``--servers`` (granian, uvicorn) and ``--workers`` value.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, root: Path, workers: int, loop: str = "auto") -> tuple[subprocess.Popen, int, str]:
+def start_server(kind: str, root: Path, workers: int, loop: str = "auto",
+                 engine: str = "granian") -> tuple[subprocess.Popen, int, str]:
     port = free_port()
     if kind == "http.server":
         cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
@@ -61,7 +64,7 @@ def start_server(kind: str, root: Path, workers: int, loop: str = "auto") -> tup
         prefix = ""
     else:
         cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
-               "--workers", str(workers), "--loop", loop, "--no-access-log"]
+               "--workers", str(workers), "--loop", loop, "--server", engine, "--no-access-log"]
         prefix = f"/datasets/{REPO}/resolve/main"
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -103,7 +106,7 @@ def client(files: dict[str, bytes], port: int, prefix: str, ours: bool, deadline
     rnd = random.Random(seed)
     names = sorted(files)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    stats = {"bytes": 0, "wire": 0, "full": 0, "ranges": 0, "errors": 0, "lat": [], "api": []}
+    stats = {"bytes": 0, "wire": 0, "full": 0, "ranges": 0, "errors": 0, "lat": [], "api": [], "why": []}
     for i in range(args.max_requests):
         if time.monotonic() >= deadline:
             break
@@ -114,7 +117,9 @@ def client(files: dict[str, bytes], port: int, prefix: str, ours: bool, deadline
                 t0 = time.perf_counter()
                 ok = _api_call(conn, ours, prefix, name) == 200
                 stats["api"].append(time.perf_counter() - t0)
-                stats["errors"] += not ok
+                if not ok:
+                    stats["errors"] += 1
+                    stats["why"].append(f"API call on {name} failed")
                 continue
             t0 = time.perf_counter()
             if rnd.random() < args.range_fraction:
@@ -140,8 +145,10 @@ def client(files: dict[str, bytes], port: int, prefix: str, ours: bool, deadline
                 stats["bytes"] += size
             else:
                 stats["errors"] += 1
-        except (OSError, http.client.HTTPException):
+                stats["why"].append(f"{name}: status {resp.status}, {len(body)} bytes, wrong bytes")
+        except (OSError, http.client.HTTPException) as exc:
             stats["errors"] += 1
+            stats["why"].append(f"{name}: {type(exc).__name__}: {exc}")
             conn.close()
     conn.close()
     out.append(stats)
@@ -179,7 +186,8 @@ def run_load(files: dict[str, bytes], port: int, prefix: str, ours: bool, args) 
     return {**total, "wall": wall, "mbps": total["bytes"] / wall / 1e6, "wire_mbps": total["wire"] / wall / 1e6,
             "req_s": (total["full"] + total["ranges"]) / wall,
             "p50": float(np.percentile(lat, 50)) * 1e3, "p99": float(np.percentile(lat, 99)) * 1e3,
-            "api_p99": float(np.percentile(api, 99)) * 1e3, "api_n": len(api)}
+            "api_p99": float(np.percentile(api, 99)) * 1e3, "api_n": len(api),
+            "why": [w for s in results for w in s["why"]][:5]}
 
 
 def main() -> None:
@@ -187,7 +195,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per server (report: 60)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--client-procs", type=int, default=2, help="processes the client threads run in")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="uvicorn worker counts to run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run per server")
+    parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"], choices=["granian", "uvicorn"],
+                        help="cifar5m serve --server values to run")
     parser.add_argument("--loop", default="auto", help="event loop of our server (auto/asyncio/uvloop)")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")
@@ -204,10 +214,11 @@ def main() -> None:
         print(f"{len(files)} shards, {size:.1f} MB; {args.clients} clients in {args.client_procs} processes, "
               f"{args.seconds:.0f} s per server, {1 - args.range_fraction:.0%} whole shards / "
               f"{args.range_fraction:.0%} ranges of 1..{args.max_range} bytes, every 10th call an API call")
-        runs = [("http.server", 1)] + [("cifar5m serve", w) for w in args.workers]
+        runs = [("http.server", 1)] + [(f"cifar5m serve --server {e}", w) for e in args.servers
+                                       for w in args.workers]
         rows = []
         for kind, workers in runs:
-            proc, port, prefix = start_server(kind, root, workers, args.loop)
+            proc, port, prefix = start_server(kind, root, workers, args.loop, kind.rsplit(" ", 1)[-1])
             try:
                 rows.append((kind, workers, run_load(files, port, prefix, kind != "http.server", args)))
             finally:
@@ -222,6 +233,9 @@ def main() -> None:
         print(f"| {kind} | {workers} | {r['mbps']:.0f} | {r['wire_mbps']:.0f} | {r['req_s']:.0f} | {r['full']} "
               f"| {r['ranges']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
               f"| {r['api_p99']:.1f} ({r['api_n']}, {api}) | {r['mbps'] / base:.2f}x |")
+    for kind, workers, r in rows:
+        for why in r["why"]:
+            print(f"error ({kind}, {workers} workers): {why}")
 
 
 if __name__ == "__main__":
