@@ -46,10 +46,13 @@ def reference(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "cifar5m", "generate", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def cli(*args: str, log: Path) -> subprocess.Popen:
+    """``cifar5m generate`` in a subprocess; its output goes to ``log`` (a pipe nobody reads
+    while we poll could fill up with progress bars and stall the run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "cifar5m", "generate", *args], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def cli_args(models: dict[str, Path], out: Path, **kw) -> list[str]:
@@ -99,20 +102,31 @@ def test_each_sampler_writes_a_deterministic_dataset(models, tmp_path, sampler) 
     assert dataset_digest(tmp_path / "a") == dataset_digest(tmp_path / "b")
 
 
+def wait_for_parts(proc: subprocess.Popen, work: Path, n: int, log: Path, *, timeout: float = 900) -> None:
+    """Poll until ``n`` shards are finished; the timeout only guards against a hang (CI: 2 loaded cores)."""
+    deadline = time.monotonic() + timeout
+    while len(list(work.glob("*.parquet"))) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"generate exited ({proc.returncode}) before {n} shards: {log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {n} finished shards after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(models, reference, tmp_path) -> None:
     out = tmp_path / "ds"
-    proc = cli(*cli_args(models, out, batch_size=16))
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / WORK_DIR).glob("*.parquet"))) < 2:
-        time.sleep(0.05)
+    # batch 16 and 1 writer: 5 shards of ~3 batches each, so the kill lands mid-run.
+    log = tmp_path / "generate.log"
+    proc = cli(*cli_args(models, out, batch_size=16, workers=1), log=log)
+    wait_for_parts(proc, out / WORK_DIR, 2, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     parts = len(list((out / WORK_DIR).glob("*.parquet")))
     assert 2 <= parts < 5 and not (out / "manifest.json").exists()
-    done = cli(*cli_args(models, out))
-    _, err = done.communicate(timeout=300)
-    assert done.returncode == 0, err
+    done = cli(*cli_args(models, out), log=log)
+    assert done.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert dataset_digest(out) == dataset_digest(reference)
 
 
@@ -120,10 +134,10 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(models, reference, tmp
 def test_torchrun_two_ranks_equals_one_process(models, reference, tmp_path) -> None:
     out = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    proc = subprocess.run(  # --standalone: a free rendezvous port, no clash with other runs
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "cifar5m", "generate", *cli_args(models, out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert dataset_digest(out) == dataset_digest(reference)
 
