@@ -2,29 +2,39 @@
 
 Order of work (nothing is written before step 3):
 
-1. check the config, the model files, the labeler, the output and any dataset
-   already there (settings must match; count may only grow);
-2. load the UNet;
+1. every rank checks the config, the model files and the labeler; loads the UNet;
+2. rank 0 alone checks the output and any dataset already there, locally and at an
+   fsspec URL (settings must match; count may only grow);
 3. rank 0 opens the output (``shards.writer.begin``: keeps finished shards after
-   checking their sha256), all ranks meet at a barrier;
+   checking their sha256; damaged ones are deleted and regenerated) and tells the
+   other ranks which shards are kept (before that they read nothing: rank 0 may be
+   deleting damaged shards);
 4. each rank samples its shards (round-robin) while a thread pool encodes and writes
    finished ones (``write_shard``: PNG/zlib release the GIL, so this overlaps sampling);
-5. all ranks meet again; rank 0 writes index, card and (last) manifest, then uploads
-   if the output is an fsspec URL.
+5. all ranks report success; if all succeeded, rank 0 writes index, card and (last)
+   manifest, then uploads if the output is an fsspec URL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import ConfigMismatchError, ModelError, OutputNotWritableError
-from generator import ranks
+import pyarrow.parquet as pq
+
+from cifar5m.errors import (
+    ChecksumMismatchError,
+    ConfigMismatchError,
+    GenerationError,
+    ModelError,
+    OutputNotWritableError,
+)
+from generator import ranks, remote
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
@@ -34,7 +44,7 @@ from shards.writer import (
     ShardRecord,
     begin,
     load_records,
-    records_from_dataset,
+    part_path,
     sha256_file,
     write_shard,
 )
@@ -44,11 +54,9 @@ NUM_CLASSES = len(CIFAR10_CLASSES)
 
 def local_root(cfg: GenerateConfig) -> tuple[Path, str | None]:
     """Where shards are written, and the fsspec URL to upload to (None if local)."""
-    if "://" not in cfg.out or cfg.out.startswith("file://"):
+    if not remote.is_url(cfg.out):
         return Path(cfg.out.removeprefix("file://")).expanduser(), None
-    digest = hashlib.sha256(cfg.out.encode()).hexdigest()[:16]
-    base = Path(cfg.staging) if cfg.staging else Path("~/.cache/cifar5m/staging").expanduser()
-    return base / digest, cfg.out
+    return remote.staging_root(cfg.out, cfg.staging), cfg.out
 
 
 def check_writable(root: Path) -> None:
@@ -62,55 +70,127 @@ def check_writable(root: Path) -> None:
                                      f"choose another --out")
 
 
-def existing(root: Path) -> tuple[dict[str, Any] | None, dict[str, ShardRecord]]:
-    """Fingerprint and shards of what ``root`` already holds, read without writing."""
-    fp, records = None, {}
+def parts(root: Path) -> dict[str, Path]:
+    """Shard file -> its ``_work/`` part, for every part (its shard may be gone)."""
+    out = {}
+    for part in sorted((root / WORK_DIR).glob("*.parquet")):
+        name = part.stem + ".tar"
+        if part_path(root, name) == part:
+            out[name] = part
+    return out
+
+
+def existing(root: Path) -> tuple[dict[str, Any] | None, dict[str, int]]:
+    """Fingerprint and shard sizes (samples) of what ``root`` holds, read without writing.
+
+    A part whose shard file is gone does not count: that shard is regenerated. A
+    finished dataset without a fingerprint (not made by generate) gets ``{}``.
+    """
+    fp, sizes = None, {}
     if (root / MANIFEST_NAME).is_file():
-        fp = load_manifest(root).provenance.get("fingerprint")
-        records = records_from_dataset(root)
+        manifest = load_manifest(root)
+        fp = manifest.provenance.get("fingerprint") or {}
+        sizes = {s.file: s.samples for s in manifest.shards}
     state = root / WORK_DIR / STATE_NAME
     if state.is_file():
         fp = json.loads(state.read_text())["fingerprint"]
-        records.update(load_records(root, check=False))
-    return fp, records
+        sizes.update({name: pq.read_metadata(part).num_rows for name, part in parts(root).items()
+                      if (root / name).is_file()})
+    return fp, sizes
 
 
-def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dict[str, ShardRecord]:
-    """Finished shards to keep; refuses other settings or a smaller count."""
-    old_fp, records = existing(root)
-    if old_fp is not None and old_fp != fp:
-        changed = sorted(k for k in set(old_fp) | set(fp) if old_fp.get(k) != fp.get(k))
-        raise ConfigMismatchError(
-            f"{root} holds a dataset made with other settings ({', '.join(changed)} differ: "
-            f"{ {k: old_fp.get(k) for k in changed} } there); use the same settings to resume or "
-            f"extend it, or another --out")
+def refuse_other_settings(where: str, old_fp: dict[str, Any] | None, fp: dict[str, Any]) -> None:
+    if old_fp is None or old_fp == fp:
+        return
+    if not old_fp:
+        raise ConfigMismatchError(f"{where} holds a dataset not made by cifar5m generate (its manifest "
+                                  f"has no fingerprint); choose another --out")
+    changed = sorted(k for k in set(old_fp) | set(fp) if old_fp.get(k) != fp.get(k))
+    raise ConfigMismatchError(
+        f"{where} holds a dataset made with other settings ({', '.join(changed)} differ: "
+        f"{ {k: old_fp.get(k) for k in changed} } there); use the same settings to resume or "
+        f"extend it, or another --out")
+
+
+def fitting(where: str, have: Mapping[str, int], plan: list[ShardPlan]) -> dict[str, int]:
+    """The shards of ``have`` (file -> samples) to keep for ``plan``; refuses a smaller count."""
     sizes = {p.file: p.size for p in plan}
-    have = sum(r.info.samples for r in records.values())
-    too_big = [f for f, r in records.items() if f not in sizes or r.info.samples > sizes[f]]
+    too_big = [f for f, n in have.items() if f not in sizes or n > sizes[f]]
     if too_big:
+        total = sum(have.values())
         raise ConfigMismatchError(
-            f"{root} already holds {have:,} samples, more than --count {sum(sizes.values()):,} "
-            f"plans (e.g. {sorted(too_big)[0]}); datasets only grow: pass --count >= {have:,}")
+            f"{where} already holds {total:,} samples, more than --count {sum(sizes.values()):,} "
+            f"plans (e.g. {sorted(too_big)[0]}); datasets only grow: pass --count >= {total:,}")
     # A partial last train shard of a smaller count is regenerated at its new size.
-    return {f: r for f, r in records.items() if r.info.samples == sizes[f]}
+    return {f: n for f, n in have.items() if n == sizes[f]}
 
 
-def drop_damaged(root: Path) -> list[str]:
-    """Delete unfinished-run shards whose bytes no longer match their recorded sha256.
+def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dict[str, int]:
+    """Finished shards (file -> samples) to keep; refuses other settings or a smaller count."""
+    old_fp, have = existing(root)
+    refuse_other_settings(str(root), old_fp, fp)
+    return fitting(str(root), have, plan)
 
-    They are regenerated like never-written shards (same noise, same bytes), so a torn
-    or corrupted file costs one shard of work instead of a manual clean-up.
+
+def drop_damaged(root: Path, *, verify: bool) -> dict[str, str]:
+    """Delete unfinished-run shards that are gone, torn or (``verify``) fail their sha256.
+
+    Their parts go too, so they are regenerated like never-written shards (same noise,
+    same bytes): a lost or corrupted file costs one shard of work, not a manual clean-up.
+    Without ``verify`` only sizes are compared (no hashing). Returns file -> what was wrong.
     """
     if not (root / WORK_DIR / STATE_NAME).is_file():
-        return []
-    dropped = []
+        return {}
+    dropped = {}
+    for name, part in parts(root).items():
+        if not (root / name).is_file():
+            part.unlink()
+            dropped[name] = "is missing but its _work/ part remains"
     for name, rec in load_records(root, check=False).items():
         shard = root / name
-        if shard.stat().st_size != rec.info.bytes or sha256_file(shard) != rec.info.sha256:
+        if shard.stat().st_size != rec.info.bytes or (verify and sha256_file(shard) != rec.info.sha256):
             shard.unlink()
             rec.part.unlink()
-            dropped.append(name)
+            dropped[name] = "does not match its recorded sha256"
     return dropped
+
+
+def open_output(root: Path, fp: dict[str, Any]) -> dict[str, ShardRecord]:
+    """``begin`` the write; the finished shards there (each unfinished one hashed once:
+    by ``begin``, and again only if ``begin`` found a damaged one)."""
+    def report(dropped: dict[str, str]) -> None:
+        for name, why in dropped.items():
+            print(f"{root / name} {why}: regenerating it")
+
+    report(drop_damaged(root, verify=False))  # cheap (no hashing): gone or torn shards
+    try:
+        return begin(root, fp, extend=True)  # hashes every unfinished-run shard
+    except ChecksumMismatchError:
+        report(drop_damaged(root, verify=True))
+        return begin(root, fp, extend=True)
+
+
+def prepare(cfg: GenerateConfig, root: Path, url: str | None, fp: dict[str, Any],
+            plan: list[ShardPlan]) -> tuple[dict[str, ShardRecord], Manifest | None]:
+    """On rank 0: check, then open the output. Returns the shards to keep, and the
+    manifest instead when the dataset is already complete (nothing to do)."""
+    keep = check_existing(root, fp, plan)
+    if url and (manifest := remote.read_manifest(url)) is not None:
+        refuse_other_settings(url, manifest.provenance.get("fingerprint") or {}, fp)
+        kept_remote = fitting(url, {s.file: s.samples for s in manifest.shards}, plan)
+        if len(kept_remote) == len(plan):
+            print(f"{url} already holds these {cfg.count:,} samples; nothing to do")
+            return {}, manifest
+        remote.check_staged(url, manifest, root, {p.file: p.size for p in plan})
+    if (root / MANIFEST_NAME).is_file() and len(keep) == len(plan) and not (root / WORK_DIR).exists():
+        print(f"{root} already holds these {cfg.count:,} samples; nothing to do")
+        if url:
+            remote.upload(root, url)  # the remote copy is missing or older (checked above)
+        return {}, load_manifest(root)
+    records = open_output(root, fp)
+    atomic_write_bytes(root / WORK_DIR / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1).encode())
+    sizes = {p.file: p.size for p in plan}
+    return {f: r for f, r in records.items() if sizes.get(f) == r.info.samples}, None
 
 
 def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | None:
@@ -143,36 +223,46 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
                      dtype=session.dtype_name)
     plan = plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size,
                        stride=FILTER_STRIDE if cfg.filtered else 1)
-    keep = check_existing(root, fp, plan)
-    if (root / MANIFEST_NAME).is_file() and len(keep) == len(plan) and not (root / WORK_DIR).exists():
-        if rank.is_main:
-            print(f"{root} already holds these {cfg.count:,} samples; nothing to do")
-            if url:
-                session.upload(root, url)
-        return load_manifest(root) if rank.is_main else None
     ranks.init(rank)
     try:
-        if rank.is_main:
-            for name in drop_damaged(root):
-                print(f"{root / name} does not match its recorded sha256: regenerating it")
-            begin(root, fp, extend=True)
-            atomic_write_bytes(root / WORK_DIR / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1).encode())
-        ranks.barrier(rank)
-        keep = check_existing(root, fp, plan)  # again: rank 0 may have dropped damaged shards
+        keep, done = prepare_on_main(rank, cfg, root, url, fp, plan)
+        if done is not None:
+            return done if rank.is_main else None
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
-        ok = True
+        ok = False
         try:
             session.produce(root, todo, progress=progress)
-        except BaseException:
-            ok = False
-            raise
-        finally:
-            ok = ranks.broadcast_ok(rank, ok)
+            ok = True
+        finally:  # every rank reaches this, so none waits forever for a failed one
+            failed = ranks.failed_ranks(rank, ok)
+        if failed:
+            raise GenerationError(f"rank(s) {', '.join(map(str, failed))} of {rank.world} failed; "
+                                  f"re-run the same command to resume")
         if not rank.is_main:
             return None
-        return session.finish(root, url, plan, fp)
+        return session.finish(root, url, plan, fp, keep)
     finally:
         ranks.close(rank)
+
+
+def prepare_on_main(rank: ranks.Rank, cfg: GenerateConfig, root: Path, url: str | None,
+                    fp: dict[str, Any], plan: list[ShardPlan],
+                    ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
+    """``prepare`` on rank 0; the other ranks get the kept shard names (values None) and
+    whether the dataset is complete, or an error if rank 0 failed."""
+    if rank.is_main:
+        try:
+            keep, done = prepare(cfg, root, url, fp, plan)
+        except BaseException as exc:
+            ranks.share(rank, ("failed", f"{type(exc).__name__}: {exc}"))
+            raise
+        ranks.share(rank, ("ok", (sorted(keep), done is not None)))
+        return keep, done
+    status, value = ranks.share(rank, None)
+    if status == "failed":
+        raise GenerationError(f"rank 0 stopped before generating ({value})")
+    names, done = value
+    return dict.fromkeys(names), (True if done else None)
 
 
 def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,

@@ -1,9 +1,10 @@
-"""torchrun integration: which process am I, and a barrier across all of them.
+"""torchrun integration: which process am I, and the two times all ranks meet.
 
-Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK. The only collective we
-need is a barrier (before finalising, and after rank 0 opened the output), so a
-gloo group is enough and works on CPU-only hosts and across nodes alike; CUDA
-work never goes through it. Its timeout is a week: ranks meet only at the start
+Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Ranks meet twice: after
+rank 0 opened the output (``share``: rank 0 tells the others which shards are kept,
+or that it failed) and before rank 0 finalises (``failed_ranks``). Both carry a few
+bytes, so a gloo group is enough and works on CPU-only hosts and across nodes alike;
+CUDA work never goes through it. Its timeout is a week: ranks meet only at the start
 and the end of a run that can take many hours.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 GROUP_TIMEOUT = timedelta(days=7)
 
@@ -44,23 +46,28 @@ def init(rank: Rank) -> None:
             dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world, timeout=GROUP_TIMEOUT)
 
 
-def barrier(rank: Rank) -> None:
-    if rank.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def broadcast_ok(rank: Rank, ok: bool) -> bool:
-    """Whether every rank reported ``ok`` (so all ranks stop together on an error)."""
+def share(rank: Rank, value: Any) -> Any:
+    """Rank 0's ``value`` (a small picklable object) on every rank; the others pass None."""
     if rank.world == 1:
-        return ok
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def failed_ranks(rank: Rank, ok: bool) -> list[int]:
+    """The ranks that reported ``not ok``, known to every rank (so all stop together)."""
+    if rank.world == 1:
+        return [] if ok else [rank.rank]
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag) == 0
+    flags = torch.zeros(rank.world, dtype=torch.int64)
+    flags[rank.rank] = 0 if ok else 1
+    dist.all_reduce(flags)
+    return [r for r in range(rank.world) if int(flags[r])]
 
 
 def close(rank: Rank) -> None:

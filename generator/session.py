@@ -16,13 +16,14 @@ import pyarrow as pa
 from cifar5m.errors import GenerationError, ModelError
 from cifar5m.version import __version__
 from generator import model as model_mod
+from generator import remote
 from generator.config import CONFIG_NAME, GenerateConfig
 from generator.pipeline import NUM_CLASSES, open_labeler, write_in_background
 from generator.plan import ShardPlan
 from generator.ranks import Rank
-from shards.format import CIFAR10_CLASSES, MANIFEST_NAME
+from shards.format import CIFAR10_CLASSES
 from shards.manifest import Manifest, atomic_write_bytes
-from shards.writer import ShardRecord, finalize, load_records, records_from_dataset
+from shards.writer import ShardRecord, finalize, load_records
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -108,9 +109,12 @@ class Session:
         bar.close()
         self.candidates_used = producer.candidates_used
 
-    def finish(self, root: Path, url: str | None, plan: list[ShardPlan], fp: dict[str, Any]) -> Manifest:
-        records = records_from_dataset(root) if (root / MANIFEST_NAME).is_file() else {}
-        records.update(load_records(root))
+    def finish(self, root: Path, url: str | None, plan: list[ShardPlan], fp: dict[str, Any],
+               kept: dict[str, ShardRecord]) -> Manifest:
+        """Index, card and manifest of ``kept`` (from ``begin``) plus this run's shards."""
+        records = dict(kept)
+        # No hashing here: kept shards were checked by begin, this run's hashed as written.
+        records.update(load_records(root, check=False))
         missing = [p.file for p in plan if p.file not in records or records[p.file].info.samples != p.size]
         if missing:
             raise GenerationError(f"{root}: shards {missing[:3]} are missing after all ranks finished; "
@@ -121,7 +125,7 @@ class Session:
         manifest = finalize(root, ordered, image_format=self.cfg.image_format,
                             class_names=class_names, provenance=self.provenance(fp, ordered))
         if url:
-            self.upload(root, url)
+            remote.upload(root, url)
         return manifest
 
     def provenance(self, fp: dict[str, Any], records: list[ShardRecord]) -> dict[str, Any]:
@@ -148,16 +152,6 @@ class Session:
         if self.conditional and self.labeler is not None:
             out["labeler_agreement"] = agreement(records)
         return out
-
-    def upload(self, root: Path, url: str) -> None:
-        """Copy the finished dataset to an fsspec URL, manifest last (readers wait for it)."""
-        import fsspec
-
-        fs, base = fsspec.core.url_to_fs(url)
-        fs.makedirs(base, exist_ok=True)
-        names = sorted(p.name for p in root.iterdir() if p.is_file())
-        for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
-            fs.put_file(str(root / name), f"{base.rstrip('/')}/{name}")
 
 
 @contextlib.contextmanager

@@ -43,3 +43,21 @@ def dataset_digest(root: Path) -> dict[str, str]:
     """sha256 of every file of a dataset except the run's own config (batch size etc.)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).iterdir()) if p.is_file() and p.name != "generate_config.json"}
+
+
+def ranks_worker(rank_id: int, world: int, port: int, out_dir: str) -> None:
+    """One process of a gloo group: what ``generator.ranks`` shares and reports (rank 1 fails)."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from generator import ranks
+
+    rank = ranks.Rank(rank_id, world, rank_id)
+    ranks.init(rank)
+    try:
+        got = ranks.share(rank, {"kept": ["test-000000.tar"]} if rank.is_main else None)
+        failed = ranks.failed_ranks(rank, rank_id != 1)
+        (Path(out_dir) / f"{rank_id}.json").write_text(json.dumps([got, failed]))
+    finally:
+        ranks.close(rank)

@@ -196,41 +196,137 @@ def test_filters_that_cannot_fill_a_shard_fail_clearly(models, tmp_path, monkeyp
 def test_fsspec_url_output_is_staged_then_uploaded(models, tmp_path) -> None:
     import fsspec
 
-    url = "memory://cifar5m-test/ds"
+    url = f"memory://cifar5m-test/{tmp_path.name}/ds"
     run(config(models, url, count=30, test_count=10, shard_size=10, steps=1,
                staging=str(tmp_path / "staging")), progress=False)
     fs = fsspec.filesystem("memory")
-    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("/cifar5m-test/ds", detail=False))
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("memory:/"), detail=False))
     assert "manifest.json" in names and "train-000001.tar" in names
     ds = Dataset(url)
     assert len(ds.split("train")) == 20 and ds.split("test").keys[0] == "s0000000000"
 
 
-def test_crash_then_corrupted_shard_is_regenerated_on_resume(models, reference, tmp_path,
-                                                             monkeypatch, capsys) -> None:
+def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, capsys) -> None:
+    from cifar5m.errors import ConfigMismatchError, DatasetExistsError
+
+    url = f"memory://cifar5m-test/{tmp_path.name}/ds"
+    kw = {"count": 30, "test_count": 10, "shard_size": 20, "steps": 1}
+    first = run(config(models, url, staging=str(tmp_path / "s1"), **kw), progress=False)
+    fresh = tmp_path / "s2"  # another machine: its staging is empty
+    with pytest.raises(ConfigMismatchError, match=rf"^{url} holds a dataset made with other settings \(seed"):
+        run(config(models, url, staging=str(fresh), **{**kw, "seed": 1}), progress=False)
+    with pytest.raises(ConfigMismatchError, match=rf"^{url} already holds 30 samples.*--count >= 30"):
+        run(config(models, url, staging=str(fresh), **{**kw, "count": 25}), progress=False)
+    with pytest.raises(DatasetExistsError, match=rf"^{url} holds a finished dataset of 30 samples, but "
+                                                 rf"the staging directory {fresh}/\w+ does not hold"):
+        run(config(models, url, staging=str(fresh), **{**kw, "count": 50}), progress=False)
+    capsys.readouterr()
+    same = run(config(models, url, staging=str(fresh), **kw), progress=False)
+    assert same == first and "nothing to do" in capsys.readouterr().out
+    assert not fresh.exists()
+    bigger = run(config(models, url, staging=str(tmp_path / "s1"), **{**kw, "count": 50}), progress=False)
+    assert Dataset(url).manifest == bigger and sum(s.samples for s in bigger.shards) == 50
+    assert [s.samples for s in bigger.shards if s.split == "train"] == [20, 20]
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> list[str]:
+    """Make the next run die (like Ctrl-C) when it starts shard number ``shards + 1``."""
     from generator.producer import Producer
 
     real_shard, calls = Producer.shard, []
 
-    def crash_on_third(self, plan, **kw):
+    def crashing(self, plan, **kw):
         calls.append(plan.file)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the run dies mid-way, like Ctrl-C
+        if len(calls) == shards + 1:
+            monkeypatch.setattr(Producer, "shard", real_shard)
+            raise KeyboardInterrupt
         return real_shard(self, plan, **kw)
 
+    monkeypatch.setattr(Producer, "shard", crashing)
+    return calls
+
+
+def test_crash_then_damaged_or_deleted_shards_are_regenerated_on_resume(models, reference, tmp_path,
+                                                                       monkeypatch, capsys) -> None:
     out = tmp_path / "ds"
-    monkeypatch.setattr(Producer, "shard", crash_on_third)
+    calls = crash_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(config(models, out, workers=1), progress=False)
-    monkeypatch.setattr(Producer, "shard", real_shard)
     assert not (out / "manifest.json").exists()
-    damaged = out / calls[0]
+    damaged, deleted = out / calls[0], out / calls[1]
     data = bytearray(damaged.read_bytes())
     data[700] ^= 0xFF  # inside the first PNG
     damaged.write_bytes(bytes(data))
+    deleted.unlink()  # its _work/ part remains
     run(config(models, out), progress=False)
-    assert f"{damaged} does not match its recorded sha256: regenerating it" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{damaged} does not match its recorded sha256: regenerating it" in printed
+    assert f"{deleted} is missing but its _work/ part remains: regenerating it" in printed
     assert dataset_digest(out) == dataset_digest(reference)
+
+
+def test_resume_hashes_each_kept_shard_once(models, tmp_path, monkeypatch) -> None:
+    import shards.shard
+    import shards.writer
+    from generator import pipeline
+
+    out, kw = tmp_path / "ds", {"count": 100, "test_count": 20, "shard_size": 20, "steps": 1}
+    calls = crash_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(models, out, workers=1, **kw), progress=False)
+    hashed: list[str] = []
+    for module in (shards.shard, shards.writer, pipeline):
+        real = module.sha256_file
+        monkeypatch.setattr(module, "sha256_file", lambda p, _real=real, **k: hashed.append(Path(p).name)
+                            or _real(p, **k))
+    run(config(models, out, **kw), progress=False)
+    tars = sorted(h for h in hashed if h.endswith(".tar"))
+    assert tars == sorted(calls[:3])  # the kept shards, once each; new ones hashed in memory
+
+
+def test_a_failed_rank_stops_rank_0_before_the_manifest(models, tmp_path, monkeypatch) -> None:
+    from cifar5m.errors import GenerationError
+    from generator import ranks
+
+    monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(0, 2, 0))
+    monkeypatch.setattr(ranks, "init", lambda rank: None)
+    monkeypatch.setattr(ranks, "close", lambda rank: None)
+    monkeypatch.setattr(ranks, "share", lambda rank, value: value)
+    monkeypatch.setattr(ranks, "failed_ranks", lambda rank, ok: [1] if ok else [0, 1])
+    out = tmp_path / "ds"
+    kw = {"count": 60, "test_count": 20, "shard_size": 20, "steps": 1}
+    with pytest.raises(GenerationError, match=r"rank\(s\) 1 of 2 failed; re-run the same command"):
+        run(config(models, out, **kw), progress=False)
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000001.tar"]
+
+
+def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_path, monkeypatch) -> None:
+    from cifar5m.errors import GenerationError
+    from generator import pipeline, ranks
+
+    def forbidden(*args, **kw):
+        raise AssertionError("rank 1 looked at the output before rank 0 opened it")
+
+    monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(1, 2, 1))
+    monkeypatch.setattr(ranks, "init", lambda rank: None)
+    monkeypatch.setattr(ranks, "close", lambda rank: None)
+    for name in ("check_existing", "existing", "drop_damaged", "begin", "prepare"):
+        monkeypatch.setattr(pipeline, name, forbidden)
+    said: list = []
+    monkeypatch.setattr(ranks, "share", lambda rank, value: said.pop(0))
+    monkeypatch.setattr(ranks, "failed_ranks", lambda rank, ok: [] if ok else [1])
+    kw = {"count": 60, "test_count": 20, "shard_size": 20, "steps": 1}
+    said.append(("failed", "ConfigMismatchError: other settings"))
+    with pytest.raises(GenerationError, match=r"rank 0 stopped before generating \(ConfigMismatchError"):
+        run(config(models, tmp_path / "a", **kw), progress=False)
+    said.append(("ok", ([], True)))  # rank 0: complete already
+    assert run(config(models, tmp_path / "b", **kw), progress=False) is None
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    said.append(("ok", (["test-000000.tar"], False)))  # rank 1 owns shard 1 of 3: train-000000
+    (tmp_path / "c").mkdir()  # (rank 0 made it)
+    assert run(config(models, tmp_path / "c", **kw), progress=False) is None
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.tar")) == ["train-000000.tar"]
 
 
 def test_cli_help_explains_with_examples() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from generate_helpers import save_tiny_labeler, save_tiny_unet
+from generate_helpers import ranks_worker, save_tiny_labeler, save_tiny_unet
 
 from cifar5m.cli import cli
 from cifar5m.errors import ConfigMismatchError, ModelError, OutputNotWritableError
@@ -162,6 +162,17 @@ def test_other_settings_or_smaller_count_refused_unchanged(models, tmp_path) -> 
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_a_dataset_not_made_by_generate_is_refused(models, make_dataset) -> None:
+    root = make_dataset(n_train=20, n_test=5, shard_size=10)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["provenance"]["fingerprint"]  # e.g. an imported CIFAR-10
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    with pytest.raises(ConfigMismatchError, match="not made by cifar5m generate"):
+        run(bad(models, root, count=40), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+
+
 def test_config_rejects_bad_numbers() -> None:
     with pytest.raises(ValueError, match="test-count"):
         GenerateConfig(count=10, out="x", test_count=10)
@@ -228,3 +239,16 @@ def test_config_and_dry_run_of_the_default_model_do_not_import_torch(tmp_path) -
     assert res.returncode == 0, res.stderr
     assert "NFE per image: 1000" in res.stdout and "torch loaded: False" in res.stdout
 
+
+def test_ranks_share_from_rank_0_and_report_failed_ranks_over_gloo(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(ranks_worker, args=(3, port, str(tmp_path)), nprocs=3, join=True)
+    for r in range(3):
+        got, failed = json.loads((tmp_path / f"{r}.json").read_text())
+        assert got == {"kept": ["test-000000.tar"]} and failed == [1]
