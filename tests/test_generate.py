@@ -152,6 +152,20 @@ def test_extend_count_equals_direct_run(models, reference, tmp_path) -> None:
     assert again is not None and dataset_digest(out) == dataset_digest(reference)
 
 
+def test_extend_killed_mid_way_resumes_to_the_direct_run(models, reference, tmp_path, monkeypatch) -> None:
+    from cifar5m.errors import DatasetNotFoundError
+
+    out = tmp_path / "ds"
+    run(config(models, out, count=130), progress=False)  # train shards: 48, 42
+    crash_after(monkeypatch, 1)  # rewrites train-000001 at 48, dies on train-000002
+    with pytest.raises(KeyboardInterrupt):
+        run(config(models, out, workers=1), progress=False)
+    with pytest.raises(DatasetNotFoundError, match="unfinished write"):
+        Dataset(out)  # begin took the old manifest away: no reader sees stale offsets
+    run(config(models, out), progress=False)
+    assert dataset_digest(out) == dataset_digest(reference)
+
+
 def test_conditional_model_labels_by_construction_and_records_agreement(models, tmp_path) -> None:
     kw = {"model": str(models["cond"]), "count": 60, "test_count": 20, "shard_size": 20, "sampler": "ddim"}
     man = run(config(models, tmp_path / "a", **kw), progress=False)
