@@ -63,6 +63,19 @@ def test_noise_on_device_ids_reads_no_values() -> None:
     assert z.shape == (4, 3, 2, 2) and z.device.type == "meta"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_on_cuda_does_not_sync() -> None:
+    ids = torch.arange(64, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
+    try:
+        z = noise.normal(3, ids, 1, (3, 32, 32))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Same hash bits on every device; log/cos may differ by an ulp (docs/generate.md).
+    assert torch.allclose(z.cpu(), noise.normal(3, ids.cpu(), 1, (3, 32, 32)), atol=1e-5)
+
+
 def test_sampler_checks_ids_on_the_cpu_and_takes_class_labels_by_keyword(models) -> None:
     from generator.model import load_unet
     from generator.sampler import Sampler
