@@ -17,6 +17,10 @@ import torch
 from train.plan import Plan
 from train.reader import SampleReader
 
+# Remote blocks are fetched for the next batch and the one 4 ahead: the batches between
+# were "4 ahead" earlier, so every block is asked for ~4 decodes before it is needed.
+AHEAD = 4
+
 
 class StreamBatch(NamedTuple):
     images: torch.Tensor  # (B, 3, 32, 32) uint8
@@ -48,8 +52,10 @@ class Producer:
 
     def batch(self, b: int, *, next_b: int | None = None) -> StreamBatch:
         positions = self.positions(b)
-        if next_b is not None and next_b < self.plan.total_batches:
-            self.reader.lookahead(self.positions(next_b))
+        if next_b is not None:  # the next batch's blocks, and those AHEAD batches on (a window
+            for ahead in sorted({next_b, next_b + AHEAD - 1}):  # start needs ~64 blocks at once)
+                if ahead < self.plan.total_batches:
+                    self.reader.lookahead(self.positions(ahead))
         cat = self.reader.catalog
         keys = cat.key_list(positions) if self.return_keys else None
         images = torch.from_numpy(self.reader.images(positions))

@@ -6,10 +6,11 @@ headers, so a 256-sample block is one ~1 MB request instead of 256). Sources ret
 what the file holds: a range past the end comes back short, and the caller turns that
 into a ``CorruptShardError`` naming the sample and offset.
 
-HTTP is done with urllib3 directly rather than fsspec's aiohttp layer: it works in
-forked DataLoader workers without event-loop juggling, and a static server that
-ignores ``Range`` (``python -m http.server``) still works: a 200 reply is kept whole
-and sliced.
+HTTP is done with ``train.connections`` (``http.client``, one keep-alive connection per
+pool thread, bodies received with ``readinto`` into one buffer) rather than fsspec's
+aiohttp layer: it works in forked DataLoader workers without event-loop juggling and
+copies nothing after the socket; a static server that ignores ``Range``
+(``python -m http.server``) still works: a 200 reply is kept whole and sliced.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.errors import DownloadError, ShardNotFoundError
+from train.connections import Connections
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
@@ -47,6 +49,15 @@ def coalesce(ranges: Sequence[tuple[int, int]], *, gap: int = GAP,
         else:
             groups.append((a, b, [i]))
     return groups
+
+
+def copied(data: bytes | memoryview, out: memoryview | None) -> bytes | memoryview:
+    """``data`` copied into the start of ``out`` (a view of that part), or ``data`` when it
+    does not fit."""
+    if out is None or len(data) > len(out):
+        return data
+    out[: len(data)] = data
+    return out[: len(data)]
 
 
 class Source:
@@ -75,6 +86,12 @@ class Source:
             for i in inside:
                 out[i] = view[requests[i][1] - start : requests[i][2] - start]
         return out
+
+    def fetch_into(self, requests: Sequence[tuple[str, int, int]],
+                   outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
+        """Like ``fetch``, but request i's bytes land in ``outs[i]`` where given and they fit
+        (returned as ``outs[i][:n]``); the others come back in buffers of their own."""
+        return [copied(data, out) for data, out in zip(self.fetch(requests), outs, strict=True)]
 
     def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
         return self.fetch([(file, a, b) for a, b in ranges])
@@ -143,15 +160,13 @@ class HttpSource(Source):
         self.headers = dict(headers or {})
         self._pid = -1
         self._ranges: bool | None = None  # does the server honour Range? None: not known yet
-        self._whole: OrderedDict[str, bytes] = OrderedDict()  # servers that ignore Range
+        self._whole: OrderedDict[str, bytes | bytearray] = OrderedDict()  # servers that ignore Range
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()  # guards _whole, _inflight and _ranges
 
     def _setup(self) -> None:
         if self._pid != os.getpid():  # pools and threads do not survive fork
-            import urllib3
-
-            self._http = urllib3.PoolManager(maxsize=THREADS, retries=urllib3.Retry(3, backoff_factor=0.2))
+            self._http = Connections()
             self._pool = ThreadPoolExecutor(THREADS)
             self._pid = os.getpid()
 
@@ -161,37 +176,35 @@ class HttpSource(Source):
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["url"], headers=state["headers"])
 
-    def _get(self, file: str, start: int | None, end: int | None) -> bytes:
+    def _get(self, file: str, start: int | None, end: int | None,
+             into: memoryview | None = None) -> bytearray | memoryview:
         url = f"{self.url}/{file}"
         headers = dict(self.headers)
         if start is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        try:
-            reply = self._http.request("GET", url, headers=headers, preload_content=True)
-        except Exception as exc:
-            raise DownloadError(f"GET {url} failed: {exc}; is the server up?") from exc
+        reply = self._http.get(url, headers, into=into)  # a 206 body lands in into when it fits
         if reply.status == 404:
             raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
         if reply.status == 416:  # range starts past the end: the file is shorter
-            return b""
+            return bytearray()
         if reply.status not in (200, 206):
             raise DownloadError(f"GET {url} answered HTTP {reply.status}")
         if start is not None:
             with self._lock:
                 self._ranges = reply.status == 206
             if reply.status == 200:  # no Range support: keep the whole file
-                self._keep(file, reply.data)
-                return reply.data[start:end]
-        return reply.data
+                self._keep(file, reply.body)
+                return memoryview(reply.body)[start:end]
+        return reply.body
 
-    def _keep(self, file: str, data: bytes) -> None:
+    def _keep(self, file: str, data: bytes | bytearray) -> None:
         with self._lock:
             self._whole[file] = data
             self._whole.move_to_end(file)
             while sum(map(len, self._whole.values())) > WHOLE_BYTES and len(self._whole) > 1:
                 self._whole.popitem(last=False)
 
-    def _whole_file(self, file: str) -> bytes:
+    def _whole_file(self, file: str) -> bytes | bytearray:
         """The whole file, downloaded once however many threads ask for it together."""
         with self._lock:
             data = self._whole.get(file)
@@ -216,13 +229,13 @@ class HttpSource(Source):
                 self._inflight.pop(file, None)
         return data
 
-    def _one(self, job: tuple[str, int, int]) -> bytes:
+    def _one(self, job: tuple[str, int, int]) -> bytes | bytearray | memoryview:
         file, start, end = job
         if self._ranges is False:
-            return self._whole_file(file)[start:end]
+            return memoryview(self._whole_file(file))[start:end]
         return self._get(file, start, end)
 
-    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
+    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list:
         self._setup()
         if self._ranges is None:  # the first request tells whether Range works, before the pool
             return [self._one(jobs[0]), *self._get_many(jobs[1:])] if jobs else []
@@ -230,7 +243,17 @@ class HttpSource(Source):
             return [self._one(jobs[0])]
         return list(self._pool.map(self._one, jobs))
 
-    def read_file(self, file: str) -> bytes:
+    def fetch_into(self, requests: Sequence[tuple[str, int, int]],
+                   outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
+        """Each range by its own request, received straight into its ``out`` (no merging:
+        plan blocks are ~1.2 MB already)."""
+        self._setup()
+        if self._ranges is not True:  # not known yet, or whole files: fetch and copy
+            return super().fetch_into(requests, outs)
+        jobs = list(zip(requests, outs, strict=True))
+        return list(self._pool.map(lambda job: copied(self._get(*job[0], into=job[1]), job[1]), jobs))
+
+    def read_file(self, file: str) -> bytearray:
         self._setup()
         return self._get(file, None, None)
 

@@ -1,0 +1,107 @@
+"""npy shards over HTTP (arena gather, reads into slots) and the keep-alive GET client."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cifar5m.errors import CorruptShardError
+from tests.conftest import write_dataset
+from tests.test_stream_remote import serve_app
+from train.connections import Connections
+from train.stream import SampleStream, StreamConfig
+
+
+def starlette(root):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    return serve_app(Starlette(routes=[Mount("/", StaticFiles(directory=str(root)))]))
+
+
+def batches(source: str, **kw) -> list:
+    cfg = dict(source=source, batch_size=20, seed=5, return_keys=True, **kw)
+    return [(b.step, b.keys, b.images, b.labels) for b in SampleStream(StreamConfig(**cfg))]
+
+
+def assert_same(got: list, ref: list) -> None:
+    assert len(got) == len(ref) > 0
+    for (s1, k1, i1, l1), (s2, k2, i2, l2) in zip(got, ref, strict=True):
+        assert s1 == s2 and k1 == k2 and torch.equal(i1, i2) and torch.equal(l1, l2)
+
+
+def test_npy_over_http_equals_local_also_when_blocks_are_evicted(tmp_path):
+    root = write_dataset(tmp_path / "ds", n_train=170, n_test=5, shard_size=50, image_format="npy")
+    with starlette(root) as url:
+        assert_same(batches(url), batches(str(root)))
+        # 4-sample blocks, 16 kept (24 arena slots) of 44: slots are freed and reused
+        small = dict(block=4, window=64)
+        assert_same(batches(url, **small), batches(str(root), **small))
+        assert_same(batches(url, num_workers=2, **small), batches(str(root), **small))
+        assert_same(batches(url, wrap=True, steps=30, **small), batches(str(root), wrap=True, steps=30, **small))
+
+
+def test_npy_over_http_truncated_or_bad_member_names_shard_and_offset(tmp_path):
+    root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="npy")
+    index = pq.read_table(root / "index.parquet").to_pandas()
+    shard = root / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    bad = int(index[(index.split == "train") & (index.shard == shard.name)].image_offset.iloc[3])
+    data[bad + 2] ^= 0xFF  # a foreign npy header in one member
+    shard.write_bytes(bytes(data))
+    with starlette(root) as url:
+        with pytest.raises(CorruptShardError, match=rf"train-000001\.tar at byte offset {bad} "):
+            list(SampleStream(StreamConfig(source=url, batch_size=60)))
+        first = root / "train-000000.tar"
+        first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+        with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample .* at byte offset \d+"):
+            list(SampleStream(StreamConfig(source=url, batch_size=60)))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    peers: ClassVar[set] = set()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.peers.add(self.client_address)
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = bytes(range(256)) * 4
+        first, last = (int(x) for x in self.headers["Range"][6:].split("-"))
+        self.send_response(206)
+        self.send_header("Content-Length", str(last - first + 1))
+        self.end_headers()
+        self.wfile.write(body[first : last + 1])
+
+
+def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        http = Connections()
+        into = memoryview(bytearray(100))
+        for start in range(0, 50, 10):
+            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=into)
+            assert reply.status == 206 and bytes(reply.body) == bytes(range(start, start + 10))
+            assert np.shares_memory(np.frombuffer(reply.body, np.uint8), np.frombuffer(into, np.uint8))
+        reply = http.get(f"{url}/moved", {"Range": "bytes=1000-1023"})  # no room given: a new buffer
+        assert reply.status == 206 and bytes(reply.body) == bytes(range(232, 256))
+        assert len(_Handler.peers) == 1  # one connection for all six requests
+    finally:
+        server.shutdown()
+        server.server_close()
