@@ -353,3 +353,15 @@ def test_cli_help_explains_with_examples() -> None:
     for text in ("Examples:", "torchrun --nproc-per-node 8", "--dry-run", "--min-confidence",
                  "--balance", "--test-count", "--image-format", "--labeler", "--seed"):
         assert text in res.output
+
+
+def test_fast_cpu_mode_is_valid_and_repeatable_at_equal_batch_size(models, tmp_path) -> None:
+    """--fast-cpu (oneDNN, bf16) writes a valid dataset; equal batch size gives equal bytes."""
+    from shards.verify import verify_dataset
+
+    kw = {"sampler": "dpmsolver++", "steps": 2, "count": 40, "test_count": 8, "shard_size": 20,
+          "exact_cpu": False, "dtype": "bf16", "batch_size": 16}
+    run(config(models, tmp_path / "a", **kw), progress=False)
+    run(config(models, tmp_path / "b", **kw), progress=False)
+    assert verify_dataset(tmp_path / "a", decode=True, progress=False).samples == {"train": 32, "test": 8}
+    assert dataset_digest(tmp_path / "a") == dataset_digest(tmp_path / "b")

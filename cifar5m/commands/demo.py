@@ -27,7 +27,7 @@ def run_step(args: list[str]) -> None:
               help="Directory for every result.")
 @click.option("--cifar10", type=click.Path(exists=True, dir_okay=False),
               help="CIFAR-10 JPEG tar.gz (the reference for the quality report).")
-@click.option("--count", type=click.IntRange(min=10), default=2000, show_default=True,
+@click.option("--count", type=click.IntRange(min=10), default=3000, show_default=True,
               help="Images to generate with the builtin models.")
 def demo_cmd(out: str, cifar10: str | None, count: int) -> None:
     """Run the main job on the embedded defaults and print where the results are.
@@ -53,8 +53,12 @@ def demo_cmd(out: str, cifar10: str | None, count: int) -> None:
         results += [ref, root / "cifar10-grid.png"]
     if BUILTIN_UNET.is_file():
         gen = root / "generated"
+        # DPM-Solver++ at 10 steps in bf16 with oneDNN (--fast-cpu): ~300 image-steps/s
+        # on 2 cores, so 3,000 images take about two minutes instead of hours.
         run_step(["generate", "--model", "builtin", "--labeler", "builtin", "--count", str(count),
-                  "--test-count", str(max(count // 10, 1)), "--shard-size", "1000", "--out", str(gen)])
+                  "--test-count", str(max(count // 10, 1)), "--shard-size", "1000",
+                  "--sampler", "dpmsolver++", "--steps", "10", "--dtype", "bf16", "--fast-cpu",
+                  "--batch-size", "250", "--out", str(gen)])
         run_step(["verify", str(gen), "--decode"])
         run_step(["info", str(gen)])
         run_step(["grid", str(gen), "-o", str(root / "generated-grid.png")])
