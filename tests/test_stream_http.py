@@ -95,10 +95,15 @@ def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
     try:
         http = Connections()
         into = memoryview(bytearray(100))
-        for start in range(0, 50, 10):
-            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=into)
-            assert reply.status == 206 and bytes(reply.body) == bytes(range(start, start + 10))
-            assert np.shares_memory(np.frombuffer(reply.body, np.uint8), np.frombuffer(into, np.uint8))
+        for start in range(0, 40, 10):
+            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=[(0, into[:10])])
+            (body,) = reply.body
+            assert reply.status == 206 and bytes(body) == bytes(range(start, start + 10))
+            assert np.shares_memory(np.frombuffer(body, np.uint8), np.frombuffer(into, np.uint8))
+        # one request, two parts with 5 skipped bytes between them, each into its own view
+        a, b = memoryview(bytearray(8)), memoryview(bytearray(8))
+        reply = http.get(f"{url}/data", {"Range": "bytes=100-120"}, into=[(0, a), (13, b)])
+        assert [bytes(v) for v in reply.body] == [bytes(range(100, 108)), bytes(range(113, 121))]
         reply = http.get(f"{url}/moved", {"Range": "bytes=1000-1023"})  # no room given: a new buffer
         assert reply.status == 206 and bytes(reply.body) == bytes(range(232, 256))
         assert len(_Handler.peers) == 1  # one connection for all six requests

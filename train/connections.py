@@ -25,29 +25,41 @@ TIMEOUT = 60.0
 
 
 class Reply:
-    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytearray | memoryview) -> None:
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytearray | memoryview | list) -> None:
         self.status, self.headers, self.body = status, headers, body
 
 
-def read_body(response: http.client.HTTPResponse, into: memoryview | None = None) -> bytearray | memoryview:
-    """The body, received into one buffer: ``into[:n]`` for a 206 reply that fits in it
-    (no allocation, no copy), else a new ``bytearray``; short when the server closed early."""
+Parts = list[tuple[int, memoryview]]  # (offset in the body, where its bytes go), ascending
+
+
+def read_body(response: http.client.HTTPResponse, into: Parts | None = None) -> bytearray | memoryview | list:
+    """The body, received without copies: for a 206 reply and ``into`` (non-overlapping
+    parts in body order, e.g. several plan blocks of one request), each part's bytes go
+    straight into its view and the filled views are returned (short where the server
+    closed early; bytes between parts are skipped); otherwise one new buffer."""
     length = response.getheader("Content-Length")
     if length is None or response.getheader("Transfer-Encoding", "").lower() == "chunked":
         return bytearray(response.read())
-    if into is not None and response.status == 206 and int(length) <= len(into):
-        view = into[: int(length)]
+    if into is None or response.status != 206:
+        into = [(0, memoryview(bytearray(int(length))))]
+        whole = True
     else:
-        view = memoryview(bytearray(int(length)))
-    if not view.nbytes:
+        whole = False
+    if not int(length):
         response.read()  # marks the reply done, so the connection can be reused
-    got = 0
-    while got < len(view):
-        n = response.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return view[:got]
+    pos, out = 0, []
+    for offset, view in into:
+        if offset > pos:  # the bytes between two parts (tar members nobody asked for)
+            pos += len(response.read(offset - pos))
+        got = 0
+        while pos == offset + got and got < len(view):
+            n = response.readinto(view[got:])
+            if not n:
+                break
+            got += n
+            pos += n
+        out.append(view[:got])
+    return out[0] if whole else out
 
 
 class Connections:
@@ -77,7 +89,7 @@ class Connections:
             conn = local.conns[(scheme, netloc)] = cls(netloc, timeout=self.timeout)
         return conn
 
-    def _once(self, url: str, headers: dict, fresh: bool, into: memoryview | None) -> Reply:
+    def _once(self, url: str, headers: dict, fresh: bool, into: Parts | None) -> Reply:
         parts = urlsplit(url)
         path = parts.path or "/"
         if parts.query:
@@ -94,7 +106,7 @@ class Connections:
             conn.close()
         return Reply(response.status, response.headers, body)
 
-    def get(self, url: str, headers: dict | None = None, *, into: memoryview | None = None) -> Reply:
+    def get(self, url: str, headers: dict | None = None, *, into: Parts | None = None) -> Reply:
         """GET ``url``, following redirects; retries on connection errors (raises DownloadError)."""
         headers = dict(headers or {})
         for _ in range(REDIRECTS + 1):
@@ -105,7 +117,7 @@ class Connections:
             url = urljoin(url, location)
         raise DownloadError(f"GET {url}: more than {REDIRECTS} redirects")
 
-    def _retrying(self, url: str, headers: dict, into: memoryview | None) -> Reply:
+    def _retrying(self, url: str, headers: dict, into: Parts | None) -> Reply:
         for attempt in range(RETRIES + 1):
             try:
                 return self._once(url, headers, attempt > 0, into)

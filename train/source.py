@@ -28,7 +28,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.errors import DownloadError, ShardNotFoundError
-from train.connections import Connections
+from train.connections import Connections, Parts
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
@@ -72,10 +72,7 @@ class Source:
         Ranges are merged per file and all requests of one call run concurrently."""
         jobs: list[tuple[str, int, int]] = []
         where: list[tuple[int, list[int]]] = []  # job index, request indices inside it
-        by_file: dict[str, list[int]] = {}
-        for i, (file, _, _) in enumerate(requests):
-            by_file.setdefault(file, []).append(i)
-        for file, members in by_file.items():
+        for file, members in self._by_file(requests).items():
             for start, end, inside in coalesce([requests[i][1:] for i in members]):
                 where.append((len(jobs), [members[k] for k in inside]))
                 jobs.append((file, start, end))
@@ -92,6 +89,13 @@ class Source:
         """Like ``fetch``, but request i's bytes land in ``outs[i]`` where given and they fit
         (returned as ``outs[i][:n]``); the others come back in buffers of their own."""
         return [copied(data, out) for data, out in zip(self.fetch(requests), outs, strict=True)]
+
+    @staticmethod
+    def _by_file(requests: Sequence[tuple[str, int, int]]) -> dict[str, list[int]]:
+        by_file: dict[str, list[int]] = {}
+        for i, (file, _, _) in enumerate(requests):
+            by_file.setdefault(file, []).append(i)
+        return by_file
 
     def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
         return self.fetch([(file, a, b) for a, b in ranges])
@@ -177,12 +181,12 @@ class HttpSource(Source):
         self.__init__(state["url"], headers=state["headers"])
 
     def _get(self, file: str, start: int | None, end: int | None,
-             into: memoryview | None = None) -> bytearray | memoryview:
+             into: Parts | None = None) -> bytearray | memoryview | list:
         url = f"{self.url}/{file}"
         headers = dict(self.headers)
         if start is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        reply = self._http.get(url, headers, into=into)  # a 206 body lands in into when it fits
+        reply = self._http.get(url, headers, into=into)  # a 206 body lands in into's parts
         if reply.status == 404:
             raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
         if reply.status == 416:  # range starts past the end: the file is shorter
@@ -245,13 +249,39 @@ class HttpSource(Source):
 
     def fetch_into(self, requests: Sequence[tuple[str, int, int]],
                    outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
-        """Each range by its own request, received straight into its ``out`` (no merging:
-        plan blocks are ~1.2 MB already)."""
+        """Adjacent ranges of a file are merged into one request (up to MAX_REQUEST: on
+        loopback 1.3 MB requests moved ~0.9-1.0 GB/s, 5.2 MB ones ~1.1-1.6 GB/s) whose body
+        is received part by part straight into each ``out``."""
         self._setup()
         if self._ranges is not True:  # not known yet, or whole files: fetch and copy
             return super().fetch_into(requests, outs)
-        jobs = list(zip(requests, outs, strict=True))
-        return list(self._pool.map(lambda job: copied(self._get(*job[0], into=job[1]), job[1]), jobs))
+        dests = [out if out is not None and len(out) >= b - a else memoryview(bytearray(b - a))
+                 for (_, a, b), out in zip(requests, outs, strict=True)]
+        jobs = []
+        for file, members in self._by_file(requests).items():
+            for start, end, inside in coalesce([requests[i][1:] for i in members]):
+                jobs.append((file, start, end, [members[k] for k in inside]))
+        results: list = [b""] * len(requests)
+
+        def run(job: tuple[str, int, int, list[int]]) -> None:
+            file, start, end, inside = job
+            ends = [requests[i][2] for i in inside]
+            if any(requests[j][1] < e for j, e in zip(inside[1:], ends, strict=False)):  # overlaps
+                data = memoryview(self._get(file, start, end))
+                got = [data[requests[i][1] - start : requests[i][2] - start] for i in inside]
+            else:
+                parts = [(requests[i][1] - start, dests[i][: requests[i][2] - requests[i][1]]) for i in inside]
+                got = self._get(file, start, end, into=parts)
+                if isinstance(got, list):  # received in place: outs[i][:n] or a buffer of its own
+                    for i, data in zip(inside, got, strict=True):
+                        results[i] = data
+                    return
+                got = [memoryview(got)[a : a + len(v)] for a, v in parts]  # not a 206 after all
+            for i, data in zip(inside, got, strict=True):
+                results[i] = copied(data, outs[i])
+
+        list(self._pool.map(run, jobs))
+        return results
 
     def read_file(self, file: str) -> bytearray:
         self._setup()
