@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/stream_bench.py                 # CIFAR-10 (JPEG re-encoded), 20k train
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
+    .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -9,8 +10,11 @@ so). Baseline: ``webdataset.WebDataset(urls).decode("rgb8").to_tuple(ext, "cls")
 iterated in this process and through a 2-worker DataLoader. Ours: ``SampleStream`` in the
 ideal world (block-shuffled order, exactly-once bookkeeping included), same processes;
 PNG is decoded with libspng (imagecodecs) when installed, and one row shows Pillow.
-HTTP rows read from a Starlette static server in a separate process on 127.0.0.1 and
-compare with ours on local files. A run lasts until the split ends or --seconds (4 s)
+A second table reads over HTTP from 127.0.0.1, the server in its own process
+(Starlette StaticFiles on uvicorn, and ``cifar5m serve``), against ours on the same
+local files, in wall-clock images/s (the goal: what one training process receives)
+and in images per CPU-second of the client process (``time.process_time``: all its
+threads, not the server). A run lasts until the split ends or --seconds (4 s)
 have passed, whichever is first (fast rows of ours wrap into new epochs to last that
 long); rates exclude the first batch (start-up) for both loaders; each number is the
 best of --repeat (2) interleaved runs, since the machine is shared.
