@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cifar5m.errors import ConfigMismatchError
+from generator.checkpoint import load_checkpoint, save_checkpoint
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
 from shards.manifest import atomic_write_bytes
 
-CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "train_config.json"
 
 
@@ -192,21 +191,12 @@ class _Run:
                 "fingerprint": self.cfg.fingerprint()}
 
     def save(self) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(self.state(), buf)
-        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.cfg.work_dir / CHECKPOINT_NAME, buf.getvalue())
+        save_checkpoint(self.cfg.work_dir, self.state())
 
     def try_resume(self) -> bool:
-        path = self.cfg.work_dir / CHECKPOINT_NAME
-        if not path.is_file():
+        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint(), device=self.device)
+        if state is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["fingerprint"] != self.cfg.fingerprint():
-            raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
-                                      f"use another --out/--work or delete {self.cfg.work_dir}")
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]

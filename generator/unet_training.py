@@ -16,7 +16,6 @@ seeded by (seed, step, rank), and the checkpoint holds model, EMA, optimizer and
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -30,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cifar5m.errors import ConfigMismatchError
-from shards.manifest import atomic_write_bytes
+from generator.checkpoint import load_checkpoint, save_checkpoint
 
-CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "train_config.json"
 
 
@@ -205,19 +202,12 @@ class _Trainer:
         state = {"unet": self.unet.state_dict(), "ema": self.ema, "opt": self.opt.state_dict(),
                  "step": self.step, "train_seconds": self.train_seconds, "losses": self.losses,
                  "rng": torch.get_rng_state(), "fingerprint": self.cfg.fingerprint()}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.cfg.work_dir / CHECKPOINT_NAME, buf.getvalue())
+        save_checkpoint(self.cfg.work_dir, state)
 
     def try_resume(self) -> bool:
-        path = self.cfg.work_dir / CHECKPOINT_NAME
-        if not path.is_file():
+        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint(), device=self.device)
+        if state is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["fingerprint"] != self.cfg.fingerprint():
-            raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
-                                      f"use another --out/--work or delete {self.cfg.work_dir}")
         self.unet.load_state_dict(state["unet"])
         self.opt.load_state_dict(state["opt"])
         with torch.no_grad():

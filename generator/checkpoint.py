@@ -1,0 +1,34 @@
+"""Training checkpoints of the labeler and generator trainers: atomic, settings-checked."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar5m.errors import ConfigMismatchError
+from shards.manifest import atomic_write_bytes
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(work_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``work_dir/checkpoint.pt`` atomically (a kill mid-save keeps the previous one)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(work_dir / CHECKPOINT_NAME, buf.getvalue())
+
+
+def load_checkpoint(work_dir: Path, *, fingerprint: dict[str, Any], device: Any) -> dict[str, Any] | None:
+    """The saved state, None when there is none; a run with other settings is refused."""
+    path = work_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
+                                  f"use another --out/--work or delete {work_dir}")
+    return state
