@@ -60,3 +60,34 @@ def cifar10_jpeg() -> Path:
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"{CIFAR10_JPEG} not found (the shared CIFAR-10 copy)")
     return CIFAR10_JPEG
+
+
+@pytest.fixture
+def moto_s3():
+    """moto's S3 server on 127.0.0.1 with an empty bucket ``bucket``.
+
+    Yields ``upload(root, prefix) -> url`` (copies a dataset directory there and returns its
+    ``s3://`` URL) with ``upload.options``: the fsspec storage options that reach it.
+    """
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                              aws_secret_access_key="test", region_name="us-east-1")
+        client.create_bucket(Bucket="bucket")
+
+        def upload(root: Path, prefix: str) -> str:
+            for path in Path(root).iterdir():
+                if path.is_file():
+                    client.upload_file(str(path), "bucket", f"{prefix}/{path.name}")
+            return f"s3://bucket/{prefix}"
+
+        upload.options = {"key": "test", "secret": "test",
+                          "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        yield upload
+    finally:
+        server.stop()

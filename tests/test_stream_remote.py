@@ -150,34 +150,19 @@ def test_http_truncated_shard_and_missing_dataset(tmp_path, plain_http):
         SampleStream(StreamConfig(source=dead))
 
 
-def test_s3_through_moto_delivers_the_local_batches(dataset, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        creds = dict(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-        s3 = boto3.client("s3", endpoint_url=endpoint, **creds)
-        s3.create_bucket(Bucket="bucket")
-        for path in dataset.iterdir():
-            s3.upload_file(str(path), "bucket", f"sets/ds/{path.name}")
-        options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint,
-                                                                        "region_name": "us-east-1"}}
-        ref = batches(str(dataset))
-        assert_same(batches("s3://bucket/sets/ds", storage_options=options), ref)
-        assert_same(batches("s3://bucket/sets/ds", storage_options=options, num_workers=2), ref)
-        from click.testing import CliRunner
+def test_s3_through_moto_delivers_the_local_batches(dataset, moto_s3):
+    from click.testing import CliRunner
 
-        from cifar5m.cli import cli
+    from cifar5m.cli import cli
 
-        result = CliRunner().invoke(cli, ["stream", "s3://bucket/sets/ds", "--batch-size", "30",
-                                          "--storage-options", json.dumps(options), "--json"])
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["exactly_once"] is True
-    finally:
-        server.stop()
+    url, options = moto_s3(dataset, "sets/ds"), moto_s3.options
+    ref = batches(str(dataset))
+    assert_same(batches(url, storage_options=options), ref)
+    assert_same(batches(url, storage_options=options, num_workers=2), ref)
+    result = CliRunner().invoke(cli, ["stream", url, "--batch-size", "30",
+                                      "--storage-options", json.dumps(options), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["exactly_once"] is True
 
 
 def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):

@@ -162,31 +162,15 @@ def test_class_balanced_real_world_subset(data, tmp_path):
     assert len(keys) == 50 and all(labels.count(c) == 5 for c in range(10))
 
 
-def test_train_reads_s3_with_storage_options_through_the_cli(data, tmp_path):
+def test_train_reads_s3_with_storage_options_through_the_cli(data, tmp_path, moto_s3):
     """--storage-options reaches the stream and the test split (moto's S3 on 127.0.0.1)."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
-        s3.create_bucket(Bucket="bucket")
-        for path in data.iterdir():
-            if path.is_file():
-                s3.upload_file(str(path), "bucket", f"ds/{path.name}")
-        options = {"key": "test", "secret": "test",
-                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        args = ["train", "--data", "s3://bucket/ds", "--world", "ideal", "--arch", "mlp", "--width",
-                "8", "--steps", "4", "--batch-size", "16", "--log-every", "2", "--log-dense", "none",
-                "--seed", "1", "--record-keys", "--storage-options", json.dumps(options),
-                "--out", str(tmp_path / "s3")]
-        result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 0, result.output
-    finally:
-        server.stop()
+    url = moto_s3(data, "ds")
+    args = ["train", "--data", url, "--world", "ideal", "--arch", "mlp", "--width",
+            "8", "--steps", "4", "--batch-size", "16", "--log-every", "2", "--log-dense", "none",
+            "--seed", "1", "--record-keys", "--storage-options", json.dumps(moto_s3.options),
+            "--out", str(tmp_path / "s3")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
     local = train(tiny(data, world="ideal", steps=4, record_keys=True), out=tmp_path / "local",
                   progress=False)
     assert curve(read_rows(tmp_path / "s3" / "metrics.jsonl")) == curve(local.rows)
