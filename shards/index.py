@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
@@ -65,6 +66,27 @@ def read_index(
 ) -> pa.Table:
     """Read the index (or some columns of it)."""
     return pq.read_table(path, columns=columns, filesystem=filesystem)
+
+
+def shard_runs(shards: pa.ChunkedArray | pa.Array) -> dict[str, slice]:
+    """Row range of each shard in an index whose rows are grouped by shard.
+
+    The writer groups rows by shard (and a split's rows sorted by position are too), so
+    one pass over the ``shard`` column replaces one filter of the whole index per shard.
+    """
+    encoded = pc.dictionary_encode(shards)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    if len(encoded) == 0:
+        return {}
+    names = encoded.dictionary.to_pylist()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    stops = np.r_[starts[1:], len(codes)]
+    runs = {names[codes[a]]: slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
+    if len(runs) != len(starts):
+        raise ValueError("index rows are not grouped by shard")
+    return runs
 
 
 def balanced_subset(labels: np.ndarray, n: int, *, seed: int, num_classes: int) -> np.ndarray:

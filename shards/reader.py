@@ -27,7 +27,7 @@ from cifar5m.errors import (
 )
 from shards import codec
 from shards.format import INDEX_NAME, MANIFEST_NAME
-from shards.index import read_index
+from shards.index import read_index, shard_runs
 from shards.manifest import Manifest, ShardInfo, load_manifest, read_manifest_text
 
 
@@ -121,14 +121,10 @@ class Split:
         self.name = name
         table = dataset.index.filter(pc.equal(dataset.index["split"], name)).sort_by("position")
         self.keys: list[str] = table["key"].to_pylist()
-        encoded = pc.dictionary_encode(table["shard"]).combine_chunks()
-        names = encoded.dictionary.to_pylist()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
-        self.shard_of = np.asarray(names, dtype=object)[codes] if len(codes) else np.array([], object)
-        # Rows of one shard are contiguous (sorted by position, shards in order).
-        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.array([], int)
-        stops = np.r_[starts[1:], len(codes)]
-        self._slices = {names[codes[a]]: slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
+        self._slices = shard_runs(table["shard"])
+        self.shard_of = np.empty(len(self.keys), dtype=object)
+        for shard, rows in self._slices.items():
+            self.shard_of[rows] = shard
         self.image_offset = table["image_offset"].to_numpy()
         self.image_size = table["image_size"].to_numpy()
         self.labels = table["label"].to_numpy().astype(np.int64)

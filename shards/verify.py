@@ -17,7 +17,7 @@ from cifar5m.errors import (
 )
 from shards import codec, ustar
 from shards.format import LABEL_EXT
-from shards.index import read_index
+from shards.index import read_index, shard_runs
 from shards.manifest import ShardInfo, load_manifest
 
 
@@ -98,11 +98,15 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
         rows = int(pc.sum(pc.equal(index["split"], split)).as_py() or 0)
         if rows != total["samples"]:
             raise ManifestError(f"{root}: index has {rows} {split} rows, the manifest {total['samples']}")
-    shard_col = index["shard"]
+    try:
+        runs = shard_runs(index["shard"])
+    except ValueError as exc:
+        raise ManifestError(f"{root / 'index.parquet'}: {exc}; re-create the dataset") from None
     for info in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
         path = root / info.file
         data = _read_checked(path, size=info.bytes, sha256=info.sha256)
-        rows = index.filter(pc.equal(shard_col, info.file)).sort_by("position")
+        run = runs.get(info.file, slice(0, 0))
+        rows = index.slice(run.start, run.stop - run.start)
         _check_members(data, info, rows, image_format=manifest.image_format, where=path)
         if decode:
             report.decoded += _decode_all(data, rows, image_format=manifest.image_format, where=path,

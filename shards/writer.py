@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cifar5m.errors import ConfigMismatchError, DatasetExistsError
@@ -41,8 +40,8 @@ from shards.format import (
     SPLITS,
     WORK_DIR,
 )
-from shards.index import SCHEMA, read_index
-from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest
+from shards.index import SCHEMA, read_index, shard_runs
+from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest, write_manifest
 
 # Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
 from shards.shard import (
@@ -79,9 +78,10 @@ def records_from_dataset(root: str | Path) -> dict[str, ShardRecord]:
     manifest = load_manifest(root)
     index = read_index(Path(root) / INDEX_NAME)
     out = {}
+    runs = shard_runs(index["shard"])
     for info in manifest.shards:
-        rows = index.filter(pc.equal(index["shard"], info.file))
-        out[info.file] = ShardRecord(info, rows)
+        rows = runs[info.file]
+        out[info.file] = ShardRecord(info, index.slice(rows.start, rows.stop - rows.start))
     return out
 
 
@@ -124,7 +124,7 @@ def finalize(
     )
     manifest = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
                         files=files, provenance=provenance or {})
-    atomic_write_bytes(root / MANIFEST_NAME, manifest.to_json().encode())
+    write_manifest(root, manifest)
     shutil.rmtree(root / WORK_DIR, ignore_errors=True)
     return manifest
 
