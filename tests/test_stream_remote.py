@@ -5,13 +5,11 @@ Each must deliver exactly the batches (keys, pixels, labels) a local directory g
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import shutil
 import socket
 import threading
-import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from cifar5m.errors import CorruptShardError, DatasetNotFoundError, DownloadError
 from tests.conftest import write_dataset
+from tests.test_server_support import serving as serve_app
 from train.stream import SampleStream, StreamConfig
 
 
@@ -49,26 +48,6 @@ def plain_http():
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-@contextlib.contextmanager
-def serve_app(app):
-    """Run an ASGI app under uvicorn in a thread on 127.0.0.1; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120  # generous: 2 cores shared by several jobs in CI
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
