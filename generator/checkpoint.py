@@ -1,8 +1,10 @@
-"""Training checkpoints of the labeler and generator trainers: atomic, settings-checked."""
+"""Training checkpoints of the labeler and generator trainers (atomic, settings-checked), and the
+atomic swap of a finished model directory into place."""
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,20 @@ def load_checkpoint(work_dir: Path, *, fingerprint: dict[str, Any], device: Any)
         raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
                                   f"use another --out/--work or delete {work_dir}")
     return state
+
+
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Move the finished directory ``tmp`` to ``dest``, replacing any old one.
+
+    The old directory is renamed aside before ``tmp`` is renamed in, so a reader sees the
+    old directory or the new one, never half of one.
+    """
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest

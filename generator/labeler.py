@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from cifar5m.errors import ModelError
+from generator.checkpoint import replace_dir
+from shards.shard import sha256_file
 
 FORMAT_NAME = "cifar5m-labeler"
 FORMAT_VERSION = 1
@@ -216,12 +218,6 @@ class Labeler(nn.Module):
 # --- save / load --------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_labeler(model: nn.Module, path: str | Path, *, arch: str, arch_kwargs: dict[str, Any],
                  class_names: Sequence[str], metrics: dict[str, Any] | None = None,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> Path:
@@ -250,14 +246,7 @@ def save_labeler(model: nn.Module, path: str | Path, *, arch: str, arch_kwargs: 
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a labeler is meant to be shared
         (tmp / WEIGHTS_NAME).chmod(0o644)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -311,5 +300,5 @@ def load_labeler(path: str | Path = "builtin", *, device: str | torch.device = "
     norm = cfg.get("normalization", {})
     lab = Labeler(net, arch=cfg["arch"], arch_kwargs=cfg["arch_kwargs"], class_names=cfg["class_names"],
                   mean=norm.get("mean", CIFAR10_MEAN), std=norm.get("std", CIFAR10_STD),
-                  sha256=_file_sha256(weights), metrics=cfg.get("metrics"))
+                  sha256=sha256_file(weights), metrics=cfg.get("metrics"))
     return lab.to(device).eval()

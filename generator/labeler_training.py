@@ -76,7 +76,8 @@ def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, 
     from shards.reader import Dataset
 
     ds = Dataset(data)
-    batches = list(ds.split(split).iter_batches(10_000))
+    part = ds.split(split)
+    batches = [part.decode_shard(f) for f in part.shard_files]
     images = np.concatenate([b.images for b in batches])
     labels = np.concatenate([b.labels for b in batches])
     names = list(ds.manifest.class_names)

@@ -105,7 +105,7 @@ def describe(*, count: int, nfe: int, gflop: float, gflop_source: str, shards: i
         lines.append(f"filters on:    up to {stride}x more candidates per kept image; costs above "
                      f"are for 100 % acceptance")
     for mfu in (0.25, 0.40):
-        hours = total / (mfu * H100_BF16_PEAK_TFLOPS * 1e12) / 3600
+        hours = hours_at(total, mfu)
         lines.append(f"H100 at {mfu:.0%} of bf16 peak: {hours:,.2f} GPU-hours "
                      f"({count / (hours * 3600):,.0f} images/s)")
     ddpm_pipe = 9866  # image-steps/s, DDPMPipeline fp16 batch 512 on an H200 (issue 3)

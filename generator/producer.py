@@ -31,7 +31,6 @@ class Producer:
         self.seed, self.batch_size = seed, batch_size
         self.num_classes, self.conditional = num_classes, conditional
         self.min_confidence, self.balance = min_confidence, balance
-        self.candidates_used = 0
 
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images of ``ids``, sampled ``batch_size`` at a time."""
@@ -66,7 +65,6 @@ class Producer:
             probs = self.labeler.predict(images).cpu() if self.labeler is not None else None
             before = len(kept)
             self._select(ids, images, probs, kept, quotas, plan.size)
-            self.candidates_used += n
             pos += n
             if on_images is not None:
                 on_images(len(kept) - before)

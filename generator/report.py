@@ -110,16 +110,20 @@ def _subset_images(split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
-def labeler_distance(cfg: ReportConfig, split) -> dict[str, Any]:
-    """Frechet distance in the labeler's feature space, and its agreement with stored labels."""
-    from generator.frechet import frechet_distance_features
-    from generator.labeler import load_labeler
+def reference_samples(cfg: ReportConfig, split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(our images, their stored labels, reference test images), both sides drawn by ``cfg.seed``."""
     from shards.reader import Dataset
 
-    lab = load_labeler(cfg.labeler)
     ours, our_labels = _subset_images(split, cfg.max_samples, cfg.seed)
-    ref_split = Dataset(cfg.reference).split("test")
-    ref, _ = _subset_images(ref_split, cfg.max_samples, cfg.seed)
+    ref, _ = _subset_images(Dataset(cfg.reference).split("test"), cfg.max_samples, cfg.seed)
+    return ours, our_labels, ref
+
+
+def labeler_distance(cfg: ReportConfig, lab, ours: np.ndarray, our_labels: np.ndarray,
+                     ref: np.ndarray) -> dict[str, Any]:
+    """Frechet distance in the labeler's feature space, and its agreement with stored labels."""
+    from generator.frechet import frechet_distance_features
+
     feats_a, feats_b = lab.features(ours), lab.features(ref)
     agree = float((lab.predict(ours).argmax(1) == our_labels).mean())
     return {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
@@ -129,8 +133,11 @@ def labeler_distance(cfg: ReportConfig, split) -> dict[str, Any]:
             "note": "labeler feature space; NOT comparable to published (Inception) FID"}
 
 
-def inception_fid(cfg: ReportConfig, split) -> dict[str, Any]:
-    """FID with torch-fidelity and local Inception weights; a message when that is impossible."""
+def inception_fid(cfg: ReportConfig, samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """FID with torch-fidelity and local Inception weights; a message when that is impossible.
+
+    ``samples`` is ``reference_samples`` (None without ``--reference``).
+    """
     if not cfg.fid_weights:
         return {"fid": None, "fid_message": "FID skipped: give --fid-weights PATH (local Inception-v3 "
                 "FID weights, pt_inception-2015-12-05) and --reference; nothing is downloaded"}
@@ -144,8 +151,6 @@ def inception_fid(cfg: ReportConfig, split) -> dict[str, Any]:
     except ImportError:
         return {"fid": None, "fid_message": "FID skipped: torch-fidelity is not installed "
                 "(pip install torch-fidelity); the labeler Frechet distance is reported instead"}
-    from shards.reader import Dataset
-
     class _Images(torch.utils.data.Dataset):
         def __init__(self, images: np.ndarray) -> None:
             self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -156,8 +161,7 @@ def inception_fid(cfg: ReportConfig, split) -> dict[str, Any]:
         def __getitem__(self, i: int):
             return self.images[i]
 
-    ours, _ = _subset_images(split, cfg.max_samples, cfg.seed)
-    ref, _ = _subset_images(Dataset(cfg.reference).split("test"), cfg.max_samples, cfg.seed)
+    ours, _, ref = samples
     metrics = torch_fidelity.calculate_metrics(
         input1=_Images(ours), input2=_Images(ref), fid=True, verbose=False,
         cuda=torch.cuda.is_available(), feature_extractor_weights_path=cfg.fid_weights)
@@ -167,6 +171,9 @@ def inception_fid(cfg: ReportConfig, split) -> dict[str, Any]:
 
 def make_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write the report files for ``cfg.root`` into ``cfg.out``; return the summary."""
+    import pyarrow.compute as pc
+
+    from shards.grid import pick_positions
     from shards.reader import Dataset
 
     ds = Dataset(cfg.root)
@@ -178,13 +185,12 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     counts = np.bincount(labels, minlength=len(names))
     class_histogram(counts, names, out / "class_histogram.png", f"{Path(cfg.root).name} / {cfg.split}: classes")
     index = ds.index
-    rows = np.asarray(index["split"].to_pylist()) == cfg.split
-    conf_col = np.asarray(index["confidence"].to_pylist(), dtype=object)[rows]
-    conf = np.asarray([c for c in conf_col if c is not None], dtype=np.float64)
+    conf_col = index["confidence"].filter(pc.equal(index["split"], cfg.split))
+    conf = pc.drop_null(conf_col).to_numpy().astype(np.float64)
     summary: dict[str, Any] = {
         "dataset": cfg.root, "split": cfg.split, "samples": len(labels),
         "class_counts": dict(zip(names, counts.tolist(), strict=True)),
-        "splits": {s: len(ds.split(s)) for s in ds.manifest.splits},
+        "splits": {s: t["samples"] for s, t in ds.manifest.totals().items()},
         "provenance": ds.manifest.provenance,
     }
     if len(conf):
@@ -195,19 +201,21 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
                                  "fraction_above_0.9": float((conf > 0.9).mean())}
     else:
         summary["confidence"] = None
-    rng = np.random.default_rng(cfg.seed)
     grids = {}
-    for c, name in enumerate(names):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) == 0:
-            continue
-        pick = np.sort(rng.choice(pool, size=min(cfg.per_class, len(pool)), replace=False))
-        images = np.stack([split[int(p)].image for p in pick])
-        grids[name] = write_grid(images, out / f"grid_{name}.png").name
+    picks = pick_positions(labels, per_class=cfg.per_class, classes=len(names), seed=cfg.seed)
+    for name, pick in zip(names, picks, strict=True):
+        if pick:  # a class with no samples gets no grid
+            images = np.stack([split[p].image for p in pick])
+            grids[name] = write_grid(images, out / f"grid_{name}.png").name
     summary["grids"] = grids
+    samples = None
     if cfg.reference is not None:
-        summary["labeler_distance"] = labeler_distance(cfg, split)
-    summary.update(inception_fid(cfg, split))
+        from generator.labeler import load_labeler
+
+        lab = load_labeler(cfg.labeler)  # first, as before: a bad --labeler fails before any decoding
+        samples = reference_samples(cfg, split)  # one draw for both distances
+        summary["labeler_distance"] = labeler_distance(cfg, lab, *samples)
+    summary.update(inception_fid(cfg, samples))
     summary["config"] = asdict(cfg)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     atomic_write_bytes(out / "summary.txt", render_text(summary).encode())

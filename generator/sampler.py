@@ -30,7 +30,7 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from generator import noise
-from generator.config import DEFAULT_STEPS, SAMPLERS  # noqa: F401  (re-exported)
+from generator.config import SAMPLERS
 
 IMAGE_CHW = (3, 32, 32)
 

@@ -59,8 +59,6 @@ class Session:
         self.labeler = open_labeler(cfg, self.conditional, self.device)
         self.model_sha256 = self.source.weights_sha256()
         self.labeler_sha256 = self.labeler.sha256 if self.labeler is not None else None
-        self.timesteps: list[int] = []
-        self.candidates_used = 0
 
     def make_sampler(self) -> Any:
         import torch
@@ -94,7 +92,6 @@ class Session:
         from generator.producer import Producer
 
         sampler = self.make_sampler()
-        self.timesteps = sampler.timesteps
         producer = Producer(sampler, self.labeler, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
                             num_classes=NUM_CLASSES, conditional=self.conditional,
                             min_confidence=self.cfg.min_confidence, balance=self.cfg.balance)
@@ -110,7 +107,6 @@ class Session:
             while pending:
                 pending.popleft().result()
         bar.close()
-        self.candidates_used = producer.candidates_used
 
     def finish(self, root: Path, url: str | None, plan: list[ShardPlan], fp: dict[str, Any],
                kept: dict[str, ShardRecord]) -> Manifest:

@@ -17,7 +17,6 @@ seeded by (seed, step, rank), and the checkpoint holds model, EMA, optimizer and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.checkpoint import load_checkpoint, save_checkpoint
+from generator import ranks
+from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint
 
 CONFIG_NAME = "train_config.json"
 
@@ -102,11 +102,6 @@ def build_scheduler(cfg: UNetTrainConfig):
                          variance_type="fixed_large")
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def _seeded(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
 
@@ -134,7 +129,8 @@ class _Trainer:
         from generator.labeler_training import load_split
 
         self.cfg, self.device = cfg, device
-        self.rank, self.world, _ = _dist()
+        env = ranks.from_env()
+        self.rank, self.world = env.rank, env.world
         torch.manual_seed(cfg.seed)
         x, _, _ = load_split(cfg.data, "train", cfg.max_train)
         self.x = x.to(device)
@@ -236,20 +232,12 @@ def save_generator(trainer: _Trainer, out: Path, metrics: dict[str, Any]) -> Pat
     cfg_json = json.dumps(asdict(trainer.cfg), indent=2) + "\n"
     (tmp / CONFIG_NAME).write_text(cfg_json)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        local = _dist()[2]
+        local = ranks.from_env().local_rank
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -262,7 +250,8 @@ def train_generator(cfg: UNetTrainConfig, *, device: str | None = None, stop_aft
     ``stop_after`` ends the run after that many total steps with only a checkpoint
     written, as a crash would (the resume tests use it).
     """
-    rank, world, _ = _dist()
+    env = ranks.from_env()
+    rank, world = env.rank, env.world
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device(device) if device else _device()

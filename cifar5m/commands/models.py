@@ -130,10 +130,10 @@ def train_generator_cmd(data, out, channels, layers_per_block, attention_levels,
         ema_decay=ema_decay, ema_warmup=ema_warmup, steps=steps, checkpoint_every=checkpoint_every,
         sample_every=sample_every, sample_steps=sample_steps, precision=precision, compile=compile, max_train=max_train,
         work=work, seed=seed)
-    import os
+    from generator import ranks
 
     metrics = train_generator(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if ranks.from_env().is_main:
         click.echo(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; wrote {out}")
 
 
