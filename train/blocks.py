@@ -74,8 +74,7 @@ class BlockStore:
     def _rows(self, shard: int, blk: int) -> range:
         cat = self.catalog
         first = int(cat.shard_start[shard]) + blk * self.block
-        stop = int(cat.shard_start[shard + 1]) if shard + 1 < len(cat.shards) else len(cat)
-        return range(first, min(first + self.block, stop))
+        return range(first, min(first + self.block, int(cat.shard_stop[shard])))
 
     def _request(self, key: Key) -> tuple[str, int, int]:
         cat, rows = self.catalog, self._rows(*key)
@@ -102,7 +101,7 @@ class BlockStore:
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""
         cat = self.catalog
-        stops = np.r_[cat.shard_start[1:], len(cat)]
+        stops = cat.shard_stop
         firsts = np.concatenate([np.arange(a, b, self.block) for a, b in zip(cat.shard_start, stops, strict=True)])
         lasts = np.minimum(firsts + self.block, stops[cat.shard_id[firsts]]) - 1
         return int((cat.image_offset[lasts] + cat.image_size[lasts] - cat.image_offset[firsts]).max())

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.format import IMAGE_BYTES as SAMPLE_BYTES
 from shards.manifest import atomic_write_bytes
 
 log = logging.getLogger("cifar5m.stream")
 SUFFIX = ".chw.u8"
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
-SAMPLE_BYTES = 3 * 32 * 32
 
 
 class DecodedCache:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cifar5m.errors import DatasetNotFoundError, SampleNotFoundError, ShardNotFoundError
 from shards.format import INDEX_NAME, MANIFEST_NAME
+from shards.index import read_index
 from shards.manifest import Manifest, read_manifest_text
 from train.source import Source
 
@@ -34,6 +34,8 @@ class Catalog:
     shard_bytes: np.ndarray  # sizes the manifest records
     shard_sha: list[str]
     shard_start: np.ndarray  # first split position of each shard
+    shard_count: np.ndarray  # int64, samples of each shard
+    shard_stop: np.ndarray  # one past the last split position of each shard
     shard_id: np.ndarray  # int32, per position
     image_offset: np.ndarray  # int64, data offset of the image member in its shard
     image_size: np.ndarray  # int64
@@ -56,7 +58,7 @@ class Catalog:
             data = source.read_file(INDEX_NAME)
         except ShardNotFoundError:
             raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
-        table = pq.read_table(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS))
+        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS))
         return cls.from_table(table, manifest, split, url=source.url)
 
     @classmethod
@@ -69,13 +71,14 @@ class Catalog:
         remap = np.array([lookup[n] for n in encoded.dictionary.to_pylist()], np.int32)
         shard_id = remap[encoded.indices.to_numpy(zero_copy_only=False)] if len(table) else \
             np.zeros(0, np.int32)
-        counts = np.bincount(shard_id, minlength=len(names))
+        counts = np.bincount(shard_id, minlength=len(names)).astype(np.int64)
+        stops = np.cumsum(counts)
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,
             shard_bytes=np.array([s.bytes for s in infos], np.int64),
             shard_sha=[s.sha256 for s in infos],
-            shard_start=(np.cumsum(counts) - counts).astype(np.int64),
+            shard_start=stops - counts, shard_count=counts, shard_stop=stops,
             shard_id=shard_id,
             image_offset=table["image_offset"].to_numpy().astype(np.int64),
             image_size=table["image_size"].to_numpy().astype(np.int64),
@@ -85,11 +88,6 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def counts(self) -> list[int]:
-        """Samples per shard, in split order."""
-        return np.bincount(self.shard_id, minlength=len(self.shards)).tolist()
 
     def key_list(self, positions: np.ndarray) -> list[str]:
         return [k.decode() for k in self.keys[positions].tolist()]

@@ -130,8 +130,12 @@ class Plan:
     def global_batch(self, b: int) -> np.ndarray:
         return self.items(b * self.batch_size, (b + 1) * self.batch_size)
 
+    def rank_start(self, b: int, rank: int) -> int:
+        """Stream item index of the first item of ``rank``'s part of global batch ``b``."""
+        return b * self.batch_size + rank * self.per_rank
+
     def rank_batch(self, b: int, rank: int) -> np.ndarray:
-        start = b * self.batch_size + rank * self.per_rank
+        start = self.rank_start(b, rank)
         return self.items(start, start + self.per_rank)
 
     def worker_groups(self, start: int, worker: int, num_workers: int, *,

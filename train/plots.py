@@ -9,6 +9,7 @@ the log points are dense early (the paper's plots use linear steps; ``log_x=Fals
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -17,14 +18,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from shards.manifest import atomic_write_bytes
+
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # steps, mean, lo, hi
 
 
 def curve(runs: list[list[dict]], column: str) -> Curve:
     """Mean/min/max of ``column`` over seeds, at the steps every seed logged."""
     steps = sorted(set.intersection(*[{r["step"] for r in rows if column in r} for rows in runs]))
-    values = np.array([[next(r[column] for r in rows if r["step"] == s) for s in steps]
-                       for rows in runs], dtype=float)
+    firsts = []  # per run, the first row logged at each step (a resumed log may repeat a step)
+    for rows in runs:
+        first: dict[int, dict] = {}
+        for r in rows:
+            first.setdefault(r["step"], r)
+        firsts.append(first)
+    values = np.array([[first[s][column] for s in steps] for first in firsts], dtype=float)
     return np.array(steps), values.mean(0), values.min(0), values.max(0)
 
 
@@ -48,10 +56,10 @@ def plot_bootstrap(real: list[list[dict]], ideal: list[list[dict]], path: str | 
                  fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 

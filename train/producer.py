@@ -41,14 +41,18 @@ class Producer:
         items = self.plan.rank_batch(b, self.rank)
         return items if self.subset is None else self.subset[items]
 
+    def _decode(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+        """Images, labels and (if asked for) keys of ``positions``."""
+        cat = self.reader.catalog
+        keys = cat.key_list(positions) if self.return_keys else None
+        images = torch.from_numpy(self.reader.images(positions))
+        return images, torch.from_numpy(cat.labels[positions]), keys
+
     def packed(self, run: range, following: range | None) -> Packed:
         positions = np.concatenate([self.positions(b) for b in run])
         if following is not None:
             self.reader.lookahead(np.concatenate([self.positions(b) for b in following]))
-        cat = self.reader.catalog
-        keys = cat.key_list(positions) if self.return_keys else None
-        images = torch.from_numpy(self.reader.images(positions))
-        return Packed(images, torch.from_numpy(cat.labels[positions]), keys, run.start, len(run))
+        return Packed(*self._decode(positions), run.start, len(run))
 
     def batch(self, b: int, *, next_b: int | None = None) -> StreamBatch:
         positions = self.positions(b)
@@ -56,10 +60,7 @@ class Producer:
             for ahead in sorted({next_b, next_b + AHEAD - 1}):  # start needs ~64 blocks at once)
                 if ahead < self.plan.total_batches:
                     self.reader.lookahead(self.positions(ahead))
-        cat = self.reader.catalog
-        keys = cat.key_list(positions) if self.return_keys else None
-        images = torch.from_numpy(self.reader.images(positions))
-        return StreamBatch(images, torch.from_numpy(cat.labels[positions]), keys, b)
+        return StreamBatch(*self._decode(positions), b)
 
 
 class Packed(NamedTuple):

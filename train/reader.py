@@ -77,7 +77,7 @@ class SampleReader:
         for shard, idx in group_by_shard(cat.shard_id[positions]):
             rows = positions[idx]
             if self.cache is not None:
-                count = self._count(shard)
+                count = int(cat.shard_count[shard])
                 whole = self.cache.get(cat.shard_sha[shard], count, lambda s=shard: self.decode_shard(s))
                 out[idx] = whole[rows - cat.shard_start[shard]]
             else:
@@ -85,14 +85,9 @@ class SampleReader:
                 out[idx] = self.decode(shard, rows, datas=datas).transpose(0, 3, 1, 2)
         return out
 
-    def _count(self, shard: int) -> int:
-        stop = self.catalog.shard_start[shard + 1] if shard + 1 < len(self.catalog.shards) else len(self.catalog)
-        return int(stop - self.catalog.shard_start[shard])
-
     def decode_shard(self, shard: int) -> np.ndarray:
         """Every sample of a shard, NCHW, from one whole-file read."""
-        start = int(self.catalog.shard_start[shard])
-        rows = np.arange(start, start + self._count(shard))
+        rows = np.arange(self.catalog.shard_start[shard], self.catalog.shard_stop[shard])
         return np.ascontiguousarray(self.decode(shard, rows, whole=True).transpose(0, 3, 1, 2))
 
     def raw(self, positions: np.ndarray) -> list[bytes]:
@@ -143,8 +138,7 @@ class SampleReader:
             return None
         file = self.catalog.shards[shard]
         buf = array(file) if array is not None else np.frombuffer(self.source.read_file(file), np.uint8)
-        start = int(self.catalog.shard_start[shard])
-        rows = slice(start, start + self._count(shard))
+        rows = slice(int(self.catalog.shard_start[shard]), int(self.catalog.shard_stop[shard]))
         offsets, sizes = self.catalog.image_offset[rows], self.catalog.image_size[rows]
         ends = offsets + codec.NPY_SIZE
         bad = np.flatnonzero(ends > buf.size)
@@ -183,12 +177,7 @@ class SampleReader:
             return fast
         datas = self._read(shard, rows, whole=whole, datas=datas)
         out = np.empty((len(rows), *IMAGE_SHAPE), np.uint8)
-        flat = out.reshape(len(rows), IMAGE_BYTES)
-        header, hsize = codec.NPY_HEADER, codec.NPY_HEADER_SIZE
         for j, data in enumerate(datas):
-            if npy and len(data) == codec.NPY_SIZE and data[:hsize] == header:
-                flat[j] = np.frombuffer(data, np.uint8, IMAGE_BYTES, hsize)
-                continue
             if not npy and _spng is not None:
                 try:
                     image = _spng(data)

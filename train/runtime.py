@@ -115,9 +115,9 @@ class TrainData:
         self._side = None  # CUDA stream that copies the next ideal-world batch
         if self.real:
             images, labels, keys = stream.real_subset()
-            self.images = torch.as_tensor(images).contiguous().to(rt.device)
-            self.labels = torch.as_tensor(labels, dtype=torch.int64).to(rt.device)
-            self.keys = list(keys) if keys is not None else None
+            self.images = images.to(rt.device)  # real_subset(): contiguous uint8, int64, a list
+            self.labels = labels.to(rt.device)
+            self.keys = list(keys)
 
     @classmethod
     def open(cls, config: TrainConfig, rt: Runtime, *,

@@ -143,7 +143,7 @@ class SampleStream:
                         "permutation after every %d samples", total * c.batch_size, pool, pool)
         self.plan = Plan(pool_size=pool, batch_size=c.batch_size, world_size=self.world_size,
                          total_batches=total, seed=c.seed,
-                         counts=self.catalog.counts if self.subset is None else None,
+                         counts=self.catalog.shard_count if self.subset is None else None,
                          block=c.block, window=c.window)
         cache = DecodedCache(c.cache_dir, cap_bytes=c.cache_bytes) if c.cache_dir else None
         self.cache = cache
@@ -171,8 +171,7 @@ class SampleStream:
         c, start = self.config, self.next_batch
         if self.subset is not None:
             images, labels, keys = self.real_subset()
-            for b in range(start, self.plan.total_batches):
-                idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
+            for b, idx in self._rank_indices(start):
                 yield StreamBatch(images[idx], labels[idx],
                                   [keys[i] for i in idx.tolist()] if c.return_keys else None, b)
         elif c.num_workers == 0:
@@ -190,6 +189,11 @@ class SampleStream:
                 num_workers=c.num_workers, pin_memory=self._pin(), prefetch_factor=max(1, c.prefetch))
             for packed in loader:
                 yield from unpack(packed)
+
+    def _rank_indices(self, start: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Real world: ``(b, this rank's positions into real_subset())`` from batch ``start`` on."""
+        for b in range(start, self.plan.total_batches):
+            yield b, torch.from_numpy(self.plan.rank_batch(b, self.rank))
 
     def _exclusive(self, items: Iterator) -> Iterator:
         """Run ``items`` as the only live pass: two passes would both start at next_batch and
@@ -251,10 +255,8 @@ class SampleStream:
         if self.subset is None:
             raise StreamConfigError("real_subset() exists only in the real world (world='real')")
         if self._subset_data is None:
-            reader = SampleReader(self.catalog, self.source)
-
-            def load() -> np.ndarray:
-                return reader.images(self.subset)
+            def load() -> np.ndarray:  # self.reader: no cache, per-sample reads in the real world
+                return self.reader.images(self.subset)
 
             if self.cache is not None:
                 name = f"subset:{self.catalog.fingerprint()}:{self.config.seed}:" \
@@ -275,8 +277,7 @@ class SampleStream:
         return self._exclusive(self._index_batches())
 
     def _index_batches(self) -> Iterator[torch.Tensor]:
-        for b in range(self.next_batch, self.plan.total_batches):
-            idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
+        for b, idx in self._rank_indices(self.next_batch):
             self.next_batch = b + 1
             self._delivered += 1
             yield idx

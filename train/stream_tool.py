@@ -110,8 +110,7 @@ def write_tar(stream: SampleStream, out: BinaryIO, *, limit: int | None,
     for b, positions in itertools.islice(stream.iter_positions(advance=False), limit):
         keys = stream.catalog.key_list(positions)
         if real:
-            first = b * plan.batch_size + stream.rank * plan.per_rank
-            epochs = (first + np.arange(len(keys))) // plan.pool_size
+            epochs = (plan.rank_start(b, stream.rank) + np.arange(len(keys))) // plan.pool_size
             keys = [f"{k}_{e}" for k, e in zip(keys, epochs.tolist(), strict=True)]
         raws = stream.reader.raw(positions)
         writer.write_batch(keys, raws, stream.catalog.labels[positions].tolist(), ext)
