@@ -33,20 +33,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from dataset_server.engines import ENGINES  # noqa: E402
+from tests.conftest import write_dataset  # noqa: E402
+
 REPO = "bench/ds"
-
-
-def build_dataset(root: Path, *, shards: int, per_shard: int) -> Path:
-    """Shards of raw npy samples (fast to write; ~3.8 KB per sample in the tar)."""
-    from shards.writer import DatasetWriter, Sample
-
-    out = root / REPO
-    rng = np.random.default_rng(0)
-    with DatasetWriter(out, fingerprint={"bench": shards}, image_format="npy", shard_size=per_shard,
-                       provenance={"source": "serve_bench synthetic"}) as w:
-        for i in range(shards * per_shard):
-            w.add("train", Sample(f"b{i:07d}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), i % 10))
-    return out
 
 
 def free_port() -> int:
@@ -196,7 +186,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--client-procs", type=int, default=2, help="processes the client threads run in")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run per server")
-    parser.add_argument("--servers", nargs="+", default=["granian", "uvicorn"], choices=["granian", "uvicorn"],
+    parser.add_argument("--servers", nargs="+", default=sorted(ENGINES), choices=ENGINES,
                         help="cifar5m serve --server values to run")
     parser.add_argument("--loop", default="auto", help="event loop of our server (auto/asyncio/uvloop)")
     parser.add_argument("--shards", type=int, default=16)
@@ -208,7 +198,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)
-        ds = build_dataset(root, shards=args.shards, per_shard=args.per_shard)
+        # Raw npy samples: fast to write, ~3.8 KB per sample in the tar.
+        ds = write_dataset(root / REPO, n_train=args.shards * args.per_shard, n_test=0,
+                           shard_size=args.per_shard, image_format="npy")
         files = {p.name: p.read_bytes() for p in ds.iterdir() if p.name.endswith(".tar")}
         size = sum(map(len, files.values())) / 1e6
         print(f"{len(files)} shards, {size:.1f} MB; {args.clients} clients in {args.client_procs} processes, "

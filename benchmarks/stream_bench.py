@@ -36,7 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+from tests.conftest import CIFAR10_JPEG as CIFAR10  # noqa: E402
+
 HTTP_WINDOW = 4096  # HTTP rows: see Table.http_rows
 GPU_RATE = 46_000  # img/s a bf16 ResNet-18 consumes on an H200 (measured, see issue #5)
 
@@ -139,15 +140,7 @@ def cpu_rate_ours(source: str, batch: int, cache_dir: str | None = None, *, min_
     steps = max(min_samples, 1) // batch or None
     stream = SampleStream(StreamConfig(source=source, batch_size=batch, cache_dir=cache_dir, prefetch=0,
                                        wrap=steps is not None, steps=steps))
-    it = iter(stream)
-    next(it)
-    c0, n = time.process_time(), 0
-    t0 = time.perf_counter()
-    for b in it:
-        n += len(b.labels)
-        if time.perf_counter() - t0 > SECONDS:
-            break
-    return n / max(time.process_time() - c0, 1e-9)
+    return steady_rates(b.labels for b in stream)[1]
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dataset_server.auth import Access
 from dataset_server.context import Denied, ServerContext, lookup, state_at
 from dataset_server.repo import RepoFile, RepoState, lfs_pointer
 from dataset_server.responses import REPO_COMMIT, hub_error
@@ -47,7 +46,7 @@ def sibling(f: RepoFile) -> dict:
     return out
 
 
-def info_json(ctx: ServerContext, state: RepoState, access: Access) -> dict:
+def info_json(ctx: ServerContext, state: RepoState) -> dict:
     org = state.repo_id.split("/", 1)[0]
     gated = ctx.policy.gated(state.repo_id)
     card = state.card_data
@@ -72,14 +71,14 @@ def info_json(ctx: ServerContext, state: RepoState, access: Access) -> dict:
 
 async def dataset_info(ctx: ServerContext, request: Request, org: str, name: str,
                        revision: str) -> Response:
-    repo, access = lookup(ctx, request, org, name, files=False)
+    repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
-    return JSONResponse(info_json(ctx, state, access), headers={REPO_COMMIT: state.sha})
+    return JSONResponse(info_json(ctx, state), headers={REPO_COMMIT: state.sha})
 
 
 async def tree(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
                path: str) -> Response:
-    repo, _ = lookup(ctx, request, org, name, files=False)
+    repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
     path = path.strip("/")
     if path in ("", "."):
@@ -127,7 +126,7 @@ def requested_paths(body: bytes, content_type: str) -> list[str]:
 
 async def paths_info(ctx: ServerContext, request: Request, org: str, name: str,
                      revision: str) -> Response:
-    repo, _ = lookup(ctx, request, org, name, files=False)
+    repo = lookup(ctx, request, org, name, files=False)
     body = await read_body(ctx, request)
     state = await state_at(repo, revision)
     try:
@@ -148,7 +147,7 @@ async def list_datasets(ctx: ServerContext, request: Request) -> Response:
         if author and org != author:
             continue
         try:
-            repo, _ = lookup(ctx, request, org, name, files=False)
+            repo = lookup(ctx, request, org, name, files=False)
         except Denied:
             continue
         state = repo.cached(60.0)

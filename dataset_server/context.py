@@ -38,7 +38,7 @@ class Denied(Exception):
 
 
 def lookup(ctx: ServerContext, request: Request, org: str, name: str, *,
-           files: bool) -> tuple[DatasetRepo, Access]:
+           files: bool) -> DatasetRepo:
     """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
     repo_id = f"{org}/{name}"
     if not (valid_name(org) and valid_name(name)):
@@ -54,7 +54,7 @@ def lookup(ctx: ServerContext, request: Request, org: str, name: str, *,
             403 if has_token else 401, "GatedRepo",
             f"Access to dataset {repo_id} is restricted: pass a token that has access "
             "(token=... or HF_TOKEN)"))
-    return repo, access
+    return repo
 
 
 async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0) -> RepoState:

@@ -11,7 +11,6 @@ client only checks sizes. Verified hashes are remembered by (size, mtime) in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from cifar5m.errors import DownloadError, ManifestError
 from shards.format import MANIFEST_NAME
 from shards.manifest import FileInfo, atomic_write_bytes, load_manifest
+from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
 # Leftover partial files of a killed huggingface_hub download older than this are removed.
@@ -43,15 +43,6 @@ def _expected(root: Path) -> list[FileInfo]:
     except (OSError, ManifestError) as exc:
         raise DownloadError(f"{root}: cannot read {MANIFEST_NAME} ({exc}); is this a cifar5m dataset?") from exc
     return [FileInfo(s.file, s.bytes, s.sha256) for s in manifest.shards] + list(manifest.files)
-
-
-def _sha256(path: Path, progress) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 1024 * 1024):
-            h.update(chunk)
-            progress.update(len(chunk))
-    return h.hexdigest()
 
 
 def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResult:
@@ -84,7 +75,7 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
     with tqdm(total=sum(i.bytes for i, _, _ in todo), unit="B", unit_scale=True,
               desc="verify sha256", disable=not todo) as progress:
         for info, path, st in todo:
-            if _sha256(path, progress) != info.sha256:
+            if sha256_file(path) != info.sha256:
                 if remember:
                     cache.pop(info.file, None)
                     _save(cache_path, cache)
@@ -92,6 +83,7 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
                                     "and re-run the download (the server's copy may be corrupt: "
                                     "run `cifar5m verify` there)")
             cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+            progress.update(info.bytes)
     if todo and remember:
         _save(cache_path, cache)
     return DownloadResult(root, len(expected) + 1, sum(i.bytes for i in expected))

@@ -20,13 +20,13 @@ import re
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from shards.format import CARD_NAME, MANIFEST_NAME
-from shards.manifest import Manifest
+from shards.manifest import Manifest, atomic_write_bytes
 
 # Hub repo-name rules: letters, digits, '-', '_', '.', no leading/trailing punctuation,
 # no '..' (so a name can never be a parent reference), at most 96 characters.
@@ -123,7 +123,7 @@ class HashCache:
     def save(self, path: Path) -> None:
         with self._lock:
             rows = [[*k, *v] for k, v in self._sums.items()]
-        Path(path).write_text(json.dumps(rows))
+        atomic_write_bytes(Path(path), json.dumps(rows).encode())
 
     def load(self, path: Path) -> None:
         try:
@@ -246,10 +246,14 @@ class DatasetRepo:
         return entry
 
     def _make_state(self, files: dict[str, RepoFile]) -> RepoState:
+        prev = self._state
+        if prev is not None and prev.files.keys() == files.keys() and \
+                all(prev.files[name] is f for name, f in files.items()):
+            # Nothing changed (the usual API call): the same commit, only scanned again.
+            return replace(prev, scanned_at=time.monotonic())
         listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
         sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
         card: dict = {}
-        prev = self._state
         if prev is not None and CARD_NAME in files and prev.files.get(CARD_NAME) is files[CARD_NAME]:
             card = prev.card_data  # unchanged card: skip re-reading and re-parsing its YAML
         elif CARD_NAME in files:

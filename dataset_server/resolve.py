@@ -64,7 +64,7 @@ async def _open(repo: DatasetRepo, revision: str, path: str, max_age: float
 
 async def resolve(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
                   path: str) -> Response | FileBody:
-    repo, _ = lookup(ctx, request, org, name, files=True)
+    repo = lookup(ctx, request, org, name, files=True)
     state, entry, fd = await _open(repo, revision, path, ctx.scan_max_age)
     if entry is None or fd is None:
         return hub_error(404, "EntryNotFound",

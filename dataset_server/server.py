@@ -123,12 +123,12 @@ def app_from_env() -> Starlette:
 def run(config: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then finish running requests (up to ``graceful_s``)."""
     check_config(config)
+    configure_logging(access_log=config.access_log)  # before prewarm: it logs what is served
     library, _ = prewarm(config)
     with tempfile.TemporaryDirectory(prefix="cifar5m-serve-") as tmp:
         cache = Path(tmp) / "hashes.json"
         library.hashes.save(cache)
         config = dataclasses.replace(config, hash_cache=str(cache))
-        configure_logging(access_log=config.access_log)
         with _quiet_stop_signals():
             (run_granian if config.server == "granian" else run_uvicorn)(config)
     log.info("server stopped")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,29 @@ def cifar10_jpeg() -> Path:
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"{CIFAR10_JPEG} not found (the shared CIFAR-10 copy)")
     return CIFAR10_JPEG
+
+
+class QuietHTTPHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def static_http() -> Iterator[Callable[[Path], str]]:
+    """``python -m http.server`` (no Range support) on 127.0.0.1: ``static_http(root) -> url``."""
+    servers = []
+
+    def serve(root: Path) -> str:
+        handler = functools.partial(QuietHTTPHandler, directory=str(root))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

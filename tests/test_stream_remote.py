@@ -10,14 +10,14 @@ import json
 import shutil
 import socket
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
 from cifar5m.errors import CorruptShardError, DatasetNotFoundError, DownloadError
-from tests.conftest import write_dataset
+from tests.conftest import QuietHTTPHandler, write_dataset
 from tests.test_server_support import serving as serve_app
 from train.stream import SampleStream, StreamConfig
 
@@ -26,28 +26,6 @@ from train.stream import SampleStream, StreamConfig
 def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
                          shard_size=40, image_format="png")
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def plain_http():
-    """``python -m http.server`` (no Range support) serving a directory: ``serve(root) -> url``."""
-    servers = []
-
-    def serve(root: Path) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +78,15 @@ def test_real_world_subset_over_http_equals_local(dataset, range_http):
     assert [b.keys for b in local] == [b.keys for b in remote]
 
 
-def test_plain_http_server_without_range_support_works(dataset, plain_http):
-    assert_same(batches(plain_http(dataset)), batches(str(dataset)))
+def test_plain_http_server_without_range_support_works(dataset, static_http):
+    assert_same(batches(static_http(dataset)), batches(str(dataset)))
 
 
-def test_http_truncated_shard_and_missing_dataset(tmp_path, plain_http):
+def test_http_truncated_shard_and_missing_dataset(tmp_path, static_http):
     root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
     shard = root / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    url = plain_http(root)
+    url = static_http(root)
     stream = SampleStream(StreamConfig(source=url, batch_size=60))
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample .* at byte offset \d+"):
         list(stream)
@@ -151,7 +129,7 @@ def test_server_without_range_support_gets_each_file_once_under_concurrency(data
 
     gets: Counter = Counter()
 
-    class Counting(_Quiet):
+    class Counting(QuietHTTPHandler):
         def do_GET(self) -> None:
             gets[self.path] += 1
             super().do_GET()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dataset_server.engines import ENGINES
+
 
 @click.command("serve")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
@@ -17,7 +19,7 @@ import click
                    "granian under 10%).")
 @click.option("--page-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Entries per page of tree listings (the Hub's is 1000).")
-@click.option("--server", "engine", type=click.Choice(["uvicorn", "granian"]), default="uvicorn",
+@click.option("--server", "engine", type=click.Choice(ENGINES), default="uvicorn",
               show_default=True,
               help="HTTP server. uvicorn (2 workers) measured fastest on the mixed load; granian sends "
                    "whole files from Rust (pathsend) and is faster at 1 worker.")
@@ -40,9 +42,8 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10
     """
-    from dataset_server.server import ServeConfig, configure_logging, run
+    from dataset_server.server import ServeConfig, run
 
-    configure_logging(access_log=access_log)
     run(ServeConfig(root=root, host=host, port=port, tokens=tokens, workers=workers,
                     page_size=page_size, loop=loop, access_log=access_log, server=engine))
 
