@@ -76,8 +76,9 @@ def best_labeler(results: dict[str, dict] | None) -> str | None:
     """The builtin candidate if it trained, else the most accurate run."""
     if not results:
         return None
-    if "builtin-e20" in results:
-        return "builtin-e20"
+    builtin = [k for k in results if k.startswith("builtin")]
+    if builtin:
+        return builtin[0]
     return max(results, key=lambda k: results[k]["test_accuracy"])
 
 

@@ -44,6 +44,8 @@ class Session:
             raise GenerationError(f"--device {cfg.device!r}, but torch sees no CUDA device here; "
                                   f"use --device cpu (or auto)")
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda": the current device (torch 2.11 refuses an index-less one)
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # kernels that use "the current device" follow
         self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.source = model_mod.resolve(cfg.model)

@@ -210,7 +210,7 @@ class _Trainer:
             for e, s in zip(self.ema, state["ema"], strict=True):
                 e.copy_(s)
         self.step, self.train_seconds, self.losses = state["step"], state["train_seconds"], state["losses"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved it to the training device
         return True
 
     def grid(self, path: Path) -> Path:

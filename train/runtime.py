@@ -51,6 +51,8 @@ class Runtime:
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" means this rank's GPU
+            dev = torch.device("cuda", local)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cudnn.benchmark = True
