@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table([(f"DDPMPipeline {'fp16' if gpu else 'fp32'} (sampling only)", base),
                  ("our sampler bf16+channels_last+compile (sampling only)", alone),
                  ("cifar5m generate, end to end, steady (label+PNG+tar+index)", steady),
-                 ("  same, including start-up (load, hash, compile)", cold)],
+                 ("  same, including start-up (load, hash; compile cached)", cold)],
                 steps=args.steps, peak=989.5 if card in ("H100", "H200") else None))
     print(f"6M images at {args.steps} steps, end to end: {6e6 / steady / 3600:.2f} GPU-hours on "
           f"this card (goal: < 1.5 at 20 steps; >= 25,000 image-steps/s)")
