@@ -28,7 +28,6 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from cifar5m.errors import (
-    ChecksumMismatchError,
     ConfigMismatchError,
     GenerationError,
     ModelError,
@@ -43,9 +42,7 @@ from shards.writer import (
     STATE_NAME,
     ShardRecord,
     begin,
-    load_records,
     part_path,
-    sha256_file,
     write_shard,
 )
 
@@ -132,42 +129,11 @@ def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dic
     return fitting(str(root), have, plan)
 
 
-def drop_damaged(root: Path, *, verify: bool) -> dict[str, str]:
-    """Delete unfinished-run shards that are gone, torn or (``verify``) fail their sha256.
-
-    Their parts go too, so they are regenerated like never-written shards (same noise,
-    same bytes): a lost or corrupted file costs one shard of work, not a manual clean-up.
-    Without ``verify`` only sizes are compared (no hashing). Returns file -> what was wrong.
-    """
-    if not (root / WORK_DIR / STATE_NAME).is_file():
-        return {}
-    dropped = {}
-    for name, part in parts(root).items():
-        if not (root / name).is_file():
-            part.unlink()
-            dropped[name] = "is missing but its _work/ part remains"
-    for name, rec in load_records(root, check=False).items():
-        shard = root / name
-        if shard.stat().st_size != rec.info.bytes or (verify and sha256_file(shard) != rec.info.sha256):
-            shard.unlink()
-            rec.part.unlink()
-            dropped[name] = "does not match its recorded sha256"
-    return dropped
-
-
 def open_output(root: Path, fp: dict[str, Any]) -> dict[str, ShardRecord]:
-    """``begin`` the write; the finished shards there (each unfinished one hashed once:
-    by ``begin``, and again only if ``begin`` found a damaged one)."""
-    def report(dropped: dict[str, str]) -> None:
-        for name, why in dropped.items():
-            print(f"{root / name} {why}: regenerating it")
-
-    report(drop_damaged(root, verify=False))  # cheap (no hashing): gone or torn shards
-    try:
-        return begin(root, fp, extend=True)  # hashes every unfinished-run shard
-    except ChecksumMismatchError:
-        report(drop_damaged(root, verify=True))
-        return begin(root, fp, extend=True)
+    """``begin`` the write; the finished shards there. A lost, torn or corrupted shard of
+    an unfinished run is dropped and regenerated like a never-written one (same noise,
+    same bytes): it costs one shard of work, not a manual clean-up."""
+    return begin(root, fp, extend=True, on_damaged=lambda shard, why: print(f"{shard} {why}: regenerating it"))
 
 
 def prepare(cfg: GenerateConfig, root: Path, url: str | None, fp: dict[str, Any],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -135,11 +135,14 @@ def write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
     return path
 
 
-def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardRecord]:
+def load_records(root: str | Path, *, check: bool = True,
+                 on_damaged: Callable[[Path, str], None] | None = None) -> dict[str, ShardRecord]:
     """Finished shards of an unfinished write, by file name.
 
-    With ``check``, each shard's size and sha256 are compared with its part; a shard
-    that does not match is reported by ``ChecksumMismatchError``.
+    With ``check``, each shard's size and sha256 are compared with its part. A missing
+    or damaged shard raises ``ShardNotFoundError`` / ``ChecksumMismatchError``, unless
+    ``on_damaged`` is given: then the shard and its part are deleted (it will be written
+    again like a never-written one) and ``on_damaged(shard_path, what_was_wrong)`` is called.
     """
     root = Path(root)
     records: dict[str, ShardRecord] = {}
@@ -147,11 +150,19 @@ def load_records(root: str | Path, *, check: bool = True) -> dict[str, ShardReco
         info = ShardInfo(**json.loads(pq.read_schema(part).metadata[_SHARD_META]))
         shard = root / info.file
         if not shard.is_file():
-            raise ShardNotFoundError(f"{shard} is missing but {part} says it was written")
-        if check and (shard.stat().st_size != info.bytes or sha256_file(shard) != info.sha256):
-            raise ChecksumMismatchError(
+            problem: Exception = ShardNotFoundError(f"{shard} is missing but {part} says it was written")
+            why = "is missing but its _work/ part remains"
+        elif check and (shard.stat().st_size != info.bytes or sha256_file(shard) != info.sha256):
+            problem = ChecksumMismatchError(
                 f"{shard} does not match the checksum recorded when it was written; "
-                f"delete it and {part}, then re-run to rewrite it"
-            )
-        records[info.file] = ShardRecord(info, None, part)
+                f"delete it and {part}, then re-run to rewrite it")
+            why = "does not match its recorded sha256"
+        else:
+            records[info.file] = ShardRecord(info, None, part)
+            continue
+        if on_damaged is None:
+            raise problem
+        shard.unlink(missing_ok=True)
+        part.unlink()
+        on_damaged(shard, why)
     return records

@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,15 @@ def finalize(
     return manifest
 
 
-def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False) -> dict[str, ShardRecord]:
+def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False,
+          on_damaged: Callable[[Path, str], None] | None = None) -> dict[str, ShardRecord]:
     """Open ``root`` for writing; return the shards already finished there.
 
     A fresh directory starts empty. An unfinished write with the same ``fingerprint``
-    resumes (its shards are checked and kept). A different fingerprint, or a finished
-    dataset without ``extend``, is refused before anything is written.
+    resumes (its shards are checked and kept; a missing or damaged one raises, or with
+    ``on_damaged`` is dropped to be rewritten, see ``load_records``). A different
+    fingerprint, or a finished dataset without ``extend``, is refused before anything
+    is written.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,7 @@ def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False
         stale.unlink()
     (root / WORK_DIR).mkdir(exist_ok=True)
     atomic_write_bytes(state_path, json.dumps({"fingerprint": fingerprint}, indent=1).encode())
-    records = load_records(root)
+    records = load_records(root, on_damaged=on_damaged)
     if finished:
         # Extending: first give every finished shard its part in _work/, then take the
         # manifest away. While shards change, readers then see an unfinished write (a

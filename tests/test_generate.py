@@ -282,14 +282,13 @@ def test_crash_then_damaged_or_deleted_shards_are_regenerated_on_resume(models, 
 def test_resume_hashes_each_kept_shard_once(models, tmp_path, monkeypatch) -> None:
     import shards.shard
     import shards.writer
-    from generator import pipeline
 
     out, kw = tmp_path / "ds", {"count": 100, "test_count": 20, "shard_size": 20, "steps": 1}
     calls = crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(config(models, out, workers=1, **kw), progress=False)
     hashed: list[str] = []
-    for module in (shards.shard, shards.writer, pipeline):
+    for module in (shards.shard, shards.writer):
         real = module.sha256_file
         monkeypatch.setattr(module, "sha256_file", lambda p, _real=real, **k: hashed.append(Path(p).name)
                             or _real(p, **k))
@@ -325,7 +324,7 @@ def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_pa
     monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(1, 2, 1))
     monkeypatch.setattr(ranks, "init", lambda rank: None)
     monkeypatch.setattr(ranks, "close", lambda rank: None)
-    for name in ("check_existing", "existing", "drop_damaged", "begin", "prepare"):
+    for name in ("check_existing", "existing", "open_output", "begin", "prepare"):
         monkeypatch.setattr(pipeline, name, forbidden)
     said: list = []
     monkeypatch.setattr(ranks, "share", lambda rank, value: said.pop(0))
