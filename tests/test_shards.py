@@ -200,6 +200,28 @@ def test_crash_resumes_to_identical_dataset(tmp_path, make_dataset):
     assert not (root / "_work").exists()
 
 
+def test_begin_drops_damaged_shards_only_when_asked(tmp_path):
+    from shards.writer import begin
+
+    images = synthetic_images(48)
+    root = tmp_path / "crashy"
+    with pytest.raises(KeyboardInterrupt), DatasetWriter(root, fingerprint={"t": 0}, shard_size=16) as w:
+        for i in range(48):
+            if i == 40:
+                raise KeyboardInterrupt
+            w.add("train", Sample(f"t{i:06d}", images[i], i % 10))
+    fp = json.loads((root / "_work" / "state.json").read_text())["fingerprint"]
+    torn = root / "train-000001.tar"
+    torn.write_bytes(torn.read_bytes()[:-512])
+    with pytest.raises(ChecksumMismatchError, match="train-000001.tar does not match the checksum"):
+        begin(root, fp)
+    dropped: list[tuple[str, str]] = []
+    kept = begin(root, fp, on_damaged=lambda shard, why: dropped.append((shard.name, why)))
+    assert sorted(kept) == ["train-000000.tar"]
+    assert dropped == [("train-000001.tar", "does not match its recorded sha256")]
+    assert not torn.exists() and len(list((root / "_work").glob("*.parquet"))) == 1
+
+
 def test_finished_dataset_and_other_settings_are_refused(tmp_path, make_dataset):
     root = make_dataset(n_train=10)
     with pytest.raises(DatasetExistsError, match="already holds a finished dataset"):
