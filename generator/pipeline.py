@@ -42,6 +42,7 @@ from shards.writer import (
     STATE_NAME,
     ShardRecord,
     begin,
+    check_fingerprint,
     part_path,
     write_shard,
 )
@@ -102,11 +103,7 @@ def refuse_other_settings(where: str, old_fp: dict[str, Any] | None, fp: dict[st
     if not old_fp:
         raise ConfigMismatchError(f"{where} holds a dataset not made by cifar5m generate (its manifest "
                                   f"has no fingerprint); choose another --out")
-    changed = sorted(k for k in set(old_fp) | set(fp) if old_fp.get(k) != fp.get(k))
-    raise ConfigMismatchError(
-        f"{where} holds a dataset made with other settings ({', '.join(changed)} differ: "
-        f"{ {k: old_fp.get(k) for k in changed} } there); use the same settings to resume or "
-        f"extend it, or another --out")
+    check_fingerprint(where, old_fp, fp)
 
 
 def fitting(where: str, have: Mapping[str, int], plan: list[ShardPlan]) -> dict[str, int]:

@@ -60,6 +60,7 @@ __all__ = [
     "Sample",
     "ShardRecord",
     "begin",
+    "check_fingerprint",
     "encode_shard",
     "finalize",
     "load_records",
@@ -129,6 +130,18 @@ def finalize(
     return manifest
 
 
+def check_fingerprint(where: str, previous: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume or extend ``where`` (written with ``previous``) with other settings."""
+    if previous == fingerprint:
+        return
+    changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+    raise ConfigMismatchError(
+        f"{where} holds a dataset made with other settings ({', '.join(changed)} differ: "
+        f"{ {k: previous.get(k) for k in changed} } there); use the same settings to resume "
+        f"or extend it, or another output directory"
+    )
+
+
 def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False,
           on_damaged: Callable[[Path, str], None] | None = None) -> dict[str, ShardRecord]:
     """Open ``root`` for writing; return the shards already finished there.
@@ -154,13 +167,7 @@ def begin(root: str | Path, fingerprint: dict[str, Any], *, extend: bool = False
         previous = load_manifest(root).provenance.get("fingerprint", fingerprint)
     else:
         previous = fingerprint
-    if previous != fingerprint:
-        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-        raise ConfigMismatchError(
-            f"{root} holds a dataset made with other settings ({', '.join(changed)} differ: "
-            f"{ {k: previous.get(k) for k in changed} }); use the same settings to resume, "
-            f"or another output directory"
-        )
+    check_fingerprint(str(root), previous, fingerprint)
     for stale in root.glob(".*.tmp"):
         stale.unlink()
     (root / WORK_DIR).mkdir(exist_ok=True)
