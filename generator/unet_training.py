@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar5m.errors import TrainConfigError
 from generator import ranks
 from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint
 
@@ -146,7 +147,7 @@ class _Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.step, self.train_seconds, self.losses = 0, 0.0, []
-        self.local_batch = max(1, cfg.batch_size // self.world)
+        self.local_batch = cfg.batch_size // self.world  # train_generator checked it divides
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gen = _seeded(self.cfg.seed, self.step, self.rank)
@@ -252,6 +253,9 @@ def train_generator(cfg: UNetTrainConfig, *, device: str | None = None, stop_aft
     """
     env = ranks.from_env()
     rank, world = env.rank, env.world
+    if cfg.batch_size % world:  # else each rank took batch // world: a smaller batch than asked
+        raise TrainConfigError(f"--batch-size {cfg.batch_size} does not split evenly over {world} torchrun "
+                               f"processes; use a multiple of {world}")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device(device) if device else _device()
