@@ -1,13 +1,18 @@
 """Load test of ``cifar5m serve`` against ``python -m http.server`` on the same files.
 
 Loopback only, bounded by ``--seconds`` per server and ``--max-requests`` per client.
-``--clients`` concurrent clients (threads spread over ``--client-procs`` processes,
-HTTP/1.1 keep-alive where the server allows it) download random whole shards and
-random byte ranges (up to 1 MiB) of a dataset written with the real writer, and
-compare every byte with the file. http.server ignores Range, so a range costs it the
-whole shard; the client then checks the slice it wanted. "MB/s" counts the bytes
-the clients asked for. Our API endpoints (info, tree, paths-info, HEAD) are sampled
-between downloads and their p99 latency reported; http.server only has HEAD.
+``--clients`` concurrent clients (asyncio tasks on raw HTTP/1.1 keep-alive sockets in
+``--client-procs`` processes, see ``serve_load.py``; the same client and the same seeded
+request sequence for every server) download random whole shards and random byte ranges
+(up to 1 MiB) of a dataset written with the real writer, and compare every byte asked
+for with the file. http.server ignores Range, so a range costs it the whole shard; the
+client checks the slice it asked for. "MB/s" counts the bytes the clients asked for.
+Our API endpoints (info, tree, paths-info, HEAD) are sampled between downloads and
+their p99 latency reported; http.server only has HEAD.
+
+CPU: utime+stime of the server's process tree (all workers and threads) and of the
+client processes over the load, and the whole machine's busy time from /proc/stat;
+"server CPU-s/GB" (per GB asked for) does not depend on how the cores are shared.
 
     python benchmarks/serve_bench.py --seconds 60 --clients 32
 
@@ -19,12 +24,10 @@ from __future__ import annotations
 import argparse
 import http.client
 import multiprocessing as mp
-import random
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,10 +36,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from serve_load import REPO, box_busy_s, children_cpu_s, client_proc, tree_cpu_s, wait_idle  # noqa: E402
+
 from dataset_server.engines import ENGINES  # noqa: E402
 from tests.conftest import write_dataset  # noqa: E402
-
-REPO = "bench/ds"
 
 
 def free_port() -> int:
@@ -71,98 +74,17 @@ def start_server(kind: str, root: Path, workers: int, loop: str = "auto",
     raise RuntimeError(f"{kind} did not start")
 
 
-def _api_call(conn: http.client.HTTPConnection, ours: bool, prefix: str, name: str) -> int:
-    if not ours:
-        conn.request("HEAD", f"/{name}")
-        return conn.getresponse().status
-    kind = random.randrange(4)
-    if kind == 0:
-        conn.request("GET", f"/api/datasets/{REPO}")
-    elif kind == 1:
-        conn.request("GET", f"/api/datasets/{REPO}/tree/main?recursive=true&expand=false")
-    elif kind == 2:
-        conn.request("POST", f"/api/datasets/{REPO}/paths-info/main", body=f"paths={name}&expand=false",
-                     headers={"Content-Type": "application/x-www-form-urlencoded"})
-    else:
-        conn.request("HEAD", f"{prefix}/{name}")
-    resp = conn.getresponse()
-    resp.read()
-    return resp.status
-
-
-def client(files: dict[str, bytes], port: int, prefix: str, ours: bool, deadline: float,
-           args: argparse.Namespace, seed: int, out: list) -> None:
-    """One client: loops until the deadline; appends its counters to ``out``."""
-    rnd = random.Random(seed)
-    names = sorted(files)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    stats = {"bytes": 0, "wire": 0, "full": 0, "ranges": 0, "errors": 0, "lat": [], "api": [], "why": []}
-    for i in range(args.max_requests):
-        if time.monotonic() >= deadline:
-            break
-        name = rnd.choice(names)
-        data = files[name]
-        try:
-            if i % 10 == 9:
-                t0 = time.perf_counter()
-                ok = _api_call(conn, ours, prefix, name) == 200
-                stats["api"].append(time.perf_counter() - t0)
-                if not ok:
-                    stats["errors"] += 1
-                    stats["why"].append(f"API call on {name} failed")
-                continue
-            t0 = time.perf_counter()
-            if rnd.random() < args.range_fraction:
-                start = rnd.randrange(len(data))
-                end = min(len(data), start + rnd.randrange(1, args.max_range + 1))
-                conn.request("GET", f"{prefix}/{name}", headers={"Range": f"bytes={start}-{end - 1}"})
-                resp = conn.getresponse()
-                body = resp.read()
-                got = body if resp.status == 206 else body[start:end] if resp.status == 200 and body == data else None
-                ok = got == data[start:end]
-                stats["ranges"] += 1
-                size = end - start
-            else:
-                conn.request("GET", f"{prefix}/{name}")
-                resp = conn.getresponse()
-                body = resp.read()
-                ok = resp.status == 200 and body == data
-                stats["full"] += 1
-                size = len(data)
-            stats["lat"].append(time.perf_counter() - t0)
-            stats["wire"] += len(body)
-            if ok:
-                stats["bytes"] += size
-            else:
-                stats["errors"] += 1
-                stats["why"].append(f"{name}: status {resp.status}, {len(body)} bytes, wrong bytes")
-        except (OSError, http.client.HTTPException) as exc:
-            stats["errors"] += 1
-            stats["why"].append(f"{name}: {type(exc).__name__}: {exc}")
-            conn.close()
-    conn.close()
-    out.append(stats)
-
-
-def client_proc(files, port, prefix, ours, args, threads, seed, queue) -> None:
-    deadline = time.monotonic() + args.seconds
-    out: list = []
-    workers = [threading.Thread(target=client, args=(files, port, prefix, ours, deadline, args,
-                                                     seed * 1000 + t, out)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    queue.put(out)
-
-
-def run_load(files: dict[str, bytes], port: int, prefix: str, ours: bool, args) -> dict:
+def run_load(files: dict[str, bytes], proc: subprocess.Popen, port: int, prefix: str, ours: bool,
+             args) -> dict:
+    """Run the clients against one server; throughput, latency and where the CPU went."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     per = [args.clients // args.client_procs + (i < args.clients % args.client_procs)
            for i in range(args.client_procs)]
     procs = [ctx.Process(target=client_proc, args=(files, port, prefix, ours, args, n, i, queue))
              for i, n in enumerate(per)]
+    wait_idle(proc.pid)
+    cpu0 = (tree_cpu_s(proc.pid), children_cpu_s(), box_busy_s())
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -170,21 +92,27 @@ def run_load(files: dict[str, bytes], port: int, prefix: str, ours: bool, args) 
     for p in procs:
         p.join()
     wall = time.perf_counter() - t0
-    lat = np.array([x for s in results for x in s["lat"]] or [0.0])
-    api = np.array([x for s in results for x in s["api"]] or [0.0])
-    total = {k: sum(s[k] for s in results) for k in ("bytes", "wire", "full", "ranges", "errors")}
+    cpu1 = (tree_cpu_s(proc.pid), children_cpu_s(), box_busy_s())
+    server_s, client_s, box_s = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+    lat = np.array([x for s in results for x in s.lat] or [0.0])
+    api = np.array([x for s in results for x in s.api] or [0.0])
+    total = {k: sum(getattr(s, k) for s in results) for k in ("bytes", "wire", "full", "ranges", "errors")}
     return {**total, "wall": wall, "mbps": total["bytes"] / wall / 1e6, "wire_mbps": total["wire"] / wall / 1e6,
             "req_s": (total["full"] + total["ranges"]) / wall,
             "p50": float(np.percentile(lat, 50)) * 1e3, "p99": float(np.percentile(lat, 99)) * 1e3,
             "api_p99": float(np.percentile(api, 99)) * 1e3, "api_n": len(api),
-            "why": [w for s in results for w in s["why"]][:5]}
+            "server_gb": server_s / max(total["bytes"], 1) * 1e9,
+            "server_wire_gb": server_s / max(total["wire"], 1) * 1e9,
+            "server_cores": server_s / wall, "client_cores": client_s / wall,
+            "other_cores": (box_s - server_s - client_s) / wall,
+            "why": [w for s in results for w in s.why][:5]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per server (report: 60)")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--client-procs", type=int, default=2, help="processes the client threads run in")
+    parser.add_argument("--client-procs", type=int, default=1, help="processes the client tasks run in")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run per server")
     parser.add_argument("--servers", nargs="+", default=sorted(ENGINES), choices=ENGINES,
                         help="cifar5m serve --server values to run")
@@ -203,7 +131,7 @@ def main() -> None:
                            shard_size=args.per_shard, image_format="npy")
         files = {p.name: p.read_bytes() for p in ds.iterdir() if p.name.endswith(".tar")}
         size = sum(map(len, files.values())) / 1e6
-        print(f"{len(files)} shards, {size:.1f} MB; {args.clients} clients in {args.client_procs} processes, "
+        print(f"{len(files)} shards, {size:.1f} MB; {args.clients} clients in {args.client_procs} client process(es), "
               f"{args.seconds:.0f} s per server, {1 - args.range_fraction:.0%} whole shards / "
               f"{args.range_fraction:.0%} ranges of 1..{args.max_range} bytes, every 10th call an API call")
         runs = [("http.server", 1)] + [(f"cifar5m serve --server {e}", w) for e in args.servers
@@ -212,19 +140,22 @@ def main() -> None:
         for kind, workers in runs:
             proc, port, prefix = start_server(kind, root, workers, args.loop, kind.rsplit(" ", 1)[-1])
             try:
-                rows.append((kind, workers, run_load(files, port, prefix, kind != "http.server", args)))
+                rows.append((kind, workers, run_load(files, proc, port, prefix, kind != "http.server", args)))
             finally:
                 proc.terminate()
                 proc.wait(30)
     base = rows[0][2]["mbps"] or 1e-9
     print("\n| server | workers | MB/s (asked) | MB/s (wire) | req/s | whole | ranges | errors "
-          "| p50 ms | p99 ms | API p99 ms (n) | vs http.server |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| p50 ms | p99 ms | API p99 ms (n) | server CPU-s/GB (wire) | cores: server/client/other "
+          "| vs http.server |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, workers, r in rows:
         api = "HEAD only" if kind == "http.server" else "info/tree/paths-info/HEAD"
         print(f"| {kind} | {workers} | {r['mbps']:.0f} | {r['wire_mbps']:.0f} | {r['req_s']:.0f} | {r['full']} "
               f"| {r['ranges']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
-              f"| {r['api_p99']:.1f} ({r['api_n']}, {api}) | {r['mbps'] / base:.2f}x |")
+              f"| {r['api_p99']:.1f} ({r['api_n']}, {api}) | {r['server_gb']:.2f} ({r['server_wire_gb']:.2f}) "
+              f"| {r['server_cores']:.2f}/{r['client_cores']:.2f}/{r['other_cores']:.2f} "
+              f"| {r['mbps'] / base:.2f}x |")
     for kind, workers, r in rows:
         for why in r["why"]:
             print(f"error ({kind}, {workers} workers): {why}")
