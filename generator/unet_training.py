@@ -10,8 +10,10 @@ Output (``--out DIR``) loads with ``UNet2DModel.from_pretrained(DIR)`` and
 google/ddpm-cifar10-32) or ``from_pretrained(DIR, subfolder="scheduler")``.
 The saved weights are the EMA weights.
 
-Resume is exact: batches, noise, timesteps and dropout are drawn from generators
-seeded by (seed, step, rank), and the checkpoint holds model, EMA, optimizer and step.
+Resume is exact at the same number of ranks: batches, noise, timesteps and dropout are
+drawn from generators seeded by (seed, step, rank), and the checkpoint holds model, EMA,
+optimizer and step. Resumed under another number of torchrun ranks, training goes on with
+the same global batch but other draws (elastic, not bit-identical).
 """
 
 from __future__ import annotations
