@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 REPO = "bench/ds"
 TIMEOUT_S = 30.0
 _HEAD_MAX = 64 * 1024
+# SO_RCVLOWAT for bodies: epoll wakes a client once 256 KiB are queued, not per 64 KiB
+# segment (client CPU 0.49 and 0.37 CPU-s/GB against 0.51 and 0.41 with 1; 8 s runs).
+_LOWAT = 256 * 1024
 
 
 class Conn:
@@ -31,6 +34,7 @@ class Conn:
         self.port = port
         self.sock: socket.socket | None = None
         self.head = bytearray(_HEAD_MAX)
+        self.lowat = 1
 
     def close(self) -> None:
         if self.sock is not None:
@@ -43,11 +47,15 @@ class Conn:
         loop = asyncio.get_running_loop()
         if self.sock is None:
             self.sock = socket.socket()
+            self.lowat = 1
             self.sock.setblocking(False)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
         req = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+        if self.lowat != 1:  # headers and small bodies: wake on any byte
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            self.lowat = 1
         await loop.sock_sendall(self.sock, req)
         view, got, end = memoryview(self.head), 0, -1
         while end < 0:
@@ -66,6 +74,10 @@ class Conn:
         into[:early] = view[end + 4:got]
         pos = early
         while pos < length:
+            lowat = min(length - pos, _LOWAT)
+            if lowat != self.lowat:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                self.lowat = lowat
             n = await loop.sock_recv_into(self.sock, into[pos:length])
             if n == 0:
                 raise ConnectionError(f"connection closed after {pos} of {length} body bytes")
