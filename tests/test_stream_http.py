@@ -14,7 +14,11 @@ import torch
 from cifar5m.errors import CorruptShardError
 from tests.conftest import write_dataset
 from tests.test_stream_remote import serve_app
+from train.blocks import BlockStore
+from train.catalog import Catalog
 from train.connections import Connections
+from train.reader import SampleReader
+from train.source import LocalSource
 from train.stream import SampleStream, StreamConfig
 
 
@@ -110,3 +114,26 @@ def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _RemoteDir(LocalSource):
+    """Local files read as a remote source would (copies, block store), without a server."""
+
+    local = False
+
+    def fetch(self, requests):
+        return [bytes(view) for view in super().fetch(requests)]
+
+
+def test_a_full_arena_hands_the_oldest_unpinned_slot_to_a_new_block(tmp_path):
+    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    catalog = Catalog.load(LocalSource(root), "train")
+    store = BlockStore(catalog, _RemoteDir(root), block=4, keep=2)  # 3 arena slots
+    local = SampleReader(catalog, LocalSource(root))
+    for rows in (np.array([0, 4, 8]), np.array([12, 13]), np.array([24, 21, 5])):
+        store.ensure(rows)  # the first fills all 3 slots; each later block takes the oldest
+        got = store.npy_images(rows)
+        assert got is not None, "a block fell to the per-sample path"
+        assert np.array_equal(got.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2), local.images(rows))
+    slots = [held.slot for held in store._blocks.values()]
+    assert len(slots) == len(set(slots)) and min(slots) >= 0
