@@ -31,7 +31,6 @@ from typing import NamedTuple
 import numpy as np
 
 from shards import codec
-from shards.format import IMAGE_BYTES
 from train.catalog import Catalog
 from train.source import Source
 
@@ -99,13 +98,7 @@ class BlockStore:
         buf = np.frombuffer(data, np.uint8)
         if not np.all(sizes == codec.NPY_SIZE) or int(offsets.max()) + codec.NPY_SIZE > buf.size:
             return False
-        steps = np.diff(offsets)
-        if len(offsets) > 1 and steps[0] > 0 and np.all(steps == steps[0]):  # writer's layout:
-            heads = np.lib.stride_tricks.as_strided(  # one strided view, ~5x cheaper than fancy indexing
-                buf[int(offsets[0]):], (len(offsets), codec.NPY_HEADER_SIZE), (int(steps[0]), 1))
-        else:
-            heads = buf[offsets[:, None] + np.arange(codec.NPY_HEADER_SIZE)]
-        return np.array_equal(heads, np.broadcast_to(np.frombuffer(codec.NPY_HEADER, np.uint8), heads.shape))
+        return codec.npy_headers_ok(buf, offsets)
 
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""
@@ -125,9 +118,7 @@ class BlockStore:
             self._free = list(range(slots))
             self._base = np.zeros(self._count, np.int64)
             self._in_arena = np.zeros(len(self._base), bool)
-            flat = self._arena.reshape(-1)
-            self._windows = np.lib.stride_tricks.as_strided(flat[codec.NPY_HEADER_SIZE:], (
-                flat.size - codec.NPY_SIZE + 1, IMAGE_BYTES), (1, 1), writeable=False)
+            self._windows = codec.npy_image_windows(self._arena.reshape(-1))
         out = []
         for _ in range(n):
             if not self._free:

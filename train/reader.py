@@ -13,7 +13,7 @@ import numpy as np
 
 from cifar5m.errors import CorruptShardError
 from shards import codec
-from shards.format import IMAGE_BYTES, IMAGE_SHAPE
+from shards.format import IMAGE_SHAPE
 from train.blocks import BlockStore
 from train.cache import DecodedCache
 from train.catalog import Catalog
@@ -144,15 +144,9 @@ class SampleReader:
         bad = np.flatnonzero(ends > buf.size)
         good = int(bad[0]) if len(bad) else len(offsets)
         view = None
-        if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE):
-            headers = np.lib.stride_tricks.as_strided(buf, (buf.size - codec.NPY_HEADER_SIZE + 1,
-                                                            codec.NPY_HEADER_SIZE), (1, 1))
-            if np.array_equal(headers[offsets[:good]], np.broadcast_to(
-                    np.frombuffer(codec.NPY_HEADER, np.uint8), (good, codec.NPY_HEADER_SIZE))):
-                windows = np.lib.stride_tricks.as_strided(
-                    buf[codec.NPY_HEADER_SIZE:], (buf.size - codec.NPY_SIZE + 1, IMAGE_BYTES), (1, 1),
-                    writeable=False)
-                view = (windows, good)
+        if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE) and \
+                codec.npy_headers_ok(buf, offsets[:good]):
+            view = (codec.npy_image_windows(buf), good)
         if array is not None:  # whole-file reads are one-off (cache fills): do not keep them
             self._views[shard] = view
         return view
