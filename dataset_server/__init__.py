@@ -2,6 +2,6 @@
 
 ``app`` (routing, limits, access log) -> ``api`` (info, tree, paths-info) and
 ``resolve`` (file bytes, ranges) over ``repo`` (files, hashes, commit sha) with
-``auth`` (tokens); ``server`` runs it under uvicorn; ``download`` is the client side
+``auth`` (tokens); ``server`` runs it under granian or uvicorn; ``download`` is the client side
 (``cifar5m download``). Imports no torch.
 """

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 CONFIG_ENV = "CIFAR5M_SERVE_CONFIG"
 APP_FACTORY = "dataset_server.server:app_from_env"
-ENGINES = ("uvicorn", "granian")  # the default (ServeConfig.server) first
+ENGINES = ("granian", "uvicorn")  # the default (ServeConfig.server) first
 
 
 def run_uvicorn(config: ServeConfig) -> None:

@@ -59,7 +59,7 @@ class ServeConfig:
     # "auto": uvloop when installed (the `serve` extra), else asyncio.
     loop: str = "auto"
     # granian sends whole files from Rust (ASGI pathsend); see docs/serving.md for numbers.
-    server: str = "uvicorn"
+    server: str = "granian"
     hash_cache: str | None = None
 
     def app_kwargs(self) -> dict:
