@@ -121,7 +121,8 @@ class AccessLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not access_log.isEnabledFor(logging.INFO):
+            # --no-access-log: no send wrapper and no line to format (~10 us a request).
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()

@@ -44,7 +44,7 @@ def lookup(ctx: ServerContext, request: Request, org: str, name: str, *,
     if not (valid_name(org) and valid_name(name)):
         # '..', '.', '%2F' and the like can never name a dataset: plain 404, no probing risk.
         raise Denied(hub_error(404, "RepoNotFound", f"Repository not found: {repo_id!r} is not a valid name"))
-    repo = ctx.library.get(org, name)
+    repo = ctx.library.get(org, name, max_age=ctx.scan_max_age if files else 0.0)
     access = ctx.policy.access(repo_id, request.headers.get("authorization"))
     if repo is None or access is Access.NONE:
         raise Denied(repo_not_found(repo_id))

@@ -8,6 +8,7 @@ from ``X-Error-Message`` or the JSON body's ``error``; so every error here carri
 from __future__ import annotations
 
 import os
+import threading
 
 import anyio
 from starlette.responses import JSONResponse
@@ -20,6 +21,9 @@ from dataset_server.handles import FD_DIR, OpenFiles, pathsend_supported
 # 0.70, 1 MiB 0.48-0.53, 4 MiB 0.52; http.server needs 0.38-0.46. 32 clients hold
 # at most 32 MiB in flight.
 CHUNK = 1024 * 1024
+# Linux 4.14+; None elsewhere (every read then runs in a worker thread).
+_NOWAIT = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
+_local = threading.local()
 
 REPO_COMMIT = "X-Repo-Commit"
 
@@ -80,6 +84,12 @@ class FileBody:
             if not self.send_body or self.start >= self.end:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
+            if self.end - self.start <= CHUNK:
+                # One body message: nothing to stop early, so no disconnect listener (its
+                # task group cost ~150 us per request, more than a 1 MiB read).
+                await send({"type": "http.response.body", "body": await self._read(self.start, self.end),
+                            "more_body": False})
+                return
             async with anyio.create_task_group() as group:
 
                 async def stream() -> None:
@@ -104,13 +114,45 @@ class FileBody:
             self.fd = -1  # kept by open_files now
         return path
 
-    async def _stream(self, send: Send) -> None:
-        pos = self.start
-        while pos < self.end:
-            data = await anyio.to_thread.run_sync(os.pread, self.fd, min(CHUNK, self.end - pos), pos)
+    async def _read(self, pos: int, end: int) -> bytes:
+        """Bytes ``[pos, end)`` of the file: from the page cache inline, else in a thread.
+
+        ``RWF_NOWAIT`` reads only what is cached and never waits on the disk, so the event
+        loop is not stalled by a slow disk; the rest is read in a worker thread. Measured
+        (the app called directly, uvloop): a 4 KB range 388 -> 69 us of CPU per request
+        with this and no disconnect listener; a cached 1 MiB preadv 37 us, its copy 24 us.
+        """
+        n = end - pos
+        head = b""
+        if _NOWAIT is not None:
+            # A buffer kept per thread: a fresh 1 MiB bytearray is zeroed and faulted in
+            # page by page on every read (1 MiB range: 151 -> 118 us per request).
+            scratch = getattr(_local, "scratch", None)
+            if scratch is None or len(scratch) < n:
+                scratch = _local.scratch = bytearray(max(n, CHUNK))
+            with memoryview(scratch) as view:
+                try:
+                    got = os.preadv(self.fd, [view[:n]], pos, _NOWAIT)
+                except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot
+                    got = 0
+                head = bytes(view[:got])
+            if got == n:
+                return head
+        parts = [head]
+        got = len(head)
+        while got < n:
+            data = await anyio.to_thread.run_sync(os.pread, self.fd, n - got, pos + got)
             if not data:
                 # The file shrank under us: end the connection short rather than pad it,
                 # so the client sees a truncated body, not wrong bytes.
-                raise OSError(f"file ended at byte {pos}, expected {self.end}")
+                raise OSError(f"file ended at byte {pos + got}, expected {end}")
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    async def _stream(self, send: Send) -> None:
+        pos = self.start
+        while pos < self.end:
+            data = await self._read(pos, min(pos + CHUNK, self.end))
             pos += len(data)
             await send({"type": "http.response.body", "body": data, "more_body": pos < self.end})
