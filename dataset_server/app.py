@@ -79,6 +79,31 @@ async def _api(ctx: ServerContext, request: Request, parts: list[str], method: s
     return hub_error(404, None, "Not Found")
 
 
+class FastResolve:
+    """File downloads (GET/HEAD .../resolve/...) straight to ``resolve``, past the router.
+
+    Starlette's exception middleware, router and request wrapper cost ~15 us of the ~45 us
+    a HEAD spends in the app (measured by calling the app directly); the answers are
+    those of ``dispatch``.
+    """
+
+    def __init__(self, app: ASGIApp, *, ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parts = split_path(scope) if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") else None
+        if not parts or len(parts) < 5 or parts[0] != "datasets" or parts[3] != "resolve":
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await resolve(self.ctx, Request(scope, receive), parts[1], parts[2], parts[4],
+                                     "/".join(parts[5:]))
+        except Denied as denied:
+            response = denied.response
+        await response(scope, receive, send)
+
+
 class Limits:
     """Refuses too many or too big headers (431), long URLs (414), other methods (405).
 
@@ -161,6 +186,7 @@ def create_app(*, root: str | Path, tokens: str | Path | None = None, page_size:
                         page_size=page_size, max_body=max_body, scan_max_age=scan_max_age)
     app = Starlette(routes=[Route("/{path:path}", dispatch, methods=["GET", "HEAD", "POST"])])
     app.state.ctx = ctx
+    app.add_middleware(FastResolve, ctx=ctx)
     app.add_middleware(Limits, max_headers=max_headers, max_header_bytes=max_header_bytes)
     app.add_middleware(AccessLog)
     return app

@@ -120,7 +120,13 @@ def request(url: str, method: str, path: str, *, headers: dict | None = None,
             conn.putheader(k, v)
         if body is not None:
             conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
+        try:
+            conn.endheaders(body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The server answered (413) before reading the whole body and closed the
+            # connection: its answer is still in our receive buffer.
+            if body is None:
+                raise
         resp = conn.getresponse()
         data = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
