@@ -58,10 +58,11 @@ class FileBody:
 
     A whole file (200) goes out through ``http.response.pathsend`` where the server offers
     it (granian: read and sent in Rust), named by an fd kept in ``open_files`` (see
-    ``handles.py``) under ``name`` (the file's path). Otherwise (uvicorn, ranges) reads run in worker
-    threads so a slow disk never stalls the event loop; a client that disconnects stops
-    the transfer at once (uvicorn's ``send`` keeps accepting chunks after a disconnect,
-    so we listen for ``http.disconnect`` ourselves).
+    ``handles.py``) under ``name`` (the file's path). Otherwise (uvicorn, ranges) bytes in the
+    page cache are read inline and the rest in worker threads (``_read``), so a slow disk
+    never stalls the event loop; a client that disconnects stops a transfer of several
+    chunks at once (uvicorn's ``send`` keeps accepting chunks after a disconnect, so we
+    listen for ``http.disconnect`` ourselves).
     """
 
     def __init__(self, fd: int, start: int, end: int, *, status: int, headers: dict[str, str],
