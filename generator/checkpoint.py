@@ -24,12 +24,16 @@ def save_checkpoint(work_dir: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(work_dir / CHECKPOINT_NAME, buf.getvalue())
 
 
-def load_checkpoint(work_dir: Path, *, fingerprint: dict[str, Any], device: Any) -> dict[str, Any] | None:
-    """The saved state, None when there is none; a run with other settings is refused."""
+def load_checkpoint(work_dir: Path, *, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state on the CPU, None when there is none; a run with other settings is refused.
+
+    ``load_state_dict`` moves weights and optimizer state to the model's device; RNG states
+    must stay on the CPU, so nothing is mapped to the training device here.
+    """
     path = work_dir / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
     if state["fingerprint"] != fingerprint:
         raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
                                   f"use another --out/--work or delete {work_dir}")

@@ -195,7 +195,7 @@ class _Run:
         save_checkpoint(self.cfg.work_dir, self.state())
 
     def try_resume(self) -> bool:
-        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint(), device=self.device)
+        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint())
         if state is None:
             return False
         self.net.load_state_dict(state["net"])

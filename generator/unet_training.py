@@ -204,7 +204,7 @@ class _Trainer:
         save_checkpoint(self.cfg.work_dir, state)
 
     def try_resume(self) -> bool:
-        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint(), device=self.device)
+        state = load_checkpoint(self.cfg.work_dir, fingerprint=self.cfg.fingerprint())
         if state is None:
             return False
         self.unet.load_state_dict(state["unet"])
@@ -213,7 +213,7 @@ class _Trainer:
             for e, s in zip(self.ema, state["ema"], strict=True):
                 e.copy_(s)
         self.step, self.train_seconds, self.losses = state["step"], state["train_seconds"], state["losses"]
-        torch.set_rng_state(state["rng"].cpu())  # map_location moved it to the training device
+        torch.set_rng_state(state["rng"])
         return True
 
     def grid(self, path: Path) -> Path:
