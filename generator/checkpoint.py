@@ -1,5 +1,5 @@
-"""Training checkpoints of the labeler and generator trainers (atomic, settings-checked), and the
-atomic swap of a finished model directory into place."""
+"""What the labeler and generator trainers share: checkpoints (atomic, settings-checked), the
+autocast of a ``--precision`` and the atomic swap of a finished model directory into place."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def load_checkpoint(work_dir: Path, *, fingerprint: dict[str, Any]) -> dict[str,
         raise ConfigMismatchError(f"{path} is a checkpoint of a run with other settings; "
                                   f"use another --out/--work or delete {work_dir}")
     return state
+
+
+def training_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Autocast for ``--precision`` auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def replace_dir(tmp: Path, dest: Path) -> Path:

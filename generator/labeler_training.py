@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.checkpoint import load_checkpoint, save_checkpoint
+from generator.checkpoint import load_checkpoint, save_checkpoint, training_autocast
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
 from shards.manifest import atomic_write_bytes
 
@@ -117,15 +117,6 @@ def make_optimizer(net: torch.nn.Module, cfg: LabelerTrainConfig) -> torch.optim
     return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def evaluate(labeler: Labeler, x: torch.Tensor, y: torch.Tensor) -> float:
     probs = labeler.predict(x, tta=True)
     return float((probs.argmax(1).cpu() == y).float().mean())
@@ -177,7 +168,7 @@ class _Run:
         x, y = self.batch(self.step)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, cfg.precision):
+        with training_autocast(self.device, cfg.precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
         self.opt.zero_grad(set_to_none=True)

@@ -60,11 +60,6 @@ def plan_shards(*, count: int, test_count: int, shard_size: int, stride: int = 1
     return out
 
 
-def class_quotas(size: int, num_classes: int) -> list[int]:
-    """Per-class sample counts of a balanced shard (remainder to the first classes)."""
-    return [size // num_classes + (1 if c < size % num_classes else 0) for c in range(num_classes)]
-
-
 def is_ddpm_cifar10(config: dict) -> bool:
     """Whether a UNet config is the google/ddpm-cifar10-32 architecture (FLOPs known)."""
     return (tuple(config.get("block_out_channels", ())) == (128, 256, 256, 256)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from cifar5m.errors import GenerationError
-from generator.plan import ShardPlan, class_quotas, key_of
+from generator.plan import ShardPlan, key_of
 from generator.sampler import Sampler
+from shards.index import class_quotas
 from shards.writer import Sample
 
 CHUNK = 2048  # candidates per labeller call; also caps the sampler batch

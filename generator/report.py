@@ -103,7 +103,7 @@ def _subset_images(split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for shard, ps in by_shard.items():
         batch = split.decode_shard(shard)
-        first = split.position(batch.keys[0])
+        first = split.rows(shard).start
         idx = np.asarray(ps) - first
         images.append(batch.images[idx])
         labels.append(batch.labels[idx])

@@ -49,8 +49,9 @@ def quadratic_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     return [int(t) for t in seq[::-1]]
 
 
-def build_scheduler(sampler: str, scheduler_config: dict[str, Any], steps: int) -> Any:
-    """A diffusers scheduler with the model's betas, timesteps set for ``steps``."""
+def build_scheduler(sampler: str, scheduler_config: dict[str, Any], steps: int, *,
+                    device: str | torch.device | None = None) -> Any:
+    """A diffusers scheduler with the model's betas, timesteps set for ``steps`` (on ``device``)."""
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
@@ -63,18 +64,18 @@ def build_scheduler(sampler: str, scheduler_config: dict[str, Any], steps: int) 
         sched = DDPMScheduler.from_config(cfg)
         if sched.config.variance_type not in ("fixed_small", "fixed_large"):
             raise ModelError(f"ddpm sampler: variance_type {sched.config.variance_type!r} unsupported")
-        sched.set_timesteps(steps)
+        sched.set_timesteps(steps, device=device)
         return sched
     if sampler == "ddim":
         sched = DPMSolverMultistepScheduler.from_config(
             cfg, algorithm_type="dpmsolver++", solver_order=1, final_sigmas_type="zero",
             thresholding=False)
-        sched.set_timesteps(timesteps=quadratic_timesteps(steps, total))
+        sched.set_timesteps(timesteps=quadratic_timesteps(steps, total), device=device)
         return sched
     cls = DPMSolverMultistepScheduler if sampler == "dpmsolver++" else UniPCMultistepScheduler
     extra = {"algorithm_type": "dpmsolver++"} if sampler == "dpmsolver++" else {"predict_x0": True}
     sched = cls.from_config(cfg, solver_order=3, thresholding=True, sample_max_value=1.0, **extra)
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=device)
     return sched
 
 
@@ -101,8 +102,7 @@ class Sampler:
                  steps: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False) -> None:
         self.device, self.dtype, self.sampler = torch.device(device), dtype, sampler
-        self.template = build_scheduler(sampler, scheduler_config, steps)
-        self.template.set_timesteps(**self._timestep_args(steps, scheduler_config), device=self.device)
+        self.template = build_scheduler(sampler, scheduler_config, steps, device=self.device)
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         if not isinstance(unet.time_embedding, SharedTimeEmbedding):
             unet.time_embedding = SharedTimeEmbedding(unet.time_embedding)
@@ -114,12 +114,6 @@ class Sampler:
         self.pad = compile
         self.max_batch = 0
         self.num_classes = unet.config.get("num_class_embeds")
-
-    def _timestep_args(self, steps: int, scheduler_config: dict[str, Any]) -> dict[str, Any]:
-        if self.sampler == "ddim":
-            total = int(scheduler_config.get("num_train_timesteps", 1000))
-            return {"timesteps": quadratic_timesteps(steps, total)}
-        return {"num_inference_steps": steps}
 
     @property
     def timesteps(self) -> list[int]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cifar5m.errors import TrainConfigError
 from generator import ranks
-from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint
+from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint, training_autocast
 
 CONFIG_NAME = "train_config.json"
 
@@ -168,8 +168,7 @@ class _Trainer:
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         torch.manual_seed(int(_seeded(cfg.seed, self.step, self.rank, 1).initial_seed()))  # dropout
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with training_autocast(self.device, cfg.precision):
             pred = self.model(xt, t).sample
         loss = F.mse_loss(pred.float(), noise)
         self.opt.zero_grad(set_to_none=True)

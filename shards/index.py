@@ -89,6 +89,11 @@ def shard_runs(shards: pa.ChunkedArray | pa.Array) -> dict[str, slice]:
     return runs
 
 
+def class_quotas(size: int, num_classes: int) -> list[int]:
+    """Per-class counts of a balanced set of ``size`` (remainder to the lowest class ids)."""
+    return [size // num_classes + (1 if c < size % num_classes else 0) for c in range(num_classes)]
+
+
 def balanced_subset(labels: np.ndarray, n: int, *, seed: int, num_classes: int) -> np.ndarray:
     """Positions of ``n`` samples, as equal per class as the data allows, chosen by ``seed``.
 
@@ -101,7 +106,7 @@ def balanced_subset(labels: np.ndarray, n: int, *, seed: int, num_classes: int) 
         raise ValueError(f"asked for {n} samples but the split holds {len(labels)}")
     rng = np.random.default_rng(seed)
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
-    want = [n // num_classes + (1 if c < n % num_classes else 0) for c in range(num_classes)]
+    want = class_quotas(n, num_classes)
     take = [min(w, len(p)) for w, p in zip(want, pools, strict=True)]
     short = n - sum(take)
     while short > 0:  # hand the shortfall to classes with spare samples, round robin

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar5m.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
-from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS
+from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def load_manifest(root: str | Path) -> Manifest:
     if not path.is_file():
         hint = (
             " (an unfinished write: re-run the command that made it to finish)"
-            if (Path(root) / "_work").is_dir()
+            if (Path(root) / WORK_DIR).is_dir()
             else ""
         )
         raise DatasetNotFoundError(f"{root} is not a cifar5m dataset: no {MANIFEST_NAME}{hint}")

@@ -161,12 +161,13 @@ class Split:
         except ValueError as exc:
             raise CorruptShardError(f"{self.dataset.location(shard)} at byte {offset}: {exc}") from None
 
-    def _rows(self, shard: str) -> slice:
+    def rows(self, shard: str) -> slice:
+        """Split positions of ``shard``'s samples (empty for a shard of another split)."""
         return self._slices.get(shard, slice(0, 0))
 
     def decode_shard(self, shard: str) -> Batch:
         """Every sample of one shard, decoded (npy shards in one vectorised gather)."""
-        rows = self._rows(shard)
+        rows = self.rows(shard)
         data = self.dataset.read_shard(shard)
         buffer = np.frombuffer(data, np.uint8)
         if self.format == "npy":

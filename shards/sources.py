@@ -30,7 +30,7 @@ from numpy.lib import format as npformat
 from PIL import Image
 
 from cifar5m.errors import InvalidSourceError
-from shards.format import CIFAR10_CLASSES, IMAGE_SHAPE
+from shards.format import CIFAR10_CLASSES, IMAGE_BYTES, IMAGE_SHAPE
 
 FORMATS = ("cifar5m-npz", "cifar10-jpeg", "cifar10-python")
 NPZ_CHUNK = 4096  # rows per read: 12 MB of pixels, so memory stays flat on 1M-row parts
@@ -127,7 +127,7 @@ def _open_zip(raw, source: str) -> zipfile.ZipFile:
 
 
 def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str) -> Iterator[Item]:
-    row_bytes = int(np.prod(IMAGE_SHAPE))
+    row_bytes = IMAGE_BYTES
     for start in range(0, len(labels), NPZ_CHUNK):
         count = min(NPZ_CHUNK, len(labels) - start)
         data = xs.read(count * row_bytes)

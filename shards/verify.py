@@ -16,7 +16,7 @@ from cifar5m.errors import (
     ShardNotFoundError,
 )
 from shards import codec, ustar
-from shards.format import LABEL_EXT
+from shards.format import INDEX_NAME, LABEL_EXT
 from shards.index import read_index, shard_runs
 from shards.manifest import ShardInfo, load_manifest
 
@@ -92,7 +92,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
     manifest = load_manifest(root)
     for f in manifest.files:
         _read_checked(root / f.file, size=f.bytes, sha256=f.sha256)
-    index = read_index(root / "index.parquet")
+    index = read_index(root / INDEX_NAME)
     report = VerifyReport()
     for split, total in manifest.totals().items():
         rows = int(pc.sum(pc.equal(index["split"], split)).as_py() or 0)
@@ -101,7 +101,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
     try:
         runs = shard_runs(index["shard"])
     except ValueError as exc:
-        raise ManifestError(f"{root / 'index.parquet'}: {exc}; re-create the dataset") from None
+        raise ManifestError(f"{root / INDEX_NAME}: {exc}; re-create the dataset") from None
     for info in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
         path = root / info.file
         data = _read_checked(path, size=info.bytes, sha256=info.sha256)
