@@ -43,6 +43,7 @@ def split_path(scope: Scope) -> list[str] | None:
 
 
 async def dispatch(request: Request) -> Response | FileBody:
+    """The API and health routes; GET/HEAD of ``.../resolve/...`` never get here (``FastResolve``)."""
     ctx: ServerContext = request.app.state.ctx
     parts = split_path(request.scope) or []
     method = request.method
@@ -51,8 +52,6 @@ async def dispatch(request: Request) -> Response | FileBody:
             return await _api(ctx, request, parts[2:], method)
         if parts == ["api", "agent-harnesses"] and method in ("GET", "HEAD"):
             return JSONResponse(_HARNESSES)
-        if len(parts) >= 5 and parts[0] == "datasets" and parts[3] == "resolve" and method != "POST":
-            return await resolve(ctx, request, parts[1], parts[2], parts[4], "/".join(parts[5:]))
         if parts == ["healthz"]:
             return JSONResponse({"ok": True})
     except Denied as denied:
