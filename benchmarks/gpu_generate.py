@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate_bench import bench_ours, bench_pipeline, save_models, sync, table
+from generate_bench import PEAK_TFLOPS, bench_ours, bench_pipeline, save_models, sync, table
 
 
 def card_name() -> str:
@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
-    p.add_argument("--out", default=None, help="directory for gpu_check (unused: results are printed)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -79,14 +78,13 @@ def main(argv: list[str] | None = None) -> None:
                                   dtype="bf16" if gpu else "fp32", compile_=gpu)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    name = torch.cuda.get_device_name(0) if gpu else "cpu"
-    print(f"card={name} batch={args.batch} steps={args.steps} sampler={args.sampler} "
+    print(f"card={torch.cuda.get_device_name(0) if gpu else 'cpu'} batch={args.batch} steps={args.steps} sampler={args.sampler} "
           f"count={args.count}+{2 * args.count}; torch {torch.__version__}")
     print(table([(f"DDPMPipeline {'fp16' if gpu else 'fp32'} (sampling only)", base),
                  ("our sampler bf16+channels_last+compile (sampling only)", alone),
                  ("cifar5m generate, end to end, steady (label+PNG+tar+index)", steady),
                  ("  same, including start-up (load, hash; compile cached)", cold)],
-                steps=args.steps, peak=989.5 if card in ("H100", "H200") else None))
+                steps=args.steps, peak=PEAK_TFLOPS.get(card)))
     print(f"6M images at {args.steps} steps, end to end: {6e6 / steady / 3600:.2f} GPU-hours on "
           f"this card (goal: < 1.5 at 20 steps; >= 25,000 image-steps/s)")
 
