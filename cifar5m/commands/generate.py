@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import click
 
+from generator.config import DEFAULT_MODEL, DEFAULT_STEPS, SAMPLERS
+from shards.format import IMAGE_FORMATS
+
 
 @click.command("generate")
 @click.option("--count", type=click.IntRange(min=1), required=True,
               help="Samples in the dataset (train + test). A larger count extends an existing one.")
 @click.option("--out", required=True, help="Output directory, or an fsspec URL (s3://...; staged locally).")
-@click.option("--model", default="google/ddpm-cifar10-32", show_default=True,
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="UNet2DModel + scheduler config: Hub id, local directory, or 'builtin'.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmsolver++", "unipc"]), default="ddpm",
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
               show_default=True, help="Sampling algorithm (see docs/generate.md for cost vs FID).")
 @click.option("--steps", type=click.IntRange(min=1),
-              help="Sampling steps = UNet calls per image [default: ddpm 1000, ddim 100, others 20].")
+              help="Sampling steps = UNet calls per image [default: "
+                   + ", ".join(f"{s} {n}" for s, n in DEFAULT_STEPS.items()) + "].")
 @click.option("--labeler", help="Labeler directory (save_labeler format) or 'builtin'; "
                                 "'none' only for class-conditional models.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -25,7 +29,7 @@ import click
               help="Samples per shard.")
 @click.option("--test-count", type=click.IntRange(min=0), default=10_000, show_default=True,
               help="The first this-many samples form the test split.")
-@click.option("--image-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default="png", show_default=True,
               help="png: lossless, Hub-viewable; npy: raw uint8, faster to read.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True, help="Drop samples whose label has lower labeler probability.")
