@@ -229,16 +229,16 @@ class Table:
                     rep, lambda f=fmt, w=workers: rate_wds(roots[f], f, batch, w),
                     lambda f=fmt, w=workers: rate_ours(str(roots[f]), batch, w,
                                                        min_samples=self.fast(f))))
-        import train.reader
+        import shards.codec
 
-        if train.reader._spng is not None:  # the same row with Pillow, to show what libspng adds
-            spng, train.reader._spng = train.reader._spng, None
+        if shards.codec._spng is not None:  # the same row with Pillow, to show what libspng adds
+            spng, shards.codec._spng = shards.codec._spng, None
             try:
                 self.add("png shards, 1 process, ours with Pillow", "webdataset", *best_of(
                     rep, lambda: rate_wds(roots["png"], "png", batch, 0),
                     lambda: rate_ours(str(roots["png"]), batch, 0)))
             finally:
-                train.reader._spng = spng
+                shards.codec._spng = spng
 
     def cache_rows(self) -> None:
         """Ours from the warm decoded cache against webdataset on PNG."""

@@ -14,6 +14,11 @@ from PIL import Image
 
 from shards.format import IMAGE_BYTES, IMAGE_SHAPE
 
+try:  # libspng decodes a CIFAR PNG in ~40% of Pillow's time, same pixels (PNG is lossless)
+    from imagecodecs import spng_decode as _spng
+except ImportError:  # optional (the `train` extra): Pillow then decodes
+    _spng = None
+
 # np.save's header for a (32, 32, 3) uint8 array: version 1.0, padded to 128 bytes.
 _NPY_BUF = io.BytesIO()
 np.save(_NPY_BUF, np.zeros(IMAGE_SHAPE, np.uint8))
@@ -54,6 +59,13 @@ def decode_image(data: bytes | memoryview, image_format: str) -> np.ndarray:
         if len(data) != NPY_SIZE or bytes(data[:NPY_HEADER_SIZE]) != NPY_HEADER:
             raise ValueError(f"not a 32x32x3 uint8 .npy member ({len(data)} bytes)")
         return np.frombuffer(data, np.uint8, IMAGE_BYTES, NPY_HEADER_SIZE).reshape(IMAGE_SHAPE)
+    if _spng is not None:
+        try:
+            image = _spng(data)
+            if image.shape == IMAGE_SHAPE and image.dtype == np.uint8:
+                return image
+        except Exception:  # Pillow below says what is wrong with it
+            pass
     try:
         # formats=["PNG"] skips Pillow's probing of every other format (~2x faster open).
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:

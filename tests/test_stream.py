@@ -190,12 +190,12 @@ def test_images_labels_and_keys_match_the_dataset(dataset_dir):
 
 def test_pillow_fallback_decodes_the_same_and_damaged_png_names_the_offset(dataset_dir, tmp_path,
                                                                          monkeypatch):
-    import train.reader
+    import shards.codec
 
     cfg = dict(batch_size=20, return_keys=True)
     root = str(dataset_dir(100, 30, "png"))
     fast = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
-    monkeypatch.setattr(train.reader, "_spng", None)
+    monkeypatch.setattr(shards.codec, "_spng", None)
     slow = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     monkeypatch.undo()

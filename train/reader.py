@@ -19,11 +19,6 @@ from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.source import Source
 
-try:  # libspng decodes a CIFAR PNG in ~40% of Pillow's time, same pixels (PNG is lossless)
-    from imagecodecs import spng_decode as _spng
-except ImportError:  # optional (the `train` extra): Pillow then decodes
-    _spng = None
-
 
 def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """``[(shard, indices into shard_ids)]``, shards ascending, indices in original order."""
@@ -172,14 +167,6 @@ class SampleReader:
         datas = self._read(shard, rows, whole=whole, datas=datas)
         out = np.empty((len(rows), *IMAGE_SHAPE), np.uint8)
         for j, data in enumerate(datas):
-            if not npy and _spng is not None:
-                try:
-                    image = _spng(data)
-                    if image.shape == IMAGE_SHAPE and image.dtype == np.uint8:
-                        out[j] = image
-                        continue
-                except Exception:  # Pillow below says what is wrong with it
-                    pass
             try:
                 out[j] = codec.decode_image(data, self.catalog.image_format)
             except ValueError as exc:
