@@ -446,3 +446,20 @@ def test_cache_removes_lock_files_and_serves_a_read_only_cache(dataset_dir, tmp_
         assert [k for k, _ in got] == [k for k, _ in ref]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref, strict=True))
     assert not list((tmp_path / "empty").iterdir())
+
+
+def test_an_index_whose_shard_rows_are_interleaved_is_refused(tmp_path):
+    import pyarrow as pa
+
+    from cifar5m.errors import ManifestError
+    from shards.index import read_index
+    from shards.manifest import load_manifest
+    from train.catalog import Catalog
+
+    root = write_dataset(tmp_path / "ds", n_train=40, n_test=0, shard_size=20)
+    table = read_index(root / "index.parquet")
+    shard = table["shard"].to_pylist()
+    shard[0], shard[39] = shard[39], shard[0]  # position 0 now claims the second shard
+    table = table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shard))
+    with pytest.raises(ManifestError, match="index rows are not grouped by shard"):
+        Catalog.from_table(table, load_manifest(root), "train", url=str(root))

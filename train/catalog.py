@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifar5m.errors import DatasetNotFoundError, SampleNotFoundError, ShardNotFoundError
+from cifar5m.errors import (
+    DatasetNotFoundError,
+    ManifestError,
+    SampleNotFoundError,
+    ShardNotFoundError,
+)
 from shards.format import INDEX_NAME, MANIFEST_NAME
-from shards.index import read_index
+from shards.index import read_index, shard_runs
 from shards.manifest import Manifest, read_manifest_text
 from train.source import Source
 
@@ -35,7 +41,6 @@ class Catalog:
     shard_sha: list[str]
     shard_start: np.ndarray  # first split position of each shard
     shard_count: np.ndarray  # int64, samples of each shard
-    shard_stop: np.ndarray  # one past the last split position of each shard
     shard_id: np.ndarray  # int32, per position
     image_offset: np.ndarray  # int64, data offset of the image member in its shard
     image_size: np.ndarray  # int64
@@ -66,25 +71,36 @@ class Catalog:
         infos = manifest.split_shards(split)
         table = table.filter(pc.equal(table["split"], split)).sort_by("position")
         names = [s.file for s in infos]
-        lookup = {name: i for i, name in enumerate(names)}
-        encoded = pc.dictionary_encode(table["shard"]).combine_chunks()
-        remap = np.array([lookup[n] for n in encoded.dictionary.to_pylist()], np.int32)
-        shard_id = remap[encoded.indices.to_numpy(zero_copy_only=False)] if len(table) else \
-            np.zeros(0, np.int32)
-        counts = np.bincount(shard_id, minlength=len(names)).astype(np.int64)
-        stops = np.cumsum(counts)
+        try:
+            runs = shard_runs(table["shard"])
+        except ValueError as exc:
+            raise ManifestError(f"{url}/{INDEX_NAME}: {exc}; re-create the dataset") from None
+        if unknown := sorted(set(runs) - set(names)):
+            raise ManifestError(f"{url}/{INDEX_NAME} lists shard {unknown[0]!r}, which the manifest's "
+                                f"{split} split does not hold; re-create the dataset")
+        empty = slice(0, 0)
+        starts = np.array([runs.get(n, empty).start for n in names], np.int64)
+        counts = np.array([runs.get(n, empty).stop - runs.get(n, empty).start for n in names], np.int64)
+        shard_id = np.zeros(len(table), np.int32)
+        for i, name in enumerate(names):
+            shard_id[runs.get(name, empty)] = i
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,
             shard_bytes=np.array([s.bytes for s in infos], np.int64),
             shard_sha=[s.sha256 for s in infos],
-            shard_start=stops - counts, shard_count=counts, shard_stop=stops,
+            shard_start=starts, shard_count=counts,
             shard_id=shard_id,
             image_offset=table["image_offset"].to_numpy().astype(np.int64),
             image_size=table["image_size"].to_numpy().astype(np.int64),
             labels=table["label"].to_numpy().astype(np.int64),
             keys=np.asarray(table["key"].to_numpy(zero_copy_only=False).astype(str)).astype(np.bytes_),
         )
+
+    @cached_property
+    def shard_stop(self) -> np.ndarray:
+        """One past the last split position of each shard."""
+        return self.shard_start + self.shard_count
 
     def __len__(self) -> int:
         return len(self.labels)
