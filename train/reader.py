@@ -9,6 +9,8 @@ memory map. Labels come from the index, so ``.cls`` members are never read.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from cifar5m.errors import CorruptShardError
@@ -43,10 +45,13 @@ class SampleReader:
         self.cache = cache
         self.blocks = None if source.local or not block else \
             BlockStore(catalog, source, block=block, keep=keep_blocks)
-        self._views: dict[int, tuple[np.ndarray, int] | None] = {}
+        # Checked views of the last shards, as many as the source keeps mapped: a view holds
+        # its map, so an unbounded dict would keep every shard of a pass mapped.
+        self._views: OrderedDict[int, tuple[np.ndarray, int] | None] = OrderedDict()
+        self._keep_views = getattr(source, "keep", 64)
 
     def __getstate__(self) -> dict:  # views are of this process's maps
-        return {**self.__dict__, "_views": {}}
+        return {**self.__dict__, "_views": OrderedDict()}
 
     def lookahead(self, positions: np.ndarray) -> None:
         """Positions the next call will ask for: remote blocks start downloading now."""
@@ -127,6 +132,7 @@ class SampleReader:
         are checked once per shard here, so a batch costs one fancy index per shard (the
         per-sample loop costs ~10x more). None: use the per-sample path."""
         if shard in self._views:
+            self._views.move_to_end(shard)
             return self._views[shard]
         array = getattr(self.source, "array", None)
         if array is None and not whole:
@@ -144,6 +150,8 @@ class SampleReader:
             view = (codec.npy_image_windows(buf), good)
         if array is not None:  # whole-file reads are one-off (cache fills): do not keep them
             self._views[shard] = view
+            while len(self._views) > self._keep_views:
+                self._views.popitem(last=False)
         return view
 
     def _gather_npy(self, shard: int, rows: np.ndarray, whole: bool) -> np.ndarray | None:
