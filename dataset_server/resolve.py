@@ -8,6 +8,7 @@ keep an empty file). Bodies are never compressed: sizes and ranges are of the fi
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import os
 from email.utils import formatdate
@@ -26,9 +27,15 @@ _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parqu
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+@functools.lru_cache(maxsize=8192)  # per file name: the same few names are asked for again and again
 def _content_type(name: str) -> str:
     suffix = os.path.splitext(name)[1]
     return _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+@functools.lru_cache(maxsize=8192)  # per file version; formatdate is ~4 us of a ~24 us HEAD
+def _http_date(mtime_ns: int) -> str:
+    return formatdate(mtime_ns / 1e9, usegmt=True)
 
 
 def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
@@ -38,7 +45,7 @@ def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
         "ETag": f'"{f.sha256}"',
         "Accept-Ranges": "bytes",
         "Content-Type": _content_type(f.name),
-        "Last-Modified": formatdate(f.mtime_ns / 1e9, usegmt=True),
+        "Last-Modified": _http_date(f.mtime_ns),
         # "main" moves, a commit sha does not: only the latter may be cached for long.
         "Cache-Control": "no-cache",
     }
