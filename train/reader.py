@@ -43,7 +43,8 @@ class SampleReader:
         self.catalog = catalog
         self.source = source
         self.cache = cache
-        self.blocks = None if source.local or not block else \
+        # Blocks serve remote reads without a decoded cache (the cache reads whole shards).
+        self.blocks = None if source.local or not block or cache is not None else \
             BlockStore(catalog, source, block=block, keep=keep_blocks)
         # Checked views of the last shards, as many as the source keeps mapped: a view holds
         # its map, so an unbounded dict would keep every shard of a pass mapped.
@@ -55,7 +56,7 @@ class SampleReader:
 
     def lookahead(self, positions: np.ndarray) -> None:
         """Positions the next call will ask for: remote blocks start downloading now."""
-        if self.blocks is not None and self.cache is None:
+        if self.blocks is not None:
             self.blocks.lookahead(np.asarray(positions, np.int64))
 
     def images(self, positions: np.ndarray) -> np.ndarray:
@@ -64,16 +65,14 @@ class SampleReader:
         out = np.empty((len(positions), 3, 32, 32), np.uint8)
         cat = self.catalog
         fetched = None
-        if self.blocks is not None and self.cache is None:
+        if self.blocks is not None:
             self.blocks.ensure(positions)
             flat = self.blocks.npy_images(positions)
             if flat is not None:  # npy: one strided gather per block, headers checked on arrival
                 out[:] = flat.reshape(len(positions), *IMAGE_SHAPE).transpose(0, 3, 1, 2)
                 return out
-        elif not self.source.local and self.cache is None:  # scattered (a real-world subset):
-            offsets, sizes = cat.image_offset[positions], cat.image_size[positions]  # one round
-            fetched = self.source.fetch([(cat.shards[s], o, o + n) for s, o, n in zip(
-                cat.shard_id[positions].tolist(), offsets.tolist(), sizes.tolist(), strict=True)])
+        elif self.cache is None:
+            fetched = self._fetch_scattered(positions)
         for shard, idx in group_by_shard(cat.shard_id[positions]):
             rows = positions[idx]
             if self.cache is not None:
@@ -94,12 +93,24 @@ class SampleReader:
         """The encoded image members of ``positions`` (for re-serving as tar), in order."""
         positions = np.asarray(positions, np.int64)
         out: list[bytes] = [b""] * len(positions)
-        if self.blocks is not None and self.cache is None:
+        if self.blocks is not None:
             self.blocks.ensure(positions)
+        fetched = self._fetch_scattered(positions)
         for shard, idx in group_by_shard(self.catalog.shard_id[positions]):
-            for i, data in zip(idx.tolist(), self._read(shard, positions[idx]), strict=True):
+            datas = None if fetched is None else [fetched[i] for i in idx.tolist()]
+            for i, data in zip(idx.tolist(), self._read(shard, positions[idx], datas=datas), strict=True):
                 out[i] = bytes(data)
         return out
+
+    def _fetch_scattered(self, positions: np.ndarray) -> list | None:
+        """The members of ``positions`` from a remote source without blocks (a real-world
+        subset is scattered) in one concurrent round; None where blocks or a local map serve."""
+        if self.source.local or self.blocks is not None:
+            return None
+        cat = self.catalog
+        offsets, sizes = cat.image_offset[positions], cat.image_size[positions]
+        return self.source.fetch([(cat.shards[s], o, o + n) for s, o, n in zip(
+            cat.shard_id[positions].tolist(), offsets.tolist(), sizes.tolist(), strict=True)])
 
     def _truncated(self, shard: int, row: int, start: int, end: int) -> CorruptShardError:
         cat = self.catalog
@@ -117,7 +128,7 @@ class SampleReader:
         if datas is None and whole:
             view = memoryview(self.source.read_file(file))
             datas = [view[a:b] for a, b in ranges]
-        elif datas is None and self.blocks is not None and self.cache is None:
+        elif datas is None and self.blocks is not None:
             datas = self.blocks.slices(rows, ranges)
         elif datas is None:
             datas = self.source.read_ranges(file, ranges)
