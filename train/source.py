@@ -70,16 +70,11 @@ class Source:
         """``[(file, start, end)]`` -> the bytes of each (short where a file ends early).
 
         Ranges are merged per file and all requests of one call run concurrently."""
-        jobs: list[tuple[str, int, int]] = []
-        where: list[tuple[int, list[int]]] = []  # job index, request indices inside it
-        for file, members in self._by_file(requests).items():
-            for start, end, inside in coalesce([requests[i][1:] for i in members]):
-                where.append((len(jobs), [members[k] for k in inside]))
-                jobs.append((file, start, end))
+        jobs = self._jobs(requests)
         out: list = [b""] * len(requests)
-        datas = self._get_many(jobs) if jobs else []
-        for job, inside in where:
-            view, start = memoryview(datas[job]), jobs[job][1]
+        datas = self._get_many([job[:3] for job in jobs]) if jobs else []
+        for (_, start, _, inside), data in zip(jobs, datas, strict=True):
+            view = memoryview(data)
             for i in inside:
                 out[i] = view[requests[i][1] - start : requests[i][2] - start]
         return out
@@ -91,11 +86,14 @@ class Source:
         return [copied(data, out) for data, out in zip(self.fetch(requests), outs, strict=True)]
 
     @staticmethod
-    def _by_file(requests: Sequence[tuple[str, int, int]]) -> dict[str, list[int]]:
+    def _jobs(requests: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int, list[int]]]:
+        """The requests merged per file (``coalesce``): ``[(file, start, end, [request indices])]``."""
         by_file: dict[str, list[int]] = {}
         for i, (file, _, _) in enumerate(requests):
             by_file.setdefault(file, []).append(i)
-        return by_file
+        return [(file, start, end, [members[k] for k in inside])
+                for file, members in by_file.items()
+                for start, end, inside in coalesce([requests[i][1:] for i in members])]
 
     def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
         return self.fetch([(file, a, b) for a, b in ranges])
@@ -257,10 +255,7 @@ class HttpSource(Source):
             return super().fetch_into(requests, outs)
         dests = [out if out is not None and len(out) >= b - a else memoryview(bytearray(b - a))
                  for (_, a, b), out in zip(requests, outs, strict=True)]
-        jobs = []
-        for file, members in self._by_file(requests).items():
-            for start, end, inside in coalesce([requests[i][1:] for i in members]):
-                jobs.append((file, start, end, [members[k] for k in inside]))
+        jobs = self._jobs(requests)
         results: list = [b""] * len(requests)
 
         def run(job: tuple[str, int, int, list[int]]) -> None:
