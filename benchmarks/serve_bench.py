@@ -22,9 +22,7 @@ Our server runs once per ``--servers`` (granian, uvicorn) and ``--workers`` valu
 from __future__ import annotations
 
 import argparse
-import http.client
 import multiprocessing as mp
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,12 +38,7 @@ from serve_load import REPO, box_busy_s, children_cpu_s, client_proc, tree_cpu_s
 
 from dataset_server.engines import ENGINES  # noqa: E402
 from tests.conftest import write_dataset  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_server_support import free_port, wait_http  # noqa: E402
 
 
 def start_server(kind: str, root: Path, workers: int, loop: str = "auto",
@@ -60,18 +53,8 @@ def start_server(kind: str, root: Path, workers: int, loop: str = "auto",
                "--workers", str(workers), "--loop", loop, "--server", engine, "--no-access-log"]
         prefix = f"/datasets/{REPO}/resolve/main"
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("HEAD", f"{prefix}/manifest.json")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return proc, port, prefix
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{kind} did not start")
+    wait_http(f"http://127.0.0.1:{port}{prefix}/manifest.json", proc, seconds=60)
+    return proc, port, prefix
 
 
 def run_load(files: dict[str, bytes], proc: subprocess.Popen, port: int, prefix: str, ours: bool,

@@ -26,7 +26,6 @@ import argparse
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.conftest import CIFAR10_JPEG as CIFAR10  # noqa: E402
+from tests.test_server_support import free_port, wait_http  # noqa: E402
 
 HTTP_WINDOW = 4096  # HTTP rows: see Table.http_rows
 GPU_RATE = 46_000  # img/s a bf16 ResNet-18 consumes on an H200 (measured, see issue #5)
@@ -141,28 +141,6 @@ def cpu_rate_ours(source: str, batch: int, cache_dir: str | None = None, *, min_
     stream = SampleStream(StreamConfig(source=source, batch_size=batch, cache_dir=cache_dir, prefetch=0,
                                        wrap=steps is not None, steps=steps))
     return steady_rates(b.labels for b in stream)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    """Until ``url`` answers 200 (a loaded 2-core box can take a while to start a server)."""
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"the server behind {url} did not start")
 
 
 def start_server(kind: str, work: Path, names: list[str]) -> tuple[subprocess.Popen, str]:

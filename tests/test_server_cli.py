@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server_support import REPO_ROOT, build_root, request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_server_support import REPO_ROOT, build_root, free_port, request
 
 
 def start(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
