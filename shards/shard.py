@@ -52,10 +52,11 @@ class ShardRecord:
     table: pa.Table | None = None
     part: Path | None = None
 
-    def rows(self) -> pa.Table:
+    def rows(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The index rows (only ``columns`` when given: a part file is read column by column)."""
         if self.table is not None:
-            return self.table
-        return pq.read_table(self.part).replace_schema_metadata(None)
+            return self.table if columns is None else self.table.select(list(columns))
+        return pq.read_table(self.part, columns=columns).replace_schema_metadata(None)
 
     def slim(self) -> ShardRecord:
         """The same record without rows in memory (they stay in the part file)."""
