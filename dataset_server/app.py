@@ -25,7 +25,7 @@ from dataset_server.auth import AccessPolicy
 from dataset_server.context import MAIN, Denied, ServerContext
 from dataset_server.repo import HashCache, Library
 from dataset_server.resolve import resolve
-from dataset_server.responses import PATHSEND, FileBody, hub_error
+from dataset_server.responses import PATHSEND, ZEROCOPYSEND, FileBody, hub_error
 
 access_log = logging.getLogger("dataset_server.access")
 
@@ -161,6 +161,8 @@ class AccessLog:
                 sent += len(message.get("body", b""))
             elif message["type"] == PATHSEND:
                 sent += length  # the server sends the whole file itself
+            elif message["type"] == ZEROCOPYSEND:
+                sent += message.get("count") or length
             await send(message)
 
         try:

@@ -30,6 +30,9 @@ REPO_COMMIT = "X-Repo-Commit"
 # ASGI extension: the server sends a whole file by path from its own (Rust) code, with no
 # Python chunk loop and no GIL (granian advertises it; uvicorn does not).
 PATHSEND = "http.response.pathsend"
+# ASGI extension (asgiref "Zero Copy Send"): the server sends ``count`` bytes from ``offset``
+# of an open file with os.sendfile (our aiohttp bridge, ``bridge.py``), ranges included.
+ZEROCOPYSEND = "http.response.zerocopysend"
 
 
 def hub_error(status: int, code: str | None, message: str, *, commit: str | None = None,
@@ -56,8 +59,10 @@ def repo_not_found(repo_id: str) -> JSONResponse:
 class FileBody:
     """An ASGI response that sends bytes ``[start, end)`` of an open file, then closes it.
 
-    A whole file (200) goes out through ``http.response.pathsend`` where the server offers
-    it (granian: read and sent in Rust), named by an fd kept in ``open_files`` (see
+    Where the server offers ``http.response.zerocopysend`` (aiohttp through ``bridge.py``),
+    any body, whole or a range, is handed over as the open file, offset and count. A whole
+    file (200) goes out through ``http.response.pathsend`` where the server offers it
+    (granian: read and sent in Rust), named by an fd kept in ``open_files`` (see
     ``handles.py``) under ``name`` (the file's path). Otherwise (uvicorn, ranges) bytes in the
     page cache are read inline and the rest in worker threads (``_read``), so a slow disk
     never stalls the event loop; a client that disconnects stops a transfer of several
@@ -76,6 +81,13 @@ class FileBody:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+            if self.send_body and self.start < self.end and ZEROCOPYSEND in (scope.get("extensions") or {}):
+                await send({"type": "http.response.start", "status": self.status, "headers": raw})
+                # The server reads the fd while ``send`` runs; it is closed only after.
+                with open(self.fd, "rb", buffering=0, closefd=False) as file:
+                    await send({"type": ZEROCOPYSEND, "file": file, "offset": self.start,
+                                "count": self.end - self.start, "more_body": False})
+                return
             path = self._pathsend_path(scope)
             if path is not None:
                 await send({"type": "http.response.start", "status": self.status, "headers": raw})

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from cifar5m.errors import ServerConfigError
 from dataset_server.auth import AccessPolicy
-from dataset_server.engines import CONFIG_ENV, ENGINES, run_granian, run_uvicorn
+from dataset_server.engines import CONFIG_ENV, ENGINES, run_aiohttp, run_granian, run_uvicorn
 from dataset_server.repo import Library
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ class ServeConfig:
     http: str = "h11"
     # "auto": uvloop when installed (the `serve` extra), else asyncio.
     loop: str = "auto"
-    # granian sends whole files from Rust (ASGI pathsend); see docs/serving.md for numbers.
-    server: str = "granian"
+    # aiohttp sends files with sendfile (bridge.py); granian from Rust (ASGI pathsend);
+    # uvicorn through Python. docs/serving.md has the numbers.
+    server: str = "aiohttp"
     hash_cache: str | None = None
 
     def app_kwargs(self) -> dict:
@@ -78,9 +79,10 @@ def check_config(config: ServeConfig) -> None:
         raise ServerConfigError("--page-size and --workers must be at least 1")
     if config.server not in ENGINES:
         raise ServerConfigError(f"--server {config.server!r} is not one of {', '.join(ENGINES)}")
-    if config.server == "granian" and importlib.util.find_spec("granian") is None:
-        raise ServerConfigError("granian is not installed: pip install 'cifar5m[serve]', "
-                                "or pass --server uvicorn")
+    for module in {"aiohttp": ("aiohttp", "gunicorn"), "granian": ("granian",)}.get(config.server, ()):
+        if importlib.util.find_spec(module) is None:
+            raise ServerConfigError(f"{module} is not installed (needed by --server {config.server}): "
+                                    "pip install 'cifar5m[serve]', or pass --server uvicorn")
 
 
 def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
@@ -130,7 +132,7 @@ def run(config: ServeConfig) -> None:
         library.hashes.save(cache)
         config = dataclasses.replace(config, hash_cache=str(cache))
         with _quiet_stop_signals():
-            (run_granian if config.server == "granian" else run_uvicorn)(config)
+            {"aiohttp": run_aiohttp, "granian": run_granian, "uvicorn": run_uvicorn}[config.server](config)
     log.info("server stopped")
 
 

@@ -1,4 +1,5 @@
-"""Whole files through ASGI pathsend (granian): right bytes under concurrency, fds kept safely."""
+"""Files sent by the server itself: ASGI pathsend (granian, whole files) and zerocopysend
+(aiohttp bridge, sendfile): right bytes under concurrency, fds kept safely."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dataset_server.handles import FD_DIR, OpenFiles, pathsend_supported
-from tests.test_server_support import build_root, request, serving, serving_granian
+from tests.test_server_support import ENGINES, build_root, request
 
 pytestmark = pytest.mark.skipif(not pathsend_supported(), reason="needs /proc/self/fd (Linux)")
 
@@ -26,7 +27,7 @@ def spied(app, seen: list):
     return wrapper
 
 
-@pytest.mark.parametrize("engine", ["granian", "uvicorn"])
+@pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_concurrent_whole_files_and_ranges_are_exact(make_dataset, tmp_path, engine):
     from dataset_server.app import create_app
 
@@ -35,8 +36,7 @@ def test_concurrent_whole_files_and_ranges_are_exact(make_dataset, tmp_path, eng
     seen: list = []
     files = {p.name: p.read_bytes() for p in (root / "lab/ds").glob("*.tar")}
     names = sorted(files) * 4
-    run = serving_granian if engine == "granian" else serving
-    with run(spied(app, seen)) as url:
+    with ENGINES[engine](spied(app, seen)) as url:
         def whole(name):
             status, headers, body = request(url, "GET", f"{DS}/{name}")
             return status == 200 and body == files[name] and headers["content-length"] == str(len(body))
@@ -51,6 +51,7 @@ def test_concurrent_whole_files_and_ranges_are_exact(make_dataset, tmp_path, eng
         assert status == 200 and body == b"" and headers["content-length"] == str(len(files[names[0]]))
     kinds = {kind for _, kind in seen}
     assert ("http.response.pathsend" in kinds) == (engine == "granian")
+    assert ("http.response.zerocopysend" in kinds) == (engine == "aiohttp")
     # One kept fd per file sent whole, however many requests and threads.
     assert len(app.state.ctx.open_files) == (len(files) if engine == "granian" else 0)
     app.state.ctx.open_files.close()

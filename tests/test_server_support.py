@@ -119,7 +119,33 @@ def serving_granian(app) -> Iterator[str]:
         thread.join(10)
 
 
-ENGINES = {"uvicorn": serving, "granian": serving_granian}
+@contextmanager
+def serving_aiohttp(app, **limits) -> Iterator[str]:
+    """Run ``app`` through aiohttp and the ASGI bridge (as ``cifar5m serve --server aiohttp``;
+    ``limits`` go to ``build_application``) on 127.0.0.1 in a thread; yield its base URL."""
+    import asyncio
+
+    from aiohttp import web
+
+    from dataset_server.bridge import build_application
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(build_application(app, **limits), access_log=None, shutdown_timeout=2)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+ENGINES = {"aiohttp": serving_aiohttp, "uvicorn": serving, "granian": serving_granian}
 
 
 @pytest.fixture(params=sorted(ENGINES))

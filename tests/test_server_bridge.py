@@ -1,0 +1,130 @@
+"""The aiohttp bridge (``dataset_server/bridge.py``) with small ASGI apps: the scope it
+builds, bodies, errors, the concurrency bound, and how ``run_aiohttp`` sets up gunicorn."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from tests.test_server_support import request, serving_aiohttp
+
+
+async def echo_scope(scope, receive, send):
+    """Answers with the scope's fields and the request body as received, message by message."""
+    sizes = []
+    while True:
+        message = await receive()
+        sizes.append(len(message["body"]))
+        if not message["more_body"]:
+            break
+    body = json.dumps({
+        "path": scope["path"], "raw_path": scope["raw_path"].decode(), "query": scope["query_string"].decode(),
+        "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]], "method": scope["method"],
+        "client": scope["client"][0], "extensions": sorted(scope["extensions"]), "body_bytes": sum(sizes),
+    }).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"x-two", b"a"), (b"x-two", b"b")]})
+    await send({"type": "http.response.body", "body": body[:10], "more_body": True})
+    await send({"type": "http.response.body", "body": body[10:]})
+
+
+def test_the_scope_is_the_request_as_sent_and_bodies_stream_through():
+    with serving_aiohttp(echo_scope) as url:
+        conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+        conn.request("POST", "/api/x/refs%2Fpr%2F1/../a%20b?q=1&r=%2F", body=b"z" * 300_000,
+                     headers={"X-Mixed-Case": "V"})
+        reply = conn.getresponse()
+        status, repeated, got = reply.status, reply.msg.get_all("x-two"), json.loads(reply.read())
+        conn.close()
+    assert status == 200 and repeated == ["a", "b"]
+    assert got["raw_path"] == "/api/x/refs%2Fpr%2F1/../a%20b"  # not normalised, not decoded
+    assert got["path"] == "/api/x/refs/pr/1/../a b" and got["query"] == "q=1&r=%2F"
+    assert ["x-mixed-case", "V"] in got["headers"] and got["method"] == "POST"
+    assert got["client"] == "127.0.0.1" and got["body_bytes"] == 300_000
+    assert got["extensions"] == ["http.response.zerocopysend"]
+
+
+def test_requests_past_the_concurrency_bound_get_503():
+    with serving_aiohttp(echo_scope, limit_concurrency=0) as url:
+        status, _, body = request(url, "GET", "/anything")
+    assert status == 503 and b"busy" in body
+
+
+async def fails_before_start(scope, receive, send):
+    raise ValueError("broken app")
+
+
+async def fails_mid_body(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+    await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+    raise ValueError("broken mid-body")
+
+
+def test_app_errors_give_500_or_a_closed_connection(caplog):
+    with serving_aiohttp(fails_before_start) as url:
+        status, _, body = request(url, "GET", "/")
+    assert status == 500 and json.loads(body) == {"error": "internal server error"}
+    assert "broken app" in caplog.text
+    # Never a complete-looking body: the client sees the connection end short.
+    with serving_aiohttp(fails_mid_body) as url, pytest.raises(http.client.IncompleteRead):
+        request(url, "GET", "/")
+
+
+def test_run_aiohttp_starts_gunicorn_with_the_bounds_of_the_config(monkeypatch, tmp_path):
+    import gunicorn.arbiter
+
+    from dataset_server.engines import run_aiohttp
+    from dataset_server.server import ServeConfig
+
+    seen = {}
+
+    def fake_run(arbiter):
+        seen.update({k: arbiter.cfg.settings[k].get() for k in
+                     ("bind", "workers", "worker_class", "backlog", "keepalive", "graceful_timeout")})
+        seen["app"] = arbiter.app.load()
+        seen["int"] = type(arbiter).handle_int
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gunicorn.arbiter.Arbiter, "run", fake_run)
+    config = ServeConfig(root=str(tmp_path), port=8123, workers=3, keep_alive_s=7, graceful_s=4,
+                         limit_concurrency=50, max_headers=20, max_header_bytes=4096)
+    run_aiohttp(config)  # SystemExit(0) in the arbiter's own process is a clean stop
+    assert seen["bind"] == ["127.0.0.1:8123"] and seen["workers"] == 3
+    assert seen["worker_class"] == "aiohttp.GunicornWebWorker"
+    assert (seen["backlog"], seen["keepalive"], seen["graceful_timeout"]) == (50, 7, 4)
+    assert seen["int"] is not gunicorn.arbiter.Arbiter.handle_int  # Ctrl-C is graceful
+    [route] = seen["app"].router.routes()
+    assert route.handler.__self__.limit_concurrency == 50
+    assert seen["app"]._handler_args == {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 40}
+
+
+def test_head_answers_carry_no_body_and_the_connection_stays_usable():
+    with serving_aiohttp(echo_scope) as url:
+        conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+        conn.request("HEAD", "/first")
+        head = conn.getresponse()
+        assert (head.status, head.read()) == (200, b"")
+        conn.request("GET", "/second")  # the same connection: no stray body bytes in between
+        assert json.loads(conn.getresponse().read())["path"] == "/second"
+        conn.close()
+
+
+def test_files_are_copied_where_the_event_loop_has_no_sendfile(make_dataset, tmp_path, monkeypatch):
+    import asyncio
+
+    from dataset_server.app import create_app
+    from tests.test_server_support import build_root
+
+    async def no_sendfile(*args, **kwargs):
+        raise NotImplementedError  # as uvloop's loop.sendfile
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    data = (root / "lab/ds/train-000000.tar").read_bytes()
+    with serving_aiohttp(create_app(root=root)) as url:
+        whole = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000000.tar")
+        part = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000000.tar",
+                       headers={"Range": "bytes=7-5006"})
+    assert (whole[0], whole[2]) == (200, data) and (part[0], part[2]) == (206, data[7:5007])
