@@ -128,3 +128,36 @@ def test_files_are_copied_where_the_event_loop_has_no_sendfile(make_dataset, tmp
         part = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000000.tar",
                        headers={"Range": "bytes=7-5006"})
     assert (whole[0], whole[2]) == (200, data) and (part[0], part[2]) == (206, data[7:5007])
+
+
+def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatch):
+    """20 MB from an offset: the first sendfile fills the send buffer (4 MiB at most here),
+    asyncio's sendfile sends the rest as the client reads."""
+    import asyncio
+
+    import numpy as np
+
+    rest = []
+    original = asyncio.BaseEventLoop.sendfile
+
+    async def counting(self, transport, file, offset=0, count=None, **kwargs):
+        rest.append((offset, count))
+        return await original(self, transport, file, offset, count, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", counting)
+    data = np.random.default_rng(0).integers(0, 256, 20_000_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+
+    async def big(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(data) - 2000).encode())]})
+        with open(path, "rb", buffering=0) as file:
+            await send({"type": "http.response.zerocopysend", "file": file, "offset": 1000,
+                        "count": len(data) - 2000})
+
+    with serving_aiohttp(big) as url:
+        status, _, body = request(url, "GET", "/big")
+    assert status == 200 and body == data[1000:-1000]
+    [(offset, count)] = rest  # the part the socket did not take at once
+    assert offset > 1000 and offset + count == len(data) - 1000
