@@ -23,6 +23,7 @@ import os
 from urllib.parse import unquote
 
 from aiohttp import web
+from multidict import CIMultiDict
 from starlette.types import ASGIApp, Message
 
 from dataset_server.responses import ZEROCOPYSEND
@@ -49,10 +50,14 @@ class AsgiBridge:
         exchange = _Exchange(request)
         try:
             await self.app(scope_of(request), exchange.receive, exchange.send)
-        except Exception:
+        except Exception as exc:
             if exchange.response is not None and exchange.response.prepared:
-                # Part of the body is out: the only honest end is a closed connection.
-                log.exception("error after the response started: %s %s", request.method, request.raw_path)
+                # Part of the body is out: the only honest end is a closed connection. A
+                # client that went away mid-body is routine, not worth a traceback.
+                if isinstance(exc, ConnectionError):
+                    log.debug("client gone mid-body: %s %s: %s", request.method, request.raw_path, exc)
+                else:
+                    log.exception("error after the response started: %s %s", request.method, request.raw_path)
                 if request.transport is not None:
                     request.transport.close()
                 return exchange.response
@@ -62,6 +67,8 @@ class AsgiBridge:
             self.active -= 1
             exchange.finish()
         if exchange.response is None:
+            if exchange._start is not None:  # headers and no body message: an empty body
+                return exchange._response(web.Response)
             log.error("the app sent no response to %s %s", request.method, request.raw_path)
             return web.json_response({"error": "internal server error"}, status=500)
         return exchange.response
@@ -95,6 +102,7 @@ class _Exchange:
         self.request = request
         self.response: web.StreamResponse | None = None
         self._body_done = False
+        self._start: Message | None = None
         self._empty = False  # the response may carry no body (HEAD, 1xx, 204, 304)
         self._done = asyncio.get_running_loop().create_future()
 
@@ -115,29 +123,35 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            status = message["status"]
-            self._empty = self.request.method == "HEAD" or status in (204, 304) or status < 200
-            response = web.StreamResponse(status=status)
-            for name, value in message.get("headers", ()):
-                response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
-            self.response = response
+            self._start = message
+            self._empty = self.request.method == "HEAD" or message["status"] in (204, 304) or message["status"] < 200
             return
-        response = self.response
-        if response is None:
+        if self._start is None:
             raise RuntimeError(f"ASGI message {kind!r} before http.response.start")
-        if not response.prepared:
-            await response.prepare(self.request)  # sends the headers now (before sendfile)
         if kind not in ("http.response.body", ZEROCOPYSEND):
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        final = not message.get("more_body", False)
+        if self.response is None:
+            if kind == "http.response.body" and final:
+                # The whole body in one message (API answers, HEAD, small ranges): aiohttp
+                # sends it with the headers in one write once the app returns.
+                self.response = self._response(web.Response, body=message.get("body", b""))
+                return
+            self.response = self._response(web.StreamResponse)
+            await self.response.prepare(self.request)  # sends the headers now (before sendfile)
         # HEAD, 204 and 304 have no body whatever the app sends (starlette sends one for
         # HEAD too; written out, the client would read it as the next response).
         if not self._empty:
             if kind == ZEROCOPYSEND:
                 await self._sendfile(message)
             elif message.get("body"):
-                await response.write(message["body"])
-        if not message.get("more_body", False):
-            await response.write_eof()
+                await self.response.write(message["body"])
+        if final:
+            await self.response.write_eof()
+
+    def _response(self, cls: type[web.StreamResponse], **body: bytes) -> web.StreamResponse:
+        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in self._start.get("headers", ()))
+        return cls(status=self._start["status"], headers=headers, **body)
 
     async def _sendfile(self, message: Message) -> None:
         transport = self.request.transport

@@ -130,6 +130,16 @@ def test_files_are_copied_where_the_event_loop_has_no_sendfile(make_dataset, tmp
     assert (whole[0], whole[2]) == (200, data) and (part[0], part[2]) == (206, data[7:5007])
 
 
+def big_file_app(path, data):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(data) - 2000).encode())]})
+        with open(path, "rb", buffering=0) as file:
+            await send({"type": "http.response.zerocopysend", "file": file, "offset": 1000,
+                        "count": len(data) - 2000})
+    return app
+
+
 def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatch):
     """20 MB from an offset: the first sendfile fills the send buffer (4 MiB at most here),
     asyncio's sendfile sends the rest as the client reads."""
@@ -149,15 +159,26 @@ def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatc
     path = tmp_path / "big.bin"
     path.write_bytes(data)
 
-    async def big(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(data) - 2000).encode())]})
-        with open(path, "rb", buffering=0) as file:
-            await send({"type": "http.response.zerocopysend", "file": file, "offset": 1000,
-                        "count": len(data) - 2000})
-
-    with serving_aiohttp(big) as url:
+    with serving_aiohttp(big_file_app(path, data)) as url:
         status, _, body = request(url, "GET", "/big")
     assert status == 200 and body == data[1000:-1000]
     [(offset, count)] = rest  # the part the socket did not take at once
     assert offset > 1000 and offset + count == len(data) - 1000
+
+
+def test_a_client_gone_mid_body_is_logged_without_a_traceback(tmp_path, caplog):
+    import socket
+    import time
+
+    data = bytes(range(256)) * 80_000  # 20 MB
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    with serving_aiohttp(big_file_app(path, data)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        time.sleep(0.5)  # closed with a reset, 16+ MB still to send
+        assert request(url, "GET", "/big")[2] == data[1000:-1000]  # the server is fine
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
