@@ -5,17 +5,20 @@ included, with ``sendfile``: nothing is copied in user space.
 
 granian (Rust, hyper) offers ASGI ``http.response.pathsend``: whole files are read and
 written by Rust code, without a Python chunk loop or the GIL (``responses.FileBody``).
-uvicorn streams every file through Python. Bounds on both:
+uvicorn streams every file through Python. Bounds on all three:
 
 - headers: hyper (granian) answers 431 past 100 headers or its ~408 KiB read buffer;
-  h11 (uvicorn) bounds header bytes arriving in pieces; the app's ``Limits`` refuses
-  more than 100 headers, 64 KiB of headers and 8 KiB of URL on both.
+  h11 (uvicorn) bounds header bytes arriving in pieces; aiohttp's parser refuses a line
+  or header over ``max_header_bytes`` and more than twice ``max_headers`` headers (400);
+  the app's ``Limits`` refuses more than 100 headers, 64 KiB of headers and 8 KiB of URL.
 - bodies: read only by paths-info, which refuses more than 1 MiB (413).
-- connections: uvicorn answers 503 past ``limit_concurrency``; granian queues requests
-  past ``backpressure`` per worker and connections past ``backlog``.
+- connections: uvicorn answers 503 past ``limit_concurrency``, the aiohttp bridge past
+  as many requests in flight per worker; granian queues requests past ``backpressure``
+  per worker and connections past ``backlog``.
 - idle connections: uvicorn closes keep-alive connections after ``keep_alive_s``;
   granian (hyper's header read timeout) closes a connection that is idle, or slower
-  than that to send its headers, after the same time (checked with 2 s: all three).
+  than that to send its headers, after the same time (checked with 2 s: all three);
+  aiohttp (``keepalive_timeout``) does the same for all three (tested).
 - HTTP/1.1 only on granian: its HTTP/2 header limit (16 MiB) would bypass the bounds.
 """
 

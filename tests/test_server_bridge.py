@@ -182,3 +182,26 @@ def test_a_client_gone_mid_body_is_logged_without_a_traceback(tmp_path, caplog):
         time.sleep(0.5)  # closed with a reset, 16+ MB still to send
         assert request(url, "GET", "/big")[2] == data[1000:-1000]  # the server is fine
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("sent", [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",  # idle after a response
+                                  b"GET /a HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+                                  b""])  # nothing sent at all
+def test_idle_and_slow_connections_are_closed_after_keep_alive(sent):
+    """The keep-alive time (gunicorn's ``keepalive`` = ``keep_alive_s``) also bounds a client
+    that never finishes its headers: no connection is held open by a silent client."""
+    import socket
+    import time
+
+    async def hello(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with (serving_aiohttp(hello, keep_alive_s=0.5) as url,
+          socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock):
+        sock.sendall(sent)
+        if sent.endswith(b"\r\n\r\n"):
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # headers and body: one write
+        start = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server, well before the 10 s timeout
+        assert time.monotonic() - start < 5

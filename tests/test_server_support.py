@@ -120,7 +120,7 @@ def serving_granian(app) -> Iterator[str]:
 
 
 @contextmanager
-def serving_aiohttp(app, **limits) -> Iterator[str]:
+def serving_aiohttp(app, *, keep_alive_s: float = 30, **limits) -> Iterator[str]:
     """Run ``app`` through aiohttp and the ASGI bridge (as ``cifar5m serve --server aiohttp``;
     ``limits`` go to ``build_application``) on 127.0.0.1 in a thread; yield its base URL."""
     import asyncio
@@ -130,7 +130,8 @@ def serving_aiohttp(app, **limits) -> Iterator[str]:
     from dataset_server.bridge import build_application
 
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(build_application(app, **limits), access_log=None, shutdown_timeout=2)
+    runner = web.AppRunner(build_application(app, **limits), access_log=None, shutdown_timeout=2,
+                           keepalive_timeout=keep_alive_s)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
     port = runner.addresses[0][1]
