@@ -14,6 +14,7 @@ science    ``gpu_train.science``: real world N=5,000 vs ideal world 50,000, ResN
 stream     ``cifar5m stream`` on that machine's CPUs, 0/1/4 workers (issue 5: cores per 46k img/s)
 generate   ``gpu_generate``: end-to-end generation vs DDPMPipeline fp16 (issue 3: >= 2.5x)
 unet       ``gpu_models.train_small_generator``: the builtin UNet, trained until the deadline
+serve      ``serve_bench.py`` on that machine's CPUs (no GPU): room for server and clients (issue 6)
 =========  ============================================================================
 
 Everything that comes back is written under ``--out`` (the device tool returns 8 files):
@@ -42,7 +43,8 @@ import gpu_train  # noqa: E402
 from gpu_models import Deadline, log  # noqa: E402
 
 # Seconds each part needs before it is worth starting (H200 estimates; the UNet takes the rest).
-NEEDS = {"data": 0, "labeler": 45, "train": 60, "science": 45, "stream": 20, "generate": 120, "unet": 90}
+NEEDS = {"data": 0, "labeler": 45, "train": 60, "science": 45, "stream": 20, "generate": 120, "unet": 90,
+         "serve": 150}
 UNET_RESERVE = 25  # seconds kept after the UNet's last chunk: final save, sample grid, tar
 
 
@@ -70,6 +72,16 @@ def stream_rates(data: Path, *, smoke: bool) -> None:
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=120)
         log(f"stream workers={workers}", {"rc": run.returncode, "stdout": run.stdout[-600:],
                                             "stderr": run.stderr[-300:]})
+
+
+def serve_rates(*, smoke: bool) -> None:
+    """``serve_bench.py`` where server and clients need not share two cores: http.server, then
+    ``cifar5m serve`` (aiohttp, granian) with 1 and 4 workers, 32 clients in 4 processes."""
+    seconds, procs = ("2", "1") if smoke else ("20", "4")
+    cmd = [sys.executable, str(HERE / "serve_bench.py"), "--seconds", seconds, "--client-procs", procs,
+           "--workers", "1", "4", "--servers", "aiohttp", "granian"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=400)
+    log("serve_bench", {"rc": run.returncode, "stdout": run.stdout[-5000:], "stderr": run.stderr[-800:]})
 
 
 def best_labeler(results: dict[str, dict] | None) -> str | None:
@@ -105,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                    "cpus": os.cpu_count(), "budget_s": args.budget})
     only, smoke = args.only.split(","), args.smoke
     src = Path(args.cifar10)
-    data = src if src.is_dir() else part("data", deadline, lambda: gpu_models.import_dataset(str(src), work / "cifar10"),
-                                         smoke=smoke)
+    needs_data = any(k in only for k in ("labeler", "science", "stream", "unet"))
+    data = src if src.is_dir() or not needs_data else part(
+        "data", deadline, lambda: gpu_models.import_dataset(str(src), work / "cifar10"), smoke=smoke)
     labelers = None
     if data and "labeler" in only:
         later = sum(NEEDS[k] for k in ("train", "science", "stream", "generate", "unet") if k in only)
@@ -127,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     if data and "unet" in only:
         part("unet", deadline, lambda: gpu_models.train_small_generator(work, data, deadline, reserve=UNET_RESERVE,
                                                                         smoke=smoke), smoke=smoke)
+    if "serve" in only:
+        part("serve", deadline, lambda: serve_rates(smoke=smoke), smoke=smoke)
     gpu_models.pack_models(work, out / "models.tar", best_labeler(labelers))
     log("done", {"left_s": round(deadline.left()), "out": sorted(f.name for f in out.iterdir())})
     print(json.dumps({"card": card}))

@@ -144,6 +144,8 @@ def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatc
     """20 MB from an offset: the first sendfile fills the send buffer (4 MiB at most here),
     asyncio's sendfile sends the rest as the client reads."""
     import asyncio
+    import socket
+    import time
 
     import numpy as np
 
@@ -159,9 +161,23 @@ def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatc
     path = tmp_path / "big.bin"
     path.write_bytes(data)
 
-    with serving_aiohttp(big_file_app(path, data)) as url:
-        status, _, body = request(url, "GET", "/big")
-    assert status == 200 and body == data[1000:-1000]
+    with serving_aiohttp(big_file_app(path, data)) as url, socket.socket() as sock:
+        # A small receive buffer and no reading until the server waits: its first sendfile
+        # must stop short of the body, however fast this machine drains sockets.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 30
+        while not rest and time.monotonic() < deadline:  # until the server waits for room
+            time.sleep(0.01)
+        reply, end = bytearray(), -1
+        while end < 0 or len(reply) < end + 4 + len(data) - 2000:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            reply += chunk
+            end = reply.find(b"\r\n\r\n")
+    head, _, body = bytes(reply).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == data[1000:-1000]
     [(offset, count)] = rest  # the part the socket did not take at once
     assert offset > 1000 and offset + count == len(data) - 1000
 
