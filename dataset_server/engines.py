@@ -1,7 +1,7 @@
 """The HTTP servers that run the app: aiohttp, granian and uvicorn, with the same bounds.
 
-aiohttp (through ``bridge.py``, workers managed by gunicorn) sends file bodies, ranges
-included, with ``sendfile``: nothing is copied in user space.
+aiohttp (through ``bridge.py``, in worker processes of ``workers.py``) sends file bodies,
+ranges included, with ``sendfile``: nothing is copied in user space.
 
 granian (Rust, hyper) offers ASGI ``http.response.pathsend``: whole files are read and
 written by Rust code, without a Python chunk loop or the GIL (``responses.FileBody``).
@@ -79,52 +79,3 @@ def run_granian(config: ServeConfig) -> None:
     )
     server.serve()
 
-
-def run_aiohttp(config: ServeConfig) -> None:
-    """Serve with aiohttp in ``config.workers`` gunicorn workers until Ctrl-C / SIGTERM.
-
-    gunicorn's arbiter binds the socket, forks the workers (each builds the app, then
-    aiohttp's ``GunicornWebWorker`` serves it), restarts a worker that dies, and on
-    SIGTERM gives running requests ``graceful_s``. Ctrl-C is made graceful too
-    (gunicorn's own SIGINT is a quick stop).
-    """
-    from gunicorn.app.base import BaseApplication
-    from gunicorn.arbiter import Arbiter
-
-    from dataset_server.app import create_app
-    from dataset_server.bridge import build_application
-
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    settings = {
-        "bind": [f"{host}:{config.port}"], "workers": config.workers,
-        "worker_class": "aiohttp.GunicornWebWorker", "backlog": config.limit_concurrency,
-        "keepalive": config.keep_alive_s, "graceful_timeout": config.graceful_s,
-        # Our access log is the app's (one format for every engine); gunicorn logs warnings.
-        "accesslog": None, "loglevel": "warning",
-        # gunicorn 25+ opens a control socket at one path per user: two servers would clash.
-        "control_socket_disable": True,
-    }
-
-    class Service(BaseApplication):
-        def load_config(self) -> None:
-            for key, value in settings.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):  # in each worker, after the fork
-            return build_application(create_app(**config.app_kwargs()),
-                                     limit_concurrency=config.limit_concurrency,
-                                     max_headers=config.max_headers,
-                                     max_header_bytes=config.max_header_bytes)
-
-    class GracefulArbiter(Arbiter):
-        def handle_int(self) -> None:
-            raise StopIteration  # as SIGTERM: workers finish their requests
-
-    arbiter_pid = os.getpid()
-    try:
-        GracefulArbiter(Service()).run()
-    except SystemExit as stop:
-        # A worker ends by SystemExit too: it must leave, not return into the caller.
-        if stop.code not in (0, None) or os.getpid() != arbiter_pid:
-            raise

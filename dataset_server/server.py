@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from cifar5m.errors import ServerConfigError
 from dataset_server.auth import AccessPolicy
-from dataset_server.engines import CONFIG_ENV, ENGINES, run_aiohttp, run_granian, run_uvicorn
+from dataset_server.engines import CONFIG_ENV, ENGINES, run_granian, run_uvicorn
 from dataset_server.repo import Library
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def check_config(config: ServeConfig) -> None:
         raise ServerConfigError("--page-size and --workers must be at least 1")
     if config.server not in ENGINES:
         raise ServerConfigError(f"--server {config.server!r} is not one of {', '.join(ENGINES)}")
-    for module in {"aiohttp": ("aiohttp", "gunicorn"), "granian": ("granian",)}.get(config.server, ()):
+    for module in {"aiohttp": ("aiohttp",), "granian": ("granian",)}.get(config.server, ()):
         if importlib.util.find_spec(module) is None:
             raise ServerConfigError(f"{module} is not installed (needed by --server {config.server}): "
                                     "pip install 'cifar5m[serve]', or pass --server uvicorn")
@@ -132,7 +132,12 @@ def run(config: ServeConfig) -> None:
         library.hashes.save(cache)
         config = dataclasses.replace(config, hash_cache=str(cache))
         with _quiet_stop_signals():
-            {"aiohttp": run_aiohttp, "granian": run_granian, "uvicorn": run_uvicorn}[config.server](config)
+            if config.server == "aiohttp":
+                from dataset_server.workers import run_workers
+
+                run_workers(config)
+            else:
+                (run_granian if config.server == "granian" else run_uvicorn)(config)
     log.info("server stopped")
 
 

@@ -1,5 +1,5 @@
 """The aiohttp bridge (``dataset_server/bridge.py``) with small ASGI apps: the scope it
-builds, bodies, errors, the concurrency bound, and how ``run_aiohttp`` sets up gunicorn."""
+builds, bodies, errors, the concurrency bound, sendfile and its fallbacks, idle connections."""
 
 from __future__ import annotations
 
@@ -70,34 +70,6 @@ def test_app_errors_give_500_or_a_closed_connection(caplog):
     # Never a complete-looking body: the client sees the connection end short.
     with serving_aiohttp(fails_mid_body) as url, pytest.raises(http.client.IncompleteRead):
         request(url, "GET", "/")
-
-
-def test_run_aiohttp_starts_gunicorn_with_the_bounds_of_the_config(monkeypatch, tmp_path):
-    import gunicorn.arbiter
-
-    from dataset_server.engines import run_aiohttp
-    from dataset_server.server import ServeConfig
-
-    seen = {}
-
-    def fake_run(arbiter):
-        seen.update({k: arbiter.cfg.settings[k].get() for k in
-                     ("bind", "workers", "worker_class", "backlog", "keepalive", "graceful_timeout")})
-        seen["app"] = arbiter.app.load()
-        seen["int"] = type(arbiter).handle_int
-        raise SystemExit(0)
-
-    monkeypatch.setattr(gunicorn.arbiter.Arbiter, "run", fake_run)
-    config = ServeConfig(root=str(tmp_path), port=8123, workers=3, keep_alive_s=7, graceful_s=4,
-                         limit_concurrency=50, max_headers=20, max_header_bytes=4096)
-    run_aiohttp(config)  # SystemExit(0) in the arbiter's own process is a clean stop
-    assert seen["bind"] == ["127.0.0.1:8123"] and seen["workers"] == 3
-    assert seen["worker_class"] == "aiohttp.GunicornWebWorker"
-    assert (seen["backlog"], seen["keepalive"], seen["graceful_timeout"]) == (50, 7, 4)
-    assert seen["int"] is not gunicorn.arbiter.Arbiter.handle_int  # Ctrl-C is graceful
-    [route] = seen["app"].router.routes()
-    assert route.handler.__self__.limit_concurrency == 50
-    assert seen["app"]._handler_args == {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 40}
 
 
 def test_head_answers_carry_no_body_and_the_connection_stays_usable():
@@ -204,7 +176,7 @@ def test_a_client_gone_mid_body_is_logged_without_a_traceback(tmp_path, caplog):
                                   b"GET /a HTTP/1.1\r\nHost: x\r\n",  # headers never finished
                                   b""])  # nothing sent at all
 def test_idle_and_slow_connections_are_closed_after_keep_alive(sent):
-    """The keep-alive time (gunicorn's ``keepalive`` = ``keep_alive_s``) also bounds a client
+    """The keep-alive time (``keep_alive_s``, aiohttp's ``keepalive_timeout``) also bounds a client
     that never finishes its headers: no connection is held open by a silent client."""
     import socket
     import time

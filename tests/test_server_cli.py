@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,3 +96,55 @@ def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         f"Error: {bad}: entry 'lab/ds' needs at least one non-empty token string")
+
+
+def test_serve_refuses_a_port_in_use(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port)],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "is another server running there? pass another --port")
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The aiohttp worker processes of a ``cifar5m serve`` (not multiprocessing's helpers)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.add(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
+def test_a_killed_aiohttp_worker_is_replaced(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    proc, url = start(root, "--workers", "2", "--no-access-log")
+    try:
+        before = worker_pids(proc.pid)
+        assert len(before) == 2
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (len(worker_pids(proc.pid)) < 2 or worker_pids(proc.pid) == before):
+            time.sleep(0.1)
+        after = worker_pids(proc.pid)
+        assert len(after) == 2 and min(before) not in after
+        for _ in range(4):  # whichever worker answers
+            assert request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")[0] == 200
+    finally:
+        code, log = stop(proc, signal.SIGTERM)
+    assert code == 0, log
+    assert f"(pid {min(before)}) ended with status -9; starting another" in log
+    assert not worker_pids(proc.pid)
