@@ -76,10 +76,10 @@ def stream_rates(data: Path, *, smoke: bool) -> None:
 
 def serve_rates(*, smoke: bool) -> None:
     """``serve_bench.py`` where server and clients need not share two cores: http.server, then
-    ``cifar5m serve`` (aiohttp, granian) with 1 and 4 workers, 32 clients in 4 processes."""
-    seconds, procs = ("2", "1") if smoke else ("20", "4")
+    ``cifar5m serve`` (aiohttp, granian) with 1, 4 and 8 workers, 32 clients in 6 processes."""
+    seconds, procs = ("2", "1") if smoke else ("20", "6")
     cmd = [sys.executable, str(HERE / "serve_bench.py"), "--seconds", seconds, "--client-procs", procs,
-           "--workers", "1", "4", "--servers", "aiohttp", "granian"]
+           "--workers", "1", "4", "8", "--servers", "aiohttp", "granian"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=400)
     log("serve_bench", {"rc": run.returncode, "stdout": run.stdout[-5000:], "stderr": run.stderr[-800:]})
 
