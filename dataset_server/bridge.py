@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message
 
 from dataset_server.responses import ZEROCOPYSEND
@@ -51,17 +52,16 @@ class AsgiBridge:
         try:
             await self.app(scope_of(request), exchange.receive, exchange.send)
         except Exception as exc:
+            # A client that went away (mid-body, or while sending its own body) is routine,
+            # not worth a traceback.
+            if isinstance(exc, (ConnectionError, ClientDisconnect)):
+                log.debug("client gone: %s %s: %r", request.method, request.raw_path, exc)
+            else:
+                log.exception("error handling %s %s", request.method, request.raw_path)
             if exchange.response is not None and exchange.response.prepared:
-                # Part of the body is out: the only honest end is a closed connection. A
-                # client that went away mid-body is routine, not worth a traceback.
-                if isinstance(exc, ConnectionError):
-                    log.debug("client gone mid-body: %s %s: %s", request.method, request.raw_path, exc)
-                else:
-                    log.exception("error after the response started: %s %s", request.method, request.raw_path)
-                if request.transport is not None:
-                    request.transport.close()
+                # Part of the body is out: the only honest end is a closed connection.
+                _close(request)
                 return exchange.response
-            log.exception("error handling %s %s", request.method, request.raw_path)
             return web.json_response({"error": "internal server error"}, status=500)
         finally:
             self.active -= 1
@@ -69,8 +69,15 @@ class AsgiBridge:
         if exchange.response is None:
             if exchange._start is not None:  # headers and no body message: an empty body
                 return exchange._response(web.Response)
+            if exchange.disconnected:  # nobody to answer
+                _close(request)
+                return web.Response(status=499)
             log.error("the app sent no response to %s %s", request.method, request.raw_path)
             return web.json_response({"error": "internal server error"}, status=500)
+        if exchange.owed:  # fewer bytes than its Content-Length: never reuse the connection
+            log.error("the app sent %d bytes less than it declared: %s %s", exchange.owed, request.method,
+                      request.raw_path)
+            _close(request)
         return exchange.response
 
 
@@ -103,6 +110,8 @@ class _Exchange:
         self.response: web.StreamResponse | None = None
         self._body_done = False
         self._start: Message | None = None
+        self.owed: int | None = None  # Content-Length not yet sent (streamed bodies)
+        self.disconnected = False
         self._empty = False  # the response may carry no body (HEAD, 1xx, 204, 304)
         self._done = asyncio.get_running_loop().create_future()
 
@@ -114,7 +123,11 @@ class _Exchange:
         if not self._body_done:
             # Chunks as they arrive: the app bounds the body (paths-info: 1 MiB), so a big
             # body is refused without being read whole.
-            chunk = await self.request.content.readany()
+            try:
+                chunk = await self.request.content.readany()
+            except ConnectionError:  # the client went away while sending its body
+                self._body_done = self.disconnected = True
+                return {"type": "http.disconnect"}
             self._body_done = self.request.content.at_eof()
             return {"type": "http.request", "body": chunk, "more_body": not self._body_done}
         await self._done  # the response is complete: the app has nothing left to wait for
@@ -138,6 +151,8 @@ class _Exchange:
                 self.response = self._response(web.Response, body=message.get("body", b""))
                 return
             self.response = self._response(web.StreamResponse)
+            if not self._empty:  # bytes the body still owes; None: no length (chunked)
+                self.owed = self.response.content_length
             await self.response.prepare(self.request)  # sends the headers now (before sendfile)
         # HEAD, 204 and 304 have no body whatever the app sends (starlette sends one for
         # HEAD too; written out, the client would read it as the next response).
@@ -145,9 +160,16 @@ class _Exchange:
             if kind == ZEROCOPYSEND:
                 await self._sendfile(message)
             elif message.get("body"):
+                self._owe(len(message["body"]))
                 await self.response.write(message["body"])
         if final:
             await self.response.write_eof()
+
+    def _owe(self, n: int) -> None:
+        if self.owed is not None:
+            if n > self.owed:
+                raise RuntimeError(f"the app sends {n} body bytes with {self.owed} left of its Content-Length")
+            self.owed -= n
 
     def _response(self, cls: type[web.StreamResponse], **body: bytes) -> web.StreamResponse:
         headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in self._start.get("headers", ()))
@@ -162,8 +184,12 @@ class _Exchange:
         count = message.get("count")
         if count is None:
             count = os.fstat(file.fileno()).st_size - offset
-        sent = _sendfile_now(transport, file.fileno(), offset, count)
-        if sent < count:
+        if self.owed is None:  # chunked: the bytes must go through aiohttp's framing
+            sent = await self._copy(file.fileno(), offset, count)
+        else:
+            self._owe(count)  # before a byte goes out: sendfile bypasses aiohttp's length check
+            sent = _sendfile_now(transport, file.fileno(), offset, count)
+        if sent < count and self.owed is not None:
             try:
                 # The rest as the socket drains: asyncio's sendfile (native os.sendfile on a
                 # plain TCP transport; it reads and writes where the platform has none).
@@ -208,7 +234,8 @@ def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int
     the body cannot overtake them.
     """
     sock = transport.get_extra_info("socket")
-    if _SENDFILE is None or sock is None or transport.get_write_buffer_size():
+    if (_SENDFILE is None or sock is None or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None):  # TLS: never the raw socket
         return 0
     sent = 0
     try:
@@ -220,3 +247,8 @@ def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int
     except (BlockingIOError, InterruptedError):  # the send buffer is full: asyncio waits for room
         pass
     return sent
+
+
+def _close(request: web.BaseRequest) -> None:
+    if request.transport is not None:
+        request.transport.close()

@@ -1,16 +1,20 @@
-"""Worker processes of ``cifar5m serve --server aiohttp``: each listens on its own socket.
+"""Worker processes of ``cifar5m serve --server aiohttp``: each accepts on its own socket.
 
 Why not gunicorn's shared socket: asyncio accepts every pending connection in one wake-up,
 so the worker that wakes first takes a burst of new connections. Measured with 32 clients
 connecting at once to 4 gunicorn workers: 15/14/2/1 connections per worker (granian:
-10/8/7/7), and the busiest worker capped the whole server. With ``SO_REUSEPORT`` each
-worker has a listening socket of its own and the kernel spreads connections over them.
+10/8/7/7), and the busiest worker capped the whole server. Here the supervisor opens one
+``SO_REUSEPORT`` listening socket per worker and the kernel spreads connections over them
+(10/9/7/6).
 
-The supervisor checks that the port is free (a plain bind, which fails next to any
-listener, ours included), starts the workers (``spawn``: nothing inherited but the
-config), waits until each listens, restarts one that dies, and on Ctrl-C or SIGTERM stops
-them: each stops accepting, gives running requests ``graceful_s``, and is killed if still
-there ``graceful_s + 5`` s later.
+The supervisor first checks the port with a plain bind (which fails next to any listener,
+another ``cifar5m serve`` included), then binds all the sockets itself and keeps them: a
+second server cannot join the port afterwards, ``--port 0`` gives one port for all workers,
+and a replaced worker gets the same socket. Workers (``spawn``: nothing inherited but the
+config and their socket) build the app, serve, and stop when the supervisor goes away. A
+worker that dies is replaced, unless it keeps dying at start. Ctrl-C or SIGTERM stops them:
+each stops accepting, gives running requests ``graceful_s``, and is killed if still there
+``graceful_s + 5`` s later.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import multiprocessing as mp
 import signal
 import socket
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from typing import TYPE_CHECKING
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dataset_server")
 START_S = 60.0  # seconds a worker may take to build the app and listen
+QUICK_DEATH_S = 10.0  # a worker that dies this soon after starting counts as failing to start
+MAX_QUICK_DEATHS = 3
 
 
 def run_workers(config: ServeConfig) -> None:
@@ -41,54 +48,94 @@ def run_workers(config: ServeConfig) -> None:
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ServerConfigError("--workers above 1 with --server aiohttp needs SO_REUSEPORT (Linux, BSD); "
                                 "pass --workers 1 or --server granian")
-    check_port(config.host, config.port)
+    sockets = listen(config.host, config.port, config.workers)
+    port = sockets[0].getsockname()[1]
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    workers: list[tuple[BaseProcess, Event]] = []
+    workers: list[_Worker] = []
     try:
-        for i in range(config.workers):
-            workers.append(_start(config))
-            _wait_listening(*workers[i], i)
-        log.info("listening on http://%s:%d (%d aiohttp workers)", config.host, config.port, config.workers)
+        for sock in sockets:
+            workers.append(_Worker(config, sock))
+            if not workers[-1].wait_listening(stopping):
+                return  # stopped while starting
+        log.info("listening on http://%s:%d (%d aiohttp workers)", config.host, port, config.workers)
         while not stopping.wait(0.5):
-            for i, (proc, _) in enumerate(workers):
-                if not proc.is_alive() and not stopping.is_set():
-                    log.warning("worker %d (pid %s) ended with status %s; starting another", i, proc.pid, proc.exitcode)
-                    workers[i] = _start(config)
+            for i, worker in enumerate(workers):
+                if not worker.proc.is_alive() and not stopping.is_set():
+                    workers[i] = worker.replacement(i)
     finally:
-        _stop([proc for proc, _ in workers], config.graceful_s)
+        _stop([w.proc for w in workers], config.graceful_s)
+        for sock in sockets:
+            sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def check_port(host: str, port: int) -> None:
-    """Raise ServerConfigError if ``host:port`` cannot be listened on (e.g. a server is there)."""
+def listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one).
+
+    Raises ServerConfigError if the port is taken: the first bind is a plain one, which
+    fails next to any listener; the others then join only this process's sockets.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    sockets: list[socket.socket] = []
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        sockets.append(probe)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ServerConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; "
-                                    "is another server running there? pass another --port") from exc
+        probe.bind((host, port))  # no SO_REUSEPORT: fails if anyone listens here
+        port = probe.getsockname()[1]  # --port 0: the one port every worker shares
+        if count > 1:
+            probe.close()
+            sockets.clear()
+            for _ in range(count):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+        for sock in sockets:
+            sock.listen(1024)
+            sock.set_inheritable(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; "
+                                "is another server running there? pass another --port") from exc
+    return sockets
 
 
-def _start(config: ServeConfig) -> tuple[BaseProcess, Event]:
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=serve_worker, args=(json.dumps(dataclasses.asdict(config)), ready),
-                       name="cifar5m-serve-worker", daemon=True)
-    proc.start()
-    return proc, ready
+class _Worker:
+    """One worker process on one of the supervisor's sockets."""
 
+    def __init__(self, config: ServeConfig, sock: socket.socket, quick_deaths: int = 0) -> None:
+        self.config, self.sock, self.quick_deaths = config, sock, quick_deaths
+        ctx = mp.get_context("spawn")
+        self.ready = ctx.Event()
+        self.proc = ctx.Process(target=serve_worker, args=(json.dumps(dataclasses.asdict(config)), self.ready, sock),
+                                name="cifar5m-serve-worker", daemon=True)
+        self.started = time.monotonic()
+        self.proc.start()
 
-def _wait_listening(proc: BaseProcess, ready: Event, index: int) -> None:
-    waited = 0.0
-    while not ready.wait(0.1):
-        waited += 0.1
-        if not proc.is_alive() or waited > START_S:
-            raise ServerConfigError(f"server worker {index} did not start (status {proc.exitcode}); "
-                                    "see the log lines above")
+    def wait_listening(self, stopping: threading.Event) -> bool:
+        """True once the worker serves; False if a stop came first; raises if it died."""
+        while not self.ready.wait(0.1):
+            if stopping.is_set():
+                return False
+            if not self.proc.is_alive() or time.monotonic() - self.started > START_S:
+                raise ServerConfigError(f"a server worker did not start (status {self.proc.exitcode}); "
+                                        "see the log lines above")
+        return True
+
+    def replacement(self, index: int) -> _Worker:
+        """A new worker on the same socket; refuses after repeated deaths right at start."""
+        quick = self.quick_deaths + 1 if time.monotonic() - self.started < QUICK_DEATH_S else 0
+        if quick >= MAX_QUICK_DEATHS:
+            raise ServerConfigError(f"server worker {index} died {quick} times within {QUICK_DEATH_S:.0f} s "
+                                    f"of starting (last status {self.proc.exitcode}); see the log lines above")
+        log.warning("worker %d (pid %s) ended with status %s; starting another", index, self.proc.pid,
+                    self.proc.exitcode)
+        return _Worker(self.config, self.sock, quick)
 
 
 def _stop(procs: list[BaseProcess], graceful_s: float) -> None:
@@ -103,34 +150,37 @@ def _stop(procs: list[BaseProcess], graceful_s: float) -> None:
             proc.join()
 
 
-def serve_worker(config_json: str, ready: Event) -> None:
-    """One worker process: build the app, listen (SO_REUSEPORT), serve until SIGTERM/SIGINT."""
+def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
+    """One worker process: build the app, serve on ``sock`` until SIGTERM/SIGINT or until
+    the supervisor is gone."""
     from dataset_server.server import ServeConfig, configure_logging
 
     config = ServeConfig(**json.loads(config_json))
     configure_logging(access_log=config.access_log)
-    asyncio.run(_serve(config, ready))
+    asyncio.run(_serve(config, ready, sock))
 
 
-async def _serve(config: ServeConfig, ready: Event) -> None:
+async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None:
     from aiohttp import web
 
     from dataset_server.app import create_app
     from dataset_server.bridge import build_application
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    parent = mp.parent_process()
+    if parent is not None:  # readable once the supervisor has exited, even by SIGKILL
+        loop.add_reader(parent.sentinel, stop.set)
     app = build_application(create_app(**config.app_kwargs()), limit_concurrency=config.limit_concurrency,
                             max_headers=config.max_headers, max_header_bytes=config.max_header_bytes)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.keep_alive_s,
                            shutdown_timeout=config.graceful_s, handle_signals=False)
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(runner, config.host, config.port, backlog=config.limit_concurrency,
-                          reuse_port=config.workers > 1).start()
+        await web.SockSite(runner, sock, backlog=config.limit_concurrency).start()
         ready.set()
         await stop.wait()
     finally:
-        await runner.cleanup()  # stops listening, waits up to graceful_s for running requests
+        await runner.cleanup()  # stops accepting, waits up to graceful_s for running requests

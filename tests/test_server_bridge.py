@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 
 import pytest
 
@@ -193,3 +194,63 @@ def test_idle_and_slow_connections_are_closed_after_keep_alive(sent):
         start = time.monotonic()
         assert sock.recv(65536) == b""  # closed by the server, well before the 10 s timeout
         assert time.monotonic() - start < 5
+
+
+def file_app(path, *, length: int | None, count: int):
+    """Sends ``count`` bytes of ``path`` by zerocopysend under a declared ``length``
+    (None: no Content-Length, so the response is chunked)."""
+    async def app(scope, receive, send):
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        with open(path, "rb", buffering=0) as file:
+            await send({"type": "http.response.zerocopysend", "file": file, "offset": 0, "count": count})
+    return app
+
+
+def test_zerocopysend_keeps_the_http_framing(tmp_path, caplog):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 400)
+    data = path.read_bytes()
+    # No Content-Length: chunked, so the file goes through aiohttp's chunk framing.
+    with serving_aiohttp(file_app(path, length=None, count=50_000)) as url:
+        status, headers, body = request(url, "GET", "/")
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and body == data[:50_000]
+    # More bytes than declared: refused before any goes out (they would be read as the
+    # next response on a kept-alive connection); the client sees the body cut short.
+    with serving_aiohttp(file_app(path, length=100, count=50_000)) as url, pytest.raises(http.client.IncompleteRead):
+        request(url, "GET", "/")
+    assert "left of its Content-Length" in caplog.text
+
+
+def test_a_body_shorter_than_declared_closes_the_connection(caplog):
+    async def short(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serving_aiohttp(short) as url, pytest.raises(http.client.IncompleteRead):
+        request(url, "GET", "/")
+    assert "90 bytes less than it declared" in caplog.text
+
+
+def test_a_client_gone_while_sending_its_body_is_a_disconnect(caplog):
+    import socket
+    import threading
+
+    seen, done = [], threading.Event()
+
+    async def reader(scope, receive, send):
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        done.set()
+
+    with serving_aiohttp(reader) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 10_000)
+            time.sleep(0.2)
+        assert done.wait(10)
+    assert seen[-1] == "http.disconnect" and "http.request" in seen
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -137,9 +137,10 @@ def test_a_killed_aiohttp_worker_is_replaced(make_dataset, tmp_path):
         assert len(before) == 2
         os.kill(min(before), signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (len(worker_pids(proc.pid)) < 2 or worker_pids(proc.pid) == before):
-            time.sleep(0.1)
         after = worker_pids(proc.pid)
+        while time.monotonic() < deadline and (len(after) < 2 or min(before) in after):
+            time.sleep(0.1)
+            after = worker_pids(proc.pid)
         assert len(after) == 2 and min(before) not in after
         for _ in range(4):  # whichever worker answers
             assert request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")[0] == 200
@@ -148,3 +149,55 @@ def test_a_killed_aiohttp_worker_is_replaced(make_dataset, tmp_path):
     assert code == 0, log
     assert f"(pid {min(before)}) ended with status -9; starting another" in log
     assert not worker_pids(proc.pid)
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
+def test_port_0_gives_every_worker_one_port_and_workers_end_with_the_supervisor(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    proc = subprocess.Popen([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", "0", "--workers", "2",
+                             "--no-access-log"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        port = int(lines[-1].split("http://127.0.0.1:")[1].split()[0])
+        assert port != 0
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        for _ in range(6):  # new connections, whichever worker takes them
+            assert request(f"http://127.0.0.1:{port}", "GET", "/healthz")[0] == 200
+        # The supervisor killed outright: its workers notice and stop instead of serving on.
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(map(gone, workers)):
+            time.sleep(0.1)
+        assert all(map(gone, workers))
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_a_second_server_cannot_share_the_port_of_a_running_one(make_dataset, tmp_path):
+    """The workers' SO_REUSEPORT sockets would let another server join the port and take
+    half of the connections (its own root and tokens); the supervisor's plain bind refuses."""
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    proc, url = start(root, "--workers", "2", "--no-access-log")
+    try:
+        port = url.rsplit(":", 1)[1]
+        out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", port, "--workers", "2"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "cannot listen on 127.0.0.1:" in out.stderr
+    finally:
+        code, log = stop(proc, signal.SIGTERM)
+    assert code == 0, log
