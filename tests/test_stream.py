@@ -26,7 +26,7 @@ from cifar5m.errors import (
 )
 from shards.reader import Dataset
 from tests.conftest import synthetic_images, write_dataset
-from train.plan import block_order
+from train.plan import block_grid, block_order
 from train.producer import WorkerDataset, unpack
 from train.stream import SampleStream, StreamConfig
 
@@ -463,3 +463,13 @@ def test_an_index_whose_shard_rows_are_interleaved_is_refused(tmp_path):
     table = table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shard))
     with pytest.raises(ManifestError, match="index rows are not grouped by shard"):
         Catalog.from_table(table, load_manifest(root), "train", url=str(root))
+
+
+def test_block_grid_cuts_every_shard_into_runs_of_block_samples():
+    counts = [5, 0, 8, 3]
+    per_shard, starts, stops = block_grid(counts, block=4)
+    assert per_shard.tolist() == [2, 0, 2, 1]
+    assert list(zip(starts.tolist(), stops.tolist(), strict=True)) == [(0, 4), (4, 5), (5, 9), (9, 13), (13, 16)]
+    # Shards at other positions (a catalog's shard_start): the same cuts, moved.
+    _, starts, stops = block_grid([5, 3], block=4, shard_start=[10, 0])
+    assert list(zip(starts.tolist(), stops.tolist(), strict=True)) == [(10, 14), (14, 15), (0, 3)]

@@ -32,6 +32,7 @@ import numpy as np
 
 from shards import codec
 from train.catalog import Catalog
+from train.plan import block_grid
 from train.source import Source
 
 Key = int  # global block number: the blocks of shard 0, then those of shard 1, ...
@@ -52,10 +53,11 @@ class BlockStore:
         self._pinned: set[Key] = set()  # the blocks of the batch being decoded now
         self._arena: np.ndarray | None = None  # npy: slots of slot_bytes, allocated lazily
         self._free: list[int] = []
-        counts = -(-catalog.shard_count // block)  # blocks per shard
-        self._first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        counts, self._starts, self._stops = block_grid(catalog.shard_count, block=block,
+                                                       shard_start=catalog.shard_start)
+        self._first = np.cumsum(counts) - counts  # global index of each shard's first block
         self._shard_of = np.repeat(np.arange(len(counts)), counts)
-        self._count = int(counts.sum())
+        self._count = len(self._starts)
         self._base: np.ndarray | None = None  # per global block: arena offset of file offset 0
         self._in_arena: np.ndarray | None = None  # per global block: held in an arena slot
         self._windows: np.ndarray | None = None
@@ -79,9 +81,7 @@ class BlockStore:
         return self._first[shards] + (rows - self.catalog.shard_start[shards]) // self.block
 
     def _rows(self, key: Key) -> range:
-        cat, shard = self.catalog, int(self._shard_of[key])
-        first = int(cat.shard_start[shard]) + (key - int(self._first[shard])) * self.block
-        return range(first, min(first + self.block, int(cat.shard_stop[shard])))
+        return range(int(self._starts[key]), int(self._stops[key]))
 
     def _request(self, key: Key) -> tuple[str, int, int]:
         cat, rows = self.catalog, self._rows(key)
@@ -102,10 +102,7 @@ class BlockStore:
 
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""
-        cat = self.catalog
-        stops = cat.shard_stop
-        firsts = np.concatenate([np.arange(a, b, self.block) for a, b in zip(cat.shard_start, stops, strict=True)])
-        lasts = np.minimum(firsts + self.block, stops[cat.shard_id[firsts]]) - 1
+        cat, firsts, lasts = self.catalog, self._starts, self._stops - 1
         return int((cat.image_offset[lasts] + cat.image_size[lasts] - cat.image_offset[firsts]).max())
 
     def _slots(self, n: int) -> list[int]:

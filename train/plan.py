@@ -42,13 +42,9 @@ def block_order(counts: Sequence[int], *, seed: int, epoch: int, block: int = DE
     ``counts`` are the samples per shard, in split order (shards hold consecutive
     positions); no block crosses a shard boundary.
     """
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
+    _, starts, stops = block_grid(counts, block=block)
+    total = int(np.sum(counts))
     rng = np.random.default_rng([seed, epoch, _IDEAL])
-    shard_start = np.cumsum(counts) - counts
-    starts = np.concatenate([s + np.arange(0, c, block) for s, c in zip(shard_start, counts, strict=True)]
-                            or [np.zeros(0, np.int64)])
-    stops = np.minimum(starts + block, np.repeat(shard_start + counts, (counts + block - 1) // block))
     perm = rng.permutation(len(starts))
     lens = (stops - starts)[perm]
     offs = np.cumsum(lens) - lens
@@ -58,6 +54,23 @@ def block_order(counts: Sequence[int], *, seed: int, epoch: int, block: int = DE
         order[:full] = rng.permuted(order[:full].reshape(-1, window), axis=1).ravel()
     order[full:] = rng.permutation(order[full:])
     return order
+
+
+def block_grid(counts: Sequence[int], *, block: int, shard_start: Sequence[int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blocks of a split, in split order: (blocks per shard, first position, stop position).
+
+    Each shard is cut into runs of ``block`` samples from its start (the last one may be
+    shorter), so no block crosses a shard boundary. ``shard_start`` defaults to shards
+    holding consecutive positions.
+    """
+    counts = np.asarray(counts, np.int64)
+    first = np.cumsum(counts) - counts if shard_start is None else np.asarray(shard_start, np.int64)
+    per_shard = -(-counts // block)
+    owner = np.repeat(np.arange(len(counts)), per_shard)
+    nth = np.arange(int(per_shard.sum()), dtype=np.int64) - np.repeat(np.cumsum(per_shard) - per_shard, per_shard)
+    starts = first[owner] + nth * block
+    return per_shard, starts, np.minimum(starts + block, (first + counts)[owner])
 
 
 def full_order(size: int, *, seed: int, epoch: int) -> np.ndarray:
