@@ -79,19 +79,19 @@ class Producer:
             conf = probs.gather(1, labels[:, None])[:, 0]
         else:
             labels, conf = ids % self.num_classes, None
-        for j in range(len(ids)):
-            label = int(labels[j])
-            c = None if conf is None else float(conf[j])
+        # Python lists once per chunk: indexing tensors per sample made this loop 6.6 us
+        # per sample against 2.6 now (4096 samples, 10 classes; ~24 s over 6M samples).
+        labels_l, ids_l = labels.tolist(), ids.tolist()
+        conf_l = [None] * len(ids_l) if conf is None else conf.tolist()
+        probs_l = [None] * len(ids_l) if probs is None else probs.tolist()
+        for j, (label, c, cand, p) in enumerate(zip(labels_l, conf_l, ids_l, probs_l, strict=True)):
             if c is not None and c < self.min_confidence:
                 continue
             if quotas is not None:
                 if quotas[label] == 0:
                     continue
                 quotas[label] -= 1
-            cand = int(ids[j])
-            kept.append(Sample(
-                key_of(cand), images_np[j], label, confidence=c, seed=cand,
-                cond_label=label if self.conditional else None,
-                probs=None if probs is None else probs[j].tolist()))
+            kept.append(Sample(key_of(cand), images_np[j], label, confidence=c, seed=cand,
+                               cond_label=label if self.conditional else None, probs=p))
             if len(kept) == size:
                 return
