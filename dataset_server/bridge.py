@@ -66,19 +66,7 @@ class AsgiBridge:
         finally:
             self.active -= 1
             exchange.finish()
-        if exchange.response is None:
-            if exchange._start is not None:  # headers and no body message: an empty body
-                return exchange._response(web.Response)
-            if exchange.disconnected:  # nobody to answer
-                _close(request)
-                return web.Response(status=499)
-            log.error("the app sent no response to %s %s", request.method, request.raw_path)
-            return web.json_response({"error": "internal server error"}, status=500)
-        if exchange.owed:  # fewer bytes than its Content-Length: never reuse the connection
-            log.error("the app sent %d bytes less than it declared: %s %s", exchange.owed, request.method,
-                      request.raw_path)
-            _close(request)
-        return exchange.response
+        return exchange.outcome()
 
 
 def scope_of(request: web.BaseRequest) -> dict:
@@ -114,6 +102,23 @@ class _Exchange:
         self.disconnected = False
         self._empty = False  # the response may carry no body (HEAD, 1xx, 204, 304)
         self._done = asyncio.get_running_loop().create_future()
+
+    def outcome(self) -> web.StreamResponse:
+        """What aiohttp gets once the app returned normally."""
+        request = self.request
+        if self.response is None:
+            if self._start is not None:  # headers and no body message: an empty body
+                return self._response(web.Response)
+            if self.disconnected:  # nobody to answer
+                _close(request)
+                return web.Response(status=499)
+            log.error("the app sent no response to %s %s", request.method, request.raw_path)
+            return web.json_response({"error": "internal server error"}, status=500)
+        if self.owed:  # fewer bytes than its Content-Length: never reuse the connection
+            log.error("the app sent %d bytes less than it declared: %s %s", self.owed, request.method,
+                      request.raw_path)
+            _close(request)
+        return self.response
 
     def finish(self) -> None:
         if not self._done.done():
@@ -189,13 +194,13 @@ class _Exchange:
         else:
             self._owe(count)  # before a byte goes out: sendfile bypasses aiohttp's length check
             sent = _sendfile_now(transport, file.fileno(), offset, count)
-        if sent < count and self.owed is not None:
-            try:
-                # The rest as the socket drains: asyncio's sendfile (native os.sendfile on a
-                # plain TCP transport; it reads and writes where the platform has none).
-                sent += await asyncio.get_running_loop().sendfile(transport, file, offset + sent, count - sent)
-            except NotImplementedError:  # an event loop without sendfile (uvloop)
-                sent += await self._copy(file.fileno(), offset + sent, count - sent)
+            if sent < count:
+                try:
+                    # The rest as the socket drains: asyncio's sendfile (native os.sendfile on
+                    # a plain TCP transport; it reads and writes where the platform has none).
+                    sent += await asyncio.get_running_loop().sendfile(transport, file, offset + sent, count - sent)
+                except NotImplementedError:  # an event loop without sendfile (uvloop)
+                    sent += await self._copy(file.fileno(), offset + sent, count - sent)
         if sent != count:  # the file shrank under us: a short body, never padded
             raise OSError(f"sent {sent} of {count} bytes: the file ended early")
 

@@ -78,4 +78,3 @@ def run_granian(config: ServeConfig) -> None:
         log_access=False, log_level=LogLevels.warning, workers_kill_timeout=config.graceful_s,
     )
     server.serve()
-

@@ -26,6 +26,7 @@ from cifar5m.errors import ServerConfigError
 from dataset_server.auth import AccessPolicy
 from dataset_server.engines import CONFIG_ENV, ENGINES, run_granian, run_uvicorn
 from dataset_server.repo import Library
+from dataset_server.workers import run_workers
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -79,10 +80,9 @@ def check_config(config: ServeConfig) -> None:
         raise ServerConfigError("--page-size and --workers must be at least 1")
     if config.server not in ENGINES:
         raise ServerConfigError(f"--server {config.server!r} is not one of {', '.join(ENGINES)}")
-    for module in {"aiohttp": ("aiohttp",), "granian": ("granian",)}.get(config.server, ()):
-        if importlib.util.find_spec(module) is None:
-            raise ServerConfigError(f"{module} is not installed (needed by --server {config.server}): "
-                                    "pip install 'cifar5m[serve]', or pass --server uvicorn")
+    if config.server != "uvicorn" and importlib.util.find_spec(config.server) is None:  # engine = package
+        raise ServerConfigError(f"{config.server} is not installed: pip install 'cifar5m[serve]', "
+                                "or pass --server uvicorn")
 
 
 def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
@@ -132,12 +132,7 @@ def run(config: ServeConfig) -> None:
         library.hashes.save(cache)
         config = dataclasses.replace(config, hash_cache=str(cache))
         with _quiet_stop_signals():
-            if config.server == "aiohttp":
-                from dataset_server.workers import run_workers
-
-                run_workers(config)
-            else:
-                (run_granian if config.server == "granian" else run_uvicorn)(config)
+            {"aiohttp": run_workers, "granian": run_granian, "uvicorn": run_uvicorn}[config.server](config)
     log.info("server stopped")
 
 

@@ -84,6 +84,23 @@ def kill_parked(args: list[str], park: tuple[str, str, int, str], tmp_path: Path
     assert proc.returncode == -signal.SIGKILL
 
 
+def kill_then_rerun(args: list[str], kill: tuple[tuple, int], tmp_path: Path, *, output: Path,
+                    checkpoint: Path) -> str:
+    """SIGKILL ``cifar5m *args`` where ``kill`` parks it, check that ``output`` is not written
+    and ``checkpoint`` is at the step ``kill`` names, then run the same command to the end."""
+    park, left = kill
+    kill_parked(args, park, tmp_path)
+    assert not output.exists() and checkpoint_step(checkpoint) == left
+    return invoke(args)
+
+
+def reference(args, data: Path, tmp_path_factory, name: str) -> Path:
+    """The output of ``args(data, out)`` run uninterrupted."""
+    out = tmp_path_factory.mktemp(name) / name
+    invoke(args(data, out))
+    return out
+
+
 def invoke(args: list[str]) -> str:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -126,18 +143,14 @@ LABELER_KILLS = {  # park, checkpoint step left on disk
 
 @pytest.fixture(scope="module")
 def labeler_reference(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lab") / "lab"
-    invoke(labeler_args(data, out))
-    return out
+    return reference(labeler_args, data, tmp_path_factory, "lab")
 
 
 @pytest.mark.parametrize("where", sorted(LABELER_KILLS))
 def test_train_labeler_killed_and_rerun_equals_uninterrupted(data, labeler_reference, tmp_path, where):
     out = tmp_path / "lab"
-    park, left = LABELER_KILLS[where]
-    kill_parked(labeler_args(data, out), park, tmp_path)
-    assert not out.exists() and checkpoint_step(tmp_path / "lab-work" / "checkpoint.pt") == left
-    invoke(labeler_args(data, out))
+    kill_then_rerun(labeler_args(data, out), LABELER_KILLS[where], tmp_path, output=out,
+                    checkpoint=tmp_path / "lab-work" / "checkpoint.pt")
     ref = labeler_reference
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     got, want = (json.loads((d / "labeler.json").read_text()) for d in (out, ref))
@@ -166,18 +179,14 @@ GENERATOR_KILLS = {
 
 @pytest.fixture(scope="module")
 def generator_reference(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen") / "gen"
-    invoke(generator_args(data, out))
-    return out
+    return reference(generator_args, data, tmp_path_factory, "gen")
 
 
 @pytest.mark.parametrize("where", sorted(GENERATOR_KILLS))
 def test_train_generator_killed_and_rerun_equals_uninterrupted(data, generator_reference, tmp_path, where):
     out = tmp_path / "gen"
-    park, left = GENERATOR_KILLS[where]
-    kill_parked(generator_args(data, out), park, tmp_path)
-    assert not out.exists() and checkpoint_step(tmp_path / "gen-work" / "checkpoint.pt") == left
-    invoke(generator_args(data, out))
+    kill_then_rerun(generator_args(data, out), GENERATOR_KILLS[where], tmp_path, output=out,
+                    checkpoint=tmp_path / "gen-work" / "checkpoint.pt")
     ref = generator_reference
     weights = "diffusion_pytorch_model.safetensors"
     assert same_tensors(load_file(str(out / weights)), load_file(str(ref / weights)))
@@ -208,9 +217,7 @@ TRAIN_KILLS = {
 
 @pytest.fixture(scope="module")
 def train_reference(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "run"
-    invoke(train_args(data, out))
-    return out
+    return reference(train_args, data, tmp_path_factory, "run")
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -220,10 +227,9 @@ def curve(rows: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("where", sorted(TRAIN_KILLS))
 def test_train_killed_and_rerun_equals_uninterrupted(data, train_reference, tmp_path, where):
     out = tmp_path / "run"
-    park, left = TRAIN_KILLS[where]
-    kill_parked(train_args(data, out), park, tmp_path)
-    assert not (out / "result.json").exists() and checkpoint_step(out / "checkpoint.pt") == left
-    assert "finished: step 8" in invoke(train_args(data, out))
+    output = kill_then_rerun(train_args(data, out), TRAIN_KILLS[where], tmp_path, output=out / "result.json",
+                             checkpoint=out / "checkpoint.pt")
+    assert "finished: step 8" in output
     ref = train_reference
     assert curve(read_rows(out / "metrics.jsonl")) == curve(read_rows(ref / "metrics.jsonl"))
     assert [r["step"] for r in read_rows(out / "metrics.jsonl")] == [0, 2, 4, 6, 8]

@@ -103,15 +103,24 @@ def test_files_are_copied_where_the_event_loop_has_no_sendfile(make_dataset, tmp
     assert (whole[0], whole[2]) == (200, data) and (part[0], part[2]) == (206, data[7:5007])
 
 
-def big_file_app(path, data):
+def file_app(path, *, count: int, length: int | None, offset: int = 0):
+    """Sends ``count`` bytes of ``path`` from ``offset`` by zerocopysend under a declared
+    ``length`` (None: no Content-Length, so the response is chunked)."""
     async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(data) - 2000).encode())]})
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         with open(path, "rb", buffering=0) as file:
-            await send({"type": "http.response.zerocopysend", "file": file, "offset": 1000,
-                        "count": len(data) - 2000})
+            await send({"type": "http.response.zerocopysend", "file": file, "offset": offset, "count": count})
     return app
 
+
+def file_middle(path, data):
+    """All of ``data`` but its first and last 1000 bytes."""
+    return file_app(path, offset=1000, count=len(data) - 2000, length=len(data) - 2000)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatch):
     """20 MB from an offset: the first sendfile fills the send buffer (4 MiB at most here),
@@ -134,11 +143,11 @@ def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(tmp_path, monkeypatc
     path = tmp_path / "big.bin"
     path.write_bytes(data)
 
-    with serving_aiohttp(big_file_app(path, data)) as url, socket.socket() as sock:
+    with serving_aiohttp(file_middle(path, data)) as url, socket.socket() as sock:
         # A small receive buffer and no reading until the server waits: its first sendfile
         # must stop short of the body, however fast this machine drains sockets.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.connect(("127.0.0.1", port_of(url)))
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
         deadline = time.monotonic() + 30
         while not rest and time.monotonic() < deadline:  # until the server waits for room
@@ -162,9 +171,8 @@ def test_a_client_gone_mid_body_is_logged_without_a_traceback(tmp_path, caplog):
     data = bytes(range(256)) * 80_000  # 20 MB
     path = tmp_path / "big.bin"
     path.write_bytes(data)
-    with serving_aiohttp(big_file_app(path, data)) as url:
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+    with serving_aiohttp(file_middle(path, data)) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
             sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -187,24 +195,13 @@ def test_idle_and_slow_connections_are_closed_after_keep_alive(sent):
         await send({"type": "http.response.body", "body": b"ok"})
 
     with (serving_aiohttp(hello, keep_alive_s=0.5) as url,
-          socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock):
+          socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock):
         sock.sendall(sent)
         if sent.endswith(b"\r\n\r\n"):
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # headers and body: one write
         start = time.monotonic()
         assert sock.recv(65536) == b""  # closed by the server, well before the 10 s timeout
         assert time.monotonic() - start < 5
-
-
-def file_app(path, *, length: int | None, count: int):
-    """Sends ``count`` bytes of ``path`` by zerocopysend under a declared ``length``
-    (None: no Content-Length, so the response is chunked)."""
-    async def app(scope, receive, send):
-        headers = [] if length is None else [(b"content-length", str(length).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        with open(path, "rb", buffering=0) as file:
-            await send({"type": "http.response.zerocopysend", "file": file, "offset": 0, "count": count})
-    return app
 
 
 def test_zerocopysend_keeps_the_http_framing(tmp_path, caplog):
@@ -248,7 +245,7 @@ def test_a_client_gone_while_sending_its_body_is_a_disconnect(caplog):
         done.set()
 
     with serving_aiohttp(reader) as url:
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
             sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 10_000)
             time.sleep(0.2)
         assert done.wait(10)

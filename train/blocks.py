@@ -56,8 +56,6 @@ class BlockStore:
         counts, self._starts, self._stops = block_grid(catalog.shard_count, block=block,
                                                        shard_start=catalog.shard_start)
         self._first = np.cumsum(counts) - counts  # global index of each shard's first block
-        self._shard_of = np.repeat(np.arange(len(counts)), counts)
-        self._count = len(self._starts)
         self._base: np.ndarray | None = None  # per global block: arena offset of file offset 0
         self._in_arena: np.ndarray | None = None  # per global block: held in an arena slot
         self._windows: np.ndarray | None = None
@@ -86,7 +84,7 @@ class BlockStore:
     def _request(self, key: Key) -> tuple[str, int, int]:
         cat, rows = self.catalog, self._rows(key)
         last = rows[-1]
-        return (cat.shards[int(self._shard_of[key])], int(cat.image_offset[rows[0]]),
+        return (cat.shards[int(cat.shard_id[rows[0]])], int(cat.image_offset[rows[0]]),
                 int(cat.image_offset[last] + cat.image_size[last]))
 
     def _checked(self, key: Key, start: int, data: memoryview) -> bool:
@@ -113,7 +111,7 @@ class BlockStore:
             slots = self.keep * 3 // 2  # pinned and just-fetched blocks may exceed keep for a while
             self._arena = np.empty((slots, self._slot_bytes()), np.uint8)  # pages touched lazily
             self._free = list(range(slots))
-            self._base = np.zeros(self._count, np.int64)
+            self._base = np.zeros(len(self._starts), np.int64)
             self._in_arena = np.zeros(len(self._base), bool)
             self._windows = codec.npy_image_windows(self._arena.reshape(-1))
         out = []
