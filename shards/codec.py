@@ -85,14 +85,19 @@ def npy_headers_ok(buffer: np.ndarray, offsets: np.ndarray) -> bool:
     """
     if len(offsets) == 0:
         return True
-    steps = np.diff(offsets)
-    if len(offsets) > 1 and steps[0] > 0 and np.all(steps == steps[0]):
-        heads = np.lib.stride_tricks.as_strided(buffer[int(offsets[0]):], (len(offsets), NPY_HEADER_SIZE),
-                                                (int(steps[0]), 1))
-    else:
-        heads = np.lib.stride_tricks.as_strided(buffer, (buffer.size - NPY_HEADER_SIZE + 1, NPY_HEADER_SIZE),
-                                                (1, 1))[offsets]
+    heads = _rows_at(buffer, np.asarray(offsets, np.int64), NPY_HEADER_SIZE)
     return np.array_equal(heads, np.broadcast_to(_NPY_HEADER_U8, heads.shape))
+
+
+def _rows_at(buffer: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """``buffer[s : s + width]`` for every start, as one (len(starts), width) array (the
+    caller has checked the bounds). Starts at a constant stride, as the writer lays members
+    out, are one strided view; others one fancy index of a sliding window."""
+    steps = np.diff(starts)
+    if len(starts) == 1 or (steps[0] > 0 and np.all(steps == steps[0])):
+        stride = int(steps[0]) if len(starts) > 1 else width
+        return np.lib.stride_tricks.as_strided(buffer[int(starts[0]):], (len(starts), width), (stride, 1))
+    return np.lib.stride_tricks.as_strided(buffer, (buffer.size - width + 1, width), (1, 1))[starts]
 
 
 def npy_image_windows(buffer: np.ndarray) -> np.ndarray:
@@ -117,14 +122,7 @@ def decode_npy_batch(buffer: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return np.empty(out_shape, np.uint8)
     if starts.min() < 0 or starts.max() + IMAGE_BYTES > buffer.size:
         raise ValueError(f"an npy member runs past the end of the shard ({buffer.size} bytes)")
-    steps = np.diff(starts)
-    if len(starts) == 1 or (steps[0] > 0 and np.all(steps == steps[0])):
-        stride = int(steps[0]) if len(starts) > 1 else IMAGE_BYTES
-        view = np.lib.stride_tricks.as_strided(
-            buffer[int(starts[0]) :], shape=(len(starts), IMAGE_BYTES), strides=(stride, 1)
-        )
-        return view.reshape(out_shape).copy()
-    return np.stack([buffer[s : s + IMAGE_BYTES] for s in starts.tolist()]).reshape(out_shape)
+    return np.ascontiguousarray(_rows_at(buffer, starts, IMAGE_BYTES)).reshape(out_shape)
 
 
 def encode_label(label: int) -> bytes:
