@@ -118,10 +118,12 @@ class ExternalLabeler(nn.Module):
             x = torch.as_tensor(images[a : a + self.batch_size]).to(self.device, non_blocking=True)
             if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
                 raise ValueError(f"expected uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-            x = self.preprocessing.apply(x, dtype=dtype)
-            logits = self.logits(x).float()
-            if tta:
-                logits = (logits + self.logits(x.flip(3)).float()) / 2
+            x = self.preprocessing.apply(x)
+            # bf16 autocast on CUDA (matmuls and convs in bf16, softmax in fp32), fp32 on CPU.
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = self.logits(x).float()
+                if tta:
+                    logits = (logits + self.logits(x.flip(3)).float()) / 2
             out.append(torch.softmax(logits, dim=1)[:, order])
         probs = torch.cat(out) if out else torch.empty(0, self.num_classes, device=self.device)
         return probs.cpu().numpy() if isinstance(images, np.ndarray) else probs
