@@ -77,6 +77,9 @@ def test_transformers_labeler_maps_id2label_to_cifar10_order(tmp_path: Path) -> 
         ref = torch.softmax(net(pixel_values=pixels).logits, 1).numpy()[:, ::-1]
     assert probs.shape == (6, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert np.allclose(probs, ref, atol=2e-3)
+    lab.dtype = torch.bfloat16  # the CUDA default (autocast), run here on the CPU
+    assert np.abs(lab.predict(images) - probs).max() < 0.05 and lab.details()["dtype"] == "bf16"
+    lab.dtype = None
     details = lab.details()
     assert details["kind"] == "transformers" and details["class_index"]["truck"] == 0
     assert details["preprocessing"]["size"] == (48, 48) and details["preprocessing"]["interpolation"] == "bilinear"
