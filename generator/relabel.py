@@ -20,7 +20,7 @@ import numpy as np
 from cifar5m.errors import ModelError
 from shards.format import INDEX_NAME
 from shards.index import shard_runs
-from shards.reader import Dataset
+from shards.reader import Dataset, Split
 
 WORK = "_label_work"
 
@@ -44,11 +44,10 @@ def confusion(before: np.ndarray, after: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(before.astype(np.int64) * k + after.astype(np.int64), minlength=k * k).reshape(k, k)
 
 
-def _shard_probs(lab: Any, dataset: Dataset, shard: str, work: Path) -> np.ndarray:
+def _shard_probs(lab: Any, split: Split, shard: str, work: Path) -> np.ndarray:
     part = work / f"{shard}.npy"
     if part.is_file():
         return np.load(part)
-    split = dataset.split(dataset.shards[shard].split)
     probs = np.asarray(lab.predict(split.decode_shard(shard).images), dtype=np.float32)
     with open(part.with_suffix(".tmp"), "wb") as f:
         np.save(f, probs)
@@ -64,9 +63,14 @@ def label_dataset(root: str | Path, spec: str, *, keep_as: str, device: Any = "c
     from shards.relabel import finish_pending, write_labels
 
     root = Path(root)
-    finish_pending(root)
+    finished = finish_pending(root)  # a run killed between the index and manifest renames
     dataset = Dataset(root)
     lab = open_for(spec, dataset, device=device, batch_size=batch_size)
+    last = (dataset.manifest.provenance.get("relabels") or [{}])[-1]
+    if finished and last.get("labeler", {}).get("sha256") == lab.sha256:
+        return {**{k: last[k] for k in ("samples", "agreement", "confusion", "seconds")},
+                "class_names": list(dataset.manifest.class_names), "kept_as": last["previous_labels"],
+                "labeler": last["labeler"]}
     index = dataset.index
     k = len(dataset.manifest.class_names)
     runs = shard_runs(index["shard"])
@@ -75,13 +79,13 @@ def label_dataset(root: str | Path, spec: str, *, keep_as: str, device: Any = "c
     probs = np.zeros((len(index), k), np.float32)
     keys = index["key"]
     started = time.perf_counter()
+    splits = {name: dataset.split(name) for name in dataset.manifest.splits}
     bar = tqdm(total=len(index), unit="img", desc="label", disable=not progress, dynamic_ncols=True)
     for info in dataset.manifest.shards:
-        rows = runs[info.file]
-        split = dataset.split(info.split)
+        rows, split = runs[info.file], splits[info.split]
         if split.keys[split.rows(info.file)] != keys.slice(rows.start, rows.stop - rows.start).to_pylist():
             raise ModelError(f"{root / INDEX_NAME}: rows of {info.file} are not in split order")
-        probs[rows] = _shard_probs(lab, dataset, info.file, work)
+        probs[rows] = _shard_probs(lab, split, info.file, work)
         bar.update(rows.stop - rows.start)
     bar.close()
     seconds = time.perf_counter() - started

@@ -229,11 +229,11 @@ def test_label_resumes_from_saved_shard_probabilities(tmp_path: Path, make_datas
     calls: list[str] = []
     real = relabel._shard_probs
 
-    def failing(lab, dataset, shard, work):
+    def failing(lab, split, shard, work):
         calls.append(shard)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(lab, dataset, shard, work)
+        return real(lab, split, shard, work)
 
     monkeypatch.setattr(relabel, "_shard_probs", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -264,3 +264,29 @@ def test_timm_preprocessing_matches_timms_eval_transform() -> None:
         ref = torch.stack([transform(Image.fromarray(i)) for i in images])
         ours = from_timm_data_config(cfg).apply(torch.as_tensor(images))
         assert (ours - ref).abs().max().item() <= 1.5 / 255 / min(cfg["std"])
+
+
+def test_a_crash_between_index_and_manifest_is_finished_by_the_next_run(tmp_path, make_dataset,
+                                                                        monkeypatch) -> None:
+    from shards import relabel as shards_relabel
+
+    root = make_dataset(n_train=12, n_test=4, shard_size=8)
+    model_dir = save_tiny_vit(tmp_path / "vit")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the index rename, before the manifest's
+
+    monkeypatch.setattr(shards_relabel, "write_manifest", killed)
+    from generator.relabel import label_dataset
+
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(root, str(model_dir), keep_as="label_v1", progress=False)
+    with pytest.raises(Exception, match="index.parquet has .* the manifest says"):
+        verify_dataset(root, progress=False)  # the index no longer matches the manifest
+    monkeypatch.undo()
+    out = run("label", str(root), "--labeler", str(model_dir))  # the same command again
+    assert "agreement with the previous labels (label_v1)" in out
+    index = read_index(root / "index.parquet")
+    assert json.loads(index.schema.metadata[b"cifar5m.index"])["version"] == 2  # not relabelled twice
+    assert len(load_manifest(root).provenance["relabels"]) == 1
+    assert verify_dataset(root, decode=True, progress=False).decoded == 16
