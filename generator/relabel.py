@@ -114,6 +114,30 @@ def format_report(report: dict[str, Any], *, title: str = "previous \\ new") -> 
     return "\n".join(lines)
 
 
+def plot_confusion(report: dict[str, Any], path: str | Path) -> Path:
+    """PNG of the confusion matrix, each row normalised (share of a previous label's samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(report["confusion"], dtype=float)
+    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    names = report["class_names"]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(share, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("new label")
+    ax.set_ylabel(f"previous label ({report['kept_as']})")
+    ax.set_title(f"agreement {report['agreement']:.2%} of {report['samples']:,} samples")
+    fig.colorbar(im, ax=ax, label="share of the previous label's samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     correct: int

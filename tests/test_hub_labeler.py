@@ -134,8 +134,10 @@ def test_label_relabels_in_a_new_index_version_without_touching_shards(tmp_path:
     shard_bytes = {p.name: p.read_bytes() for p in root.glob("*.tar")}
     old_labels = read_index(root / "index.parquet")["label"].to_numpy()
     model_dir = save_tiny_vit(tmp_path / "vit")
-    out = run("label", str(root), "--labeler", str(model_dir), "--device", "cpu", "--batch-size", "7")
+    out = run("label", str(root), "--labeler", str(model_dir), "--device", "cpu", "--batch-size", "7",
+              "--plot", str(tmp_path / "confusion.png"))
     assert "agreement with the previous labels (label_v1)" in out and "airplane" in out
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name: p.read_bytes() for p in root.glob("*.tar")} == shard_bytes
     index = read_index(root / "index.parquet")
     assert np.array_equal(index["label_v1"].to_numpy(), old_labels)

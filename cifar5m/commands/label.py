@@ -24,7 +24,8 @@ def _device(device: str) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per labeler forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available, else cpu), cpu, cuda:N.")
-def label_cmd(root, labeler, keep_as, batch_size, device) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also write the confusion matrix as a PNG here.")
+def label_cmd(root, labeler, keep_as, batch_size, device, plot) -> None:
     """Relabel the dataset ROOT with another labeler; its shards are not touched.
 
     Writes a new version of index.parquet whose label, confidence and probs columns
@@ -37,7 +38,7 @@ def label_cmd(root, labeler, keep_as, batch_size, device) -> None:
       cifar5m label data/cifar5m --labeler aaraki/vit-base-patch16-224-in21k-finetuned-cifar10
       cifar5m label data/gen --labeler timm:resnet18:resnet18-cifar10.safetensors --keep-as label_builtin
     """
-    from generator.relabel import format_report, label_dataset
+    from generator.relabel import format_report, label_dataset, plot_confusion
     from shards.format import INDEX_NAME
     from shards.index import read_index
     from shards.relabel import index_meta
@@ -48,7 +49,9 @@ def label_cmd(root, labeler, keep_as, batch_size, device) -> None:
     report = label_dataset(root, labeler, keep_as=keep_as, device=_device(device), batch_size=batch_size)
     click.echo(format_report(report))
     click.echo(f"labelled {report['samples']:,} samples in {report['seconds']:.1f} s; "
-               f"the previous labels are in index column {keep_as!r}")
+               f"the previous labels are in index column {report['kept_as']!r}")
+    if plot:
+        click.echo(f"confusion matrix: {plot_confusion(report, plot)}")
 
 
 @click.command("eval-labeler")
