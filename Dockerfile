@@ -13,7 +13,9 @@ COPY shards ./shards
 COPY generator ./generator
 COPY dataset_server ./dataset_server
 COPY train ./train
-RUN pip install ".[generate,train,serve]"
+# labelers: transformers and timm; timm needs torchvision built for the same torch, which
+# the base image ships (docs/labelers.md).
+RUN pip install ".[generate,train,serve,labelers]"
 
 WORKDIR /data
 EXPOSE 8000

@@ -13,6 +13,7 @@ train      ``gpu_train.bench``: ResNet-18 fed from shards vs compute-only (issue
 science    ``gpu_train.science``: real world N=5,000 vs ideal world 50,000, ResNet-18
 stream     ``cifar5m stream`` on that machine's CPUs, 0/1/4 workers (issue 5: cores per 46k img/s)
 generate   ``gpu_generate``: end-to-end generation vs DDPMPipeline fp16 (issue 3: >= 2.5x)
+hublabel   ``gpu_labelers``: ViT-B/16 224 px bf16 labeling img/s per batch vs the sampler's rate
 unet       ``gpu_models.train_small_generator``: the builtin UNet, trained until the deadline
 serve      ``serve_bench.py`` on that machine's CPUs (no GPU): room for server and clients (issue 6)
 =========  ============================================================================
@@ -38,13 +39,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import gpu_generate  # noqa: E402
+import gpu_labelers  # noqa: E402
 import gpu_models  # noqa: E402
 import gpu_train  # noqa: E402
 from gpu_models import Deadline, log  # noqa: E402
 
 # Seconds each part needs before it is worth starting (H200 estimates; the UNet takes the rest).
-NEEDS = {"data": 0, "labeler": 45, "train": 60, "science": 45, "stream": 20, "generate": 120, "unet": 90,
-         "serve": 150}
+NEEDS = {"data": 0, "labeler": 45, "train": 60, "science": 45, "stream": 20, "generate": 120, "hublabel": 60,
+         "unet": 90, "serve": 150}
 UNET_RESERVE = 25  # seconds kept after the UNet's last chunk: final save, sample grid, tar
 
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar10", required=True, help="the CIFAR-10 JPEG tar.gz (or a cifar5m dataset dir)")
     p.add_argument("--budget", type=float, default=430, help="seconds for all parts together")
-    p.add_argument("--only", default="labeler,train,science,stream,generate,unet")
+    p.add_argument("--only", default="labeler,train,science,stream,generate,hublabel,unet")
     p.add_argument("--work", default="gpu-work", help="scratch directory (not returned)")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-output"))
     p.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks this script runs")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "data", deadline, lambda: gpu_models.import_dataset(str(src), work / "cifar10"), smoke=smoke)
     labelers = None
     if data and "labeler" in only:
-        later = sum(NEEDS[k] for k in ("train", "science", "stream", "generate", "unet") if k in only)
+        later = sum(NEEDS[k] for k in ("train", "science", "stream", "generate", "hublabel", "unet") if k in only)
         labelers = part("labeler", deadline,
                         lambda: gpu_models.train_labelers(work, data, deadline, keep=later, smoke=smoke), smoke=smoke)
     if "train" in only:
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         gen_argv = ["--device", "cpu", "--count", "8", "--batch", "4", "--steps", "2"] if smoke else \
             ["--count", "5120", "--batch", "512", "--steps", "20"]
         part("generate", deadline, lambda: gpu_generate.main(gen_argv), smoke=smoke)
+    if "hublabel" in only:
+        rows = part("hublabel", deadline, lambda: gpu_labelers.main(["--smoke"] if smoke else []), smoke=smoke)
+        log("hublabel rates", {"rows": rows})
     if data and "unet" in only:
         part("unet", deadline, lambda: gpu_models.train_small_generator(work, data, deadline, reserve=UNET_RESERVE,
                                                                         smoke=smoke), smoke=smoke)

@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "train-labeler": "cifar5m.commands.models:train_labeler_cmd",
     "train-generator": "cifar5m.commands.models:train_generator_cmd",
     "report": "cifar5m.commands.models:report_cmd",
+    "label": "cifar5m.commands.label:label_cmd",
+    "eval-labeler": "cifar5m.commands.label:eval_labeler_cmd",
     # dataset_server/
     "serve": "cifar5m.commands.serve:serve_cmd",
     "download": "cifar5m.commands.serve:download_cmd",

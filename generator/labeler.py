@@ -30,6 +30,7 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from generator.checkpoint import replace_dir
+from generator.hub_labeler import is_external, load_external
 from shards.shard import sha256_file
 
 FORMAT_NAME = "cifar5m-labeler"
@@ -183,6 +184,13 @@ class Labeler(nn.Module):
         """Logits for already-preprocessed input (see ``preprocess``)."""
         return self.net(x)
 
+    def details(self) -> dict[str, Any]:
+        """What a manifest records about this labeler."""
+        return {"kind": "cifar5m", "arch": self.arch, "arch_kwargs": self.arch_kwargs,
+                "sha256": self.sha256, "normalization": {"mean": self.mean.flatten().tolist(),
+                                                         "std": self.std.flatten().tolist()},
+                "tta": "flip"}
+
     @torch.no_grad()
     def predict(self, images: np.ndarray | torch.Tensor, *, tta: bool = True) -> np.ndarray | torch.Tensor:
         """Class probabilities, float32 (N, num_classes); numpy in -> numpy out.
@@ -279,11 +287,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_labeler(path: str | Path = "builtin", *, device: str | torch.device = "cpu") -> Labeler:
-    """Load a labeler directory (or ``"builtin"``) in eval mode on ``device``."""
+def load_labeler(path: str | Path = "builtin", *, device: str | torch.device = "cpu",
+                 class_names: Sequence[str] | None = None) -> Any:
+    """Load a labeler directory (or ``"builtin"``) in eval mode on ``device``.
+
+    A transformers model (directory or Hub id) or ``timm:NAME:CHECKPOINT`` gives a
+    ``generator.hub_labeler.ExternalLabeler`` instead, its outputs in ``class_names``'
+    order (default CIFAR-10's).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if str(path) != "builtin" and is_external(str(path)):
+        from shards.format import CIFAR10_CLASSES
+
+        return load_external(str(path), class_names=class_names or CIFAR10_CLASSES, device=device)
     root = resolve_labeler_path(path)
     cfg = read_config(root)
     weights = root / WEIGHTS_NAME

@@ -149,6 +149,8 @@ class Session:
                          "diffusers": diffusers.__version__},
             "fingerprint": fp,
         }
+        if self.labeler is not None:  # model id, revision or hash, preprocessing
+            out["labeler_details"] = self.labeler.details()
         if self.conditional and self.labeler is not None:
             out["labeler_agreement"] = agreement(records)
         return out

@@ -59,6 +59,13 @@ def render_card(manifest: Manifest) -> str:
         for split, t in totals.items()
     )
     source = manifest.provenance.get("source", "see manifest.json")
+    relabels = manifest.provenance.get("relabels") or []
+    if relabels:
+        last = relabels[-1]
+        model = (last.get("labeler") or {}).get("model") or (last.get("labeler") or {}).get("kind")
+        source += (f"\n\nRelabelled (index version {last['index_version']}) by {model}: `index.parquet`'s "
+                   f"`label` column holds the new labels, `{last['previous_labels']}` the previous ones. "
+                   f"The `.cls` members inside the shards keep the labels they were written with.")
     return f"""---
 {meta}---
 

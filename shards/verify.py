@@ -19,6 +19,7 @@ from shards import codec, ustar
 from shards.format import INDEX_NAME, LABEL_EXT
 from shards.index import read_index, shard_runs
 from shards.manifest import ShardInfo, load_manifest
+from shards.relabel import shard_label_column
 
 
 @dataclass
@@ -67,9 +68,15 @@ def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, whe
             raise CorruptShardError(f"{where} at byte {got.offset}: member {got.name!r} does not match the index ({want[0]!r})")
 
 
-def _decode_all(data: bytes, rows, *, image_format: str, where: Path, classes: int) -> int:
+def _decode_all(data: bytes, rows, *, image_format: str, where: Path, classes: int,
+                shard_labels: str = "label") -> int:
+    """Decode every member; ``shard_labels`` is the index column the ``.cls`` members hold
+    (``label`` unless the dataset was relabelled: see ``shards.relabel``)."""
     view = memoryview(data)
-    labels = rows["label"].to_pylist()
+    labels = rows[shard_labels].to_pylist()
+    current = rows["label"].to_numpy()
+    if len(current) and not (current.min() >= 0 and current.max() < classes):
+        raise CorruptShardError(f"{where}: the index has labels outside [0, {classes})")
     for off, size, loff, lsize, label in zip(rows["image_offset"].to_pylist(), rows["image_size"].to_pylist(),
                                              rows["label_offset"].to_pylist(), rows["label_size"].to_pylist(),
                                              labels, strict=True):
@@ -94,6 +101,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
         _read_checked(root / f.file, size=f.bytes, sha256=f.sha256)
     index = read_index(root / INDEX_NAME)
     report = VerifyReport()
+    shard_labels = shard_label_column(index)
     for split, total in manifest.totals().items():
         rows = int(pc.sum(pc.equal(index["split"], split)).as_py() or 0)
         if rows != total["samples"]:
@@ -110,7 +118,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
         _check_members(data, info, rows, image_format=manifest.image_format, where=path)
         if decode:
             report.decoded += _decode_all(data, rows, image_format=manifest.image_format, where=path,
-                                          classes=len(manifest.class_names))
+                                          classes=len(manifest.class_names), shard_labels=shard_labels)
         report.shards += 1
         report.samples[info.split] = report.samples.get(info.split, 0) + info.samples
         report.bytes += info.bytes
