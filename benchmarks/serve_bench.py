@@ -34,9 +34,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from dataset_server.engines import ENGINES  # noqa: E402
 from serve_load import REPO, box_busy_s, children_cpu_s, client_proc, tree_cpu_s, wait_idle  # noqa: E402
 
-from dataset_server.engines import ENGINES  # noqa: E402
 from tests.conftest import write_dataset  # noqa: E402
 from tests.test_server_support import free_port, wait_http  # noqa: E402
 

@@ -1,9 +1,11 @@
-"""Worker processes of ``cifar5m serve --server aiohttp``: each accepts on its own socket.
+"""Worker processes of ``cifar5m serve``: each runs the aiohttp app on its own socket.
 
 Why not gunicorn's shared socket: asyncio accepts every pending connection in one wake-up,
 so the worker that wakes first takes a burst of new connections. Measured with 32 clients
 connecting at once to 4 gunicorn workers: 15/14/2/1 connections per worker (granian:
-10/8/7/7), and the busiest worker capped the whole server. Here the supervisor opens one
+10/8/7/7), and the busiest worker capped the whole server. aiohttp's own multi-process
+pattern (``web.run_app(reuse_port=True)`` per process) has the same kernel spreading, but
+nothing that keeps the port or restarts a worker. Here the supervisor opens one
 ``SO_REUSEPORT`` listening socket per worker and the kernel spreads connections over them
 (10/9/7/6).
 
@@ -46,8 +48,7 @@ MAX_QUICK_DEATHS = 3
 def run_workers(config: ServeConfig) -> None:
     """Serve with ``config.workers`` aiohttp processes until Ctrl-C / SIGTERM."""
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
-        raise ServerConfigError("--workers above 1 with --server aiohttp needs SO_REUSEPORT (Linux, BSD); "
-                                "pass --workers 1 or --server granian")
+        raise ServerConfigError("--workers above 1 needs SO_REUSEPORT (Linux, BSD); pass --workers 1")
     sockets = listen(config.host, config.port, config.workers)
     port = sockets[0].getsockname()[1]
     stopping = threading.Event()
@@ -58,7 +59,7 @@ def run_workers(config: ServeConfig) -> None:
             workers.append(_Worker(config, sock))
             if not workers[-1].wait_listening(stopping):
                 return  # stopped while starting
-        log.info("listening on http://%s:%d (%d aiohttp workers)", config.host, port, config.workers)
+        log.info("listening on http://%s:%d (%d workers)", config.host, port, config.workers)
         while not stopping.wait(0.5):
             for i, worker in enumerate(workers):
                 if not worker.proc.is_alive() and not stopping.is_set():
@@ -163,8 +164,7 @@ def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
 async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None:
     from aiohttp import web
 
-    from dataset_server.app import create_app
-    from dataset_server.bridge import build_application
+    from dataset_server.app import create_app, runner_of
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,10 +173,8 @@ async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None
     parent = mp.parent_process()
     if parent is not None:  # readable once the supervisor has exited, even by SIGKILL
         loop.add_reader(parent.sentinel, stop.set)
-    app = build_application(create_app(**config.app_kwargs()), limit_concurrency=config.limit_concurrency,
-                            max_headers=config.max_headers, max_header_bytes=config.max_header_bytes)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.keep_alive_s,
-                           shutdown_timeout=config.graceful_s, handle_signals=False)
+    runner = runner_of(create_app(**config.app_kwargs()), keep_alive_s=config.keep_alive_s,
+                       graceful_s=config.graceful_s, access_log=config.access_log)
     await runner.setup()
     try:
         await web.SockSite(runner, sock, backlog=config.limit_concurrency).start()
