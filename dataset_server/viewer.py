@@ -15,23 +15,31 @@ import asyncio
 import html
 import io
 import json
+import logging
+import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from aiohttp import web
+from PIL import Image
 
 from dataset_server.auth import Access
 from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at
-from dataset_server.repo import DatasetRepo, RepoState
+from dataset_server.repo import DatasetRepo, Library, RepoState
 from dataset_server.responses import Denied, hub_error
+from shards.codec import decode_image
 from shards.format import CARD_NAME, INDEX_NAME, MANIFEST_NAME
 from shards.manifest import Manifest
 
+log = logging.getLogger("dataset_server")
 PER_CLASS = 8  # samples per class in the grid
-_CACHE_MAX = 64  # datasets (commits) whose sample PNGs are kept
-_cache: OrderedDict[str, list[bytes]] = OrderedDict()
+_CACHE_MAX = 64  # (commit, part) entries kept: class counts and sample PNGs of recent commits
+_cache: OrderedDict[tuple[str, str], object] = OrderedDict()
 _cache_lock = threading.Lock()
+_INDEX_COLUMNS = ["split", "shard", "position", "image_offset", "image_size", "label"]
 
 _CSS = """body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1000px;padding:1em 1.5em;color:#222}
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.15em;margin:1.4em 0 .4em;border-bottom:1px solid #ddd}
@@ -56,7 +64,7 @@ async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
                name: str | None = None) -> web.Response:
     """``/`` (org and name None) or the page of dataset ``org/name``."""
     if org is None or name is None:
-        return _page_response("cifar5m datasets", await _index(ctx, request))
+        return _page_response("cifar5m datasets", await _listing(ctx, request))
     try:
         repo, access = access_of(ctx, request, org, name)
         state = await state_at(repo, MAIN)
@@ -68,7 +76,7 @@ async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
     return _page_response(state.repo_id, body)
 
 
-async def _index(ctx: ServerContext, request: web.Request) -> str:
+async def _listing(ctx: ServerContext, request: web.Request) -> str:
     rows = []
     for repo_id in ctx.library.repo_ids():
         try:
@@ -146,25 +154,38 @@ def _card_text(state: RepoState) -> str:
     return text.strip()
 
 
-def _labels(state: RepoState) -> dict[str, np.ndarray]:
-    """Labels per split, from the index (empty when the dataset has none)."""
+def _cached(state: RepoState, part: str, make):
+    """``make(state)``, computed once per commit and part (under a lock: one reader at a time)."""
+    key = (state.sha, part)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = make(state)
+            while len(_cache) > _CACHE_MAX:
+                _cache.popitem(last=False)
+        _cache.move_to_end(key)
+        return _cache[key]
+
+
+def _read_index(state: RepoState):
+    return pq.read_table(state.files[INDEX_NAME].path, columns=_INDEX_COLUMNS)
+
+
+def _counts(state: RepoState) -> dict[str, np.ndarray]:
+    """Samples per class label, per split, from the index (empty when there is none)."""
     if INDEX_NAME not in state.files:
         return {}
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(state.files[INDEX_NAME].path, columns=["split", "label"])
+    table = _read_index(state)
     splits = table["split"].to_numpy(zero_copy_only=False)
-    labels = table["label"].to_numpy()
-    return {str(s): labels[splits == s] for s in np.unique(splits)}
+    labels = table["label"].to_numpy().astype(np.int64)
+    return {str(s): np.bincount(labels[splits == s]) for s in np.unique(splits)}
 
 
 def _histogram(state: RepoState, manifest: Manifest) -> str:
-    per_split = _labels(state)
+    per_split = _cached(state, "counts", _counts)
     if not per_split:
         return ""
     n = len(manifest.class_names)
-    counts = {s: np.bincount(per_split[s].astype(np.int64), minlength=n)[:n]
-              for s in manifest.splits if s in per_split}  # train first
+    counts = {s: np.pad(per_split[s], (0, n))[:n] for s in manifest.splits if s in per_split}  # train first
     top = max(int(c.max()) for c in counts.values()) or 1
     head = "".join(f"<th class=num>{html.escape(s)}</th>" for s in counts)
     rows = []
@@ -188,12 +209,26 @@ def _snippets(origin: str, repo_id: str) -> str:
     return "<h2>Use it</h2>" + "".join(f"<p>{html.escape(k)}</p><pre>{html.escape(v)}</pre>" for k, v in code.items())
 
 
+def warm(library: Library) -> None:
+    """Class counts and sample PNGs of every dataset, made before a first visitor waits for
+    them (the first parquet read of a process alone takes ~0.3 s)."""
+    for repo_id in library.repo_ids()[:_CACHE_MAX // 2]:
+        repo = library.get(*repo_id.split("/", 1))
+        try:
+            state = repo.scan() if repo is not None else None
+            if state is not None:
+                _cached(state, "counts", _counts)
+                _cached(state, "strips", _draw)
+        except (OSError, ValueError) as exc:  # unreadable: its page says why when asked
+            log.info("no viewer warm-up for %s: %s", repo_id, exc)
+
+
 async def samples(ctx: ServerContext, request: web.Request, org: str, name: str, file: str) -> web.Response:
     """``/datasets/<org>/<name>/samples/<class>.png``: a strip of the class's first samples."""
     repo = lookup(ctx, request, org, name, files=True)
     state = await state_at(repo, MAIN, max_age=ctx.scan_max_age)
     stem, _, ext = file.partition(".")
-    pngs = await asyncio.to_thread(_strips, state)
+    pngs = await asyncio.to_thread(_cached, state, "strips", _draw)
     if ext != "png" or not stem.isdigit() or int(stem) >= len(pngs):
         return hub_error(404, "EntryNotFound", f"no samples image {file} in dataset {state.repo_id}")
     return web.Response(body=pngs[int(stem)], content_type="image/png",
@@ -201,34 +236,31 @@ async def samples(ctx: ServerContext, request: web.Request, org: str, name: str,
                                  else "no-cache", "ETag": f'"{state.sha}-{stem}"'})
 
 
-def _strips(state: RepoState) -> list[bytes]:
-    """One PNG per class of its first ``PER_CLASS`` train samples (the first split without train)."""
-    with _cache_lock:
-        if state.sha in _cache:
-            _cache.move_to_end(state.sha)
-            return _cache[state.sha]
-        pngs = _draw(state)
-        _cache[state.sha] = pngs
-        while len(_cache) > _CACHE_MAX:
-            _cache.popitem(last=False)
-        return pngs
-
-
 def _draw(state: RepoState) -> list[bytes]:
-    from PIL import Image
-
-    from shards.reader import Dataset
-
+    """One PNG per class of its first ``PER_CLASS`` train samples (the first split without
+    train), each read by its byte range from a served shard and decoded."""
     manifest = _manifest(state)
-    dataset = Dataset(state.files[MANIFEST_NAME].path.rsplit("/", 1)[0])
+    names = manifest.class_names
+    if INDEX_NAME not in state.files:
+        return [_png(np.full((32, PER_CLASS * 33, 3), 255, np.uint8)) for _ in names]
+    table = _read_index(state)
+    split = "train" if "train" in manifest.splits else manifest.splits[0]
+    rows = table.filter(pc.equal(table["split"], split)).sort_by("position")
+    labels = rows["label"].to_numpy()
     strips = []
-    split = dataset.split("train" if "train" in manifest.splits else manifest.splits[0])
-    for k in range(len(manifest.class_names)):
+    for k in range(len(names)):
         canvas = np.full((32, PER_CLASS * 33, 3), 255, np.uint8)
-        for j, pos in enumerate(np.flatnonzero(split.labels == k)[:PER_CLASS]):
-            if split.shard_of[pos] in state.files:  # only files the scan let through
-                canvas[:, j * 33:j * 33 + 32] = split[int(pos)].image
-        out = io.BytesIO()
-        Image.fromarray(canvas).save(out, format="PNG")
-        strips.append(out.getvalue())
+        for j, i in enumerate(np.flatnonzero(labels == k)[:PER_CLASS].tolist()):
+            shard = state.files.get(rows["shard"][i].as_py())  # only files the scan let through
+            if shard is not None:
+                with open(shard.path, "rb") as f:
+                    data = os.pread(f.fileno(), rows["image_size"][i].as_py(), rows["image_offset"][i].as_py())
+                canvas[:, j * 33:j * 33 + 32] = decode_image(data, manifest.image_format)
+        strips.append(_png(canvas))
     return strips
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()

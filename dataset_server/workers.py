@@ -164,7 +164,8 @@ def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
 async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None:
     from aiohttp import web
 
-    from dataset_server.app import create_app, runner_of
+    from dataset_server import viewer
+    from dataset_server.app import CTX, create_app, runner_of
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,6 +180,7 @@ async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None
     try:
         await web.SockSite(runner, sock, backlog=config.limit_concurrency).start()
         ready.set()
+        loop.run_in_executor(None, viewer.warm, runner.app[CTX].library)  # the dataset pages' data
         await stop.wait()
     finally:
         await runner.cleanup()  # stops accepting, waits up to graceful_s for running requests

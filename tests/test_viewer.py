@@ -27,7 +27,7 @@ from tests.test_server_support import build_root, request, serving
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--hide-scrollbars", "--window-size=1100,1400", "--remote-debugging-port=0"]
+                 "--hide-scrollbars", "--remote-debugging-port=0"]
 
 
 @pytest.fixture
@@ -75,8 +75,8 @@ def chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-async def devtools(port: int, expression: str) -> tuple[dict, bytes]:
-    """Evaluate ``expression`` (a promise) in the browser's page; its value and a screenshot."""
+async def devtools(port: int, url: str) -> tuple[dict, bytes]:
+    """Load ``url`` in the browser's page; what ``LOADED`` finds there, and a screenshot."""
     import base64
 
     import aiohttp
@@ -85,33 +85,42 @@ async def devtools(port: int, expression: str) -> tuple[dict, bytes]:
         async with session.get(f"http://127.0.0.1:{port}/json/list") as reply:
             target = next(t for t in await reply.json() if t["type"] == "page")
         async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            async def call(msg_id: int, method: str, **params) -> dict:
+            async def call(msg_id: int, method: str, *, until: str | None = None, **params) -> dict:
+                """Send one command; its result (and, with ``until``, wait for that event too)."""
                 await ws.send_json({"id": msg_id, "method": method, "params": params})
+                result = None
                 async for msg in ws:
                     data = json.loads(msg.data)
                     if data.get("id") == msg_id:
-                        return data["result"]
+                        if "error" in data:
+                            raise RuntimeError(f"{method}: {data['error']}")
+                        result = data["result"]
+                    if result is not None and (until is None or data.get("method") == until):
+                        return result
                 raise RuntimeError("the browser closed the DevTools connection")
 
-            value = await call(1, "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-            shot = await call(2, "Page.captureScreenshot", format="png", captureBeyondViewport=True)
-    return json.loads(value["result"]["value"]), base64.b64decode(shot["data"])
+            await call(1, "Page.enable")
+            await call(2, "Page.navigate", url=url, until="Page.loadEventFired")  # images loaded too
+            value = await call(3, "Runtime.evaluate", expression=LOADED, returnByValue=True)
+            page = json.loads(value["result"]["value"])
+            await call(4, "Emulation.setDeviceMetricsOverride", width=1100, height=page["height"],
+                       deviceScaleFactor=1, mobile=False)
+            shot = await call(5, "Page.captureScreenshot", format="png")
+    return page, base64.b64decode(shot["data"])
 
 
-LOADED = """new Promise(done => {
-  const report = () => done(JSON.stringify({
-    widths: Array.from(document.images).map(i => i.naturalWidth),
-    complete: Array.from(document.images).every(i => i.complete),
-    h1: document.querySelector("h1").textContent, title: document.title}));
-  if (document.readyState === "complete") report(); else window.addEventListener("load", report);
-})"""
+LOADED = """JSON.stringify({
+  widths: Array.from(document.images).map(i => i.naturalWidth),
+  complete: Array.from(document.images).every(i => i.complete),
+  h1: document.querySelector("h1").textContent, title: document.title,
+  height: Math.min(document.documentElement.scrollHeight, 4000)})"""
 
 
 @pytest.mark.skipif(chromium() is None, reason="no Chromium installed (apt-get install chromium; .ci/run does)")
 def test_the_page_renders_in_headless_chromium_with_every_sample_image_decoded(root, tmp_path):
     with serving(create_app(root=root)) as url:
         profile = tmp_path / "profile"
-        proc = subprocess.Popen([chromium(), *BROWSER_FLAGS, f"--user-data-dir={profile}", f"{url}/datasets/lab/ds"],
+        proc = subprocess.Popen([chromium(), *BROWSER_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             port_file = profile / "DevToolsActivePort"
@@ -120,7 +129,7 @@ def test_the_page_renders_in_headless_chromium_with_every_sample_image_decoded(r
                 assert proc.poll() is None and time.monotonic() < deadline, "Chromium did not start"
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
-            page, shot = asyncio.run(asyncio.wait_for(devtools(port, LOADED), 60))
+            page, shot = asyncio.run(asyncio.wait_for(devtools(port, f"{url}/datasets/lab/ds"), 60))
         finally:
             proc.terminate()
             proc.wait(30)
