@@ -14,8 +14,9 @@ reported; http.server and nginx only have HEAD.
 
 nginx (the distribution's package; skipped with a note when not installed) is the
 anchor: a config written here serves the same directory on 127.0.0.1 with ``sendfile``,
-``--workers`` worker processes and no access log, as ``user root`` (its workers must
-read the private temp dir this benchmark writes to).
+``--workers`` worker processes, no access log and the 4 MiB socket send buffer that
+``cifar5m serve`` sets too, as ``user root`` (its workers must read the private temp dir
+this benchmark writes to).
 
 CPU: utime+stime of the server's process tree (all workers and threads) and of the
 client processes over the load, and the whole machine's busy time from /proc/stat;
@@ -66,7 +67,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port} sndbuf=4m;
         root {root};
     }}
 }}

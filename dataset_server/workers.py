@@ -49,7 +49,7 @@ def run_workers(config: ServeConfig) -> None:
     """Serve with ``config.workers`` aiohttp processes until Ctrl-C / SIGTERM."""
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ServerConfigError("--workers above 1 needs SO_REUSEPORT (Linux, BSD); pass --workers 1")
-    sockets = listen(config.host, config.port, config.workers)
+    sockets = listen(config.host, config.port, config.workers, send_buffer=config.send_buffer)
     port = sockets[0].getsockname()[1]
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -72,8 +72,9 @@ def run_workers(config: ServeConfig) -> None:
             signal.signal(sig, handler)
 
 
-def listen(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one).
+def listen(host: str, port: int, count: int, *, send_buffer: int = 0) -> list[socket.socket]:
+    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one), whose
+    connections get a ``send_buffer``-byte SO_SNDBUF (0: the kernel's autotuning).
 
     Raises ServerConfigError if the port is taken: the first bind is a plain one, which
     fails next to any listener; the others then join only this process's sockets.
@@ -96,6 +97,8 @@ def listen(host: str, port: int, count: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((host, port))
         for sock in sockets:
+            if send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted ones inherit it
             sock.listen(1024)
             sock.set_inheritable(False)
     except OSError as exc:
