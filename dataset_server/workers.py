@@ -32,12 +32,9 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import TYPE_CHECKING
 
 from cifar5m.errors import ServerConfigError
-
-if TYPE_CHECKING:
-    from dataset_server.server import ServeConfig
+from dataset_server.config import ServeConfig, configure_logging
 
 log = logging.getLogger("dataset_server")
 START_S = 60.0  # seconds a worker may take to build the app and listen
@@ -157,8 +154,6 @@ def _stop(procs: list[BaseProcess], graceful_s: float) -> None:
 def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
     """One worker process: build the app, serve on ``sock`` until SIGTERM/SIGINT or until
     the supervisor is gone."""
-    from dataset_server.server import ServeConfig, configure_logging
-
     config = ServeConfig(**json.loads(config_json))
     configure_logging(access_log=config.access_log)
     asyncio.run(_serve(config, ready, sock))
