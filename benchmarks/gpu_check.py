@@ -77,11 +77,11 @@ def stream_rates(data: Path, *, smoke: bool) -> None:
 
 
 def serve_rates(*, smoke: bool) -> None:
-    """``serve_bench.py`` where server and clients need not share two cores: http.server, then
-    ``cifar5m serve`` (aiohttp, granian) with 1, 4 and 8 workers, 32 clients in 6 processes."""
+    """``serve_bench.py`` where server and clients need not share two cores: nginx and
+    ``cifar5m serve`` with 8 workers on the mix, 32 clients in 6 processes."""
     seconds, procs = ("2", "1") if smoke else ("20", "6")
     cmd = [sys.executable, str(HERE / "serve_bench.py"), "--seconds", seconds, "--client-procs", procs,
-           "--workers", "1", "4", "8", "--servers", "aiohttp", "granian"]
+           "--workers", "8", "--servers", "nginx", "cifar5m serve", "--mixes", "mix"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=400)
     log("serve_bench", {"rc": run.returncode, "stdout": run.stdout[-5000:], "stderr": run.stderr[-800:]})
 

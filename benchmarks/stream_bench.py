@@ -42,12 +42,11 @@ HTTP_WINDOW = 4096  # HTTP rows: see Table.http_rows
 GPU_RATE = 46_000  # img/s a bf16 ResNet-18 consumes on an H200 (measured, see issue #5)
 
 SERVER = """
-import sys, uvicorn
-from starlette.applications import Starlette
-from starlette.routing import Mount
-from starlette.staticfiles import StaticFiles
-app = Starlette(routes=[Mount("/", StaticFiles(directory=sys.argv[1]))])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[1])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log=None)
 """
 
 
@@ -145,11 +144,12 @@ def cpu_rate_ours(source: str, batch: int, cache_dir: str | None = None, *, min_
 
 def start_server(kind: str, work: Path, names: list[str]) -> tuple[subprocess.Popen, str]:
     """A static server of ``work/<name>`` in its own process; the URL under which each
-    ``<name>`` lies. ``starlette``: Starlette StaticFiles on uvicorn; ``cifar5m``:
+    ``<name>`` lies. ``static``: aiohttp's static files (Starlette StaticFiles on uvicorn
+    before 2026-12-04); ``cifar5m``:
     ``cifar5m serve`` (its default server; Range replies read in 1 MB chunks) over
     hard links in ``work/serve/bench/<name>`` (it serves ROOT/<org>/<name>/)."""
     port = free_port()
-    if kind == "starlette":
+    if kind == "static":
         proc = subprocess.Popen([sys.executable, "-c", SERVER, str(work), str(port)])
         pattern = f"http://127.0.0.1:{port}/{{name}}"
     else:
@@ -174,8 +174,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cifar10", type=Path, default=CIFAR10)
     ap.add_argument("--repeat", type=int, default=2, help="Interleaved runs per row (best kept).")
     ap.add_argument("--seconds", type=float, default=SECONDS, help="Time limit of one run.")
-    ap.add_argument("--http-servers", nargs="+", default=["starlette", "cifar5m"],
-                    choices=["starlette", "cifar5m"], help="Static servers of the HTTP rows.")
+    ap.add_argument("--http-servers", nargs="+", default=["static", "cifar5m"],
+                    choices=["static", "cifar5m"], help="Static servers of the HTTP rows.")
     ap.add_argument("--only-http", action="store_true", help="Only the HTTP table.")
     ap.add_argument("--min-samples", type=int, default=200_000,
                     help="Fast rows of ours run at least this many samples (new epochs).")

@@ -2,6 +2,7 @@
 
 ``app`` (routing, limits, access log) -> ``api`` (info, tree, paths-info) and
 ``resolve`` (file bytes, ranges) over ``repo`` (files, hashes, commit sha) with
-``auth`` (tokens); ``server`` runs it under granian or uvicorn; ``download`` is the client side
+``auth`` (tokens), and ``viewer`` (the HTML pages); ``server`` runs it in the aiohttp worker
+processes of ``workers``; ``download`` is the client side
 (``cifar5m download``). Imports no torch.
 """

@@ -11,12 +11,11 @@ import json
 from datetime import datetime, timezone
 from urllib.parse import parse_qs
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from aiohttp import web
 
-from dataset_server.context import Denied, ServerContext, lookup, state_at
+from dataset_server.context import ServerContext, lookup, state_at
 from dataset_server.repo import RepoFile, RepoState, lfs_pointer
-from dataset_server.responses import REPO_COMMIT, hub_error
+from dataset_server.responses import REPO_COMMIT, Denied, hub_error
 
 # Pagination cursors are plain offsets into the listing (sorted, stable per commit).
 # A dataset is flat, so `recursive=true|false` (or True/False from 0.x clients) lists
@@ -69,15 +68,15 @@ def info_json(ctx: ServerContext, state: RepoState) -> dict:
     }
 
 
-async def dataset_info(ctx: ServerContext, request: Request, org: str, name: str,
-                       revision: str) -> Response:
+async def dataset_info(ctx: ServerContext, request: web.Request, org: str, name: str,
+                       revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
-    return JSONResponse(info_json(ctx, state), headers={REPO_COMMIT: state.sha})
+    return web.json_response(info_json(ctx, state), headers={REPO_COMMIT: state.sha})
 
 
-async def tree(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
-               path: str) -> Response:
+async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, revision: str,
+               path: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
     path = path.strip("/")
@@ -89,29 +88,29 @@ async def tree(ctx: ServerContext, request: Request, org: str, name: str, revisi
         return hub_error(404, "EntryNotFound", f"{path} does not exist in dataset {state.repo_id}",
                          commit=state.sha)
     try:
-        start = max(int(request.query_params.get("cursor", "0")), 0)
+        start = max(int(request.query.get("cursor", "0")), 0)
     except ValueError:
         return hub_error(400, None, "cursor must be an integer offset")
     page = entries[start:start + ctx.page_size]
     headers = {REPO_COMMIT: state.sha}
     if start + ctx.page_size < len(entries):
         # Absolute, with every query parameter: the client fetches it verbatim.
-        nxt = request.url.include_query_params(cursor=str(start + ctx.page_size))
+        nxt = request.url.update_query(cursor=str(start + ctx.page_size))
         headers["Link"] = f'<{nxt}>; rel="next"'
-    return JSONResponse([file_entry(f) for f in page], headers=headers)
+    return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
-async def read_body(ctx: ServerContext, request: Request) -> bytes:
-    """The request body, refusing (413) anything over ``ctx.max_body`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > ctx.max_body):
-        raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes"))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > ctx.max_body:
-            raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes"))
-    return bytes(body)
+async def read_body(ctx: ServerContext, request: web.Request) -> bytes:
+    """The request body, refusing (413) anything over ``ctx.max_body`` bytes.
+
+    aiohttp's ``client_max_size`` (set to ``max_body``) bounds ``read`` as the bytes arrive.
+    """
+    try:
+        if (request.content_length or 0) > ctx.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=ctx.max_body, actual_size=request.content_length)
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes")) from None
 
 
 def requested_paths(body: bytes, content_type: str) -> list[str]:
@@ -124,23 +123,23 @@ def requested_paths(body: bytes, content_type: str) -> list[str]:
     return form.get("paths", [])[:_MAX_PATHS]
 
 
-async def paths_info(ctx: ServerContext, request: Request, org: str, name: str,
-                     revision: str) -> Response:
+async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: str,
+                     revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     body = await read_body(ctx, request)
     state = await state_at(repo, revision)
     try:
         paths = requested_paths(body, request.headers.get("content-type", ""))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return hub_error(400, None, "paths-info body must be form-encoded 'paths=...' or JSON")
     # Paths that do not exist are left out, as on the Hub.
     found = [state.files[p.strip("/")] for p in paths if p.strip("/") in state.files]
-    return JSONResponse([file_entry(f) for f in found], headers={REPO_COMMIT: state.sha})
+    return web.json_response([file_entry(f) for f in found], headers={REPO_COMMIT: state.sha})
 
 
-async def list_datasets(ctx: ServerContext, request: Request) -> Response:
+async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Response:
     """``GET /api/datasets``: the datasets this request may see (``list_datasets``)."""
-    author = request.query_params.get("author")
+    author = request.query.get("author")
     out = []
     for repo_id in ctx.library.repo_ids():
         org, name = repo_id.split("/", 1)
@@ -154,4 +153,4 @@ async def list_datasets(ctx: ServerContext, request: Request) -> Response:
         out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
                     "gated": "manual" if ctx.policy.gated(repo_id) else False,
                     **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
-    return JSONResponse(out)
+    return web.json_response(out)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import os
+from dataclasses import dataclass
 
-import anyio
-from starlette.requests import Request
-from starlette.responses import Response
+from aiohttp import web
 
 from dataset_server.auth import Access, AccessPolicy
-from dataset_server.handles import OpenFiles
 from dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
-from dataset_server.responses import hub_error, repo_not_found
+from dataset_server.responses import Denied, hub_error, printable, repo_not_found
 
 MAIN = "main"
 
@@ -25,34 +24,34 @@ class ServerContext:
     # A file request re-stats the whole dataset at most this often (seconds); each one
     # still checks its own file, and API calls always re-scan.
     scan_max_age: float = 1.0
-    # fds that whole files are handed to the server by (pathsend; granian only).
-    open_files: OpenFiles = field(default_factory=OpenFiles)
 
 
-class Denied(Exception):
-    """Carries the error response a lookup ended in."""
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
-
-
-def lookup(ctx: ServerContext, request: Request, org: str, name: str, *,
-           files: bool) -> DatasetRepo:
-    """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
+def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
+              max_age: float = 0.0) -> tuple[DatasetRepo, Access]:
+    """The repo ``org/name`` and what this request may do with it (Denied if nothing)."""
     repo_id = f"{org}/{name}"
     if not (valid_name(org) and valid_name(name)):
         # '..', '.', '%2F' and the like can never name a dataset: plain 404, no probing risk.
-        raise Denied(hub_error(404, "RepoNotFound", f"Repository not found: {repo_id!r} is not a valid name"))
-    repo = ctx.library.get(org, name, max_age=ctx.scan_max_age if files else 0.0)
-    access = ctx.policy.access(repo_id, request.headers.get("authorization"))
+        raise Denied(hub_error(404, "RepoNotFound",
+                               f"Repository not found: {printable(repo_id, 200)!r} is not a valid name"))
+    repo = ctx.library.get(org, name, max_age=max_age)
+    # The rule of the id the dataset is served under: the library serves a dataset only
+    # under its own directory's name, never through a symlinked alias (repo.py).
+    access = ctx.policy.access(repo_id, request.headers.get("Authorization"))
     if repo is None or access is Access.NONE:
         raise Denied(repo_not_found(repo_id))
+    return repo, access
+
+
+def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
+           files: bool) -> DatasetRepo:
+    """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
+    repo, access = access_of(ctx, request, org, name, max_age=ctx.scan_max_age if files else 0.0)
     if files and access is Access.METADATA:
-        has_token = request.headers.get("authorization") is not None
+        has_token = request.headers.get("Authorization") is not None
         raise Denied(hub_error(
             403 if has_token else 401, "GatedRepo",
-            f"Access to dataset {repo_id} is restricted: pass a token that has access "
+            f"Access to dataset {repo.repo_id} is restricted: pass a token that has access "
             "(token=... or HF_TOKEN)"))
     return repo
 
@@ -62,13 +61,18 @@ async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0) ->
     state = repo.cached(max_age)
     if state is None:
         try:
-            state = await anyio.to_thread.run_sync(repo.scan)
-        except (OSError, ValueError) as exc:
-            # The folder vanished or its manifest broke between lookup and scan.
+            state = await asyncio.to_thread(repo.scan)
+        except ValueError as exc:
+            # A manifest this version cannot read (a newer format, a broken file): the
+            # reason, not a "not found" that sends the user looking for a token.
+            reason = str(exc).replace(os.path.realpath(repo.dir), repo.repo_id)  # no server paths
+            raise Denied(hub_error(501, "DatasetUnreadable", f"dataset {repo.repo_id}: {reason}")) from exc
+        except OSError as exc:
+            # The folder vanished or its manifest went between lookup and scan.
             raise Denied(repo_not_found(repo.repo_id)) from exc
     if revision not in (MAIN, state.sha):
         raise Denied(hub_error(
             404, "RevisionNotFound",
-            f"Invalid rev id: {revision} (dataset {repo.repo_id} has only 'main' = {state.sha}; "
-            "an older commit is gone once a file changes)"))
+            f"Invalid rev id: {printable(revision, 100)} (dataset {repo.repo_id} has only 'main' = "
+            f"{state.sha}; an older commit is gone once a file changes)"))
     return state

@@ -266,12 +266,29 @@ class DatasetRepo:
         return RepoState(self.repo_id, sha, files, last, card, time.monotonic())
 
 
+SINGLE_ORG = "local"  # the organisation of a dataset served on its own (``cifar5m serve DIR``)
+
+
 class Library:
-    """Every dataset under a root directory, looked up by ``org/name``."""
+    """Every dataset under a root directory, looked up by ``org/name``.
+
+    A dataset is served only under its own name: ``root/org/name`` must be a real
+    directory (neither it nor ``org`` a symlink). A symlink inside the root naming
+    another dataset (``ln -s private-set root/org/alias``) would otherwise serve that
+    dataset under a name whose access rule is not its own; one leading out of the root
+    would serve files the root does not hold. Both are refused.
+
+    A root that is a dataset itself (``root/manifest.json``) is served alone, as
+    ``local/<directory name>``.
+    """
 
     def __init__(self, root: Path, hashes: HashCache | None = None) -> None:
         self.root = Path(root)
         self.real_root = os.path.realpath(root)
+        self.single = (self.root / MANIFEST_NAME).is_file()
+        if self.single:
+            self.root = Path(self.real_root)
+            self.real_root = os.path.dirname(self.real_root)
         self.hashes = hashes or HashCache()
         self._repos: dict[str, DatasetRepo] = {}
         self._checked: dict[str, float] = {}  # repo id -> time of its last passed check
@@ -297,12 +314,18 @@ class Library:
         return repo
 
     def _check(self, org: str, name: str) -> DatasetRepo | None:
-        directory = self.root / org / name
-        real = os.path.realpath(directory)
-        # A dataset folder (or org folder) symlinked out of ROOT is not served.
-        if os.path.dirname(os.path.dirname(real)) != self.real_root:
+        if self.single:
+            if (org, name) != (SINGLE_ORG, self.root.name):
+                return None
+            directory = self.root
+            expected = str(self.root)
+        else:
+            directory = self.root / org / name
+            expected = os.path.join(self.real_root, org, name)
+        # Served only under its own name: no symlinked org or dataset folder (class doc).
+        if os.path.realpath(directory) != expected:
             return None
-        if not os.path.isfile(os.path.join(real, MANIFEST_NAME)):
+        if not os.path.isfile(os.path.join(expected, MANIFEST_NAME)):
             return None
         repo_id = f"{org}/{name}"
         with self._lock:
@@ -310,6 +333,9 @@ class Library:
 
     def repo_ids(self) -> list[str]:
         """``org/name`` of every finished dataset under the root."""
+        if self.single:
+            name = self.root.name
+            return [f"{SINGLE_ORG}/{name}"] if self.get(SINGLE_ORG, name) is not None else []
         out = []
         for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not org_dir.is_dir():

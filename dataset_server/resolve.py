@@ -4,6 +4,11 @@ Every answer carries what ``huggingface_hub.get_hf_file_metadata`` needs: the co
 (``X-Repo-Commit``), the content hash as ETag (it names the blob in the client's
 cache) and the real ``Content-Length`` (a HEAD with length 0 would make the client
 keep an empty file). Bodies are never compressed: sizes and ranges are of the file.
+
+Conditional requests follow RFC 9110 section 13: ``If-Match`` (strong comparison, 412
+when no tag matches) before ``If-None-Match`` (weak comparison, 304), and ``If-Range``
+(an entity tag compared strongly, or the exact ``Last-Modified`` date) makes a ``Range``
+apply only to the same file: otherwise the whole current file is sent (200).
 """
 
 from __future__ import annotations
@@ -13,13 +18,12 @@ import mimetypes
 import os
 from email.utils import formatdate
 
-from starlette.requests import Request
-from starlette.responses import Response
+from aiohttp import web
 
 from dataset_server.context import ServerContext, lookup, state_at
 from dataset_server.ranges import RangeNotSatisfiable, parse_range
 from dataset_server.repo import DatasetRepo, RepoFile, RepoState
-from dataset_server.responses import REPO_COMMIT, FileBody, hub_error
+from dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
 
 _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
@@ -69,8 +73,32 @@ async def _open(repo: DatasetRepo, revision: str, path: str, max_age: float
     return state, None, None
 
 
-async def resolve(ctx: ServerContext, request: Request, org: str, name: str, revision: str,
-                  path: str) -> Response | FileBody:
+def _tags(header: str) -> list[str]:
+    """The entity tags of an ``If-Match`` / ``If-None-Match`` list (``*`` kept as is)."""
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def _weak_match(header: str, etag: str) -> bool:
+    return any(t == "*" or t.removeprefix("W/") == etag for t in _tags(header))
+
+
+def _strong_match(header: str, etag: str) -> bool:
+    return any(t in ("*", etag) for t in _tags(header))  # a W/ tag never matches strongly
+
+
+def _range_applies(request: web.BaseRequest, headers: dict[str, str]) -> bool:
+    """Whether ``If-Range`` (if any) names this very file: an ETag or its exact date."""
+    if_range = request.headers.get("If-Range")
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith(('"', "W/")):
+        return if_range == headers["ETag"]
+    return if_range == headers["Last-Modified"]
+
+
+async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, revision: str,
+                  path: str) -> web.StreamResponse:
     repo = lookup(ctx, request, org, name, files=True)
     state, entry, fd = await _open(repo, revision, path, ctx.scan_max_age)
     if entry is None or fd is None:
@@ -78,22 +106,24 @@ async def resolve(ctx: ServerContext, request: Request, org: str, name: str, rev
                          f"{path} does not exist in dataset {repo.repo_id} at {state.sha}",
                          commit=state.sha)
     headers = file_headers(state, entry)
-    send_body = request.method != "HEAD"
-    inm = request.headers.get("if-none-match")
-    if inm is not None and inm.strip().removeprefix("W/") in (headers["ETag"], "*"):
+    etag = headers["ETag"]
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and not _strong_match(if_match, etag):
         os.close(fd)
-        return Response(status_code=304, headers=headers)
+        return hub_error(412, None, f"{path} has ETag {etag}, not the one of If-Match",
+                         headers={REPO_COMMIT: state.sha, "ETag": etag})
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and _weak_match(inm, etag):
+        os.close(fd)
+        return web.Response(status=304, headers=headers)
     try:
-        rng = parse_range(request.headers.get("range"), entry.size)
+        rng = parse_range(request.headers.get("Range"), entry.size) if _range_applies(request, headers) else None
     except RangeNotSatisfiable as exc:
         os.close(fd)
         keep = {k: headers[k] for k in (REPO_COMMIT, "ETag", "Accept-Ranges")}
         return hub_error(416, None, f"range not satisfiable: {path} has {entry.size} bytes",
                          headers={**keep, "Content-Range": exc.content_range})
     if rng is None:
-        headers["Content-Length"] = str(entry.size)
-        return FileBody(fd, 0, entry.size, status=200, headers=headers, send_body=send_body,
-                        name=str(entry.path), open_files=ctx.open_files)
-    headers["Content-Length"] = str(rng.length)
+        return FdResponse(fd, 0, entry.size, status=200, headers=headers)
     headers["Content-Range"] = rng.content_range
-    return FileBody(fd, rng.start, rng.end, status=206, headers=headers, send_body=send_body)
+    return FdResponse(fd, rng.start, rng.end, status=206, headers=headers)

@@ -1,9 +1,11 @@
-"""Worker processes of ``cifar5m serve --server aiohttp``: each accepts on its own socket.
+"""Worker processes of ``cifar5m serve``: each runs the aiohttp app on its own socket.
 
 Why not gunicorn's shared socket: asyncio accepts every pending connection in one wake-up,
 so the worker that wakes first takes a burst of new connections. Measured with 32 clients
 connecting at once to 4 gunicorn workers: 15/14/2/1 connections per worker (granian:
-10/8/7/7), and the busiest worker capped the whole server. Here the supervisor opens one
+10/8/7/7), and the busiest worker capped the whole server. aiohttp's own multi-process
+pattern (``web.run_app(reuse_port=True)`` per process) has the same kernel spreading, but
+nothing that keeps the port or restarts a worker. Here the supervisor opens one
 ``SO_REUSEPORT`` listening socket per worker and the kernel spreads connections over them
 (10/9/7/6).
 
@@ -30,12 +32,9 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import TYPE_CHECKING
 
 from cifar5m.errors import ServerConfigError
-
-if TYPE_CHECKING:
-    from dataset_server.server import ServeConfig
+from dataset_server.config import ServeConfig, configure_logging
 
 log = logging.getLogger("dataset_server")
 START_S = 60.0  # seconds a worker may take to build the app and listen
@@ -46,9 +45,8 @@ MAX_QUICK_DEATHS = 3
 def run_workers(config: ServeConfig) -> None:
     """Serve with ``config.workers`` aiohttp processes until Ctrl-C / SIGTERM."""
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
-        raise ServerConfigError("--workers above 1 with --server aiohttp needs SO_REUSEPORT (Linux, BSD); "
-                                "pass --workers 1 or --server granian")
-    sockets = listen(config.host, config.port, config.workers)
+        raise ServerConfigError("--workers above 1 needs SO_REUSEPORT (Linux, BSD); pass --workers 1")
+    sockets = listen(config.host, config.port, config.workers, send_buffer=config.send_buffer)
     port = sockets[0].getsockname()[1]
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -58,7 +56,7 @@ def run_workers(config: ServeConfig) -> None:
             workers.append(_Worker(config, sock))
             if not workers[-1].wait_listening(stopping):
                 return  # stopped while starting
-        log.info("listening on http://%s:%d (%d aiohttp workers)", config.host, port, config.workers)
+        log.info("listening on http://%s:%d (%d workers)", config.host, port, config.workers)
         while not stopping.wait(0.5):
             for i, worker in enumerate(workers):
                 if not worker.proc.is_alive() and not stopping.is_set():
@@ -71,8 +69,9 @@ def run_workers(config: ServeConfig) -> None:
             signal.signal(sig, handler)
 
 
-def listen(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one).
+def listen(host: str, port: int, count: int, *, send_buffer: int = 0) -> list[socket.socket]:
+    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one), whose
+    connections get a ``send_buffer``-byte SO_SNDBUF (0: the kernel's autotuning).
 
     Raises ServerConfigError if the port is taken: the first bind is a plain one, which
     fails next to any listener; the others then join only this process's sockets.
@@ -95,6 +94,8 @@ def listen(host: str, port: int, count: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((host, port))
         for sock in sockets:
+            if send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted ones inherit it
             sock.listen(1024)
             sock.set_inheritable(False)
     except OSError as exc:
@@ -153,8 +154,6 @@ def _stop(procs: list[BaseProcess], graceful_s: float) -> None:
 def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
     """One worker process: build the app, serve on ``sock`` until SIGTERM/SIGINT or until
     the supervisor is gone."""
-    from dataset_server.server import ServeConfig, configure_logging
-
     config = ServeConfig(**json.loads(config_json))
     configure_logging(access_log=config.access_log)
     asyncio.run(_serve(config, ready, sock))
@@ -163,8 +162,8 @@ def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
 async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None:
     from aiohttp import web
 
-    from dataset_server.app import create_app
-    from dataset_server.bridge import build_application
+    from dataset_server import viewer
+    from dataset_server.app import CTX, create_app, runner_of
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,14 +172,13 @@ async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None
     parent = mp.parent_process()
     if parent is not None:  # readable once the supervisor has exited, even by SIGKILL
         loop.add_reader(parent.sentinel, stop.set)
-    app = build_application(create_app(**config.app_kwargs()), limit_concurrency=config.limit_concurrency,
-                            max_headers=config.max_headers, max_header_bytes=config.max_header_bytes)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=config.keep_alive_s,
-                           shutdown_timeout=config.graceful_s, handle_signals=False)
+    runner = runner_of(create_app(**config.app_kwargs()), keep_alive_s=config.keep_alive_s,
+                       graceful_s=config.graceful_s, access_log=config.access_log)
     await runner.setup()
     try:
         await web.SockSite(runner, sock, backlog=config.limit_concurrency).start()
         ready.set()
+        loop.run_in_executor(None, viewer.warm, runner.app[CTX].library)  # the dataset pages' data
         await stop.wait()
     finally:
         await runner.cleanup()  # stops accepting, waits up to graceful_s for running requests

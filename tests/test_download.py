@@ -4,50 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from dataset_server.app import create_app
 from tests.test_server_support import build_root, client_env, serving
 
 
 class Recorder:
-    """Wraps the app: records (method, file, range) and can cut or stall one file's body."""
+    """Records (method, file, range) of every request to ``app`` and can cut or stall one file's body."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: web.Application) -> None:
         self.app = app
         self.calls: list[tuple[str, str, str]] = []
         self.drop_once: set[str] = set()  # close the connection after 1000 bytes, once
         self.stall: set[str] = set()  # send 1000 bytes, then nothing more
+        app.middlewares.append(self.middleware)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        name = scope["path"].rsplit("/", 1)[-1]
-        rng = dict(scope["headers"]).get(b"range", b"").decode()
-        self.calls.append((scope["method"], name, rng))
-        cut = scope["method"] == "GET" and (name in self.drop_once or name in self.stall)
-        if not cut:
-            await self.app(scope, receive, send)
-            return
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        name = request.path.rsplit("/", 1)[-1]
+        self.calls.append((request.method, name, request.headers.get("Range", "")))
+        response = await handler(request)
+        if request.method != "GET" or not (name in self.drop_once or name in self.stall):
+            return response
         stall = name in self.stall
         self.drop_once.discard(name)
-
-        async def cutting_send(message) -> None:
-            body = message.get("body", b"")
-            if message["type"] == "http.response.body" and len(body) > 1000:
-                await send({"type": "http.response.body", "body": body[:1000], "more_body": True})
-                if stall:
-                    await asyncio.sleep(3600)
-                raise ConnectionAbortedError("test: connection dropped mid-file")
-            await send(message)
-
-        await self.app(scope, receive, cutting_send)
+        data = os.pread(response.fd, 1000, response.start)  # the file's FdResponse
+        os.close(response.fd)
+        cut = web.StreamResponse(status=response.status, headers=response.headers)
+        await cut.prepare(request)
+        await cut.write(data)
+        if stall:
+            await asyncio.sleep(3600)
+        request.transport.close()  # test: connection dropped mid-file
+        return cut
 
     def gets(self) -> list[str]:
         return [name for method, name, _ in self.calls if method == "GET" and "." in name]
@@ -77,7 +74,7 @@ def root(make_dataset, tmp_path) -> Path:
 
 def test_download_verifies_and_a_rerun_fetches_nothing(root, tmp_path):
     app = Recorder(create_app(root=root))
-    with serving(app) as url:
+    with serving(app.app) as url:
         done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
         assert done.returncode == 0, done.stderr
         assert "lab/ds: 8 files" in done.stdout and "verified" in done.stdout
@@ -93,7 +90,7 @@ def test_download_verifies_and_a_rerun_fetches_nothing(root, tmp_path):
 def test_a_connection_dropped_mid_file_is_resumed(root, tmp_path):
     app = Recorder(create_app(root=root))
     app.drop_once.add("train-000001.tar")
-    with serving(app) as url:
+    with serving(app.app) as url:
         done = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
     assert done.returncode == 0, done.stderr
     assert same_files(root / "lab/ds", tmp_path / "out")
@@ -105,7 +102,7 @@ def test_a_killed_download_completes_on_rerun_without_refetching(root, tmp_path)
     app.stall.add("train-000002.tar")
     out = tmp_path / "out"
     meta = out / ".cache" / "huggingface" / "download"
-    with serving(app) as url:
+    with serving(app.app) as url:
         proc = cli(["lab/ds", "--local-dir", "out", "--workers", "2"], url, tmp_path, background=True)
         others = [p.name for p in (root / "lab/ds").iterdir() if p.is_file() and p.name != "train-000002.tar"]
         deadline = time.monotonic() + 90

@@ -50,11 +50,32 @@ def test_serve_never_imports_torch():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("engine", ["aiohttp", "granian", "uvicorn"])
+def test_dataset_server_modules_import_each_other_without_a_cycle():
+    """Every import between dataset_server modules, function-level ones included."""
+    import ast
+
+    package = REPO_ROOT / "dataset_server"
+    graph = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "dataset_server":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dataset_server."):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = deps & {p.stem for p in package.glob("*.py")}
+    assert "server" in graph and "workers" in graph
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in graph[start])
+
+    assert not [m for m in graph if reaches(m, m, {m})], graph
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig, engine):
+def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
-    proc, url = start(root, "--server", engine)
+    proc, url = start(root)
     status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/train-000001.tar",
                                     headers={"Range": "bytes=0-99"})
     assert headers["content-range"].startswith("bytes 0-99/")
@@ -66,15 +87,14 @@ def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig, engi
     assert code == 0, log
     assert "serving lab/ds: 6 files" in log
     assert '"GET /datasets/lab/ds/resolve/main/train-000001.tar" 206 100 range=bytes=0-99' in log
-    # Files sent by the server itself (pathsend, sendfile) are logged with their size too.
+    # Files sent by sendfile are logged with their size too.
     assert f'"GET /datasets/lab/ds/resolve/main/train-000000.tar" 200 {len(whole)} ' in log
     assert log.count("server stopped") == 1, log  # by the main process only, not by each worker
 
 
-@pytest.mark.parametrize("engine", ["aiohttp", "granian", "uvicorn"])
-def test_serve_with_two_workers(make_dataset, tmp_path, engine):
+def test_serve_with_two_workers(make_dataset, tmp_path):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
-    proc, url = start(root, "--workers", "2", "--no-access-log", "--server", engine)
+    proc, url = start(root, "--workers", "2", "--no-access-log")
     try:
         sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
         for _ in range(4):  # whichever worker answers, the same commit and bytes
@@ -110,6 +130,32 @@ def test_serve_refuses_a_port_in_use(make_dataset, tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
         "is another server running there? pass another --port")
+
+
+def test_serve_one_dataset_folder_as_local_name(make_dataset, tmp_path):
+    ds = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10) / "lab" / "ds"
+    proc, url = start(ds, "--workers", "1")
+    try:
+        listed = [d["id"] for d in json.loads(request(url, "GET", "/api/datasets")[2])]
+        status, _, body = request(url, "GET", "/datasets/local/ds/resolve/main/README.md")
+        assert listed == ["local/ds"] and (status, body) == (200, (ds / "README.md").read_bytes())
+        assert request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")[0] == 401
+    finally:
+        code, log = stop(proc, signal.SIGTERM)
+    assert code == 0 and "serving local/ds: 6 files" in log, log
+
+
+def test_a_root_without_datasets_is_refused_at_start(make_dataset, tmp_path):
+    root = tmp_path / "root"
+    (root / "lab").mkdir(parents=True)
+    outside = make_dataset("outside", n_train=10, n_test=0)
+    (root / "lab" / "linked").symlink_to(outside)  # a dataset folder symlinked from elsewhere
+    out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", "0"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"Error: no dataset to serve in {root}: expected {root}/manifest.json (one dataset) or "
+        f"{root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served")
 
 
 def worker_pids(parent: int) -> set[int]:

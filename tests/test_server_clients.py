@@ -14,7 +14,7 @@ import pytest
 
 from shards.format import CIFAR10_CLASSES
 from tests.conftest import synthetic_images
-from tests.test_server_support import ENGINES, build_root, run_client
+from tests.test_server_support import build_root, run_client, serving
 
 HUB_SCRIPT = r"""
 import hashlib, json, os
@@ -97,14 +97,13 @@ def three_datasets(make_dataset, tmp_path) -> tuple[Path, Path]:
     return root, tokens
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_huggingface_hub_clients_get_identical_bytes_and_typed_errors(three_datasets, tmp_path, engine):
+def test_huggingface_hub_clients_get_identical_bytes_and_typed_errors(three_datasets, tmp_path):
     from dataset_server.app import create_app
 
     root, tokens = three_datasets
     ds = root / "lab/ds"
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ds.iterdir() if p.is_file()}
-    with ENGINES[engine](create_app(root=root, tokens=tokens, page_size=3)) as url:
+    with serving(create_app(root=root, tokens=tokens, page_size=3)) as url:
         out = run_client(HUB_SCRIPT, url, tmp_path)
     assert out["snapshot"] == files and out["snapshot_dir"] == out["sha"]
     assert out["by_sha"] == files["train-000001.tar"]
@@ -125,12 +124,11 @@ def test_huggingface_hub_clients_get_identical_bytes_and_typed_errors(three_data
     assert out["gated_ok"] == hashlib.sha256((root / "lab/gated/README.md").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_datasets_streaming_and_webdataset_urls_give_the_right_samples(three_datasets, tmp_path, engine):
+def test_datasets_streaming_and_webdataset_urls_give_the_right_samples(three_datasets, tmp_path):
     from dataset_server.app import create_app
 
     root, tokens = three_datasets
-    with ENGINES[engine](create_app(root=root, tokens=tokens)) as url:
+    with serving(create_app(root=root, tokens=tokens)) as url:
         out = run_client(DATASETS_SCRIPT, url, tmp_path, timeout=240)
     assert out["features"]["png"].startswith("Image(") and out["features"]["cls"].startswith("ClassLabel(")
     assert out["names"] == list(CIFAR10_CLASSES)

@@ -1,98 +1,150 @@
-"""The per-request shortcuts of the server keep its behaviour.
+"""File bodies by sendfile and the connection handling around them, on the real app.
 
-FileBody reads from the page cache inline (``RWF_NOWAIT``) and falls back to a worker
-thread for what is not cached: the bytes sent are the file's whichever path (forced
-here, and a mix of both) read them. ``Library.get`` reuses a passed dataset check only
-within the age it is given.
+``FdResponse`` sends what the socket takes at once with ``os.sendfile``, the rest with
+asyncio's ``loop.sendfile``, and copies through Python where the loop has none; the
+bytes are the file's whichever path sent them. Clients that go away, stay idle or
+never finish their headers cost no traceback and no held connection. ``Library.get``
+reuses a passed dataset check only within the age it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
-from pathlib import Path
+import http.client
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
-from dataset_server import responses
+from dataset_server.app import create_app
 from dataset_server.repo import Library
-from dataset_server.responses import FileBody
-from tests.test_server_support import build_root
+from tests.test_server_support import build_root, request, serving
 
-DATA = bytes(range(256)) * 40  # 10,240 bytes
-
-
-async def _never_disconnects() -> dict:
-    await asyncio.sleep(3600)
-    return {"type": "http.disconnect"}
+DS = "/datasets/lab/ds/resolve/main"
 
 
-def _send_range(path: Path, start: int, end: int) -> tuple[list[dict], bytes]:
-    messages: list[dict] = []
-
-    async def send(message: dict) -> None:
-        messages.append(message)
-
-    fd = os.open(path, os.O_RDONLY)
-    body = FileBody(fd, start, end, status=206, headers={"ETag": '"x"'}, send_body=True)
-    asyncio.run(body({"type": "http", "extensions": {}}, _never_disconnects, send))
-    with pytest.raises(OSError):
-        os.fstat(fd)  # closed by FileBody
-    return messages, b"".join(m.get("body", b"") for m in messages[1:])
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    path = tmp_path / "f.bin"
-    path.write_bytes(DATA)
-    return path
+def big_shard(make_dataset, tmp_path):
+    """A root whose ``train-000000.tar`` is 20 MB of random bytes (served with its own hash)."""
+    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
+    data = np.random.default_rng(0).integers(0, 256, 20_000_000, dtype=np.uint8).tobytes()
+    (root / "lab/ds/train-000000.tar").write_bytes(data)
+    return root, data
 
 
-def _preadv_half(fd, buffers, offset, flags):
-    """Like a read that finds only the first half of the range in the page cache."""
-    (view,) = buffers
-    half = len(view) // 2
-    view[:half] = os.pread(fd, half, offset)
-    return half
+def test_concurrent_whole_files_and_ranges_are_exact(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=200, n_test=50, shard_size=20)
+    files = {p.name: p.read_bytes() for p in (root / "lab/ds").glob("*.tar")}
+    names = sorted(files) * 4
+    with serving(create_app(root=root)) as url:
+        def whole(name):
+            status, headers, body = request(url, "GET", f"{DS}/{name}")
+            return status == 200 and body == files[name] and headers["content-length"] == str(len(body))
+
+        def part(name):
+            status, _, body = request(url, "GET", f"{DS}/{name}", headers={"Range": "bytes=100-5099"})
+            return status == 206 and body == files[name][100:5100]
+
+        with ThreadPoolExecutor(32) as pool:
+            assert all(pool.map(whole, names)) and all(pool.map(part, names))
+        status, headers, body = request(url, "HEAD", f"{DS}/{names[0]}")
+        assert status == 200 and body == b"" and headers["content-length"] == str(len(files[names[0]]))
 
 
-def _preadv_eagain(fd, buffers, offset, flags):
-    raise OSError(errno.EAGAIN, "not cached")
+def test_files_are_copied_where_the_event_loop_has_no_sendfile(big_shard, monkeypatch):
+    async def no_sendfile(*args, **kwargs):
+        raise NotImplementedError  # as uvloop's loop.sendfile
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+    root, data = big_shard
+    with serving(create_app(root=root)) as url:
+        whole = request(url, "GET", f"{DS}/train-000000.tar")
+        part = request(url, "GET", f"{DS}/train-000000.tar", headers={"Range": "bytes=7-5000006"})
+    assert (whole[0], whole[2]) == (200, data) and (part[0], part[2]) == (206, data[7:5000007])
 
 
-@pytest.mark.parametrize("mode", ["nowait", "thread", "eagain", "half"])
-@pytest.mark.parametrize(("start", "end", "chunk"), [(0, 1, 4096), (5, 4101, 4096), (0, 10_240, 4096),
-                                                      (100, 10_000, 1000), (10_239, 10_240, 64)])
-def test_range_bytes_are_the_files(data_file, monkeypatch, mode, start, end, chunk):
-    monkeypatch.setattr(responses, "CHUNK", chunk)
-    if mode == "thread":
-        monkeypatch.setattr(responses, "_NOWAIT", None)
-    elif mode in ("eagain", "half"):
-        monkeypatch.setattr(responses, "_NOWAIT", 1)
-        monkeypatch.setattr(responses.os, "preadv", _preadv_eagain if mode == "eagain" else _preadv_half)
-    messages, body = _send_range(data_file, start, end)
-    assert messages[0]["status"] == 206
-    assert body == DATA[start:end]
-    assert messages[-1]["more_body"] is False
-    assert all(len(m["body"]) <= chunk for m in messages[1:])
+def test_a_body_bigger_than_the_socket_buffer_is_sent_whole(big_shard, monkeypatch):
+    """The first os.sendfile fills the send buffer; asyncio's sendfile sends the rest as
+    the client reads."""
+    rest = []
+    original = asyncio.BaseEventLoop.sendfile
+
+    async def counting(self, transport, file, offset=0, count=None, **kwargs):
+        rest.append((offset, count))
+        return await original(self, transport, file, offset, count, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", counting)
+    root, data = big_shard
+    with serving(create_app(root=root)) as url, socket.socket() as sock:
+        # A small receive buffer and no reading until the server waits: its first sendfile
+        # must stop short of the body, however fast this machine drains sockets.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect(("127.0.0.1", port_of(url)))
+        sock.sendall(f"GET {DS}/train-000000.tar HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-\r\n\r\n".encode())
+        deadline = time.monotonic() + 30
+        while not rest and time.monotonic() < deadline:  # until the server waits for room
+            time.sleep(0.01)
+        reply, end = bytearray(), -1
+        while end < 0 or len(reply) < end + 4 + len(data) - 1000:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            reply += chunk
+            end = reply.find(b"\r\n\r\n")
+    head, _, body = bytes(reply).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206") and body == data[1000:]
+    [(offset, count)] = rest  # the part the socket did not take at once
+    assert offset > 1000 and offset + count == len(data)
 
 
-@pytest.mark.parametrize("mode", ["nowait", "thread"])
-def test_a_file_that_shrank_ends_the_body_short_with_an_error(data_file, monkeypatch, mode):
-    if mode == "thread":
-        monkeypatch.setattr(responses, "_NOWAIT", None)
-    fd = os.open(data_file, os.O_RDONLY)
-    os.truncate(data_file, 100)
-    sent: list[dict] = []
+def test_a_client_gone_mid_body_is_logged_without_a_traceback(big_shard, caplog):
+    root, data = big_shard
+    with caplog.at_level(logging.DEBUG), serving(create_app(root=root)) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
+            sock.sendall(f"GET {DS}/train-000000.tar HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        time.sleep(0.5)  # closed with a reset, 16+ MB still to send
+        assert request(url, "GET", f"{DS}/train-000000.tar")[2] == data  # the server is fine
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
-    async def send(message: dict) -> None:
-        sent.append(message)
 
-    body = FileBody(fd, 0, len(DATA), status=200, headers={}, send_body=True)
-    with pytest.raises(OSError, match="file ended at byte 100"):
-        asyncio.run(body({"type": "http", "extensions": {}}, _never_disconnects, send))
-    assert sum(len(m.get("body", b"")) for m in sent[1:]) < len(DATA)
+@pytest.mark.parametrize("sent", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # idle after a response
+                                  b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+                                  b""])  # nothing sent at all
+def test_idle_and_slow_connections_are_closed_after_keep_alive(make_dataset, tmp_path, sent):
+    """The keep-alive time (aiohttp's ``keepalive_timeout``) also bounds a client that never
+    finishes its headers: no connection is held open by a silent client."""
+    root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
+    with (serving(create_app(root=root), keep_alive_s=0.5) as url,
+          socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock):
+        sock.sendall(sent)
+        if sent.endswith(b"\r\n\r\n"):
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # headers and body: one write
+        start = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server, well before the 10 s timeout
+        assert time.monotonic() - start < 5
+
+
+def test_requests_past_the_concurrency_bound_get_503_and_head_leaves_the_connection_usable(make_dataset, tmp_path):
+    root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
+    with serving(create_app(root=root, limit_concurrency=0)) as url:
+        status, headers, _ = request(url, "GET", f"{DS}/README.md")
+        assert (status, headers["x-error-message"]) == (503, "server busy, retry later")
+    with serving(create_app(root=root)) as url:
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(url), timeout=30)
+        conn.request("HEAD", f"{DS}/train-000000.tar")
+        head = conn.getresponse()
+        assert (head.status, head.read()) == (200, b"")
+        conn.request("GET", f"{DS}/README.md")  # the same connection: no stray body bytes
+        assert conn.getresponse().read() == (root / "lab/ds/README.md").read_bytes()
+        conn.close()
 
 
 def test_dataset_checks_are_reused_only_within_max_age(make_dataset, tmp_path):

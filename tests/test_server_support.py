@@ -58,80 +58,17 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (free port) in a thread; yield its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http="h11",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120  # generous: 2 cores shared by several jobs in CI
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-@contextmanager
-def serving_granian(app) -> Iterator[str]:
-    """Run ``app`` with granian's embedded server (same Rust worker as ``cifar5m serve``)
-    on 127.0.0.1 in a thread with its own event loop; yield its base URL."""
-    import asyncio
-
-    from granian.constants import HTTPModes, Interfaces
-    from granian.log import LogLevels
-    from granian.server.embed import Server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = Server(app, address="127.0.0.1", port=port, interface=Interfaces.ASGINL, http=HTTPModes.http1,
-                    websockets=False, log_level=LogLevels.error)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("granian test server did not start") from None
-            time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        loop.call_soon_threadsafe(server.stop)
-        thread.join(10)
-
-
-@contextmanager
-def serving_aiohttp(app, *, keep_alive_s: float = 30, **limits) -> Iterator[str]:
-    """Run ``app`` through aiohttp and the ASGI bridge (as ``cifar5m serve --server aiohttp``;
-    ``limits`` go to ``build_application``) on 127.0.0.1 in a thread; yield its base URL."""
+def serving(app, *, keep_alive_s: float = 30, access_log: bool = False) -> Iterator[str]:
+    """Run the aiohttp ``app`` (as each ``cifar5m serve`` worker does) on 127.0.0.1 in a
+    thread with its own event loop; yield its base URL."""
     import asyncio
 
     from aiohttp import web
 
-    from dataset_server.bridge import build_application
+    from dataset_server.app import runner_of
 
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(build_application(app, **limits), access_log=None, shutdown_timeout=2,
-                           keepalive_timeout=keep_alive_s)
+    runner = runner_of(app, keep_alive_s=keep_alive_s, graceful_s=2, access_log=access_log)
     loop.run_until_complete(runner.setup())
     loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
     port = runner.addresses[0][1]
@@ -146,17 +83,13 @@ def serving_aiohttp(app, *, keep_alive_s: float = 30, **limits) -> Iterator[str]
         loop.close()
 
 
-ENGINES = {"aiohttp": serving_aiohttp, "uvicorn": serving, "granian": serving_granian}
-
-
-@pytest.fixture(params=sorted(ENGINES))
-def served(request, make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
-    """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples),
-    once per HTTP server ``cifar5m serve --server`` offers."""
+@pytest.fixture
+def served(make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
+    """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples)."""
     from dataset_server.app import create_app
 
     root = build_root(make_dataset, tmp_path / "root")
-    with ENGINES[request.param](create_app(root=root, page_size=3, scan_max_age=0.0)) as url:
+    with serving(create_app(root=root, page_size=3, scan_max_age=0.0)) as url:
         yield url, root
 
 

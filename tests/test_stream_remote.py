@@ -30,12 +30,11 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def range_http(dataset):
-    """Starlette's StaticFiles under uvicorn (answers Range with 206), on 127.0.0.1."""
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-    from starlette.staticfiles import StaticFiles
+    """aiohttp's static files (answers Range with 206), on 127.0.0.1."""
+    from aiohttp import web
 
-    app = Starlette(routes=[Mount("/data", StaticFiles(directory=str(dataset.parent)))])
+    app = web.Application()
+    app.router.add_static("/data", str(dataset.parent))
     with serve_app(app) as url:
         yield f"{url}/data/{dataset.name}"
 
@@ -90,11 +89,11 @@ def test_http_truncated_shard_and_missing_dataset(tmp_path, static_http):
     stream = SampleStream(StreamConfig(source=url, batch_size=60))
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample .* at byte offset \d+"):
         list(stream)
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-    from starlette.staticfiles import StaticFiles
+    from aiohttp import web
 
-    with serve_app(Starlette(routes=[Mount("/", StaticFiles(directory=str(root)))])) as ranged:
+    app = web.Application()
+    app.router.add_static("/", str(root))
+    with serve_app(app) as ranged:
         stream = SampleStream(StreamConfig(source=ranged, batch_size=60))  # block reads: 206/416
         with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated: sample"):
             list(stream)

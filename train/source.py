@@ -190,7 +190,10 @@ class HttpSource(Source):
         if reply.status == 416:  # range starts past the end: the file is shorter
             return bytearray()
         if reply.status not in (200, 206):
-            raise DownloadError(f"GET {url} answered HTTP {reply.status}")
+            # The server's reason (a Hub-style X-Error-Message: a gated dataset, a manifest
+            # of a newer format), not only its status code.
+            reason = reply.headers.get("X-Error-Message")
+            raise DownloadError(f"GET {url} answered HTTP {reply.status}" + (f": {reason}" if reason else ""))
         if start is not None:
             with self._lock:
                 self._ranges = reply.status == 206

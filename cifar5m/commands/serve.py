@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from dataset_server.engines import ENGINES
-
 
 @click.command("serve")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
@@ -18,28 +16,21 @@ from dataset_server.engines import ENGINES
               help="Server processes, about one per free core.")
 @click.option("--page-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Entries per page of tree listings (the Hub's is 1000).")
-@click.option("--server", "engine", type=click.Choice(ENGINES), default=ENGINES[0],
-              show_default=True,
-              help="HTTP server. aiohttp sends every file body, ranges too, with sendfile (no copy "
-                   "in user space): 3.5-3.7x http.server's MB/s against granian's 2.4-2.6x "
-                   "(serve_bench, 32 clients, 2 cores, 2026-11-28). granian sends whole files from Rust; "
-                   "uvicorn streams them through Python.")
-@click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
-              help="Event loop of granian and uvicorn (auto: uvloop when installed). aiohttp always "
-                   "runs on asyncio: uvloop has no sendfile.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="Log one line per request to stderr.")
 def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int, page_size: int,
-              engine: str, loop: str, access_log: bool) -> None:
+              access_log: bool) -> None:
     """Serve every dataset ROOT/<org>/<name>/ as a Hugging Face Hub dataset repo.
 
-    huggingface_hub, datasets and webdataset URLs download from it as from the Hub.
-    Stop with Ctrl-C (running downloads get 10 s to finish).
+    ROOT may also be one dataset folder (it has manifest.json): it is served as
+    local/<folder name>. huggingface_hub, datasets and webdataset URLs download from it
+    as from the Hub; a browser at http://HOST:PORT/ shows each dataset's page. Stop with
+    Ctrl-C (running downloads get 10 s to finish).
 
     \b
     Example:
       cifar5m serve data --port 8000
-      cifar5m serve data --port 8000 --server uvicorn --workers 1
+      cifar5m serve data/lab/cifar10 --port 8000     # one dataset, as local/cifar10
       HF_ENDPOINT=http://127.0.0.1:8000 python -c \\
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10
@@ -47,7 +38,7 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
     from dataset_server.server import ServeConfig, run
 
     run(ServeConfig(root=root, host=host, port=port, tokens=tokens, workers=workers,
-                    page_size=page_size, loop=loop, access_log=access_log, server=engine))
+                    page_size=page_size, access_log=access_log))
 
 
 @click.command("download")
