@@ -105,9 +105,14 @@ class Store:
             names = [n for n in names if files[n] in only]
 
         def read(name: str) -> ShardInfo | None:
-            with self.fs.open(self.path(f"{WORK_DIR}/{name}"), "rb") as f:
-                meta = pq.read_metadata(f)
-            info = part_info(meta)
+            try:
+                with self.fs.open(self.path(f"{WORK_DIR}/{name}"), "rb") as f:
+                    meta = pq.read_metadata(f)
+                info = part_info(meta)
+            except FileNotFoundError:
+                return None
+            except (ValueError, KeyError, TypeError):  # not a part of ours: its shard is redone
+                return None
             return info if info.file == files[name] and meta.num_rows == info.samples else None
 
         with ThreadPoolExecutor(THREADS) as pool:
