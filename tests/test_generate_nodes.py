@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
 from test_kill_resume import PARK
 
+from cifar5m.errors import ConfigMismatchError
 from generator.config import GenerateConfig
 from generator.pipeline import run
 from shards.verify import verify_dataset
@@ -169,6 +171,9 @@ def test_rank_killed_mid_run_then_rerun_with_other_rank_count(models, reference,
     monkeypatch.setattr(Producer, "shard", lambda self, plan, **kw: made.append(plan.file) or real(self, plan, **kw))
     monkeypatch.setattr("generator.lease.SETTLE", 0.0)
     rerun = GenerateConfig(out=url, model=str(models["unet"]), labeler=str(models["labeler"]), **SMALL)
+    with pytest.raises(ConfigMismatchError, match=rf"^{url} holds a dataset made with other settings \(seed"):
+        run(replace(rerun, seed=1), progress=False, storage_options=options)  # checked against the store
+    assert made == []
     run(rerun, progress=False, storage_options=options)  # one rank now
     assert sorted(made) == ["train-000001.tar", "train-000002.tar"]  # the damaged and the unfinished
     got = download(url, options, tmp_path / "got")
