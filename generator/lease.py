@@ -111,8 +111,8 @@ class Lease:
                 self._stop.set()
                 return
             self._write()
-        except OSError:  # a store hiccup: the next beat tries again, well within ttl
-            pass
+        except Exception:  # a store hiccup (any backend's error type): the next beat tries
+            pass           # again, well within ttl; confirm() re-reads before the manifest
 
     def confirm(self) -> None:
         """Raise ``LeaseHeldError`` unless the lease is still this job's (before finishing)."""
