@@ -72,6 +72,10 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
           --steps 100 --labeler builtin --batch-size 1024 --dry-run
       torchrun --nproc-per-node 8 -m cifar5m generate --count 6000000 \\
           --out data/cifar5m-ddim --sampler ddim --steps 100 --labeler builtin
+      torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \\
+          --rdzv-endpoint node001:29500 --rdzv-id gen1 -m cifar5m generate \\
+          --count 6000000 --out s3://bucket/cifar5m-ddim --sampler ddim --steps 100 \\
+          --labeler builtin
     """
     from cifar5m.commands.stream import parse_storage_options
     from generator.config import GenerateConfig
