@@ -5,8 +5,12 @@
 Same UNet (ddpm-cifar10-32 architecture, random weights), same steps and batch for
 both. Prints images/s, image-steps/s and the fraction of the card's dense bf16 peak
 (989.5 TFLOP/s on H100 SXM and H200), plus our sampler alone (no labeling/writing)
-to show what the CPU side costs. The goal (issue 3): end to end >= 2.5x DDPMPipeline
-fp16, i.e. >= 25,000 image-steps/s.
+to show what the CPU side costs. The goal: end to end >= 2.5x DDPMPipeline fp16.
+
+End to end is the steady state: a warm-up run first (fills the compile cache), then
+fresh runs of N and 2N images; N images / (t(2N) - t(N)) cancels start-up. Then each
+stage (sample, label, select, encode, write) is timed alone, to show where the end-to-end
+time goes and whether the writer threads keep up with sampling.
 
 The GPU image has torch but not diffusers/webdataset: install them from wheels first,
 e.g. ``pip install --no-deps diffusers-*.whl huggingface_hub-*.whl safetensors-*.whl``.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,9 +56,84 @@ def bench_sampler_only(unet_dir: Path, *, batch: int, steps: int, sampler: str, 
     return batch * repeats / (time.perf_counter() - t0)
 
 
+def stage_times(unet_dir: Path, labeler_dir: Path, *, batch: int, steps: int, sampler: str,
+                device: str = "cuda", repeats: int = 3) -> dict[str, float]:
+    """Seconds per image of each stage of ``cifar5m generate``, each timed alone after a warm-up.
+
+    Main thread (serial with sampling): sample (incl. the device-to-host copy of the uint8
+    images), label (host-to-device again, airbench forward with flip TTA), select (Python
+    per sample). Writer threads (``--workers``, overlapped): encode (PNG + tar + sha256 +
+    index rows) and write (temp file + fsync + rename). ``copy`` is the device-to-host copy
+    alone, to show its share of ``sample``.
+    """
+    from generator import model as model_mod
+    from generator.labeler import load_labeler
+    from generator.producer import Producer
+    from generator.sampler import Sampler
+    from shards.manifest import atomic_write_bytes
+    from shards.shard import build_shard
+
+    gpu = device.startswith("cuda")
+    src = model_mod.resolve(str(unet_dir))
+    s = Sampler(model_mod.load_unet(src), src.scheduler_config, sampler=sampler, steps=steps,
+                device=device, dtype=torch.bfloat16 if gpu else torch.float32, compile=gpu)
+    lab = load_labeler(str(labeler_dir), device=device)
+    prod = Producer(s, lab, seed=0, batch_size=batch, num_classes=10, conditional=False)
+    ids = torch.arange(batch)
+    images = s.sample(0, ids)  # warm-up (compile)
+    probs = lab.predict(images).cpu()
+    on_device = images.to(device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / (repeats * batch)
+
+    kept: list = []
+
+    def select() -> None:
+        kept.clear()
+        prod._select(ids, images, probs, kept, None, batch)
+
+    out: dict[str, float] = {
+        "sample": timed(lambda: s.sample(0, ids)),
+        "copy": timed(lambda: on_device.cpu()),
+        "label": timed(lambda: lab.predict(images).cpu()),
+        "select": timed(select),
+    }
+    select()
+    shard: list = []
+
+    def encode() -> None:
+        shard[:] = [build_shard("train", 0, kept, image_format="png", where="bench")]
+
+    out["encode"] = timed(encode)
+    with tempfile.TemporaryDirectory() as tmp:
+        out["write"] = timed(lambda: atomic_write_bytes(Path(tmp) / "shard.tar", shard[0][0]))
+    return out
+
+
+def stage_table(times: dict[str, float], *, workers: int = 2) -> str:
+    main_thread = times["sample"] + times["label"] + times["select"]
+    writers = (times["encode"] + times["write"]) / workers
+    lines = [f"{'stage (per 1,000 images)':34s} {'ms':>10s} {'where':>28s}"]
+    for name, where in (("sample", "main (GPU, incl. copy)"), ("copy", "  (device-to-host alone)"),
+                        ("label", "main (GPU)"), ("select", "main (Python)"),
+                        ("encode", f"{workers} writer threads"), ("write", f"{workers} writer threads")):
+        lines.append(f"{name:34s} {times[name] * 1e6:10.1f} {where:>28s}")
+    bound = "sampling" if main_thread >= writers else "the writer threads"
+    lines.append(f"main thread {main_thread * 1e6:.1f} ms vs writers {writers * 1e6:.1f} ms per 1,000 images "
+                 f"(encode+write / {workers}): bound by {bound}; sampling is "
+                 f"{times['sample'] / max(main_thread, writers):.0%} of the critical path")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     import shutil
-    import tempfile
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=10240, help="N: runs of N and 2N images are timed")
@@ -76,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         steady, cold = bench_ours(unet_dir, labeler, root, count=args.count, batch=args.batch,
                                   steps=args.steps, sampler=args.sampler, device=args.device,
                                   dtype="bf16" if gpu else "fp32", compile_=gpu)
+        stages = stage_times(unet_dir, labeler, batch=args.batch, steps=args.steps, sampler=args.sampler,
+                             device=args.device, repeats=3 if gpu else 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"card={torch.cuda.get_device_name(0) if gpu else 'cpu'} batch={args.batch} steps={args.steps} sampler={args.sampler} "
@@ -85,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                  ("cifar5m generate, end to end, steady (label+PNG+tar+index)", steady),
                  ("  same, including start-up (load, hash; compile cached)", cold)],
                 steps=args.steps, peak=PEAK_TFLOPS.get(card)))
+    print(stage_table(stages))
     print(f"6M images at {args.steps} steps, end to end: {6e6 / steady / 3600:.2f} GPU-hours on "
           f"this card (goal: < 1.5 at 20 steps; >= 25,000 image-steps/s)")
 

@@ -107,6 +107,10 @@ class GenerationError(Cifar5mError, RuntimeError):
     """Generation cannot fill a shard (filters reject too many samples) or ranks disagree."""
 
 
+class LeaseHeldError(Cifar5mError, BlockingIOError):
+    """Another job holds the lease on an object-store output (one writer per output)."""
+
+
 # --- training (train/) ------------------------------------------------------------------
 
 

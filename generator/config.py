@@ -42,7 +42,7 @@ class GenerateConfig:
     # for the builtin UNet on 2 cores) but bit-exact only for the same batch size.
     exact_cpu: bool = True
     workers: int = 2  # background shard writers (PNG encoding + tar + sha256)
-    staging: str | None = None  # local dir for fsspec URLs; default under ~/.cache/cifar5m
+    staging: str | None = None  # URL outputs: rank 0's scratch dir for the index; default: temp
 
     def __post_init__(self) -> None:
         problems = []

@@ -3,8 +3,8 @@
 Order of work (nothing is written before step 3):
 
 1. every rank checks the config, the model files and the labeler; loads the UNet;
-2. rank 0 alone checks the output and any dataset already there, locally and at an
-   fsspec URL (settings must match; count may only grow);
+2. rank 0 alone checks the output and any dataset already there (settings must
+   match; count may only grow);
 3. rank 0 opens the output (``shards.writer.begin``: keeps finished shards after
    checking their sha256; damaged ones are deleted and regenerated) and tells the
    other ranks which shards are kept (before that they read nothing: rank 0 may be
@@ -12,15 +12,20 @@ Order of work (nothing is written before step 3):
 4. each rank samples its shards (round-robin) while a thread pool encodes and writes
    finished ones (``write_shard``: PNG/zlib release the GIL, so this overlaps sampling);
 5. all ranks report success; if all succeeded, rank 0 writes index, card and (last)
-   manifest, then uploads if the output is an fsspec URL.
+   manifest.
+
+An fsspec URL output (``--out s3://...``) follows the same steps with no local
+output directory: each rank uploads its own shards and rank 0 holds a lease on the
+prefix (``generator.store``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,10 @@ from cifar5m.errors import (
     ModelError,
     OutputNotWritableError,
 )
-from generator import ranks, remote
+from generator import ranks
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
+from generator.store import is_url, run_to_store
 from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
 from shards.manifest import Manifest, atomic_write_bytes, load_manifest
 from shards.writer import (
@@ -43,6 +49,7 @@ from shards.writer import (
     ShardRecord,
     begin,
     check_fingerprint,
+    load_records,
     part_path,
     write_shard,
 )
@@ -50,11 +57,8 @@ from shards.writer import (
 NUM_CLASSES = len(CIFAR10_CLASSES)
 
 
-def local_root(cfg: GenerateConfig) -> tuple[Path, str | None]:
-    """Where shards are written, and the fsspec URL to upload to (None if local)."""
-    if not remote.is_url(cfg.out):
-        return Path(cfg.out.removeprefix("file://")).expanduser(), None
-    return remote.staging_root(cfg.out, cfg.staging), cfg.out
+def local_root(cfg: GenerateConfig) -> Path:
+    return Path(cfg.out.removeprefix("file://")).expanduser()
 
 
 def check_writable(root: Path) -> None:
@@ -133,22 +137,13 @@ def open_output(root: Path, fp: dict[str, Any]) -> dict[str, ShardRecord]:
     return begin(root, fp, extend=True, on_damaged=lambda shard, why: print(f"{shard} {why}: regenerating it"))
 
 
-def prepare(cfg: GenerateConfig, root: Path, url: str | None, fp: dict[str, Any],
+def prepare(cfg: GenerateConfig, root: Path, fp: dict[str, Any],
             plan: list[ShardPlan]) -> tuple[dict[str, ShardRecord], Manifest | None]:
     """On rank 0: check, then open the output. Returns the shards to keep, and the
     manifest instead when the dataset is already complete (nothing to do)."""
     keep = check_existing(root, fp, plan)
-    if url and (manifest := remote.read_manifest(url)) is not None:
-        refuse_other_settings(url, manifest.provenance.get("fingerprint") or {}, fp)
-        kept_remote = fitting(url, {s.file: s.samples for s in manifest.shards}, plan)
-        if len(kept_remote) == len(plan):
-            print(f"{url} already holds these {cfg.count:,} samples; nothing to do")
-            return {}, manifest
-        remote.check_staged(url, manifest, root, {p.file: p.size for p in plan})
     if (root / MANIFEST_NAME).is_file() and len(keep) == len(plan) and not (root / WORK_DIR).exists():
         print(f"{root} already holds these {cfg.count:,} samples; nothing to do")
-        if url:
-            remote.upload(root, url)  # the remote copy is missing or older (checked above)
         return {}, load_manifest(root)
     records = open_output(root, fp)
     atomic_write_bytes(root / WORK_DIR / CONFIG_NAME, json.dumps(cfg.to_dict(), indent=1).encode())
@@ -174,48 +169,71 @@ def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | N
     return lab
 
 
-def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
-    """Generate (or resume, or extend) the dataset ``cfg`` describes; the manifest on rank 0."""
+def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str, Any] | None = None,
+        break_lease: bool = False) -> Manifest | None:
+    """Generate (or resume, or extend) the dataset ``cfg`` describes; the manifest on rank 0.
+
+    ``storage_options`` (fsspec) and ``break_lease`` apply to URL outputs only.
+    """
     from generator.session import Session
 
     rank = ranks.from_env()
-    root, url = local_root(cfg)
     session = Session(cfg, rank)  # loads model config + labeler, checks shapes
-    check_writable(root)
     fp = fingerprint(cfg, model_sha256=session.model_sha256, labeler_sha256=session.labeler_sha256,
                      dtype=session.dtype_name)
     plan = plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size,
                        stride=FILTER_STRIDE if cfg.filtered else 1)
+    if is_url(cfg.out):
+        ranks.init(rank)
+        try:
+            return run_to_store(cfg, session, rank, fp, plan, progress=progress,
+                                storage_options=storage_options, break_lease=break_lease)
+        finally:
+            ranks.close(rank)
+    root = local_root(cfg)
+    check_writable(root)
     ranks.init(rank)
     try:
-        keep, done = prepare_on_main(rank, cfg, root, url, fp, plan)
+        keep, done = shared_from_main(rank, lambda: prepare(cfg, root, fp, plan))
         if done is not None:
             return done if rank.is_main else None
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
-        ok = False
-        try:
-            session.produce(root, todo, progress=progress)
-            ok = True
-        finally:  # every rank reaches this, so none waits forever for a failed one
-            failed = ranks.failed_ranks(rank, ok)
-        if failed:
-            raise GenerationError(f"rank(s) {', '.join(map(str, failed))} of {rank.world} failed; "
-                                  f"re-run the same command to resume")
+        produce_on_all_ranks(session, rank, todo, functools.partial(write_local, root, cfg.image_format),
+                             progress=progress)
         if not rank.is_main:
             return None
-        return session.finish(root, url, plan, fp, keep)
+        records = {**keep, **load_records(root, check=False)}  # kept ones checked by begin
+        return session.finish(root, plan, fp, records)
     finally:
         ranks.close(rank)
 
 
-def prepare_on_main(rank: ranks.Rank, cfg: GenerateConfig, root: Path, url: str | None,
-                    fp: dict[str, Any], plan: list[ShardPlan],
-                    ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
-    """``prepare`` on rank 0; the other ranks get the kept shard names (values None) and
-    whether the dataset is complete, or an error if rank 0 failed."""
+def write_local(root: Path, image_format: str, plan: ShardPlan, samples: list) -> ShardRecord:
+    return write_shard(root, plan.split, plan.index, samples, image_format=image_format)
+
+
+def produce_on_all_ranks(session: Any, rank: ranks.Rank, todo: list[ShardPlan],
+                         write: Callable[[ShardPlan, list], Any], *, progress: bool) -> None:
+    """Each rank writes its ``todo``; raises on every rank if any rank failed."""
+    ok = False
+    try:
+        session.produce(write, todo, progress=progress)
+        ok = True
+    finally:  # every rank reaches this, so none waits forever for a failed one
+        failed = ranks.failed_ranks(rank, ok)
+    if failed:
+        raise GenerationError(f"rank(s) {', '.join(map(str, failed))} of {rank.world} failed; "
+                              f"re-run the same command to resume")
+
+
+def shared_from_main(rank: ranks.Rank, prepare_on_main: Callable[[], tuple[Any, Any]],
+                     ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
+    """``prepare_on_main()`` on rank 0 (kept shards, and the manifest if already complete);
+    the other ranks get the kept shard names (values None) and whether the dataset is
+    complete, or an error if rank 0 failed."""
     if rank.is_main:
         try:
-            keep, done = prepare(cfg, root, url, fp, plan)
+            keep, done = prepare_on_main()
         except BaseException as exc:
             ranks.share(rank, ("failed", f"{type(exc).__name__}: {exc}"))
             raise
@@ -229,9 +247,8 @@ def prepare_on_main(rank: ranks.Rank, cfg: GenerateConfig, root: Path, url: str 
 
 
 def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,
-                        root: Path, plan: ShardPlan, samples: list, image_format: str) -> None:
+                        write: Callable[[ShardPlan, list], Any], plan: ShardPlan, samples: list) -> None:
     """Queue a shard write; block while more than ``limit`` are in flight (bounded memory)."""
-    pending.append(pool.submit(write_shard, root, plan.split, plan.index, samples,
-                               image_format=image_format))
+    pending.append(pool.submit(write, plan, samples))
     while len(pending) > limit:
         pending.popleft().result()

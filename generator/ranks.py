@@ -64,9 +64,17 @@ def failed_ranks(rank: Rank, ok: bool) -> list[int]:
     import torch
     import torch.distributed as dist
 
+    from cifar5m.errors import GenerationError
+
     flags = torch.zeros(rank.world, dtype=torch.int64)
     flags[rank.rank] = 0 if ok else 1
-    dist.all_reduce(flags)
+    try:
+        dist.all_reduce(flags)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer" when a rank or node died
+        raise GenerationError(f"rank {rank.rank} of {rank.world} lost contact with the other ranks "
+                              f"({str(exc).splitlines()[0][:200]}): a rank or node died; its finished "
+                              f"shards are kept: re-run the same command (any number of ranks) "
+                              f"to resume") from None
     return [r for r in range(rank.world) if int(flags[r])]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,13 @@ import numpy as np
 from cifar5m.errors import GenerationError, ModelError
 from cifar5m.version import __version__
 from generator import model as model_mod
-from generator import remote
 from generator.config import CONFIG_NAME, GenerateConfig
 from generator.pipeline import NUM_CLASSES, open_labeler, write_in_background
 from generator.plan import ShardPlan
 from generator.ranks import Rank
 from shards.format import CIFAR10_CLASSES
 from shards.manifest import Manifest, atomic_write_bytes
-from shards.writer import ShardRecord, finalize, load_records
+from shards.writer import ShardRecord, finalize
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -78,16 +77,19 @@ class Session:
                        steps=self.cfg.num_steps, device=self.device,
                        dtype=getattr(torch, DTYPES[self.dtype_name]), compile=compile_)
 
-    def produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
+    def produce(self, write: Callable[[ShardPlan, list], Any], todo: list[ShardPlan], *,
+                progress: bool) -> None:
+        """Sample ``todo``'s shards; ``write(plan, samples)`` runs in background threads."""
         if not todo:
             return
         if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
-            self._produce(root, todo, progress=progress)
+            self._produce(write, todo, progress=progress)
             return
         with cpu_determinism(self.device):
-            self._produce(root, todo, progress=progress)
+            self._produce(write, todo, progress=progress)
 
-    def _produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
+    def _produce(self, write: Callable[[ShardPlan, list], Any], todo: list[ShardPlan], *,
+                 progress: bool) -> None:
         from tqdm.auto import tqdm
 
         from generator.producer import Producer
@@ -103,30 +105,25 @@ class Session:
             pending: deque = deque()
             for plan in todo:
                 samples = producer.shard(plan, on_images=bar.update)
-                write_in_background(pool, pending, self.cfg.workers, root, plan, samples,
-                                    self.cfg.image_format)
+                write_in_background(pool, pending, self.cfg.workers, write, plan, samples)
             while pending:
                 pending.popleft().result()
         bar.close()
 
-    def finish(self, root: Path, url: str | None, plan: list[ShardPlan], fp: dict[str, Any],
-               kept: dict[str, ShardRecord]) -> Manifest:
-        """Index, card and manifest of ``kept`` (from ``begin``) plus this run's shards."""
-        records = dict(kept)
-        # No hashing here: kept shards were checked by begin, this run's hashed as written.
-        records.update(load_records(root, check=False))
+    def finish(self, root: Path, plan: list[ShardPlan], fp: dict[str, Any],
+               records: dict[str, ShardRecord]) -> Manifest:
+        """Index, card, config and manifest in ``root`` for the finished shards ``records``."""
         missing = [p.file for p in plan if p.file not in records or records[p.file].info.samples != p.size]
         if missing:
-            raise GenerationError(f"{root}: shards {missing[:3]} are missing after all ranks finished; "
-                                  f"re-run the same command to write them")
+            raise GenerationError(
+                f"{root}: shards {missing[:3]} are missing after all ranks finished; re-run the same "
+                f"command to write them (ranks on several nodes need --out on a file system they all "
+                f"see, or an fsspec URL such as s3://...)")
         ordered = [records[p.file] for p in plan]
         atomic_write_bytes(root / CONFIG_NAME, json.dumps(self.cfg.to_dict(), indent=1).encode())
         class_names = self.labeler.class_names if self.labeler is not None else CIFAR10_CLASSES
-        manifest = finalize(root, ordered, image_format=self.cfg.image_format,
-                            class_names=class_names, provenance=self.provenance(fp, ordered))
-        if url:
-            remote.upload(root, url)
-        return manifest
+        return finalize(root, ordered, image_format=self.cfg.image_format,
+                        class_names=class_names, provenance=self.provenance(fp, ordered))
 
     def provenance(self, fp: dict[str, Any], records: list[ShardRecord]) -> dict[str, Any]:
         import diffusers

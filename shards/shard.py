@@ -104,15 +104,13 @@ def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) ->
     return b"".join(chunks), cols
 
 
-def write_shard(
-    root: str | Path, split: str, index: int, samples: Iterable[Sample], *, image_format: str
-) -> ShardRecord:
-    """Encode ``samples`` into shard ``index`` of ``split`` under ``root``, atomically."""
-    root = Path(root)
+def build_shard(split: str, index: int, samples: Iterable[Sample], *, image_format: str,
+                where: str) -> tuple[bytes, ShardInfo, pa.Table]:
+    """Shard ``index`` of ``split`` in memory: its bytes, manifest entry and index rows."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {image_format!r}; use one of {IMAGE_FORMATS}")
     name = shard_name(split, index)
-    data, cols = encode_shard(samples, image_format=image_format, where=str(root / name))
+    data, cols = encode_shard(samples, image_format=image_format, where=where)
     if not cols["key"]:
         raise ValueError(f"shard {name} would hold no samples")
     n = len(cols["key"])
@@ -121,18 +119,37 @@ def write_shard(
         file=name, split=split, samples=n, first_key=cols["key"][0], bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-    atomic_write_bytes(root / name, data)
-    table = rows_to_table(cols)
+    return data, info, rows_to_table(cols)
+
+
+def write_shard(
+    root: str | Path, split: str, index: int, samples: Iterable[Sample], *, image_format: str
+) -> ShardRecord:
+    """Encode ``samples`` into shard ``index`` of ``split`` under ``root``, atomically."""
+    root = Path(root)
+    where = str(root / shard_name(split, index))
+    data, info, table = build_shard(split, index, samples, image_format=image_format, where=where)
+    atomic_write_bytes(root / info.file, data)
     return ShardRecord(info, table, write_part(root, info, table))
+
+
+def part_bytes(info: ShardInfo, table: pa.Table) -> bytes:
+    """A part file's bytes: the shard's index rows, with its size and sha256 in the metadata."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def part_info(metadata: pq.FileMetaData) -> ShardInfo:
+    """The shard a part file describes, from its parquet footer."""
+    return ShardInfo(**json.loads(metadata.metadata[_SHARD_META]))
 
 
 def write_part(root: Path, info: ShardInfo, table: pa.Table) -> Path:
     """Persist a finished shard's index rows (and its size and sha256) in ``_work/``."""
     (root / WORK_DIR).mkdir(exist_ok=True)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table.replace_schema_metadata({_SHARD_META: json.dumps(asdict(info))}), sink)
     path = part_path(root, info.file)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    atomic_write_bytes(path, part_bytes(info, table))
     return path
 
 
@@ -148,7 +165,7 @@ def load_records(root: str | Path, *, check: bool = True,
     root = Path(root)
     records: dict[str, ShardRecord] = {}
     for part in sorted((root / WORK_DIR).glob("*.parquet")):
-        info = ShardInfo(**json.loads(pq.read_schema(part).metadata[_SHARD_META]))
+        info = part_info(pq.read_metadata(part))
         shard = root / info.file
         if not shard.is_file():
             problem: Exception = ShardNotFoundError(f"{shard} is missing but {part} says it was written")

@@ -207,40 +207,43 @@ def test_filters_that_cannot_fill_a_shard_fail_clearly(models, tmp_path, monkeyp
                    steps=1), progress=False)
 
 
-def test_fsspec_url_output_is_staged_then_uploaded(models, tmp_path) -> None:
+def test_fsspec_url_output_is_written_straight_to_the_store(models, tmp_path, monkeypatch) -> None:
     import fsspec
 
+    monkeypatch.setattr("generator.lease.SETTLE", 0.0)
     url = f"memory://cifar5m-test/{tmp_path.name}/ds"
     run(config(models, url, count=30, test_count=10, shard_size=10, steps=1,
-               staging=str(tmp_path / "staging")), progress=False)
+               staging=str(tmp_path / "scratch")), progress=False)
     fs = fsspec.filesystem("memory")
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(url.removeprefix("memory:/"), detail=False))
-    assert "manifest.json" in names and "train-000001.tar" in names
+    assert names == ["README.md", "generate_config.json", "index.parquet", "manifest.json",
+                     "test-000000.tar", "train-000000.tar", "train-000001.tar"]  # no _work/, no lease
     ds = Dataset(url)
     assert len(ds.split("train")) == 20 and ds.split("test").keys[0] == "s0000000000"
+    assert list((tmp_path / "scratch").iterdir()) == []  # the finishing rank's scratch is gone
 
 
-def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, capsys) -> None:
-    from cifar5m.errors import ConfigMismatchError, DatasetExistsError
+def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, capsys, monkeypatch) -> None:
+    from cifar5m.errors import ConfigMismatchError
 
+    monkeypatch.setattr("generator.lease.SETTLE", 0.0)
     url = f"memory://cifar5m-test/{tmp_path.name}/ds"
     kw = {"count": 30, "test_count": 10, "shard_size": 20, "steps": 1}
-    first = run(config(models, url, staging=str(tmp_path / "s1"), **kw), progress=False)
-    fresh = tmp_path / "s2"  # another machine: its staging is empty
+    first = run(config(models, url, **kw), progress=False)
     with pytest.raises(ConfigMismatchError, match=rf"^{url} holds a dataset made with other settings \(seed"):
-        run(config(models, url, staging=str(fresh), **{**kw, "seed": 1}), progress=False)
+        run(config(models, url, **{**kw, "seed": 1}), progress=False)
     with pytest.raises(ConfigMismatchError, match=rf"^{url} already holds 30 samples.*--count >= 30"):
-        run(config(models, url, staging=str(fresh), **{**kw, "count": 25}), progress=False)
-    with pytest.raises(DatasetExistsError, match=rf"^{url} holds a finished dataset of 30 samples, but "
-                                                 rf"the staging directory {fresh}/\w+ does not hold"):
-        run(config(models, url, staging=str(fresh), **{**kw, "count": 50}), progress=False)
+        run(config(models, url, **{**kw, "count": 25}), progress=False)
+    assert Dataset(url).manifest == first  # the refused runs changed nothing
     capsys.readouterr()
-    same = run(config(models, url, staging=str(fresh), **kw), progress=False)
+    same = run(config(models, url, **kw), progress=False)
     assert same == first and "nothing to do" in capsys.readouterr().out
-    assert not fresh.exists()
-    bigger = run(config(models, url, staging=str(tmp_path / "s1"), **{**kw, "count": 50}), progress=False)
+    # Extending needs no local copy: the finished shards stay in the store, the last one is redone.
+    bigger = run(config(models, url, **{**kw, "count": 50}), progress=False)
     assert Dataset(url).manifest == bigger and sum(s.samples for s in bigger.shards) == 50
     assert [s.samples for s in bigger.shards if s.split == "train"] == [20, 20]
+    direct = run(config(models, f"{url}-direct", **{**kw, "count": 50}), progress=False)
+    assert bigger.shards == direct.shards
 
 
 def crash_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> list[str]:

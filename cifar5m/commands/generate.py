@@ -11,7 +11,8 @@ from shards.format import IMAGE_FORMATS
 @click.command("generate")
 @click.option("--count", type=click.IntRange(min=1), required=True,
               help="Samples in the dataset (train + test). A larger count extends an existing one.")
-@click.option("--out", required=True, help="Output directory, or an fsspec URL (s3://...; staged locally).")
+@click.option("--out", required=True,
+              help="Output directory, or an fsspec URL (s3://..., gs://...) each rank writes to directly.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="UNet2DModel + scheduler config: Hub id, local directory, or 'builtin'.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
@@ -46,16 +47,24 @@ from shards.format import IMAGE_FORMATS
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Background threads encoding and writing shards.")
 @click.option("--staging", type=click.Path(file_okay=False),
-              help="Local directory for URL outputs [default: ~/.cache/cifar5m/staging/<hash>].")
+              help="URL outputs: rank 0's local scratch directory for building the index "
+                   "[default: the system temp directory].")
+@click.option("--storage-options", help='URL outputs: fsspec options as JSON, e.g. '
+                                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'.')
+@click.option("--break-lease", is_flag=True,
+              help="URL outputs: take over the output from a job that was killed and left its "
+                   "lease (only when that job is surely dead).")
 @click.option("--dry-run", is_flag=True, help="Print NFE per image, FLOPs and GPU-hours; write nothing.")
 def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, shard_size, test_count,
                  image_format, min_confidence, balance, device, dtype, compile_, exact_cpu, workers,
-                 staging, dry_run) -> None:
+                 staging, storage_options, break_lease, dry_run) -> None:
     """Generate a CIFAR-5m-style dataset: sample a diffusion UNet, label, write shards.
 
     Re-running the same command resumes a killed run (finished shards are checked
     and kept); a larger --count extends a finished dataset; other settings are
-    refused. Under torchrun, ranks write disjoint shards and rank 0 finalises.
+    refused. Under torchrun, ranks write disjoint shards and rank 0 finalises; with
+    an s3:// (or other fsspec) --out each rank uploads its own shards, so nodes need
+    no shared disk (docs/generate.md, "Several nodes").
 
     \b
     Examples:
@@ -63,7 +72,12 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
           --steps 100 --labeler builtin --batch-size 1024 --dry-run
       torchrun --nproc-per-node 8 -m cifar5m generate --count 6000000 \\
           --out data/cifar5m-ddim --sampler ddim --steps 100 --labeler builtin
+      torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \\
+          --rdzv-endpoint node001:29500 --rdzv-id gen1 -m cifar5m generate \\
+          --count 6000000 --out s3://bucket/cifar5m-ddim --sampler ddim --steps 100 \\
+          --labeler builtin
     """
+    from cifar5m.commands.stream import parse_storage_options
     from generator.config import GenerateConfig
 
     try:
@@ -82,7 +96,7 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
         return
     from generator.pipeline import run
 
-    manifest = run(cfg)
+    manifest = run(cfg, storage_options=parse_storage_options(storage_options), break_lease=break_lease)
     if manifest is not None:
         n = sum(s.samples for s in manifest.shards)
         click.echo(f"wrote {n:,} samples in {len(manifest.shards)} shards to {out}")
