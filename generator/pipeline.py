@@ -33,7 +33,7 @@ from cifar5m.errors import (
     ModelError,
     OutputNotWritableError,
 )
-from generator import ranks, remote
+from generator import defaults, ranks, remote
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
@@ -180,7 +180,11 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
 
     rank = ranks.from_env()
     root, url = local_root(cfg)
+    # Extending keeps the split of the dataset there (one process: under torchrun each node
+    # may see another local root, so the ranks could disagree; they take the default).
+    cfg = defaults.with_test_count(cfg, existing(root)[0] if rank.world == 1 else None)
     session = Session(cfg, rank)  # loads model config + labeler, checks shapes
+    cfg = session.cfg  # with the settings the device chose
     check_writable(root)
     fp = fingerprint(cfg, model_sha256=session.model_sha256, labeler_sha256=session.labeler_sha256,
                      dtype=session.dtype_name)
@@ -192,6 +196,8 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
         if done is not None:
             return done if rank.is_main else None
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
+        if rank.is_main:
+            print(session.start_line(sum(p.size for p in plan if p.file not in keep)), flush=True)
         ok = False
         try:
             session.produce(root, todo, progress=progress)
