@@ -37,7 +37,8 @@ def titled_png(canvas: Image.Image, title: str) -> bytes:
     ``Title`` text chunk (tools and tests read it without looking at pixels)."""
     from PIL import PngImagePlugin
 
-    out = Image.new("RGB", (canvas.width, canvas.height + TITLE_HEIGHT), "white")
+    width = max(canvas.width, int(ImageDraw.Draw(canvas).textlength(title)) + 8)  # never clipped
+    out = Image.new("RGB", (width, canvas.height + TITLE_HEIGHT), "white")
     out.paste(canvas, (0, TITLE_HEIGHT))
     ImageDraw.Draw(out).text((4, 3), title, fill="black")
     info = PngImagePlugin.PngInfo()
