@@ -146,7 +146,7 @@ def dry_run(cfg: GenerateConfig) -> str:
     if device == "cpu":
         import torch
 
-        threads = torch.get_num_threads()
+        threads = defaults.cpu_threads(torch.get_num_threads())
     seconds = cfg.count * nfe / defaults.image_steps_per_s(cfg, device, gflop, threads=threads)
     here = [f"device:        {defaults.describe_device(cfg, device, threads=threads)}"
             + (f" ({', '.join(auto)} chosen for {device})" if auto else ""),

@@ -50,6 +50,9 @@ class Session:
         self.chosen = defaults.chosen(cfg, self.device.type)
         self.cfg = cfg = defaults.for_device(cfg, self.device.type)
         self.dtype_name = cfg.dtype
+        self.threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            self.threads = defaults.cpu_threads(self.threads)
         self.source = model_mod.resolve(cfg.model)
         total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
         if cfg.num_steps > total:
@@ -82,7 +85,6 @@ class Session:
 
     def start_line(self, images: int) -> str:
         """What runs where, what the device chose, and the estimated time of ``images``."""
-        import torch
 
         from generator.plan import gflop_per_call
         from generator.sampler import build_scheduler
@@ -90,16 +92,23 @@ class Session:
         nfe = len(build_scheduler(self.cfg.sampler, self.source.scheduler_config, self.cfg.num_steps).timesteps)
         return defaults.start_line(self.cfg, self.device.type, self.chosen, images=images, nfe=nfe,
                                    gflop=gflop_per_call(self.source.config)[0],
-                                   threads=torch.get_num_threads(), gpus=self.rank.world)
+                                   threads=self.threads, gpus=self.rank.world)
 
     def produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
         if not todo:
             return
-        if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
-            self._produce(root, todo, progress=progress)
-            return
-        with cpu_determinism(self.device):
-            self._produce(root, todo, progress=progress)
+        import torch
+
+        was = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # fewer on a busy CPU (defaults.cpu_threads)
+        try:
+            if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
+                self._produce(root, todo, progress=progress)
+                return
+            with cpu_determinism(self.device):
+                self._produce(root, todo, progress=progress)
+        finally:
+            torch.set_num_threads(was)
 
     def _produce(self, root: Path, todo: list[ShardPlan], *, progress: bool) -> None:
         from tqdm.auto import tqdm

@@ -128,3 +128,13 @@ def test_help_shows_a_cpu_example_and_the_measured_fast_cpu_speedup() -> None:
     assert "cifar5m generate --count 200 --model builtin --labeler builtin" in text
     assert "--count 6000000" in text
     assert "batch 256" in text and "80x" not in text
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert defaults.cpu_threads(2, cores=2, load=0.2) == 2  # a quiet machine: every core
+    assert defaults.cpu_threads(2, cores=2, load=1.0) == 1  # one core busy elsewhere
+    assert defaults.cpu_threads(2, cores=2, load=7.0) == 1  # at least one
+    assert defaults.cpu_threads(1, cores=16, load=0.0) == 1  # never more than torch's own
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert defaults.cpu_threads(2, cores=2, load=7.0) == 2  # the user's choice stays
