@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build (this project's machines serve it from local disk). Elsewhere, plain PyPI
 # would pull a multi-GB CUDA build: pass TORCH_INDEX=https://download.pytorch.org/whl/cpu.
-# On a CUDA box: TORCH_SPEC='torch==2.6.0' (or whatever matches the driver).
+# On a CUDA box (as in the README; pick the index matching the driver):
+#   make install TORCH_SPEC='torch==2.6.0' TORCH_INDEX=https://download.pytorch.org/whl/cu124
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python

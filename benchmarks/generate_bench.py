@@ -83,7 +83,7 @@ def bench_ours(unet_dir: Path, labeler: Path, out: Path, *, count: int, batch: i
         cfg = GenerateConfig(count=n, out=str(where), model=str(unet_dir), labeler=str(labeler),
                              sampler=sampler, steps=steps, batch_size=batch,
                              shard_size=max(batch, count // 2), test_count=0, device=device,
-                             dtype=dtype, compile=compile_, workers=2)
+                             dtype=dtype, compile=compile_, workers=2, exact_cpu=True)
         sync(device)
         t0 = time.perf_counter()
         run(cfg, progress=False)

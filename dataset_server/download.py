@@ -112,6 +112,19 @@ def _walk_incomplete(folder: Path) -> Iterable[Path]:
     return folder.rglob("*.incomplete") if folder.is_dir() else []
 
 
+def _unreachable(exc: BaseException, httpx2) -> str | None:
+    """'connection refused' (or the connect error) when ``exc`` comes from not reaching the
+    server at all; huggingface_hub wraps it in two lines about the Hub and local snapshots."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 20:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    connect = next((e for e in chain if isinstance(e, httpx2.ConnectError)), None)
+    return None if connect is None else f"cannot connect ({connect})"
+
+
 def download(repo_id: str, *, endpoint: str | None = None, revision: str | None = None,
              local_dir: str | Path | None = None, token: str | None = None,
              max_workers: int = 8) -> DownloadResult:
@@ -145,6 +158,9 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
         raise DownloadError(f"dataset {repo_id} has no revision {revision!r} at {where}: use 'main' "
                             "or the current commit sha") from exc
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, httpx2.HTTPError) as exc:
+        if (unreachable := _unreachable(exc, httpx2)) is not None:
+            raise DownloadError(f"{unreachable} at {endpoint or where}: is the server running and "
+                                "--endpoint right?") from exc
         raise DownloadError(f"downloading {repo_id} from {where} failed ({exc}); re-run the same "
                             "command to resume (complete files are kept)") from exc
     return verify_download(path, remember=local_dir is not None)

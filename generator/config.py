@@ -24,13 +24,16 @@ class GenerateConfig:
     count: int
     out: str
     model: str = DEFAULT_MODEL
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: the sampler's default (DEFAULT_STEPS)
+    # None / "auto" fields are chosen by the device (generator.defaults.for_device): on CPU
+    # DPM-Solver++ in bf16 with oneDNN, on CUDA the CIFAR-5m setting (DDPM 1000 steps, bf16,
+    # compiled). The resolved values are what generate_config.json and the manifest record.
+    sampler: str | None = None
+    steps: int | None = None  # None: the device's default for the sampler
     labeler: str | None = None  # path, "builtin", or None/"none" (conditional models only)
     seed: int = 0
     batch_size: int = 256
     shard_size: int = 10_000
-    test_count: int = 10_000
+    test_count: int | None = None  # None: 10,000 from count 60,000 up, else count // 6
     image_format: str = "png"
     min_confidence: float = 0.0
     balance: bool = False
@@ -38,9 +41,9 @@ class GenerateConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool | None = None  # None: on for CUDA
     # CPU only. True: native conv kernels, so every image's bytes are independent of the
-    # batch size and rank. False: oneDNN, ~80x faster in bf16 (309 vs 3.8 image-steps/s
-    # for the builtin UNet on 2 cores) but bit-exact only for the same batch size.
-    exact_cpu: bool = True
+    # batch size and rank. False: oneDNN, much faster (bf16 on AMX/AVX512-BF16 CPUs), but
+    # bit-exact only for the same batch size. None: False on CPU (see generator.defaults).
+    exact_cpu: bool | None = None
     workers: int = 2  # background shard writers (PNG encoding + tar + sha256)
     staging: str | None = None  # URL outputs: rank 0's scratch dir for the index; default: temp
 
@@ -48,9 +51,9 @@ class GenerateConfig:
         problems = []
         if self.count < 1:
             problems.append(f"--count must be positive, got {self.count}")
-        if not 0 <= self.test_count < self.count:
+        if self.test_count is not None and not 0 <= self.test_count < self.count:
             problems.append(f"--test-count must be in [0, count) = [0, {self.count}), got {self.test_count}")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             problems.append(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be positive, got {self.steps}")
@@ -69,6 +72,9 @@ class GenerateConfig:
 
     @property
     def num_steps(self) -> int:
+        if self.sampler is None:
+            raise ValueError("the sampler is chosen by the device: resolve the config first "
+                             "(generator.defaults.for_device)")
         return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
 
     @property

@@ -38,7 +38,7 @@ from cifar5m.errors import (
     ModelError,
     OutputNotWritableError,
 )
-from generator import ranks
+from generator import defaults, ranks
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from generator.store import is_url, run_to_store
@@ -178,12 +178,18 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
     from generator.session import Session
 
     rank = ranks.from_env()
+    url = is_url(cfg.out)
+    # Extending keeps the split of the local dataset there (one process: under torchrun each
+    # node may see another local root, so the ranks could disagree; they take the default).
+    previous = None if url or rank.world > 1 else existing(local_root(cfg))[0]
+    cfg = defaults.with_test_count(cfg, previous)
     session = Session(cfg, rank)  # loads model config + labeler, checks shapes
+    cfg = session.cfg  # with the settings the device chose
     fp = fingerprint(cfg, model_sha256=session.model_sha256, labeler_sha256=session.labeler_sha256,
                      dtype=session.dtype_name)
     plan = plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size,
                        stride=FILTER_STRIDE if cfg.filtered else 1)
-    if is_url(cfg.out):
+    if url:
         ranks.init(rank)
         try:
             return run_to_store(cfg, session, rank, fp, plan, progress=progress,
@@ -215,6 +221,8 @@ def write_local(root: Path, image_format: str, plan: ShardPlan, samples: list) -
 def produce_on_all_ranks(session: Any, rank: ranks.Rank, todo: list[ShardPlan],
                          write: Callable[[ShardPlan, list], Any], *, progress: bool) -> None:
     """Each rank writes its ``todo``; raises on every rank if any rank failed."""
+    if rank.is_main and todo:  # the ranks' shares are even (the plan is dealt round-robin)
+        print(session.start_line(sum(p.size for p in todo) * rank.world), flush=True)
     ok = False
     try:
         session.produce(write, todo, progress=progress)

@@ -121,8 +121,16 @@ def hours_at(total_flop: float, mfu: float) -> float:
 
 
 def dry_run(cfg: GenerateConfig) -> str:
-    """The plan of ``cfg`` without loading weights: the default model needs no download."""
+    """The plan of ``cfg`` on the device it would run on, without loading weights: the default
+    model needs no download. torch is imported only to find the device (--device auto) and
+    whether a CPU runs bf16 natively."""
+    from generator import defaults
     from generator.model import DEFAULT_MODEL, resolve
+
+    device = defaults.device_type(cfg.device)
+    given = defaults.with_test_count(cfg, None)
+    auto = defaults.chosen(given, device)
+    cfg = defaults.for_device(given, device)
 
     if cfg.model == DEFAULT_MODEL and not _in_cache(cfg.model):
         gflop, source, nfe = DDPM_CIFAR10_GFLOP, "google/ddpm-cifar10-32 architecture, measured", cfg.num_steps
@@ -134,8 +142,19 @@ def dry_run(cfg: GenerateConfig) -> str:
         nfe = len(build_scheduler(cfg.sampler, src.scheduler_config, cfg.num_steps).timesteps)
     stride = FILTER_STRIDE if cfg.filtered else 1
     n_shards = len(plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size))
-    return describe(count=cfg.count, nfe=nfe, gflop=gflop, gflop_source=source, shards=n_shards,
-                    test_count=cfg.test_count, stride=stride)
+    threads = 1
+    if device == "cpu":
+        import torch
+
+        threads = defaults.cpu_threads(torch.get_num_threads())
+    seconds = cfg.count * nfe / defaults.image_steps_per_s(cfg, device, gflop, threads=threads)
+    here = [f"device:        {defaults.describe_device(cfg, device, threads=threads)}"
+            + (f" ({', '.join(auto)} chosen for {device})" if auto else ""),
+            f"time here:     about {defaults.format_seconds(seconds)} of sampling (estimate from "
+            + ("measured GFLOP/s per CPU thread)" if device == "cpu" else "our sampler's H200 rate, one GPU)")]
+    return "\n".join(here) + "\n" + describe(
+        count=cfg.count, nfe=nfe, gflop=gflop, gflop_source=source, shards=n_shards,
+        test_count=cfg.test_count, stride=stride)
 
 
 def _in_cache(repo_id: str) -> bool:

@@ -32,6 +32,7 @@ class Producer:
         self.seed, self.batch_size = seed, batch_size
         self.num_classes, self.conditional = num_classes, conditional
         self.min_confidence, self.balance = min_confidence, balance
+        self.on_step: Any = None  # called with the batch size after every UNet call
 
     def images(self, ids: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC images of ``ids``, sampled ``batch_size`` at a time."""
@@ -39,7 +40,7 @@ class Producer:
         for a in range(0, len(ids), self.batch_size):
             batch = ids[a : a + self.batch_size]
             cond = batch % self.num_classes if self.conditional else None
-            parts.append(self.sampler.sample(self.seed, batch, class_labels=cond))
+            parts.append(self.sampler.sample(self.seed, batch, class_labels=cond, on_step=self.on_step))
         return torch.cat(parts)
 
     def _chunk_size(self, plan: ShardPlan, pos: int, need: int) -> int:

@@ -39,9 +39,13 @@ class ReportConfig:
     seed: int = 0
 
 
-def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2) -> Path:
-    """Tile uint8 NHWC ``images`` into a PNG (1 px white border, nearest-neighbour upscale)."""
+def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2,
+               title: str | None = None) -> Path:
+    """Tile uint8 NHWC ``images`` into a PNG (1 px white border, nearest-neighbour upscale),
+    under ``title`` (drawn, and the PNG's Title text chunk) if given."""
     from PIL import Image
+
+    from shards.grid import titled_png
 
     nrow = max(1, -(-len(images) // ncol))
     canvas = np.full((nrow * 34, ncol * 34, 3), 255, np.uint8)
@@ -49,34 +53,48 @@ def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2)
         r, c = divmod(i, ncol)
         canvas[r * 34 + 1 : r * 34 + 33, c * 34 + 1 : c * 34 + 33] = im
     img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if title is not None:
+        atomic_write_bytes(path, titled_png(img, title))
+        return path
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def _save_fig(fig, path: Path) -> None:
+    """PNG of ``fig``; its axes' title is also the PNG's Title text chunk."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    title = fig.axes[0].get_title() if fig.axes else ""
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Title": title})
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def class_histogram(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
+def class_histogram_figure(counts: np.ndarray, names: list[str], title: str):
+    """Bars of samples per class and a dashed line at the balanced count (total / classes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(names)), counts, color="tab:blue")
+    ax.bar(range(len(names)), counts, color="tab:blue", label="samples")
+    balanced = float(np.sum(counts)) / max(len(names), 1)
+    ax.axhline(balanced, color="black", linestyle="--", linewidth=1,
+               label=f"balanced: {balanced:,.1f} per class")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("samples")
     ax.set_title(title)
-    _save_fig(fig, path)
+    ax.legend(loc="best")
+    return fig
+
+
+def class_histogram(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    _save_fig(class_histogram_figure(counts, names, title), path)
 
 
 def confidence_histogram(conf: np.ndarray, path: Path, title: str) -> None:
@@ -133,6 +151,14 @@ def labeler_distance(cfg: ReportConfig, lab, ours: np.ndarray, our_labels: np.nd
             "note": "labeler feature space; NOT comparable to published (Inception) FID"}
 
 
+def labels_are_independent(provenance: dict[str, Any]) -> bool:
+    """Whether a dataset's labels come from somewhere other than a labeler: the classes a
+    conditional model was asked for, or an imported dataset's own labels."""
+    if provenance.get("source") == "cifar5m generate":
+        return bool(provenance.get("conditional"))
+    return True
+
+
 def inception_fid(cfg: ReportConfig, samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     """FID with torch-fidelity and local Inception weights; a message when that is impossible.
 
@@ -173,7 +199,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write the report files for ``cfg.root`` into ``cfg.out``; return the summary."""
     import pyarrow.compute as pc
 
-    from shards.grid import pick_positions
+    from shards.grid import describe_source, pick_positions
     from shards.reader import Dataset
 
     ds = Dataset(cfg.root)
@@ -183,7 +209,9 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(split.labels)
     counts = np.bincount(labels, minlength=len(names))
-    class_histogram(counts, names, out / "class_histogram.png", f"{Path(cfg.root).name} / {cfg.split}: classes")
+    source = describe_source(ds.manifest.provenance)
+    class_histogram(counts, names, out / "class_histogram.png",
+                    f"{Path(cfg.root).name} / {cfg.split}: classes\n{source}")
     index = ds.index
     conf_col = index["confidence"].filter(pc.equal(index["split"], cfg.split))
     conf = pc.drop_null(conf_col).to_numpy().astype(np.float64)
@@ -194,7 +222,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
         "provenance": ds.manifest.provenance,
     }
     if len(conf):
-        confidence_histogram(conf, out / "confidence_histogram.png", f"{cfg.split}: labeler confidence")
+        confidence_histogram(conf, out / "confidence_histogram.png",
+                             f"{Path(cfg.root).name} / {cfg.split}: labeler confidence\n{source}")
         summary["confidence"] = {"count": len(conf), "mean": float(conf.mean()),
                                  "median": float(np.median(conf)),
                                  "fraction_below_0.5": float((conf < 0.5).mean()),
@@ -206,7 +235,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     for name, pick in zip(names, picks, strict=True):
         if pick:  # a class with no samples gets no grid
             images = np.stack([split[p].image for p in pick])
-            grids[name] = write_grid(images, out / f"grid_{name}.png").name
+            grids[name] = write_grid(images, out / f"grid_{name}.png",
+                                     title=f"class {name}: {len(pick)} samples of {cfg.split}, {source}").name
     summary["grids"] = grids
     samples = None
     if cfg.reference is not None:
@@ -215,6 +245,9 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
         lab = load_labeler(cfg.labeler)  # first, as before: a bad --labeler fails before any decoding
         samples = reference_samples(cfg, split)  # one draw for both distances
         summary["labeler_distance"] = labeler_distance(cfg, lab, *samples)
+        if not labels_are_independent(ds.manifest.provenance):
+            # The labels are some labeler's argmax: agreeing with them says nothing of quality.
+            del summary["labeler_distance"]["labeler_agreement_with_stored_labels"]
     summary.update(inception_fid(cfg, samples))
     summary["config"] = asdict(cfg)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
@@ -236,7 +269,8 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"labeler-feature Frechet distance vs {d['reference']} test: "
                      f"{d['labeler_frechet_distance']:.3f} ({d['samples']} vs {d['reference_samples']} "
                      f"samples; not comparable to published FID)")
-        lines.append(f"labeler agreement with stored labels: {d['labeler_agreement_with_stored_labels']:.1%}")
+        if "labeler_agreement_with_stored_labels" in d:
+            lines.append(f"labeler agreement with stored labels: {d['labeler_agreement_with_stored_labels']:.1%}")
     lines.append(f"FID: {s['fid']:.2f}" if s.get("fid") is not None else s["fid_message"])
     lines.append("grids: " + ", ".join(s["grids"].values()))
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ Samplers (all 1 UNet evaluation per step; UniPC's corrector reuses the next call
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -131,9 +132,11 @@ class Sampler:
         return len(self.template.timesteps)
 
     @torch.no_grad()
-    def sample(self, seed: int, ids: torch.Tensor, *,
-               class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,), on the CPU)."""
+    def sample(self, seed: int, ids: torch.Tensor, *, class_labels: torch.Tensor | None = None,
+               on_step: Callable[[int], Any] | None = None) -> torch.Tensor:
+        """uint8 images (B, 32, 32, 3) on the CPU for sample ``ids`` (int64, (B,), on the CPU).
+
+        ``on_step(B)`` is called after every step (progress: B image-steps done)."""
         noise.check_ids(ids)  # here, on the CPU: on the device every check would sync
         n = len(ids)
         self.max_batch = max(self.max_batch, n)
@@ -158,6 +161,8 @@ class Sampler:
                 x = ddpm_step(sched, out, t, prev, x, noise.normal(seed, ids, 1 + k, IMAGE_CHW))
             else:
                 x = sched.step(out, t_dev, x).prev_sample
+            if on_step is not None:
+                on_step(n)
         x = x[:n]
         # Same quantisation as diffusers' DDPMPipeline: (x / 2 + 0.5) clamped, * 255, rounded.
         images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

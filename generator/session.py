@@ -14,6 +14,7 @@ import numpy as np
 
 from cifar5m.errors import GenerationError, ModelError
 from cifar5m.version import __version__
+from generator import defaults
 from generator import model as model_mod
 from generator.config import CONFIG_NAME, GenerateConfig
 from generator.pipeline import NUM_CLASSES, open_labeler, write_in_background
@@ -45,7 +46,13 @@ class Session:
             if self.device.index is None:  # "cuda": the current device (torch 2.11 refuses an index-less one)
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # kernels that use "the current device" follow
-        self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        # Settings left to the device (sampler, steps, dtype, kernels, compile) are fixed here.
+        self.chosen = defaults.chosen(cfg, self.device.type)
+        self.cfg = cfg = defaults.for_device(cfg, self.device.type)
+        self.dtype_name = cfg.dtype
+        self.threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            self.threads = defaults.cpu_threads(self.threads)
         self.source = model_mod.resolve(cfg.model)
         total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
         if cfg.num_steps > total:
@@ -72,21 +79,38 @@ class Session:
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")  # the fp32 labeler's matmuls on TF32
         unet = model_mod.load_unet(self.source)
-        compile_ = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
         return Sampler(unet, self.source.scheduler_config, sampler=self.cfg.sampler,
                        steps=self.cfg.num_steps, device=self.device,
-                       dtype=getattr(torch, DTYPES[self.dtype_name]), compile=compile_)
+                       dtype=getattr(torch, DTYPES[self.dtype_name]), compile=bool(self.cfg.compile))
+
+    def start_line(self, images: int) -> str:
+        """What runs where, what the device chose, and the estimated time of ``images``."""
+
+        from generator.plan import gflop_per_call
+        from generator.sampler import build_scheduler
+
+        nfe = len(build_scheduler(self.cfg.sampler, self.source.scheduler_config, self.cfg.num_steps).timesteps)
+        return defaults.start_line(self.cfg, self.device.type, self.chosen, images=images, nfe=nfe,
+                                   gflop=gflop_per_call(self.source.config)[0],
+                                   threads=self.threads, gpus=self.rank.world)
 
     def produce(self, write: Callable[[ShardPlan, list], Any], todo: list[ShardPlan], *,
                 progress: bool) -> None:
         """Sample ``todo``'s shards; ``write(plan, samples)`` runs in background threads."""
         if not todo:
             return
-        if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
-            self._produce(write, todo, progress=progress)
-            return
-        with cpu_determinism(self.device):
-            self._produce(write, todo, progress=progress)
+        import torch
+
+        was = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # fewer on a busy CPU (defaults.cpu_threads)
+        try:
+            if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
+                self._produce(write, todo, progress=progress)
+                return
+            with cpu_determinism(self.device):
+                self._produce(write, todo, progress=progress)
+        finally:
+            torch.set_num_threads(was)
 
     def _produce(self, write: Callable[[ShardPlan, list], Any], todo: list[ShardPlan], *,
                  progress: bool) -> None:
@@ -99,12 +123,20 @@ class Session:
                             num_classes=NUM_CLASSES, conditional=self.conditional,
                             min_confidence=self.cfg.min_confidence, balance=self.cfg.balance)
         desc = f"generate (rank {self.rank.rank}/{self.rank.world})" if self.rank.world > 1 else "generate"
-        bar = tqdm(total=sum(p.size for p in todo), unit="img", desc=desc, dynamic_ncols=True,
-                   disable=not (progress and self.rank.is_main))
+        # The bar counts image-steps (one UNet call on one image), shown as images: it moves
+        # with every UNet call, so rate and ETA come within seconds. Filtered runs do not know
+        # ahead how many candidates a shard needs: their bar moves per labelled chunk.
+        nfe = sampler.nfe
+        bar = tqdm(total=sum(p.size for p in todo) * nfe, unit="img", unit_scale=1 / nfe, desc=desc,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:,.0f}/{total:,.0f} {unit} "
+                              "[{elapsed}<{remaining}, {rate_fmt}]",
+                   dynamic_ncols=True, disable=not (progress and self.rank.is_main))
+        producer.on_step = None if self.cfg.filtered else bar.update
+        on_images = (lambda n: bar.update(n * nfe)) if self.cfg.filtered else None
         with ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="shard-writer") as pool:
             pending: deque = deque()
             for plan in todo:
-                samples = producer.shard(plan, on_images=bar.update)
+                samples = producer.shard(plan, on_images=on_images)
                 write_in_background(pool, pending, self.cfg.workers, write, plan, samples)
             while pending:
                 pending.popleft().result()
@@ -141,6 +173,8 @@ class Session:
             "noise": fp["noise"], "labeler": cfg.labeler_path, "labeler_sha256": self.labeler_sha256,
             "min_confidence": cfg.min_confidence, "balance": cfg.balance, "count": cfg.count,
             "test_count": cfg.test_count, "dtype": self.dtype_name, "device_type": self.device.type,
+            "compile": cfg.compile,
+            "chosen_by_device": self.chosen,
             "sample_order": "test = samples [0, test_count), train = the rest; key s{noise id:010d}",
             "versions": {"cifar5m": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__},
@@ -148,6 +182,8 @@ class Session:
         }
         if self.labeler is not None:  # model id, revision or hash, preprocessing
             out["labeler_details"] = self.labeler.details()
+        if self.device.type == "cpu":
+            out["cpu_kernels"] = "exact" if cfg.exact_cpu else "onednn"
         if self.conditional and self.labeler is not None:
             out["labeler_agreement"] = agreement(records)
         return out

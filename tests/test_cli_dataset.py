@@ -28,8 +28,9 @@ def test_import_info_verify_grid(tmp_path):
     assert result.exit_code == 0 and "OK: 2 shards, 30 train samples" in result.output
     result = runner.invoke(cli, ["grid", str(out), "-o", str(tmp_path / "g.png"), "--per-class", "2"])
     assert result.exit_code == 0, result.output
-    with Image.open(tmp_path / "g.png") as img:
-        assert img.size == (90 + 2 * 66, 10 * 66)
+    with Image.open(tmp_path / "g.png") as img:  # 10 rows of 2 under a title band of 18 px
+        assert img.size[0] >= 90 + 2 * 66 and img.size[1] == 10 * 66 + 18
+        assert img.text["Title"] == f"{out.name} / train: CIFAR-5m (imported: DDPM samples of Nakkiran et al.)"
 
 
 def test_project_errors_are_one_line(tmp_path, make_dataset):

@@ -243,7 +243,8 @@ def test_config_and_dry_run_of_the_default_model_do_not_import_torch(tmp_path) -
     code = (
         "import sys\n"
         "from cifar5m.cli import cli\n"
-        "cli.main(args=['generate', '--count', '1000', '--test-count', '10', '--out', 'x', '--dry-run'],"
+        "cli.main(args=['generate', '--count', '1000', '--test-count', '10', '--out', 'x', '--dry-run',"
+        " '--device', 'cuda'],"
         " standalone_mode=False)\n"
         "print('torch loaded:', 'torch' in sys.modules)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -67,7 +67,7 @@ def test_report_writes_its_files(make_dataset, tmp_path: Path) -> None:
     assert "not comparable to published FID" in text and "labeler confidence: mean 0.900" in text
     from PIL import Image
 
-    assert Image.open(tmp_path / "rep" / "grid_cat.png").size == (8 * 34 * 2, 34 * 2)
+    assert Image.open(tmp_path / "rep" / "grid_cat.png").size == (8 * 34 * 2, 34 * 2 + 18)  # + title
 
 
 def test_report_cli_without_confidence_and_fid_message(make_dataset, tmp_path: Path) -> None:

@@ -50,7 +50,15 @@ class Runtime:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise TrainConfigError(f"--device {device!r}: {exc}; use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise TrainConfigError(f"--device {device!r}, but torch sees no CUDA device here; "
+                                   "use --device cpu (or auto)")
+        if dev.type not in ("cpu", "cuda"):
+            raise TrainConfigError(f"--device {device!r}: only cpu and cuda are supported")
         if dev.type == "cuda" and dev.index is None:  # "cuda" means this rank's GPU
             dev = torch.device("cuda", local)
         if dev.type == "cuda":

@@ -24,7 +24,13 @@ from cifar5m.errors import ConfigMismatchError, TrainConfigError
 from shards.manifest import atomic_write_bytes
 from train import runtime
 from train.augment import AUGMENTATIONS, DeviceAugment, prepare
-from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from train.metrics import PAPER_DENSE, MetricsLog, log_points, read_rows
 from train.models import build_model, count_parameters
 
@@ -170,20 +176,24 @@ def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> Tra
 
 
 def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) -> TrainResult:
-    finished = _prepare_out(config, out, rt)
+    finished = _check_out(config, out)
     if finished is not None:
         return finished
-    learner = Learner.build(config, rt)
+    # Everything a wrong flag can break (data, split, N, the ideal world's sample budget,
+    # the model) is opened before the run directory is touched: a failed start leaves
+    # nothing behind that would refuse the corrected command.
     data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
     try:
-        return _run(config, out, rt, progress, learner, data)
+        evaluator = runtime.Evaluator.build(config, rt, data)
+        learner = Learner.build(config, rt)
+        _write_config(config, out, rt)
+        return _run(config, out, rt, progress, learner, data, evaluator)
     finally:
         data.close()
 
 
 def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, learner: Learner,
-         data: runtime.TrainData) -> TrainResult:
-    evaluator = runtime.Evaluator.build(config, rt, data)
+         data: runtime.TrainData, evaluator: runtime.Evaluator) -> TrainResult:
     log = MetricsLog(out) if rt.rank == 0 else None
     step = _resume(out, rt, learner, data, log)
     data.resume_keys(step)
@@ -218,24 +228,47 @@ def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, le
     return TrainResult(out, config, rows, step, done)
 
 
-def _prepare_out(config: TrainConfig, out: Path, rt: runtime.Runtime) -> TrainResult | None:
-    """Check a previous config in ``out``; write ours. A finished run is returned as is."""
+def _check_out(config: TrainConfig, out: Path) -> TrainResult | None:
+    """Check a previous config in ``out`` (reading only). A finished run is returned as is;
+    one with other settings is refused once it has a checkpoint or metrics (before that,
+    nothing of it is lost: the new settings replace it)."""
     path = out / CONFIG_NAME
-    if path.exists():
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--out {out} is a file; pass a directory")
+    if not path.exists():
+        return None
+    try:
         old = TrainConfig.from_json(path.read_text())
-        if old.curve_fields() != config.curve_fields():
-            diff = {k: (v, config.curve_fields()[k]) for k, v in old.curve_fields().items()
-                    if config.curve_fields()[k] != v}
-            raise ConfigMismatchError(
-                f"{out} holds a run with other settings {diff} (old, new); "
-                "use another --out or delete it")
-        if (out / RESULT_NAME).exists():
-            return TrainResult(out, config, read_rows(out / "metrics.jsonl"), config.steps, True)
+    except (ValueError, TypeError, TrainConfigError) as exc:
+        if started(out):
+            raise ConfigMismatchError(f"{path} cannot be read ({exc}); use another --out") from None
+        return None
+    if old.curve_fields() != config.curve_fields():
+        if not started(out):
+            return None
+        diff = {k: (v, config.curve_fields()[k]) for k, v in old.curve_fields().items()
+                if config.curve_fields()[k] != v}
+        raise ConfigMismatchError(
+            f"{out} holds a run with other settings {diff} (old, new) and its checkpoint or "
+            "metrics; use another --out or delete it")
+    if (out / RESULT_NAME).exists():
+        return TrainResult(out, config, read_rows(out / "metrics.jsonl"), config.steps, True)
+    return None
+
+
+def started(out: Path) -> bool:
+    """Whether a run directory holds a checkpoint or a metrics row (work that settings protect)."""
+    if (out / CHECKPOINT_NAME).exists() or (out / RESULT_NAME).exists():
+        return True
+    metrics = out / "metrics.jsonl"
+    return metrics.is_file() and bool(metrics.read_text().strip())
+
+
+def _write_config(config: TrainConfig, out: Path, rt: runtime.Runtime) -> None:
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, config.to_json().encode())
+        atomic_write_bytes(out / CONFIG_NAME, config.to_json().encode())
     rt.barrier()
-    return None
 
 
 def _resume(out, rt, learner: Learner, data, log) -> int:

@@ -78,7 +78,9 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     \b
     Examples:
       cifar5m stream data/cifar5m --batch-size 512 --limit 200
-      cifar5m stream http://127.0.0.1:8000/cifar5m --world real --n 50000 --steps 1000
+      # from `cifar5m serve data --port 8000`, which serves data/lab/cifar5m as lab/cifar5m
+      cifar5m stream http://127.0.0.1:8000/datasets/lab/cifar5m/resolve/main \\
+          --world real --n 50000 --steps 1000
       cifar5m stream data/cifar5m --rank 1 --world-size 4 --format tar > rank1.tar
     \b
     In a training job (webdataset):
