@@ -169,3 +169,34 @@ def test_cli_bootstrap_sweep(make_dataset, tmp_path):
 
 def test_split_archs_keeps_width_lists_whole():
     assert split_archs("preresnet18, mlp[512,512,512],mcnn") == ("preresnet18", "mlp[512,512,512]", "mcnn")
+
+
+def test_generated_world_end_to_end(tmp_path, built):
+    """`cifar5m generate` (any model and labeler; tiny random ones here), then the sweep on it,
+    evaluated on the generated world's own test split."""
+    from generate_helpers import save_tiny_labeler, save_tiny_unet
+
+    from shards.reader import Dataset
+
+    unet, labeler = save_tiny_unet(tmp_path / "unet"), save_tiny_labeler(tmp_path / "labeler")
+    world = tmp_path / "world"
+    made = CliRunner().invoke(cli, [
+        "generate", "--model", str(unet), "--labeler", str(labeler), "--count", "240", "--test-count",
+        "48", "--sampler", "ddim", "--steps", "1", "--shard-size", "96", "--image-format", "npy",
+        "--batch-size", "48", "--device", "cpu", "--out", str(world)])
+    assert made.exit_code == 0, made.output
+    assert len(Dataset(world).split("train")) == 192 and len(Dataset(world).split("test")) == 48
+    args = ["bootstrap", "--data", str(world), "--n", "32,96", "--arch", "mlp[8]", "--seeds", "0,1",
+            "--steps", "12", "--batch-size", "16", "--log-every", "4", "--log-dense", "none",
+            "--out", str(tmp_path / "boot")]  # the ideal world: 12 x 16 = all 192 train samples once
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert sorted(built) == sorted([("mlp[8]", "ideal", None, s) for s in (0, 1)]
+                                   + [("mlp[8]", "real", n, s) for n in (32, 96) for s in (0, 1)])
+    config = json.loads((tmp_path / "boot" / "mlp-8" / "ideal-seed0" / "config.json").read_text())
+    assert config["data"] == str(world) and config["test_split"] == "test" and config["wrap"] is False
+    result = json.loads((tmp_path / "boot" / "mlp-8" / "ideal-seed0" / "result.json").read_text())
+    assert result["wrapped"] is False and result["final"]["step"] == 12
+    assert "| mlp[8] | 96 |" in (tmp_path / "boot" / "gap.md").read_text()
+    short = CliRunner().invoke(cli, [*args[:-2], "--steps", "13", "--out", str(tmp_path / "short")])
+    assert short.exit_code == 1 and "208 fresh samples but" in short.output and "192 train" in short.output
