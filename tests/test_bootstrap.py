@@ -92,7 +92,7 @@ def test_sweep_trains_ideal_once_per_model_and_seed_and_adding_an_n_trains_only_
         curves = list(csv.DictReader(f))
     assert len(curves) == 12 * 3  # every run logs steps 0, 2, 4
     with Image.open(result.plot) as im:
-        assert im.format == "PNG" and im.size == (980, 740)  # two models: two columns
+        assert im.format == "PNG" and im.size == (980, 760)  # two models: two columns
         assert "T=4 steps, batch 16" in im.text["Title"] and "< 0.01" in im.text["Description"]
         assert "2 seeds" in im.text["Description"]
 

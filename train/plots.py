@@ -12,6 +12,7 @@ points are dense early; ``log_x=False`` for linear steps as in the paper).
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -58,8 +59,9 @@ def plot_sweep(panels: dict[str, dict], path: str | Path, *, markers: dict[tuple
     if log_x is None:  # the paper's 39,000 steps with dense early points read best on a log axis
         log_x = max((r["step"] for rows in all_rows for r in rows), default=0) >= 2000
     seeds = max(len(p["ideal"]) for p in panels.values())
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.6, 7.4), dpi=100,
-                             squeeze=False)
+    width = max(8.0, 4.6 * len(panels) + 0.6)
+    fig, axes = plt.subplots(2, len(panels), figsize=(width, 7.6), dpi=100, squeeze=False,
+                             layout="constrained")
     for col, (model, panel) in enumerate(panels.items()):
         for row, (metric, label) in enumerate(METRICS):
             ax = axes[row][col]
@@ -72,9 +74,8 @@ def plot_sweep(panels: dict[str, dict], path: str | Path, *, markers: dict[tuple
             f"(train soft error < {threshold:g})")
     if seeds > 1:
         note += f"; {seeds} seeds: mean, band = min..max"
-    full = f"{title}\n{note}" if title else note
-    fig.suptitle(full, fontsize=9)
-    fig.tight_layout()
+    lines = [*title.splitlines(), note] if title else [note]
+    fig.suptitle("\n".join(textwrap.fill(line, int(width * 15)) for line in lines), fontsize=9)
     path = Path(path)
     png = io.BytesIO()
     fig.savefig(png, format="png", metadata={"Title": title, "Description": note})
