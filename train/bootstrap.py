@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = 
     rows: dict[str, list[dict]] = {}
     for i, (name, run) in enumerate(runs, 1):
         done = (out / name / RESULT_NAME).exists()
-        if progress:
+        if progress and int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks under torchrun
             what = f"{run.arch} {run.world}" + (f" N={run.n:,}" if run.world == "real" else "")
             tqdm.write(f"[{i}/{len(runs)}] {what} seed {run.seed}: {out / name}"
                        + (" (finished, reused)" if done else ""))

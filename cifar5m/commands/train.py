@@ -143,8 +143,9 @@ def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> 
     """
     from train.bootstrap import BootstrapConfig, run_bootstrap
 
-    config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": "preresnet18"}),
-                             ns=_ints(ns, "--n"), archs=split_archs(archs),
+    models = split_archs(archs)
+    config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": models[0]}),
+                             ns=_ints(ns, "--n"), archs=models,
                              seeds=_ints(seeds, "--seeds"), threshold=threshold)
     if config.template.wrap:
         click.echo("--wrap: past one pass over the train split the ideal world's samples repeat",
