@@ -200,3 +200,23 @@ def test_generated_world_end_to_end(tmp_path, built):
     assert "| mlp[8] | 96 |" in (tmp_path / "boot" / "gap.md").read_text()
     short = CliRunner().invoke(cli, [*args[:-2], "--steps", "13", "--out", str(tmp_path / "short")])
     assert short.exit_code == 1 and "208 fresh samples but" in short.output and "192 train" in short.output
+
+
+def test_a_stopped_sweep_resumes_onto_the_same_curves(make_dataset, tmp_path):
+    data = make_dataset()
+    base = ["bootstrap", "--data", str(data), "--n", "32", "--arch", "mlp", "--width", "4", "--steps", "6",
+            "--batch-size", "16", "--log-every", "2", "--log-dense", "none", "--test-limit", "32",
+            "--checkpoint-every", "2"]
+    whole = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "whole")])
+    stopped = CliRunner().invoke(cli, [*base, "--stop-after", "3", "--out", str(tmp_path / "parts")])
+    assert whole.exit_code == 0 and stopped.exit_code == 0, stopped.output
+    assert not (tmp_path / "parts" / "mlp" / "ideal-seed0" / "result.json").exists()
+    resumed = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "parts")])
+    assert resumed.exit_code == 0, resumed.output
+    for name in ("mlp/ideal-seed0", "mlp/real-n32-seed0"):
+        want = [json.loads(line) for line in (tmp_path / "whole" / name / "metrics.jsonl").read_text().splitlines()]
+        got = [json.loads(line) for line in (tmp_path / "parts" / name / "metrics.jsonl").read_text().splitlines()]
+        drop = ("images_per_s",)  # timing differs
+        assert [{k: v for k, v in r.items() if k not in drop} for r in got] == \
+               [{k: v for k, v in r.items() if k not in drop} for r in want]
+    assert (tmp_path / "parts" / "gap.csv").read_text() == (tmp_path / "whole" / "gap.csv").read_text()
