@@ -87,8 +87,9 @@ def serve_rates(*, smoke: bool) -> None:
 
 
 def keep_after(name: str, only: list[str]) -> float:
-    """Seconds the parts after ``name`` need (a part may only use what is left beyond them)."""
-    order = ["data", "labeler", "train", "science", "stream", "generate", "unet", "serve"]
+    """Seconds the parts after ``name`` need (a part may only use what is left beyond them);
+    NEEDS lists the parts in the order they run."""
+    order = list(NEEDS)
     return sum(NEEDS[k] for k in order[order.index(name) + 1:] if k in only)
 
 
