@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from cifar5m.errors import TrainConfigError
 
-AUGMENTATIONS = ("none", "crop-flip")
-PAD = 4  # random crop 32 from 40 (padding 4), the paper's `--aug 2`
+# The paper's `--aug 0-3`: none, flips, crop (zero padding 4) + flip, reflect-padded crop + flip.
+AUGMENTATIONS = ("none", "flip", "crop-flip", "reflect-crop-flip")
+PAD = 4  # random crop 32 from 40 (padding 4), the paper's `--aug 2` and `--aug 3`
 
 
 class DeviceAugment:
-    """Random crop (zero padding 4) + horizontal flip of uint8 ``(B, 3, 32, 32)`` batches."""
+    """Random horizontal flip, optionally after a random crop of the 4-padded ``(B, 3, 32, 32)``
+    uint8 batch: zero padding (``crop-flip``) or mirror padding (``reflect-crop-flip``)."""
 
     def __init__(self, mode: str, *, seed: int, device: torch.device) -> None:
         if mode not in AUGMENTATIONS:
@@ -32,14 +34,21 @@ class DeviceAugment:
             return images
         b, c, h, w = images.shape
         dev, g = images.device, self.generator
-        padded = F.pad(images, (PAD, PAD, PAD, PAD))
+        if self.mode == "flip":
+            flip = torch.rand(b, device=dev, generator=g) < 0.5
+            return torch.where(flip[:, None, None, None], images.flip(-1), images)
         dy = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev, generator=g)
         dx = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev, generator=g)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
         cols = torch.arange(w, device=dev)
         cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx  # flip folded into the gather
         rows = torch.arange(h, device=dev) + dy
-        return padded[torch.arange(b, device=dev)[:, None, None, None],
+        if self.mode == "crop-flip":
+            source = F.pad(images, (PAD, PAD, PAD, PAD))
+        else:  # mirror the padded coordinates back into the image: -k -> k, size-1+k -> size-1-k
+            source = images
+            rows, cols = _reflect(rows - PAD, h), _reflect(cols - PAD, w)
+        return source[torch.arange(b, device=dev)[:, None, None, None],
                       torch.arange(c, device=dev)[None, :, None, None],
                       rows[:, None, :, None], cols[:, None, None, :]]
 
@@ -49,6 +58,12 @@ class DeviceAugment:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu")
                                  else state["generator"])
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions in ``[-PAD, size + PAD)`` mirrored into ``[0, size)`` (``np.pad`` "reflect")."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
 def prepare(images: torch.Tensor, *, channels_last: bool) -> torch.Tensor:

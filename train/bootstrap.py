@@ -1,129 +1,151 @@
-"""Both worlds with one config, and the bootstrap gap between them.
+"""The Deep Bootstrap sweep: the ideal world and the real world at several N, per model and seed.
 
-``run_bootstrap`` trains ``real-seed{s}`` and ``ideal-seed{s}`` under ``out`` (each a
-normal, resumable ``train`` run; a finished one is not trained again), then writes
-``gap.csv`` and ``gap.md`` (test soft error of both worlds, their gap real - ideal,
-and the real world's train soft error, at every log point, mean over seeds) and
-``bootstrap.png``. The paper's claim: the gap stays small until the real world's train
-error nears zero.
+``run_bootstrap`` checks every run's sample budget first (no run starts when one would
+fail), then trains under ``out``, per model (``out/<model>/``):
+
+* ``ideal-seed{s}``: the ideal world, once per model and seed (it does not depend on N);
+* ``real-n{N}-seed{s}``: the real world for every N.
+
+Each is a normal, resumable ``train`` run; a finished one is reused as it is, so adding an
+N to the command trains only that N. Then ``train.gap`` writes the gap table and the
+curves, and ``train.plots`` the figure in the paper's layout.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.manifest import atomic_write_bytes
-from train.plots import curve, plot_bootstrap
-from train.trainer import TrainConfig, train
+from tqdm.auto import tqdm
 
-GAP_COLUMNS = ("step", "ideal_test_soft_error", "real_test_soft_error", "gap",
-               "real_train_soft_error", "ideal_test_error", "real_test_error", "error_gap",
-               "real_train_error")
+from cifar5m.errors import Cifar5mError, NotEnoughSamplesError, TrainConfigError
+from shards.manifest import atomic_write_bytes
+from train.gap import Report, run_name, write_report
+from train.models import check_model, parse_widths
+from train.trainer import RESULT_NAME, TrainConfig, train
+
+# The paper trains the real world until its train error is small; a run counts as converged at
+# the first log point where its train soft error is below this.
+DEFAULT_THRESHOLD = 0.01
 
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    """A run template (its ``world`` is ignored) and the seeds to repeat it with."""
+    """A run template (its ``world``, ``n``, ``arch`` and ``seed`` are replaced per run)."""
 
     template: TrainConfig
+    ns: tuple[int, ...]
+    archs: tuple[str, ...] = ("preresnet18",)
     seeds: tuple[int, ...] = (0,)
+    threshold: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not self.ns or min(self.ns) < 1:
+            raise TrainConfigError(f"bootstrap needs one or more positive N, got {self.ns}")
+        if not self.archs or not self.seeds:
+            raise TrainConfigError("bootstrap needs at least one model and one seed")
+        if not 0 < self.threshold < 1:
+            raise TrainConfigError(f"the convergence threshold must be in (0, 1), got {self.threshold}")
+        for arch in self.archs:
+            check_model(arch)
+
+    def run(self, arch: str, world: str, seed: int, n: int | None = None) -> TrainConfig:
+        """One run's config. The real world never wraps, so ``--wrap`` leaves its runs valid."""
+        width = None if parse_widths(arch) else self.template.width
+        return dataclasses.replace(self.template, arch=arch, width=width, world=world, seed=seed,
+                                   n=n if world == "real" else None,
+                                   wrap=self.template.wrap and world == "ideal")
+
+    def runs(self) -> list[tuple[str, TrainConfig]]:
+        """(directory under out, config) of every run, each model's ideal worlds first."""
+        out = []
+        for arch in self.archs:
+            for seed in self.seeds:
+                out.append((run_name(arch, seed), self.run(arch, "ideal", seed)))
+                out += [(run_name(arch, seed, n), self.run(arch, "real", seed, n)) for n in self.ns]
+        return out
 
     def to_json(self) -> str:
-        return json.dumps({"template": self.template.saved(), "seeds": list(self.seeds)},
-                          indent=2, sort_keys=True) + "\n"
+        return json.dumps({"template": self.template.saved(), "ns": list(self.ns),
+                           "archs": list(self.archs), "seeds": list(self.seeds),
+                           "threshold": self.threshold}, indent=2, sort_keys=True) + "\n"
 
 
 @dataclass
 class BootstrapResult:
     out: Path
-    gap: list[dict]  # one row per common log point, GAP_COLUMNS
-    plot: Path
-    real: list[list[dict]]
-    ideal: list[list[dict]]
+    report: Report
+    trained: list[str] = field(default_factory=list)  # run directories trained now (not reused)
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def plot(self) -> Path:
+        return self.report.plot
+
+
+@dataclass(frozen=True)
+class Budget:
+    pool: int  # training samples in the dataset's train split
+    wrapped: bool  # the ideal world asks for more than one pass (and --wrap allows it)
+
+
+def check_budgets(config: BootstrapConfig) -> Budget:
+    """Every run's samples, checked before any training: raises one error listing all problems."""
+    from train.catalog import Catalog
+    from train.source import open_source
+    from train.stream import SampleStream, StreamConfig
+
+    t = config.template
+    source = open_source(t.data, storage_options=t.storage_options)
+    pool = len(Catalog.load(source, "train"))
+    test = len(Catalog.load(source, t.test_split))
+    need = t.steps * t.batch_size
+    problems = []
+    if test == 0:
+        problems.append(f"the test split {t.test_split!r} of {t.data} is empty; use --test-split")
+    if need > pool and not t.wrap:
+        problems.append(
+            f"the ideal world needs {t.steps} steps x batch {t.batch_size} = {need:,} fresh samples "
+            f"but {t.data} holds {pool:,} train samples; use --steps <= {pool // t.batch_size}, a "
+            "bigger dataset (cifar5m generate), or --wrap (samples then repeat)")
+    for n in config.ns:
+        if n > pool:
+            problems.append(f"the real world N={n:,} is more than the {pool:,} train samples of {t.data}")
+        elif n < t.batch_size:
+            problems.append(f"the real world N={n:,} is smaller than the batch size {t.batch_size}")
+    if not problems:  # the streams' own checks (class-balanced subsets, ...), one per world and N
+        for n in (None, *config.ns):
+            try:
+                SampleStream(StreamConfig(
+                    t.data, world="ideal" if n is None else "real", n=n, batch_size=t.batch_size,
+                    steps=t.steps, seed=config.seeds[0], rank=0, world_size=1,
+                    class_balanced=t.class_balanced, wrap=t.wrap, storage_options=t.storage_options))
+            except Cifar5mError as e:
+                problems.append(str(e))
+    if problems:
+        raise NotEnoughSamplesError("no run started: " + "; ".join(problems))
+    return Budget(pool, need > pool)
 
 
 def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = True) -> BootstrapResult:
+    """Check budgets, train (or reuse) every run, write the gap table and the figure."""
     out = Path(out)
+    budget = check_budgets(config)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "bootstrap.json", config.to_json().encode())
-    runs: dict[str, list[list[dict]]] = {"real": [], "ideal": []}
-    for seed in config.seeds:
-        for world in ("real", "ideal"):
-            run = dataclasses.replace(config.template, world=world, seed=seed)
-            result = train(run, out=out / f"{world}-seed{seed}", progress=progress)
-            runs[world].append(result.rows)
-    return write_report(runs["real"], runs["ideal"], out=out, title=_title(config))
-
-
-def write_report(real: list[list[dict]], ideal: list[list[dict]], *, out: Path,
-                 title: str = "") -> BootstrapResult:
-    """Gap table (CSV + Markdown) and plot from finished runs' metric rows."""
-    gap = gap_table(real, ideal)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=GAP_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(gap)
-    atomic_write_bytes(out / "gap.csv", buffer.getvalue().encode())
-    atomic_write_bytes(out / "gap.md", format_gap(gap).encode())
-    plot = plot_bootstrap(real, ideal, out / "bootstrap.png", title=title)
-    return BootstrapResult(out, gap, plot, real, ideal)
-
-
-def gap_table(real: list[list[dict]], ideal: list[list[dict]]) -> list[dict]:
-    """Mean over seeds at every step both worlds logged; gap = real - ideal test soft error."""
-    columns = {}
-    for world, runs in (("real", real), ("ideal", ideal)):
-        for name in ("test_soft_error", "test_error", "train_soft_error", "train_error"):
-            if runs and all(any(name in r for r in rows) for rows in runs):
-                steps, mean, _, _ = curve(runs, name)
-                columns[f"{world}_{name}"] = dict(zip(steps.tolist(), mean.tolist(), strict=True))
-    common = sorted(set(columns["real_test_soft_error"]) & set(columns["ideal_test_soft_error"]))
-    table = []
-    for step in common:
-        row = {"step": step}
-        for name in GAP_COLUMNS[1:]:
-            if name == "gap":
-                row[name] = row["real_test_soft_error"] - row["ideal_test_soft_error"]
-            elif name == "error_gap":
-                both = row.get("real_test_error") is not None and row.get("ideal_test_error") is not None
-                row[name] = row["real_test_error"] - row["ideal_test_error"] if both else None
-            elif name in columns:
-                row[name] = columns[name].get(step)
-        table.append(row)
-    return table
-
-
-def format_gap(gap: list[dict], *, every: int = 1) -> str:
-    """A Markdown table of the gap (every ``every``-th row, and always the last)."""
-    head = ("| step | ideal test soft err | real test soft err | gap (real - ideal) | "
-            "real train soft err | ideal test err | real test err | err gap | real train err |")
-    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for i, row in enumerate(gap):
-        if i % every and i != len(gap) - 1:
-            continue
-        lines.append(f"| {row['step']} | " + " | ".join(_cell(row, c) for c in GAP_COLUMNS[1:]) + " |")
-    if gap:
-        last = gap[-1]
-        lines.append(f"\nEnd (step {last['step']}): gap {last['gap']:+.4f} "
-                     f"(real {last['real_test_soft_error']:.4f}, ideal {last['ideal_test_soft_error']:.4f})"
-                     + (f"; test error gap {last['error_gap']:+.4f}." if last.get("error_gap") is not None
-                        else "."))
-    return "\n".join(lines) + "\n"
-
-
-def _cell(row: dict, column: str) -> str:
-    value = row.get(column)
-    if value is None:
-        return ""
-    return f"{value:+.4f}" if column.endswith("gap") else f"{value:.4f}"
-
-
-def _title(config: BootstrapConfig) -> str:
-    t = config.template
-    return (f"{t.arch}, real N={t.n} vs ideal, T={t.steps}, batch {t.batch_size}, "
-            f"lr {t.lr}, aug {t.augment}")
+    runs = config.runs()
+    result = BootstrapResult(out, report=None)  # type: ignore[arg-type]
+    rows: dict[str, list[dict]] = {}
+    for i, (name, run) in enumerate(runs, 1):
+        done = (out / name / RESULT_NAME).exists()
+        if progress and int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks under torchrun
+            what = f"{run.arch} {run.world}" + (f" N={run.n:,}" if run.world == "real" else "")
+            tqdm.write(f"[{i}/{len(runs)}] {what} seed {run.seed}: {out / name}"
+                       + (" (finished, reused)" if done else ""))
+        rows[name] = train(run, out=out / name, progress=progress).rows
+        (result.reused if done else result.trained).append(name)
+    result.report = write_report(config, rows, out=out, wrapped=budget.wrapped)
+    return result

@@ -3,7 +3,8 @@
 The Deep Bootstrap paper (Nakkiran et al., ICLR 2021) compares many architectures;
 these are the ones its Figure 1 family uses: the pre-activation ResNet-18 of its code
 (``preresnet18``), an MLP with three hidden layers of 2048 and BatchNorm
-(``mlp[2048,2048,2048]``), a ViT with 4x4 patches and VGG-11 with BatchNorm.
+(``mlp``; any hidden widths as the paper's ``mlp[128,128,128]``), the 4-layer Myrtle-style
+CNN of its sweeps (``mcnn``), a ViT with 4x4 patches and VGG-11 with BatchNorm.
 
 Every model takes float input ``(B, 3, 32, 32)`` scaled to [-1, 1] (the paper's
 ``Normalize(0.5, 0.5)``) and returns logits ``(B, num_classes)``. ``width`` scales a
@@ -37,14 +38,43 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def build_model(name: str, *, num_classes: int = 10, width: int | None = None) -> nn.Module:
-    """A freshly initialised model; raises ``ModelError`` naming the known ones."""
+    """A freshly initialised model; raises ``ModelError`` naming the known ones.
+
+    ``mlp[w1,w2,...]`` is an MLP with those hidden widths (the paper's names).
+    """
+    widths = parse_widths(name)
+    if widths is not None:
+        if width is not None:
+            raise ModelError(f"{name} gives its widths; drop --width")
+        return mlp(num_classes=num_classes, widths=widths)
     try:
         builder = MODELS[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)} "
+                         "or mlp[w1,w2,...]") from None
     if width is not None and width < 1:
         raise ModelError(f"model width must be a positive integer, got {width}")
     return builder(num_classes=num_classes, width=width)
+
+
+def parse_widths(name: str) -> tuple[int, ...] | None:
+    """``"mlp[512,512]"`` -> (512, 512); None for a plain registry name."""
+    if not (name.startswith("mlp[") and name.endswith("]")):
+        return None
+    try:
+        widths = tuple(int(w) for w in name[4:-1].split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ModelError(f"bad MLP widths in {name!r}; write e.g. mlp[2048,2048,2048]")
+    return widths
+
+
+def check_model(name: str) -> None:
+    """Raise ``ModelError`` now for a name ``build_model`` would refuse (no model built)."""
+    if parse_widths(name) is None and name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)} "
+                         "or mlp[w1,w2,...]")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -102,13 +132,34 @@ def preresnet18(*, num_classes: int = 10, width: int | None = None) -> nn.Module
 
 
 @register("mlp")
-def mlp(*, num_classes: int = 10, width: int | None = None) -> nn.Module:
-    """Three hidden layers of 2048 with BatchNorm and ReLU (the paper's ``mlp[2048,2048,2048]``)."""
-    hidden, layers, cin = width or 2048, [nn.Flatten()], 3 * 32 * 32
-    for _ in range(3):
+def mlp(*, num_classes: int = 10, width: int | None = None,
+        widths: tuple[int, ...] | None = None) -> nn.Module:
+    """Hidden layers with BatchNorm and ReLU: three of ``width`` (default 2048, the paper's
+    ``mlp[2048,2048,2048]``) or the given ``widths``."""
+    layers, cin = [nn.Flatten()], 3 * 32 * 32
+    for hidden in widths or (width or 2048,) * 3:
         layers += [nn.Linear(cin, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
         cin = hidden
     layers.append(nn.Linear(cin, num_classes))
+    return nn.Sequential(*layers)
+
+
+# --- mCNN: the 4-layer Myrtle-style CNN of the paper's sweeps ----------------------------------
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+@register("mcnn")
+def mcnn(*, num_classes: int = 10, width: int | None = None) -> nn.Module:
+    """Conv-BN-ReLU of widths k, 2k, 4k, 8k (k = 64), max-pool 2 after the last three,
+    a global max-pool and one linear layer (Nakkiran et al.'s ``mCNN``, after Page's
+    Myrtle net; 1.56M parameters at k = 64)."""
+    k = width or 64
+    layers = [*_conv_bn(3, k), *_conv_bn(k, 2 * k), nn.MaxPool2d(2), *_conv_bn(2 * k, 4 * k),
+              nn.MaxPool2d(2), *_conv_bn(4 * k, 8 * k), nn.MaxPool2d(2),
+              nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * k, num_classes)]
     return nn.Sequential(*layers)
 
 

@@ -1,15 +1,18 @@
-"""The Deep Bootstrap plot (the paper's Figure 1): soft error against SGD steps.
+"""The Deep Bootstrap figure in the paper's layout (its Figure 1, one panel per model).
 
-Solid lines: test soft error of the ideal world and of the real world; dashed: train
-soft error of the real world on its N samples. A second panel shows the same in hard
-(0-1) error. With several seeds the line is the
-mean and the band spans min to max. The x axis is logarithmic by default because
-the log points are dense early (the paper's plots use linear steps; ``log_x=False``).
+Per model (a column): test soft error against SGD steps of the ideal world (black) and of
+the real world at every N (one colour each); dashed, the real worlds' train soft error on
+their N samples; a dot where each real world converges (train soft error below the
+stated threshold, mean step over the seeds that did). A second row shows the same in
+0-1 error, because soft error also rewards confidence. With several seeds the line is the
+mean and the band spans min to max. The x axis is logarithmic for long runs (the log
+points are dense early; ``log_x=False`` for linear steps as in the paper).
 """
 
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +24,8 @@ import numpy as np
 from shards.manifest import atomic_write_bytes
 
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # steps, mean, lo, hi
+IDEAL_COLOR = "black"
+METRICS = (("soft_error", "soft error  (mean 1 - p(true class))"), ("error", "error  (0-1)"))
 
 
 def curve(runs: list[list[dict]], column: str) -> Curve:
@@ -33,51 +38,74 @@ def curve(runs: list[list[dict]], column: str) -> Curve:
             first.setdefault(r["step"], r)
         firsts.append(first)
     values = np.array([[first[s][column] for s in steps] for first in firsts], dtype=float)
+    if not steps:
+        return np.array([]), np.array([]), np.array([]), np.array([])
     return np.array(steps), values.mean(0), values.min(0), values.max(0)
 
 
-def plot_bootstrap(real: list[list[dict]], ideal: list[list[dict]], path: str | Path, *,
-                   title: str = "", log_x: bool | None = None) -> Path:
-    """Write the comparison PNG; ``real``/``ideal`` are metric rows per seed.
+def n_colors(ns: list[int]) -> dict[int, tuple]:
+    cmap = plt.get_cmap("viridis")
+    return {n: cmap(0.85 * i / max(1, len(ns) - 1)) for i, n in enumerate(sorted(ns))}
 
-    Left: soft error (the paper's Figure 1). Right: the same curves in hard (0-1) error,
-    because soft error also rewards confidence: a memorising real-world model can have
-    the lower test soft error while its test error is higher.
+
+def plot_sweep(panels: dict[str, dict], path: str | Path, *, markers: dict[tuple[str, int], float],
+               threshold: float, title: str = "", log_x: bool | None = None) -> Path:
+    """Write the figure; ``panels[model] = {"ideal": [rows per seed], "real": {N: [rows per seed]}}``.
+
+    ``markers[(model, N)]`` is the step where that real world converged. The title and a
+    description of the panels are also stored as PNG text chunks ("Title", "Description").
     """
+    all_rows = [rows for p in panels.values() for runs in [p["ideal"], *p["real"].values()] for rows in runs]
     if log_x is None:  # the paper's 39,000 steps with dense early points read best on a log axis
-        log_x = max((r["step"] for rows in real + ideal for r in rows), default=0) >= 2000
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
-    for ax, metric, name in ((axes[0], "soft_error", "soft error  (mean 1 - p(true class))"),
-                             (axes[1], "error", "error  (0-1)")):
-        _panel(ax, real, ideal, metric, log_x=log_x)
-        ax.set_ylabel(name)
-    n_seeds = max(len(real), len(ideal))
-    fig.suptitle(title + (f"  ({n_seeds} seeds: mean, band = min..max)" if n_seeds > 1 else ""),
-                 fontsize=9)
-    fig.tight_layout()
+        log_x = max((r["step"] for rows in all_rows for r in rows), default=0) >= 2000
+    seeds = max(len(p["ideal"]) for p in panels.values())
+    width = max(8.0, 4.6 * len(panels) + 0.6)
+    fig, axes = plt.subplots(2, len(panels), figsize=(width, 7.6), dpi=100, squeeze=False,
+                             layout="constrained")
+    for col, (model, panel) in enumerate(panels.items()):
+        for row, (metric, label) in enumerate(METRICS):
+            ax = axes[row][col]
+            _panel(ax, panel, metric, markers={n: s for (m, n), s in markers.items() if m == model},
+                   log_x=log_x)
+            ax.set_title(f"{model}: {metric.replace('_', ' ')}", fontsize=10)
+            if col == 0:
+                ax.set_ylabel(label)
+    note = (f"solid: test, dashed: real world train; dot: real world converged "
+            f"(train soft error < {threshold:g})")
+    if seeds > 1:
+        note += f"; {seeds} seeds: mean, band = min..max"
+    lines = [*title.splitlines(), note] if title else [note]
+    fig.suptitle("\n".join(textwrap.fill(line, int(width * 15)) for line in lines), fontsize=9)
     path = Path(path)
     png = io.BytesIO()
-    fig.savefig(png, format="png")
+    fig.savefig(png, format="png", metadata={"Title": title, "Description": note})
     plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
     return path
 
 
-def _panel(ax, real: list[list[dict]], ideal: list[list[dict]], metric: str, *, log_x: bool) -> None:
-    lines = [(ideal, f"test_{metric}", "Ideal world: test", "tab:blue", "-"),
-             (real, f"test_{metric}", "Real world: test", "tab:red", "-"),
-             (real, f"train_{metric}", "Real world: train", "tab:red", "--")]
-    for runs, column, label, color, style in lines:
+def _panel(ax, panel: dict, metric: str, *, markers: dict[int, float], log_x: bool) -> None:
+    colors = n_colors(list(panel["real"]))
+    lines = [(panel["ideal"], f"test_{metric}", "ideal world", IDEAL_COLOR, "-", None)]
+    for n, runs in sorted(panel["real"].items()):
+        lines.append((runs, f"test_{metric}", f"real N={n:,}", colors[n], "-", markers.get(n)))
+        lines.append((runs, f"train_{metric}", None, colors[n], "--", None))
+    for runs, column, label, color, style, marker in lines:
         if not runs or not all(any(column in r for r in rows) for rows in runs):
             continue
         steps, mean, lo, hi = curve(runs, column)
+        if not len(steps):
+            continue
         x = np.maximum(steps, 1) if log_x else steps  # step 0 drawn at 1 on a log axis
-        ax.plot(x, mean, style, color=color, label=label, lw=1.6)
+        ax.plot(x, mean, style, color=color, label=label, lw=1.5 if style == "-" else 1.1)
         if len(runs) > 1:
             ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+        if marker is not None:  # on the test curve, at the logged step nearest the mean step
+            i = int(np.argmin(np.abs(steps - marker)))
+            ax.plot(x[i], mean[i], "o", color=color, ms=7, mec="white", mew=1.2, zorder=5)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel("SGD steps")
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=8)

@@ -140,6 +140,7 @@ class TrainData:
             rank=rt.rank if rt.world_size > 1 else None,
             world_size=rt.world_size if rt.world_size > 1 else None,
             num_workers=config.num_workers, class_balanced=config.class_balanced,
+            wrap=config.wrap and config.world == "ideal",
             return_keys=config.record_keys and config.world == "ideal",
             pin_memory=rt.device.type == "cuda", storage_options=config.storage_options)
         return cls(SampleStream(cfg), config, rt, keys_path)
@@ -196,6 +197,10 @@ class TrainData:
         path = Path(self.keys_path)
         lines = path.read_text().splitlines(keepends=True)[:step] if path.exists() else []
         atomic_write_bytes(path, "".join(lines).encode())
+
+    def wrapped(self) -> bool:
+        """Whether the ideal world repeated samples (``wrap`` and more steps than one pass)."""
+        return bool(self.stream.report()["wrapped"])
 
     def close(self) -> None:
         if self.keys_file is not None:

@@ -138,7 +138,7 @@ class SampleStream:
                 raise NotEnoughSamplesError(
                     f"asked for {total} steps x batch {c.batch_size} = {total * c.batch_size} fresh "
                     f"samples but {where} holds {pool}; use steps <= {pool // c.batch_size}, a "
-                    f"bigger dataset, or wrap=True (samples then repeat)")
+                    f"bigger dataset, or --wrap (StreamConfig wrap=True; samples then repeat)")
             log.warning("wrap=True: %d samples asked from %d; the order restarts with a new "
                         "permutation after every %d samples", total * c.batch_size, pool, pool)
         self.plan = Plan(pool_size=pool, batch_size=c.batch_size, world_size=self.world_size,

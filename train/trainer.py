@@ -57,9 +57,11 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" over `steps`, or "constant"
-    augment: str = "none"  # "none" or "crop-flip"
+    lr_step_every: int = 1  # cosine stepped every this many batches (the paper's code: 390)
+    augment: str = "none"  # "none", "flip", "crop-flip", "reflect-crop-flip" (the paper's 0-3)
     seed: int = 0  # model init, sample order and augmentation
     class_balanced: bool = False
+    wrap: bool = False  # ideal world: past one pass over the split, repeat it (new permutation)
     log_every: int = 64
     log_dense: tuple[tuple[int, int], ...] = PAPER_DENSE
     test_split: str = "test"
@@ -90,8 +92,8 @@ class TrainConfig:
             problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
-            problems.append("steps, batch_size and log_every must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1 or self.lr_step_every < 1:
+            problems.append("steps, batch_size, log_every and lr_step_every must be positive")
         if problems:
             raise TrainConfigError("; ".join(problems))
 
@@ -119,9 +121,17 @@ class TrainResult:
     finished: bool
 
 
-def lr_factor(step: int, *, steps: int, schedule: str) -> float:
-    """Cosine from 1 to 0 over ``steps`` (per step, not per epoch as the paper's code)."""
-    return 0.5 * (1 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
+def lr_factor(step: int, *, steps: int, schedule: str, every: int = 1) -> float:
+    """Cosine from 1 towards 0 over ``steps``, changed every ``every`` batches.
+
+    ``every=1`` is a per-step cosine. The paper's code steps ``CosineAnnealingLR`` with
+    ``T_max = steps // every`` after every ``every`` (390) batches: batch ``t`` runs at level
+    ``t // every``, so with ``steps <= every`` (T = 390) the rate is constant.
+    """
+    if schedule != "cosine":
+        return 1.0
+    levels = max(1, steps // every)
+    return 0.5 * (1 + math.cos(math.pi * (step // every) / levels))
 
 
 @dataclass
@@ -146,7 +156,8 @@ class Learner:
         optimizer = torch.optim.SGD(core.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps=config.steps, schedule=config.schedule))
+            optimizer, lambda s: lr_factor(s, steps=config.steps, schedule=config.schedule,
+                                           every=config.lr_step_every))
         augment = DeviceAugment(config.augment, seed=config.seed * 1000 + rt.rank, device=rt.device)
         return cls(config, rt, core, rt.wrap(core, compile=config.compile),
                    torch.compile(core) if config.compile else core, optimizer, scheduler, augment)
@@ -223,7 +234,8 @@ def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, le
     if done and rt.rank == 0:
         final = log.rows[-1] if log.rows else {}
         atomic_write_bytes(out / RESULT_NAME, json.dumps(
-            {"step": step, "final": final, "parameters": count_parameters(learner.core)}, indent=2).encode())
+            {"step": step, "final": final, "parameters": count_parameters(learner.core),
+             "wrapped": data.wrapped()}, indent=2).encode())
     rows = log.rows if log is not None else []
     return TrainResult(out, config, rows, step, done)
 
@@ -307,8 +319,8 @@ def _save(out, rt, config, step, learner: Learner, data) -> None:
 def _log(log, evaluator, model, *, step, config, loss, clock, lr=None) -> None:
     """Evaluate on every rank (each holds a slice of the data); rank 0 writes the row."""
     row = {"step": step, "samples": step * config.batch_size,
-           "lr": config.lr * lr_factor(step, steps=config.steps, schedule=config.schedule)
-           if lr is None else lr}
+           "lr": config.lr * lr_factor(step, steps=config.steps, schedule=config.schedule,
+                                       every=config.lr_step_every) if lr is None else lr}
     if config.world == "real":
         row["epoch"] = step * config.batch_size / config.n
     row.update(evaluator.run(model))
