@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shards import codec
+from shards import checksum, codec
 from train.catalog import Catalog
 from train.plan import block_grid
 from train.source import Source
@@ -88,15 +88,18 @@ class BlockStore:
                 int(cat.image_offset[last] + cat.image_size[last]))
 
     def _checked(self, key: Key, start: int, data: memoryview) -> bool:
-        """Whether every member of an npy block is a whole plain npy (else the per-sample
-        path reads it and names the error: a short shard, a foreign header)."""
+        """Whether every member of an npy block is a whole plain npy matching its digest
+        (else the per-sample path reads it and names the error: a short shard, a foreign
+        header, a changed byte)."""
         rows = self._rows(key)
         offsets = self.catalog.image_offset[rows.start:rows.stop] - start
         sizes = self.catalog.image_size[rows.start:rows.stop]
         buf = np.frombuffer(data, np.uint8)
         if not np.all(sizes == codec.NPY_SIZE) or int(offsets.max()) + codec.NPY_SIZE > buf.size:
             return False
-        return codec.npy_headers_ok(buf, offsets)
+        digests = self.catalog.digests
+        return codec.npy_headers_ok(buf, offsets) and (digests is None or checksum.first_bad_at(
+            data, offsets, sizes, digests[rows.start:rows.stop]) < 0)
 
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""

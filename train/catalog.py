@@ -22,12 +22,14 @@ from cifar5m.errors import (
     SampleNotFoundError,
     ShardNotFoundError,
 )
+from shards import checksum
 from shards.format import INDEX_NAME, MANIFEST_NAME
 from shards.index import read_index, shard_runs
 from shards.manifest import Manifest, read_manifest_text
+from shards.reader import check_file
 from train.source import Source
 
-_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label")
+_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label", checksum.COLUMN)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Catalog:
     image_size: np.ndarray  # int64
     labels: np.ndarray  # int64
     keys: np.ndarray  # fixed-width bytes
+    digests: np.ndarray | None = None  # uint64 XXH3 of each image member; None: an older index
 
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
@@ -63,7 +66,9 @@ class Catalog:
             data = source.read_file(INDEX_NAME)
         except ShardNotFoundError:
             raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
-        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS))
+        where = f"{source.url}/{INDEX_NAME}"
+        check_file(data, manifest.file_info(INDEX_NAME), where=where)  # labels come from it
+        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS), where=where)
         return cls.from_table(table, manifest, split, url=source.url)
 
     @classmethod
@@ -81,6 +86,7 @@ class Catalog:
         empty = slice(0, 0)
         starts = np.array([runs.get(n, empty).start for n in names], np.int64)
         counts = np.array([runs.get(n, empty).stop - runs.get(n, empty).start for n in names], np.int64)
+        digests = table[checksum.COLUMN] if checksum.COLUMN in table.column_names else None
         shard_id = np.zeros(len(table), np.int32)
         for i, name in enumerate(names):
             shard_id[runs.get(name, empty)] = i
@@ -95,6 +101,7 @@ class Catalog:
             image_size=table["image_size"].to_numpy().astype(np.int64),
             labels=table["label"].to_numpy().astype(np.int64),
             keys=np.asarray(table["key"].to_numpy(zero_copy_only=False).astype(str)).astype(np.bytes_),
+            digests=None if digests is None or digests.null_count else digests.to_numpy().astype(np.uint64),
         )
 
     @cached_property
