@@ -2,7 +2,7 @@
 
 Why our own loop: the batch stays on the device as float32 latents while the UNet
 runs in bf16 + channels_last (and optionally ``torch.compile``d); noise comes from
-``generator.noise`` per sample, so results do not depend on batch composition.
+``generator.noise`` per sample and the CPU runs fixed micro-batches, so results do not depend on batch composition.
 
 Samplers (all 1 UNet evaluation per step; UniPC's corrector reuses the next call):
 
@@ -33,6 +33,7 @@ from generator import noise
 from generator.config import SAMPLERS
 
 IMAGE_CHW = (3, 32, 32)
+CPU_CHUNK = 16  # UNet micro-batch on the CPU (see Sampler.__init__)
 
 
 def quadratic_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
@@ -109,10 +110,15 @@ class Sampler:
         self.unet = unet.to(self.device, dtype=dtype, memory_format=self.memory_format).eval()
         self.forward = torch.compile(self.unet) if compile else self.unet
         # A compiled UNet recompiles for each new batch shape; pad short batches (a shard's
-        # tail) up to the largest batch seen instead. Eager runs are not padded, so CPU
-        # results stay exactly per-sample.
+        # tail) up to the largest batch seen instead.
         self.pad = compile
         self.max_batch = 0
+        # On the CPU, oneDNN picks its conv kernels by batch size, and they round differently
+        # (a 1x1 conv differed by 1.8e-7 between batch 13 and 26 on an AVX-512 Xeon: batches
+        # 2-8 agree, 16-64 agree, 1 stands alone), so pixels would depend on --batch-size. The
+        # UNet sees only micro-batches of CPU_CHUNK (the tail padded); results do not depend on
+        # a sample's place in a batch of fixed shape, so they are exactly per-sample.
+        self.chunk = CPU_CHUNK if self.device.type == "cpu" and not compile else 0
         self.num_classes = unet.config.get("num_class_embeds")
 
     @property
@@ -131,10 +137,11 @@ class Sampler:
         noise.check_ids(ids)  # here, on the CPU: on the device every check would sync
         n = len(ids)
         self.max_batch = max(self.max_batch, n)
-        if self.pad and n < self.max_batch:  # repeat the last sample; its copies are dropped
-            ids = torch.cat([ids, ids[-1:].expand(self.max_batch - n)])
+        size = self.max_batch if self.pad else -(-n // self.chunk) * self.chunk if self.chunk else n
+        if size > n:  # repeat the last sample; its copies are dropped
+            ids = torch.cat([ids, ids[-1:].expand(size - n)])
             if class_labels is not None:
-                class_labels = torch.cat([class_labels, class_labels[-1:].expand(self.max_batch - n)])
+                class_labels = torch.cat([class_labels, class_labels[-1:].expand(size - n)])
         ids = ids.to(self.device)
         x = noise.normal(seed, ids, 0, IMAGE_CHW)
         if class_labels is not None:
@@ -145,7 +152,7 @@ class Sampler:
         steps = [int(t) for t in sched.timesteps.cpu()]
         for k, (t, t_dev) in enumerate(zip(steps, sched.timesteps, strict=True)):
             inp = sched.scale_model_input(x, t_dev).to(self.dtype).contiguous(memory_format=self.memory_format)
-            out = self.forward(inp, t_dev, class_labels=class_labels).sample.float()
+            out = self.denoise(inp, t_dev, class_labels).float()
             if self.sampler == "ddpm":
                 prev = steps[k + 1] if k + 1 < len(steps) else -1
                 x = ddpm_step(sched, out, t, prev, x, noise.normal(seed, ids, 1 + k, IMAGE_CHW))
@@ -156,6 +163,13 @@ class Sampler:
         images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu()
 
+    def denoise(self, inp: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The UNet's prediction for ``inp``, in micro-batches of ``self.chunk`` where set."""
+        step = self.chunk or len(inp)
+        parts = [self.forward(inp[i:i + step], t,
+                              class_labels=None if class_labels is None else class_labels[i:i + step])
+                 for i in range(0, len(inp), step)]
+        return torch.cat([p.sample for p in parts]) if len(parts) > 1 else parts[0].sample
 
 def ddpm_step(sched: Any, model_output: torch.Tensor, t: int, prev: int, x: torch.Tensor,
               step_noise: torch.Tensor) -> torch.Tensor:
