@@ -37,6 +37,7 @@ from generator import ranks, remote
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
+from shards.lock import DirectoryLock, holder
 from shards.manifest import Manifest, atomic_write_bytes, load_manifest
 from shards.writer import (
     STATE_NAME,
@@ -187,8 +188,9 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
     plan = plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size,
                        stride=FILTER_STRIDE if cfg.filtered else 1)
     ranks.init(rank)
+    lock = DirectoryLock(root, what="generated")  # rank 0 holds it for the whole job
     try:
-        keep, done = prepare_on_main(rank, cfg, root, url, fp, plan)
+        keep, done = prepare_on_main(rank, cfg, root, url, fp, plan, lock=lock)
         if done is not None:
             return done if rank.is_main else None
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
@@ -205,27 +207,43 @@ def run(cfg: GenerateConfig, *, progress: bool = True) -> Manifest | None:
             return None
         return session.finish(root, url, plan, fp, keep)
     finally:
+        lock.release()
         ranks.close(rank)
 
 
 def prepare_on_main(rank: ranks.Rank, cfg: GenerateConfig, root: Path, url: str | None,
-                    fp: dict[str, Any], plan: list[ShardPlan],
+                    fp: dict[str, Any], plan: list[ShardPlan], *, lock: DirectoryLock,
                     ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
-    """``prepare`` on rank 0; the other ranks get the kept shard names (values None) and
-    whether the dataset is complete, or an error if rank 0 failed."""
+    """``prepare`` on rank 0, which first takes the output's lock for the whole job (a
+    second job writing the same directory is refused before anything is read); the
+    other ranks get the kept shard names (values None), whether the dataset is complete
+    and who holds the lock, or an error if rank 0 failed."""
     if rank.is_main:
         try:
+            lock.acquire()
             keep, done = prepare(cfg, root, url, fp, plan)
         except BaseException as exc:
             ranks.share(rank, ("failed", f"{type(exc).__name__}: {exc}"))
             raise
-        ranks.share(rank, ("ok", (sorted(keep), done is not None)))
+        ranks.share(rank, ("ok", (sorted(keep), done is not None, holder(root))))
         return keep, done
     status, value = ranks.share(rank, None)
     if status == "failed":
         raise GenerationError(f"rank 0 stopped before generating ({value})")
-    names, done = value
+    names, done, owner = value
+    check_owner(root, owner)
     return dict.fromkeys(names), (True if done else None)
+
+
+def check_owner(root: Path, owner: dict | None) -> None:
+    """On ranks > 0: where the output's lock file is visible here (same host or a shared
+    file system), it must name rank 0 of this job: anything else is another writer."""
+    seen = holder(root)
+    if seen is not None and owner is not None and \
+            (seen.get("pid"), seen.get("host")) != (owner.get("pid"), owner.get("host")):
+        raise GenerationError(f"{root} is locked by PID {seen.get('pid')} on {seen.get('host')}, "
+                              f"not by rank 0 of this job (PID {owner.get('pid')}); stop the other "
+                              f"writer, then re-run")
 
 
 def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,

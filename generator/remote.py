@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cifar5m.errors import DatasetExistsError, OutputNotWritableError
 from shards.format import MANIFEST_NAME
+from shards.lock import LOCK_NAME
 from shards.manifest import Manifest, read_manifest_text
 
 DEFAULT_STAGING = "~/.cache/cifar5m/staging"
@@ -73,6 +74,6 @@ def upload(root: Path, url: str) -> None:
 
     fs, base = fsspec.core.url_to_fs(url)
     fs.makedirs(base, exist_ok=True)
-    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    names = sorted(p.name for p in root.iterdir() if p.is_file() and p.name != LOCK_NAME)
     for name in [n for n in names if n != MANIFEST_NAME] + [MANIFEST_NAME]:
         fs.put_file(str(root / name), f"{base.rstrip('/')}/{name}")

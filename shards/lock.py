@@ -84,7 +84,7 @@ class DirectoryLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 raise OutputLockedError(
-                    f"{self.root} is being {self.what} by another process ({self._holder()}); "
+                    f"{self.root} is being {self.what} in another process ({self._holder()}); "
                     f"wait for it to finish or stop it, then re-run") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -104,7 +104,7 @@ def test_a_killed_download_completes_on_rerun_without_refetching(root, tmp_path)
     app = Recorder(create_app(root=root))
     app.stall.add("train-000002.tar")
     out = tmp_path / "out"
-    meta = out / ".cache" / "huggingface" / "download"
+    meta = out / ".cache" / "cifar5m" / "incoming" / ".cache" / "huggingface" / "download"
     with serving(app) as url:
         proc = cli(["lab/ds", "--local-dir", "out", "--workers", "2"], url, tmp_path, background=True)
         others = [p.name for p in (root / "lab/ds").iterdir() if p.is_file() and p.name != "train-000002.tar"]

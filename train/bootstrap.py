@@ -10,13 +10,16 @@ error nears zero.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.lock import DirectoryLock
 from shards.manifest import atomic_write_bytes
 from train.plots import curve, plot_bootstrap
 from train.trainer import TrainConfig, train
@@ -49,15 +52,19 @@ class BootstrapResult:
 
 def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = True) -> BootstrapResult:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "bootstrap.json", config.to_json().encode())
-    runs: dict[str, list[list[dict]]] = {"real": [], "ideal": []}
-    for seed in config.seeds:
-        for world in ("real", "ideal"):
-            run = dataclasses.replace(config.template, world=world, seed=seed)
-            result = train(run, out=out / f"{world}-seed{seed}", progress=progress)
-            runs[world].append(result.rows)
-    return write_report(runs["real"], runs["ideal"], out=out, title=_title(config))
+    # One bootstrap per directory. Under torchrun each run directory is locked by its
+    # rank 0 (train.trainer), which refuses a second job at its first run.
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    with DirectoryLock(out, what="written by a bootstrap") if single else contextlib.nullcontext():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "bootstrap.json", config.to_json().encode())
+        runs: dict[str, list[list[dict]]] = {"real": [], "ideal": []}
+        for seed in config.seeds:
+            for world in ("real", "ideal"):
+                run = dataclasses.replace(config.template, world=world, seed=seed)
+                result = train(run, out=out / f"{world}-seed{seed}", progress=progress)
+                runs[world].append(result.rows)
+        return write_report(runs["real"], runs["ideal"], out=out, title=_title(config))
 
 
 def write_report(real: list[list[dict]], ideal: list[list[dict]], *, out: Path,
