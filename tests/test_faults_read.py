@@ -175,3 +175,33 @@ def test_grid_on_a_damaged_shard_names_the_shard_not_a_python_object(tmp_path):
     assert result.exit_code == 1 and "train-000000.tar" in result.output, result.output
     assert "<_io" not in result.output and "cifar5m verify" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_stream_state_after_sigkill_loses_at_most_state_every_batches(tmp_path):
+    """tar: what was written before a SIGKILL is at most --state-every batches ahead of the
+    saved state; stats: the state is saved while running (before, only at the end)."""
+    import signal
+    import time
+
+    root = write_dataset(tmp_path / "ds", n_train=300, n_test=10, shard_size=100, image_format="npy")
+    base = [sys.executable, "-m", "cifar5m", "stream", str(root), "--batch-size", "10", "--wrap",
+            "--steps", "1000000", "--state-every", "3"]
+    state = tmp_path / "tar.json"
+    proc = subprocess.Popen([*base, "--format", "tar", "--state", str(state)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    got = proc.stdout.read(40 * 10 * 5120)  # 40 batches; then the writer blocks on the full pipe
+    proc.send_signal(signal.SIGKILL)
+    got += proc.stdout.read()  # what it had written before it died
+    proc.wait()
+    delivered = len(got) // 5120 // 10  # whole batches (a sample is 5,120 bytes of tar)
+    saved = json.loads(state.read_text())["next_batch"]
+    assert delivered >= 40 and saved <= delivered <= saved + 3, (saved, delivered)
+    state = tmp_path / "stats.json"
+    proc = subprocess.Popen([*base, "--state", str(state)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["next_batch"] >= 3
