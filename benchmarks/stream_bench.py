@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stream_bench.py                 # CIFAR-10 (JPEG re-encoded), 20k train
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
     .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
+    .venv/bin/python benchmarks/stream_bench.py --only-checksums        # what verifying costs
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -177,6 +178,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--http-servers", nargs="+", default=["starlette", "cifar5m"],
                     choices=["starlette", "cifar5m"], help="Static servers of the HTTP rows.")
     ap.add_argument("--only-http", action="store_true", help="Only the HTTP table.")
+    ap.add_argument("--only-checksums", action="store_true",
+                    help="Only the cost of the per-member checksums (ours with and without them).")
     ap.add_argument("--min-samples", type=int, default=200_000,
                     help="Fast rows of ours run at least this many samples (new epochs).")
     return ap.parse_args()
@@ -254,6 +257,44 @@ class Table:
                 proc.terminate()
                 proc.wait()
 
+    def checksum_rows(self) -> None:
+        """Ours with the per-member XXH3 checks and with them turned into no-ops (the code
+        before them), local shards, 1 process, interleaved: wall-clock img/s (prefetch
+        thread) and img/s per CPU-second of one thread (prefetch=0, steadier on a shared box)."""
+        import shards.checksum as checksum
+
+        real = checksum.first_bad, checksum.first_bad_at
+
+        def unchecked(measure):
+            def run():
+                checksum.first_bad = checksum.first_bad_at = lambda *a, **k: -1
+                try:
+                    return measure()
+                finally:
+                    checksum.first_bad, checksum.first_bad_at = real
+            return run
+
+        batch, rep = self.args.batch, self.args.repeat
+        self.checks = []
+        for fmt in ("npy", "png"):
+            src, least = str(self.roots[fmt]), self.fast(fmt)
+            wall = best_of(rep, unchecked(lambda s=src, m=least: rate_ours(s, batch, 0, min_samples=m)),
+                           lambda s=src, m=least: rate_ours(s, batch, 0, min_samples=m))
+            cpu = best_of(rep, unchecked(lambda s=src, m=least: cpu_rate_ours(s, batch, min_samples=m)),
+                          lambda s=src, m=least: cpu_rate_ours(s, batch, min_samples=m))
+            self.checks.append((f"{fmt} shards, local, 1 process", *wall, *cpu))
+            print(f"  checksums {fmt}: {wall[0]:,.0f} vs {wall[1]:,.0f} img/s", file=sys.stderr)
+
+    def print_checksums(self) -> None:
+        print("\nCost of verifying every member's XXH3 on read (ours, local shards): the same code "
+              "with the checks replaced by no-ops (before) and as shipped (after). Goal: <= 5% of "
+              "the local npy rate.\n")
+        print("| case | before img/s | after img/s | cost (wall) | before img/CPU-s | after img/CPU-s | cost (CPU) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for case, wb, wa, cb, ca in self.checks:
+            print(f"| {case} | {wb:,.0f} | {wa:,.0f} | {1 - wa / wb:.1%} | {cb:,.0f} | {ca:,.0f} | "
+                  f"{1 - ca / cb:.1%} |")
+
     def print_http(self) -> None:
         print(f"\nOurs over HTTP from 127.0.0.1 (server in its own process) against ours on the same "
               f"local files, 1 process, window {HTTP_WINDOW} (every block fetched every epoch). Goal "
@@ -298,6 +339,13 @@ def main() -> None:
         roots[fmt], data = prepare(args.work, args.samples, fmt, args.cifar10)
     logging.getLogger("cifar5m.stream").setLevel(logging.ERROR)  # wrap=True warns by design
     table = Table(args, roots, args.work / f"cache-{args.samples}")
+    if args.only_checksums:
+        table.checksum_rows()
+        print(f"\n{data}, {args.samples:,} samples, batch {args.batch}, {os.cpu_count()} CPU cores "
+              f"(shared), best of {args.repeat} interleaved runs of <= {SECONDS:.0f} s each; load "
+              f"average {os.getloadavg()[0]:.1f} at the end")
+        table.print_checksums()
+        return
     if not args.only_http:
         table.shard_rows()
         table.cache_rows()
