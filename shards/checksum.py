@@ -15,8 +15,16 @@ and is already a dependency of Hugging Face ``datasets``. CRC32C (``google-crc32
 would do as well with hardware CRC instructions, but is 32 bits (a 1-in-4e9 miss per
 corrupted member instead of 1-in-1.8e19) and gains no speed at this member size.
 
-Datasets written before the column existed have no per-member digests: their readers
-check the shard's sha256 from the manifest whenever they read a whole shard.
+A second column, ``group_xxh3``, serves reads of many consecutive members (the ideal
+world's local npy gather, decoded-cache fills): the XXH3-64 of the shard's bytes from
+the image member of the first row of a group of ``GROUP`` consecutive rows of a shard
+(counted from its first row) to the end of the image member of the group's last row,
+repeated on every row of the group. One call then checks 64 members (~330 KB of npy
+tar at ~50 GB/s, ~0.1 us per sample) where 64 calls cost ~0.3 us per sample of Python
+overhead; a mismatching group is searched member by member to name the sample.
+
+Datasets written before the columns existed have no digests: their readers check the
+shard's sha256 from the manifest whenever they read a whole shard.
 """
 
 from __future__ import annotations
@@ -29,7 +37,20 @@ import xxhash
 from cifar5m.errors import SampleChecksumError
 
 COLUMN = "image_xxh3"
+GROUP_COLUMN = "group_xxh3"
+GROUP = 64  # rows per group_xxh3 digest
 digest = xxhash.xxh3_64_intdigest  # bytes-like -> int in [0, 2**64)
+
+
+def group_digests(view: memoryview | bytes, offsets: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The ``group_xxh3`` of every row of one shard, whose image members are at
+    ``view[offset : offset + size]`` (rows in shard order)."""
+    view = memoryview(view)
+    out: list[int] = []
+    for a in range(0, len(offsets), GROUP):
+        b = min(a + GROUP, len(offsets)) - 1
+        out += [digest(view[offsets[a] : offsets[b] + sizes[b]])] * (b - a + 1)
+    return out
 
 
 def digests(view: memoryview | bytes, starts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
@@ -66,4 +87,14 @@ def mismatch(where: str, key: str, offset: int) -> SampleChecksumError:
         f"then re-download or re-create the shard")
 
 
-__all__ = ["COLUMN", "digest", "digests", "first_bad", "first_bad_at", "mismatch"]
+def group_mismatch(where: str, first_key: str, last_key: str, start: int, end: int) -> SampleChecksumError:
+    """A group whose image members all match but whose bytes in between (tar headers,
+    label members) do not."""
+    return SampleChecksumError(
+        f"{where} between byte offsets {start} and {end} (samples {first_key!r} to {last_key!r}): "
+        f"the bytes do not match their checksum in the index, the shard is corrupted; run "
+        f"`cifar5m verify` on the dataset, then re-download or re-create the shard")
+
+
+__all__ = ["COLUMN", "GROUP", "GROUP_COLUMN", "digest", "digests", "first_bad", "first_bad_at",
+           "group_digests", "group_mismatch", "mismatch"]

@@ -5,8 +5,9 @@ split), the data offset and size of the image and label members inside the shard
 (a member's 512-byte header sits right before its offset), ``label``, and nullable
 generator columns: ``confidence`` and ``probs`` (labeler softmax), ``seed`` (the
 noise seed of the sample) and ``cond_label`` (class a conditional model was given);
-``image_xxh3``, the XXH3-64 digest of the image member's bytes (``shards.checksum``),
-null in indexes written before it existed.
+``image_xxh3``, the XXH3-64 digest of the image member's bytes, and ``group_xxh3``, that
+of a group of 64 consecutive members (``shards.checksum``), null in indexes written
+before they existed.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ SCHEMA = pa.schema(
         pa.field("cond_label", pa.int16()),
         pa.field("probs", pa.list_(pa.float32())),
         pa.field("image_xxh3", pa.uint64()),
+        pa.field("group_xxh3", pa.uint64()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
 # Columns a row may omit (filled with nulls).
-OPTIONAL = ("confidence", "seed", "cond_label", "probs", "image_xxh3")
+OPTIONAL = ("confidence", "seed", "cond_label", "probs", "image_xxh3", "group_xxh3")
 
 
 def rows_to_table(columns: dict[str, list]) -> pa.Table:

@@ -103,7 +103,9 @@ def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) ->
         cols["cond_label"].append(s.cond_label)
         cols["probs"].append(None if s.probs is None else [float(p) for p in s.probs])
     chunks.append(ustar.END_OF_ARCHIVE)
-    return b"".join(chunks), cols
+    data = b"".join(chunks)
+    cols[checksum.GROUP_COLUMN] = checksum.group_digests(data, cols["image_offset"], cols["image_size"])
+    return data, cols
 
 
 def write_shard(

@@ -102,18 +102,24 @@ def _ordered(records: Iterable[ShardRecord]) -> list[ShardRecord]:
 
 
 def _with_digests(root: Path, rec: ShardRecord, table: pa.Table) -> pa.Table:
-    """Rows of a shard written before ``image_xxh3`` existed (an old dataset being
-    extended, an old unfinished write resumed) get their digests from the shard's bytes,
-    which ``begin`` checked against their sha256."""
-    if checksum.COLUMN in table.column_names and table[checksum.COLUMN].null_count == 0:
+    """Rows of a shard written before the digest columns existed (an old dataset being
+    extended, an old unfinished write resumed) get them from the shard's bytes, which
+    ``begin`` checked against their sha256."""
+    names = (checksum.COLUMN, checksum.GROUP_COLUMN)
+    if all(n in table.column_names and table[n].null_count == 0 for n in names):
         return table
     with open(root / rec.info.file, "rb") as f:
         data = f.read()
-    values = pa.array(checksum.digests(data, table["image_offset"].to_pylist(),
-                                       table["image_size"].to_pylist()), pa.uint64())
-    if checksum.COLUMN in table.column_names:
-        return table.set_column(table.schema.get_field_index(checksum.COLUMN), checksum.COLUMN, values)
-    return table.append_column(checksum.COLUMN, values)
+    offsets, sizes = table["image_offset"].to_pylist(), table["image_size"].to_pylist()
+    values = {checksum.COLUMN: checksum.digests(data, offsets, sizes),
+              checksum.GROUP_COLUMN: checksum.group_digests(data, offsets, sizes)}
+    for name in names:
+        column = pa.array(values[name], pa.uint64())
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table
 
 
 def _write_index(root: Path, tmp_index: Path, ordered: list[ShardRecord]) -> None:

@@ -205,3 +205,18 @@ def test_stream_state_after_sigkill_loses_at_most_state_every_batches(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["next_batch"] >= 3
+
+
+def test_a_flipped_byte_between_image_members_is_caught_by_its_group(tmp_path):
+    """The ideal world checks 64 consecutive members with one digest (group_xxh3), which
+    also covers the tar headers and label members between them."""
+    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
+    row = pq.read_table(root / "index.parquet").to_pandas().set_index("key").loc[KEY]
+    shard = root / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[int(row["label_offset"]) - 400] ^= 0x01  # inside the .cls member's tar header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SampleChecksumError, match=r"train-000000\.tar between byte offsets \d+ and \d+ "
+                                                  r"\(samples 't000000' to 't000029'\)"):
+        stream_all(str(root))
+    assert len(stream_all(str(root), world="real", n=40)) == 2  # images only: their members are intact
