@@ -66,6 +66,7 @@ class DirectoryLock:
         self.path = self.root / LOCK_NAME
         self.what = what
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     @property
     def held(self) -> bool:
@@ -74,7 +75,9 @@ class DirectoryLock:
     def acquire(self) -> DirectoryLock:
         if self._fd is not None:
             return self
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # deepest first: removed on release if still empty
         for _ in range(_ATTEMPTS):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
@@ -118,6 +121,11 @@ class DirectoryLock:
             self.path.unlink()  # still locked: nobody else can hold this inode
         os.close(self._fd)
         self._fd = None
+        for directory in self._created:  # a lock that was all there was leaves nothing behind
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (something was written), or gone
+                break
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()
