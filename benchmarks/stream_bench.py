@@ -313,6 +313,17 @@ class Table:
                           lambda s=src: pass_rates(s, batch, prefetch=0)[1])
             self.checks.append((f"{fmt} shards, local, 1 process", *wall, *cpu))
             print(f"  checksums {fmt}: {wall[0]:,.0f} vs {wall[1]:,.0f} img/s", file=sys.stderr)
+        proc, pattern = start_server("starlette", self.args.work, [self.roots["npy"].name])
+        try:  # remote npy blocks are checked on arrival (one digest per group of 64)
+            url = pattern.format(name=self.roots["npy"].name)
+            wall = best_of(rep, unchecked(lambda: pass_rates(url, batch, prefetch=2)[0]),
+                           lambda: pass_rates(url, batch, prefetch=2)[0])
+            cpu = best_of(rep, unchecked(lambda: pass_rates(url, batch, prefetch=0)[1]),
+                          lambda: pass_rates(url, batch, prefetch=0)[1])
+            self.checks.append(("npy shards, HTTP (starlette, 127.0.0.1), 1 process", *wall, *cpu))
+        finally:
+            proc.terminate()
+            proc.wait()
 
     def print_checksums(self) -> None:
         print("\nCost of verifying every member's XXH3 on read (ours, local shards): the same code "

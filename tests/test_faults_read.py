@@ -94,6 +94,8 @@ def test_a_flipped_byte_is_caught_over_http_and_by_the_stream_command(damaged, s
         with pytest.raises(SampleChecksumError, match=pattern):
             stream_all(url)  # Range requests: blocks (npy arena, PNG slices)
         with pytest.raises(SampleChecksumError, match=pattern):
+            stream_all(url, block=4, window=64)  # blocks that are not whole groups of 64
+        with pytest.raises(SampleChecksumError, match=pattern):
             stream_all(url, world="real", n=40)  # per-sample ranges
     with pytest.raises(SampleChecksumError, match=pattern):
         stream_all(static_http(root))  # a server without Range: whole files
