@@ -102,6 +102,13 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
                                           "--batch-size", "8", "--arch", "mlp", "--out", str(run)])
         assert result.exit_code == 1 and f"{run} is being written" in result.output, result.output
         assert f"PID {os.getpid()}" in result.output and not (run / "config.json").exists()
+    from train.bootstrap import BootstrapConfig, run_bootstrap
+    from train.trainer import TrainConfig
+
+    boot = tmp_path / "boot"
+    with DirectoryLock(boot), pytest.raises(OutputLockedError, match=rf"{boot} is being written by a bootstrap"):
+        run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), n=20, arch="mlp", steps=1)), out=boot)
+    assert not (boot / "bootstrap.json").exists()
     from dataset_server.download import download
 
     local = tmp_path / "local"
