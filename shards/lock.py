@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cifar5m.errors import OutputLockedError
+from cifar5m.errors import OutputLockedError, OutputNotWritableError
 
 LOCK_NAME = ".cifar5m.lock"
 _ATTEMPTS = 20  # re-opens when the file was replaced under us (a holder released meanwhile)
@@ -76,10 +76,18 @@ class DirectoryLock:
         if self._fd is not None:
             return self
         missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (PermissionError, FileExistsError, NotADirectoryError) as exc:
+            raise OutputNotWritableError(f"{self.root} cannot be created ({exc.strerror}); choose "
+                                         f"another output directory") from None
         self._created = missing  # deepest first: removed on release if still empty
         for _ in range(_ATTEMPTS):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except PermissionError as exc:
+                raise OutputNotWritableError(f"{self.root} is not writable ({exc.strerror}); choose "
+                                             f"another output directory") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

@@ -192,3 +192,11 @@ def test_import_into_a_full_tmpfs(tmp_path, tiny_tmpfs):
     assert "no space left on the device of" in line and "The import needs about 3.1 MB for 600" in line
     assert not list((tiny_tmpfs / "ds").glob(".*.tmp"))  # no half-written temp file left
     assert json.loads((tiny_tmpfs / "ds" / "_work" / "state.json").read_text())  # resumable
+
+
+def test_an_output_that_cannot_be_created_is_one_named_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["import", str(npz_part(tmp_path / "cifar5m_part0.npz", 10)),
+                                      "--out", str(tmp_path / "file" / "ds")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'file' / 'ds'} cannot be created (Not a directory)" in result.output
