@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stream_bench.py                 # CIFAR-10 (JPEG re-encoded), 20k train
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
     .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
+    .venv/bin/python benchmarks/stream_bench.py --only-checksums        # what verifying costs
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -11,7 +12,7 @@ iterated in this process and through a 2-worker DataLoader. Ours: ``SampleStream
 ideal world (block-shuffled order, exactly-once bookkeeping included), same processes;
 PNG is decoded with libspng (imagecodecs) when installed, and one row shows Pillow.
 A second table reads over HTTP from 127.0.0.1, the server in its own process
-(Starlette StaticFiles on uvicorn, and ``cifar5m serve``), against ours on the same
+(aiohttp's static files, and ``cifar5m serve``), against ours on the same
 local files, in wall-clock images/s (the goal: what one training process receives)
 and in images per CPU-second of the client process (``time.process_time``: all its
 threads, not the server). A run lasts until the split ends or --seconds (4 s)
@@ -142,6 +143,32 @@ def cpu_rate_ours(source: str, batch: int, cache_dir: str | None = None, *, min_
     return steady_rates(b.labels for b in stream)[1]
 
 
+class _Always:
+    """A digest that equals every expected value (the checks off, for the benchmark)."""
+
+    def __call__(self, data) -> _Always:
+        return self
+
+    def __ne__(self, other) -> bool:
+        return False
+
+
+def pass_rates(source: str, batch: int, *, prefetch: int) -> tuple[float, float]:
+    """(img per wall-second, img per CPU-second) over whole passes of fresh ideal-world
+    streams, each after its first batch, for SECONDS in all."""
+    from train.stream import SampleStream, StreamConfig
+
+    n = wall = cpu = 0.0
+    while wall < SECONDS:
+        it = iter(SampleStream(StreamConfig(source=source, batch_size=batch, prefetch=prefetch)))
+        next(it)
+        t0, c0 = time.perf_counter(), time.process_time()
+        n += sum(len(b.labels) for b in it)
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+    return n / wall, n / max(cpu, 1e-9)
+
+
 def start_server(kind: str, work: Path, names: list[str]) -> tuple[subprocess.Popen, str]:
     """A static server of ``work/<name>`` in its own process; the URL under which each
     ``<name>`` lies. ``static``: aiohttp's static files (Starlette StaticFiles on uvicorn
@@ -177,6 +204,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--http-servers", nargs="+", default=["static", "cifar5m"],
                     choices=["static", "cifar5m"], help="Static servers of the HTTP rows.")
     ap.add_argument("--only-http", action="store_true", help="Only the HTTP table.")
+    ap.add_argument("--only-checksums", action="store_true",
+                    help="Only the cost of the per-member checksums (ours with and without them).")
     ap.add_argument("--min-samples", type=int, default=200_000,
                     help="Fast rows of ours run at least this many samples (new epochs).")
     return ap.parse_args()
@@ -254,6 +283,58 @@ class Table:
                 proc.terminate()
                 proc.wait()
 
+    def checksum_rows(self) -> None:
+        """Ours with the per-member/group XXH3 checks and with them turned into no-ops (the
+        code before them), local shards, 1 process, interleaved. Every pass is a fresh
+        stream (a process checks each group once, so later epochs of one stream would
+        measure nothing); wall-clock img/s with the prefetch thread, and img/s per
+        CPU-second of one thread (prefetch=0, steadier on a shared box)."""
+        import shards.checksum as checksum
+
+        real = checksum.first_bad, checksum.first_bad_at, checksum.digest
+
+        def unchecked(measure):
+            def run():
+                checksum.first_bad = checksum.first_bad_at = lambda *a, **k: -1
+                checksum.digest = _Always()
+                try:
+                    return measure()
+                finally:
+                    checksum.first_bad, checksum.first_bad_at, checksum.digest = real
+            return run
+
+        batch, rep = self.args.batch, self.args.repeat
+        self.checks = []
+        for fmt in ("npy", "png"):
+            src = str(self.roots[fmt])
+            wall = best_of(rep, unchecked(lambda s=src: pass_rates(s, batch, prefetch=2)[0]),
+                           lambda s=src: pass_rates(s, batch, prefetch=2)[0])
+            cpu = best_of(rep, unchecked(lambda s=src: pass_rates(s, batch, prefetch=0)[1]),
+                          lambda s=src: pass_rates(s, batch, prefetch=0)[1])
+            self.checks.append((f"{fmt} shards, local, 1 process", *wall, *cpu))
+            print(f"  checksums {fmt}: {wall[0]:,.0f} vs {wall[1]:,.0f} img/s", file=sys.stderr)
+        proc, pattern = start_server("static", self.args.work, [self.roots["npy"].name])
+        try:  # remote npy blocks are checked on arrival (one digest per group of 64)
+            url = pattern.format(name=self.roots["npy"].name)
+            wall = best_of(rep, unchecked(lambda: pass_rates(url, batch, prefetch=2)[0]),
+                           lambda: pass_rates(url, batch, prefetch=2)[0])
+            cpu = best_of(rep, unchecked(lambda: pass_rates(url, batch, prefetch=0)[1]),
+                          lambda: pass_rates(url, batch, prefetch=0)[1])
+            self.checks.append(("npy shards, HTTP (aiohttp static files, 127.0.0.1), 1 process", *wall, *cpu))
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def print_checksums(self) -> None:
+        print("\nCost of verifying every member's XXH3 on read (ours, local shards): the same code "
+              "with the checks replaced by no-ops (before) and as shipped (after). Goal: <= 5% of "
+              "the local npy rate.\n")
+        print("| case | before img/s | after img/s | cost (wall) | before img/CPU-s | after img/CPU-s | cost (CPU) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for case, wb, wa, cb, ca in self.checks:
+            print(f"| {case} | {wb:,.0f} | {wa:,.0f} | {1 - wa / wb:.1%} | {cb:,.0f} | {ca:,.0f} | "
+                  f"{1 - ca / cb:.1%} |")
+
     def print_http(self) -> None:
         print(f"\nOurs over HTTP from 127.0.0.1 (server in its own process) against ours on the same "
               f"local files, 1 process, window {HTTP_WINDOW} (every block fetched every epoch). Goal "
@@ -298,6 +379,13 @@ def main() -> None:
         roots[fmt], data = prepare(args.work, args.samples, fmt, args.cifar10)
     logging.getLogger("cifar5m.stream").setLevel(logging.ERROR)  # wrap=True warns by design
     table = Table(args, roots, args.work / f"cache-{args.samples}")
+    if args.only_checksums:
+        table.checksum_rows()
+        print(f"\n{data}, {args.samples:,} samples, batch {args.batch}, {os.cpu_count()} CPU cores "
+              f"(shared), best of {args.repeat} interleaved runs of <= {SECONDS:.0f} s each; load "
+              f"average {os.getloadavg()[0]:.1f} at the end")
+        table.print_checksums()
+        return
     if not args.only_http:
         table.shard_rows()
         table.cache_rows()

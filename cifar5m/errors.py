@@ -52,8 +52,24 @@ class InvalidSourceError(Cifar5mError, ValueError):
     """An import source has the wrong layout, keys, shape or dtype."""
 
 
+class SourceNotFoundError(Cifar5mError, FileNotFoundError):
+    """An import source path does not exist."""
+
+
 class ConfigMismatchError(Cifar5mError, ValueError):
     """An output directory holds (part of) a dataset made with other settings."""
+
+
+class SampleChecksumError(CorruptShardError):
+    """A sample's bytes, as read, do not match the checksum the index records for them."""
+
+
+class OutputLockedError(Cifar5mError, BlockingIOError):
+    """Another process is writing the same output directory (it holds its lock)."""
+
+
+class DiskFullError(Cifar5mError, OSError):
+    """The file system ran out of space (ENOSPC) while writing."""
 
 
 class SampleNotFoundError(Cifar5mError, KeyError):

@@ -1,12 +1,21 @@
 """``cifar5m download``: fetch a dataset repo with huggingface_hub, then check every byte.
 
 The transfer is ``huggingface_hub.snapshot_download`` (so the Hub itself, a mirror or
-``cifar5m serve`` all work); it already skips files that are complete locally, so a
-re-run after an interruption fetches only what is missing (a file cut off mid-way is
-fetched again from its start: huggingface_hub 2.x deletes its partial temp file).
-The check then compares every file with ``manifest.json`` (size and sha256): the
-client only checks sizes. Verified hashes are remembered by (size, mtime) in
+``cifar5m serve`` all work). With ``--local-dir`` nothing the server sends replaces a
+file before it is checked: the manifest is fetched first into a staging folder
+(``<dir>/.cache/cifar5m/incoming``); files already in ``<dir>`` that match it (size and
+sha256) are kept and not fetched again; the others are fetched into staging
+(huggingface_hub skips what is complete there, so a re-run after an interruption
+fetches only what is missing; a file cut off mid-way is fetched again from its start),
+checked against the manifest's sha256, and only then renamed into place, the manifest
+last. A file whose bytes do not match is an error naming the server's copy; the local
+copy, if any, stays as it was. The folder is locked while a download writes it
+(``shards.lock``). Verified hashes are remembered by (size, mtime) in
 ``<dir>/.cache/cifar5m/verified.json``, so a re-run does not re-read 37 GB.
+
+Without ``--local-dir`` the files go to the huggingface_hub cache, which stores each
+version of a file under its own content hash (a bad server copy is a new blob, not an
+overwrite of the good one) and is checked after the transfer.
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from pathlib import Path
 
 from cifar5m.errors import DownloadError, ManifestError
 from shards.format import MANIFEST_NAME
-from shards.manifest import FileInfo, atomic_write_bytes, load_manifest
+from shards.lock import DirectoryLock
+from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest
 from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
+STAGING = Path(".cache") / "cifar5m" / "incoming"
 # Leftover partial files of a killed huggingface_hub download older than this are removed.
 STALE_PARTIAL_S = 60
 
@@ -56,10 +67,7 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
     root = Path(root)
     expected = _expected(root)
     cache_path = root / VERIFIED_CACHE
-    try:
-        cache = json.loads(cache_path.read_text()) if remember else {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _load(cache_path) if remember else {}
     todo: list[tuple[FileInfo, Path, os.stat_result]] = []
     for info in expected:
         path = root / info.file
@@ -95,7 +103,8 @@ def _save(path: Path, cache: dict) -> None:
 
 
 def remove_stale_partials(local_dir: Path, *, older_than_s: float = STALE_PARTIAL_S) -> int:
-    """Delete ``*.incomplete`` temp files a killed download left; return how many."""
+    """Delete ``*.incomplete`` temp files a killed download left in ``local_dir``; return how
+    many (a live download holds the directory's lock, so none is another's)."""
     removed = 0
     now = time.time()
     for path in _walk_incomplete(local_dir / ".cache" / "huggingface"):
@@ -112,7 +121,7 @@ def _walk_incomplete(folder: Path) -> Iterable[Path]:
     return folder.rglob("*.incomplete") if folder.is_dir() else []
 
 
-def _unreachable(exc: BaseException, httpx2) -> str | None:
+def _unreachable(exc: BaseException) -> str | None:
     """'connection refused' (or the connect error) when ``exc`` comes from not reaching the
     server at all; huggingface_hub wraps it in two lines about the Hub and local snapshots."""
     chain: list[BaseException] = []
@@ -121,7 +130,9 @@ def _unreachable(exc: BaseException, httpx2) -> str | None:
         exc = exc.__cause__ or exc.__context__
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return "connection refused"
-    connect = next((e for e in chain if isinstance(e, httpx2.ConnectError)), None)
+    # huggingface_hub's HTTP client (httpx or its fork) is not ours to import: match its
+    # connect error by name.
+    connect = next((e for e in chain if type(e).__name__ == "ConnectError"), None)
     return None if connect is None else f"cannot connect ({connect})"
 
 
@@ -133,34 +144,114 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
     ``endpoint`` None means huggingface_hub's default (``HF_ENDPOINT`` or the Hub);
     ``local_dir`` None means the huggingface_hub cache.
     """
-    import httpx2
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    fetch = _Fetch(repo_id, endpoint=endpoint, revision=revision, token=token, max_workers=max_workers)
+    if local_dir is None:
+        return verify_download(fetch(None), remember=False)
+    root = Path(local_dir)
+    with DirectoryLock(root, what="downloaded into"):
+        remove_stale_partials(root / STAGING, older_than_s=0)  # ours: we hold the lock
+        return _download_checked(fetch, root)
 
-    where = endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
-    if local_dir is not None:
-        remove_stale_partials(Path(local_dir))
+
+def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
+    """Fetch what ``root`` lacks into staging, check it, then move it in (manifest last)."""
+    staging = root / STAGING
+    fetch(staging, [MANIFEST_NAME])
+    manifest = _staged_manifest(staging, fetch)
+    expected = [FileInfo(s.file, s.bytes, s.sha256) for s in manifest.shards] + list(manifest.files)
+    cache_path = root / VERIFIED_CACHE
+    cache = _load(cache_path)
+    need = [info for info in expected if not _matches(root / info.file, info, cache)]
+    if need:
+        fetch(staging, [info.file for info in need])
+    for info in need:  # every new byte is checked before it replaces anything
+        path = staging / info.file
+        if not path.is_file() or path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+            path.unlink(missing_ok=True)
+            kept = f"your copy {root / info.file} was left as it was" if (root / info.file).exists() \
+                else "nothing was written in its place"
+            raise DownloadError(
+                f"{fetch.url(info.file)} does not match the sha256 in {MANIFEST_NAME}: the server's "
+                f"copy is corrupt ({kept}); ask whoever runs the server to run `cifar5m verify` "
+                f"there, then re-run the download")
+    for info in need:
+        os.replace(staging / info.file, root / info.file)
+        st = (root / info.file).stat()
+        cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+    if need:
+        _save(cache_path, cache)
+    atomic_write_bytes(root / MANIFEST_NAME, (staging / MANIFEST_NAME).read_bytes())  # last
+    return verify_download(root)
+
+
+def _staged_manifest(staging: Path, fetch: _Fetch) -> Manifest:
     try:
-        path = snapshot_download(repo_id, repo_type="dataset", revision=revision, endpoint=endpoint,
-                                 local_dir=local_dir, token=token, max_workers=max_workers)
-    except GatedRepoError as exc:
-        raise DownloadError(f"dataset {repo_id} at {where} is gated: pass --token with access") from exc
-    except RepositoryNotFoundError as exc:
-        raise DownloadError(f"dataset {repo_id} not found at {where}, or it is private: check the name "
-                            "and pass --token") from exc
-    except RevisionNotFoundError as exc:
-        raise DownloadError(f"dataset {repo_id} has no revision {revision!r} at {where}: use 'main' "
-                            "or the current commit sha") from exc
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, httpx2.HTTPError) as exc:
-        if (unreachable := _unreachable(exc, httpx2)) is not None:
-            raise DownloadError(f"{unreachable} at {endpoint or where}: is the server running and "
-                                "--endpoint right?") from exc
-        raise DownloadError(f"downloading {repo_id} from {where} failed ({exc}); re-run the same "
-                            "command to resume (complete files are kept)") from exc
-    return verify_download(path, remember=local_dir is not None)
+        return load_manifest(staging)
+    except (OSError, ManifestError) as exc:
+        raise DownloadError(f"{fetch.url(MANIFEST_NAME)}: cannot read it ({exc}); is this a "
+                            f"cifar5m dataset?") from exc
+
+
+def _matches(path: Path, info: FileInfo, cache: dict) -> bool:
+    """Whether ``path`` is complete and holds ``info``'s bytes (remembered, else hashed)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != info.bytes:
+        return False
+    if cache.get(info.file) == [st.st_size, st.st_mtime_ns, info.sha256]:
+        return True
+    if sha256_file(path) != info.sha256:
+        return False
+    cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+    return True
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class _Fetch:
+    """``snapshot_download`` of one repo, its errors turned into one-line DownloadErrors."""
+
+    def __init__(self, repo_id: str, *, endpoint: str | None, revision: str | None,
+                 token: str | None, max_workers: int) -> None:
+        self.repo_id, self.endpoint, self.revision = repo_id, endpoint, revision
+        self.token, self.max_workers = token, max_workers
+        self.where = endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
+
+    def url(self, file: str) -> str:
+        base = (self.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+        return f"{base}/datasets/{self.repo_id}/resolve/{self.revision or 'main'}/{file}"
+
+    def __call__(self, local_dir: Path | None, files: list[str] | None = None) -> Path:
+        from huggingface_hub import errors as hf_errors
+        from huggingface_hub import snapshot_download
+
+        # huggingface_hub re-exports its HTTP client's base error (httpx2.HTTPError) as
+        # errors.HTTPError; HfHubHTTPError alone where a version does not.
+        http_errors = (hf_errors.HfHubHTTPError, getattr(hf_errors, "HTTPError", hf_errors.HfHubHTTPError))
+        repo, where = self.repo_id, self.where
+        try:
+            return Path(snapshot_download(
+                repo, repo_type="dataset", revision=self.revision, endpoint=self.endpoint,
+                local_dir=local_dir, token=self.token, max_workers=self.max_workers,
+                allow_patterns=files))
+        except hf_errors.GatedRepoError as exc:
+            raise DownloadError(f"dataset {repo} at {where} is gated: pass --token with access") from exc
+        except hf_errors.RepositoryNotFoundError as exc:
+            raise DownloadError(f"dataset {repo} not found at {where}, or it is private: check the "
+                                "name and pass --token") from exc
+        except hf_errors.RevisionNotFoundError as exc:
+            raise DownloadError(f"dataset {repo} has no revision {self.revision!r} at {where}: use "
+                                "'main' or the current commit sha") from exc
+        except (*http_errors, hf_errors.LocalEntryNotFoundError, OSError) as exc:
+            if (unreachable := _unreachable(exc)) is not None:
+                raise DownloadError(f"{unreachable} at {self.endpoint or where}: is the server "
+                                    "running and --endpoint right?") from exc
+            raise DownloadError(f"downloading {repo} from {where} failed ({exc}); re-run the same "
+                                "command to resume (complete files are kept)") from exc

@@ -43,6 +43,7 @@ from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from generator.store import is_url, run_to_store
 from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
+from shards.lock import DirectoryLock, holder
 from shards.manifest import Manifest, atomic_write_bytes, load_manifest
 from shards.writer import (
     STATE_NAME,
@@ -137,10 +138,12 @@ def open_output(root: Path, fp: dict[str, Any]) -> dict[str, ShardRecord]:
     return begin(root, fp, extend=True, on_damaged=lambda shard, why: print(f"{shard} {why}: regenerating it"))
 
 
-def prepare(cfg: GenerateConfig, root: Path, fp: dict[str, Any],
-            plan: list[ShardPlan]) -> tuple[dict[str, ShardRecord], Manifest | None]:
-    """On rank 0: check, then open the output. Returns the shards to keep, and the
-    manifest instead when the dataset is already complete (nothing to do)."""
+def prepare(cfg: GenerateConfig, root: Path, fp: dict[str, Any], plan: list[ShardPlan], *,
+            lock: DirectoryLock) -> tuple[dict[str, ShardRecord], Manifest | None]:
+    """On rank 0: take the output's lock for the whole job (a second job writing the same
+    directory is refused before anything is read), check, then open the output. Returns the
+    shards to keep, and the manifest instead when the dataset is already complete."""
+    lock.acquire()
     keep = check_existing(root, fp, plan)
     if (root / MANIFEST_NAME).is_file() and len(keep) == len(plan) and not (root / WORK_DIR).exists():
         print(f"{root} already holds these {cfg.count:,} samples; nothing to do")
@@ -199,8 +202,10 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
     root = local_root(cfg)
     check_writable(root)
     ranks.init(rank)
+    lock = DirectoryLock(root, what="generated")  # rank 0 holds it for the whole job
     try:
-        keep, done = shared_from_main(rank, lambda: prepare(cfg, root, fp, plan))
+        keep, done = shared_from_main(rank, functools.partial(prepare, cfg, root, fp, plan, lock=lock),
+                                      locked=root)
         if done is not None:
             return done if rank.is_main else None
         todo = [p for g, p in enumerate(plan) if rank.owns(g) and p.file not in keep]
@@ -211,6 +216,7 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
         records = {**keep, **load_records(root, check=False)}  # kept ones checked by begin
         return session.finish(root, plan, fp, records)
     finally:
+        lock.release()
         ranks.close(rank)
 
 
@@ -234,24 +240,39 @@ def produce_on_all_ranks(session: Any, rank: ranks.Rank, todo: list[ShardPlan],
                               f"re-run the same command to resume")
 
 
-def shared_from_main(rank: ranks.Rank, prepare_on_main: Callable[[], tuple[Any, Any]],
+def shared_from_main(rank: ranks.Rank, prepare_on_main: Callable[[], tuple[Any, Any]], *,
+                     locked: Path | None = None,
                      ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
     """``prepare_on_main()`` on rank 0 (kept shards, and the manifest if already complete);
     the other ranks get the kept shard names (values None) and whether the dataset is
-    complete, or an error if rank 0 failed."""
+    complete, or an error if rank 0 failed. With ``locked`` (a local output whose lock rank 0
+    took in ``prepare_on_main``), the other ranks check that rank 0 holds it."""
     if rank.is_main:
         try:
             keep, done = prepare_on_main()
         except BaseException as exc:
             ranks.share(rank, ("failed", f"{type(exc).__name__}: {exc}"))
             raise
-        ranks.share(rank, ("ok", (sorted(keep), done is not None)))
+        ranks.share(rank, ("ok", (sorted(keep), done is not None, locked and holder(locked))))
         return keep, done
     status, value = ranks.share(rank, None)
     if status == "failed":
         raise GenerationError(f"rank 0 stopped before generating ({value})")
-    names, done = value
+    names, done, owner = value
+    if locked is not None:
+        check_owner(locked, owner)
     return dict.fromkeys(names), (True if done else None)
+
+
+def check_owner(root: Path, owner: dict | None) -> None:
+    """On ranks > 0: where the output's lock file is visible here (same host or a shared
+    file system), it must name rank 0 of this job: anything else is another writer."""
+    seen = holder(root)
+    if seen is not None and owner is not None and \
+            (seen.get("pid"), seen.get("host")) != (owner.get("pid"), owner.get("host")):
+        raise GenerationError(f"{root} is locked by PID {seen.get('pid')} on {seen.get('host')}, "
+                              f"not by rank 0 of this job (PID {owner.get('pid')}); stop the other "
+                              f"writer, then re-run")
 
 
 def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,

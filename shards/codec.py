@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from shards.format import IMAGE_BYTES, IMAGE_SHAPE
 
@@ -72,6 +72,8 @@ def decode_image(data: bytes | memoryview, image_format: str) -> np.ndarray:
             if img.mode != "RGB" or img.size != (32, 32):
                 raise ValueError(f"PNG is {img.mode} {img.size[0]}x{img.size[1]}, not RGB 32x32")
             return np.asarray(img)
+    except UnidentifiedImageError:  # its message names an in-memory <_io.BytesIO object at 0x...>
+        raise ValueError(f"not a PNG image ({len(data)} bytes that Pillow cannot identify)") from None
     except (OSError, SyntaxError) as exc:  # Pillow's errors for undecodable data
         raise ValueError(f"undecodable PNG: {exc}") from exc
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cifar5m.errors import InvalidSourceError
+from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
 from cifar5m.version import __version__
 from shards.format import DEFAULT_SHARD_SIZE
-from shards.manifest import Manifest
+from shards.manifest import Manifest, megabytes
 from shards.sources import (
     FORMATS,
     Item,
@@ -50,6 +50,9 @@ def resolve_config(sources: Sequence[str], *, format: str | None = None, **optio
     """Build the config, detecting the format and checking the sources agree."""
     if not sources:
         raise InvalidSourceError("no sources given; pass npz parts, the CIFAR-10 JPEG tar or batches")
+    for source in sources:  # before anything is written (a URL is checked when it is read)
+        if "://" not in str(source) and not Path(source).exists():
+            raise SourceNotFoundError(f"import source {source} does not exist; check the path")
     fmt = format or detect_format(sources[0])
     if fmt not in FORMATS:
         raise InvalidSourceError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -99,6 +102,54 @@ def import_dataset(out: str | Path, config: ImportConfig, *, progress: bool = Tr
         "name": "CIFAR-5m (imported)" if config.format == "cifar5m-npz" else "CIFAR-10 (imported)",
         "license": "other" if config.format == "cifar5m-npz" else "unknown",
     }
+    try:
+        return _write(out, config, provenance, progress=progress)
+    except DiskFullError as exc:
+        raise DiskFullError(f"{exc}. {_space_needed(out, config)}") from None
+
+
+def _space_needed(out: str | Path, config: ImportConfig) -> str:
+    """How much the whole import needs, from the shards written so far (a full disk)."""
+    from shards.shard import load_records
+
+    try:
+        records = load_records(out, check=False).values()
+    except Exception:  # best effort on a full disk
+        records = []
+    samples = sum(r.info.samples for r in records)
+    written = sum(r.info.bytes for r in records)
+    total = planned_samples(config)
+    if not samples:
+        return "Nothing was finished yet; a shard of PNG CIFAR images takes ~2.5 KB per sample, npy ~5 KB"
+    per = written / samples
+    if total is None:
+        return f"Shards take {per:,.0f} bytes per sample ({megabytes(written)} for {samples:,} so far)"
+    return (f"The import needs about {megabytes(per * total)} for {total:,} samples "
+            f"({megabytes(per * max(0, total - samples))} more than the {megabytes(written)} written)")
+
+
+def planned_samples(config: ImportConfig) -> int | None:
+    """Samples the import will write (None where the sources do not say cheaply)."""
+    if config.format in ("cifar10-jpeg", "cifar10-python"):
+        counts = [50_000, 10_000]
+    else:
+        import zipfile
+
+        import fsspec
+
+        counts = []
+        try:
+            for source in config.sources:
+                with fsspec.open(source, "rb") as raw, zipfile.ZipFile(raw) as zf:
+                    counts.append(zf.getinfo("X.npy").file_size // 3072)
+        except Exception:  # only an estimate
+            return None
+    if config.limit is not None:
+        counts = [min(c, config.limit) for c in counts]
+    return sum(counts)
+
+
+def _write(out: str | Path, config: ImportConfig, provenance: dict, *, progress: bool) -> Manifest:
     with DatasetWriter(
         out, fingerprint=config.fingerprint(), image_format=config.image_format,
         shard_size=config.shard_size, provenance=provenance, workers=config.workers,

@@ -4,7 +4,10 @@ Columns: ``key``, ``split``, ``shard`` (file name), ``position`` (0-based within
 split), the data offset and size of the image and label members inside the shard
 (a member's 512-byte header sits right before its offset), ``label``, and nullable
 generator columns: ``confidence`` and ``probs`` (labeler softmax), ``seed`` (the
-noise seed of the sample) and ``cond_label`` (class a conditional model was given).
+noise seed of the sample) and ``cond_label`` (class a conditional model was given);
+``image_xxh3``, the XXH3-64 digest of the image member's bytes, and ``group_xxh3``, that
+of a group of 64 consecutive members (``shards.checksum``), null in indexes written
+before they existed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
+
+from cifar5m.errors import ManifestError
 
 SCHEMA = pa.schema(
     [
@@ -32,11 +37,13 @@ SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("cond_label", pa.int16()),
         pa.field("probs", pa.list_(pa.float32())),
+        pa.field("image_xxh3", pa.uint64()),
+        pa.field("group_xxh3", pa.uint64()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
 # Columns a row may omit (filled with nulls).
-OPTIONAL = ("confidence", "seed", "cond_label", "probs")
+OPTIONAL = ("confidence", "seed", "cond_label", "probs", "image_xxh3", "group_xxh3")
 
 
 def rows_to_table(columns: dict[str, list]) -> pa.Table:
@@ -62,10 +69,28 @@ def write_table(path: Path, table: pa.Table, *, metadata: dict[str, str] | None 
 
 def read_index(
     path: str | Path | pa.NativeFile, *, columns: list[str] | None = None,
-    filesystem: pa.fs.FileSystem | object | None = None,
+    filesystem: pa.fs.FileSystem | object | None = None, where: str | None = None,
 ) -> pa.Table:
-    """Read the index (or some columns of it)."""
-    return pq.read_table(path, columns=columns, filesystem=filesystem)
+    """Read the index (or some columns of it). Columns asked for that an older index does
+    not have (``image_xxh3``) come back as nulls. An unreadable file is a ManifestError
+    naming it (``where``, else ``path``)."""
+    try:
+        if columns is None:
+            return pq.read_table(path, filesystem=filesystem)
+        with pq.ParquetFile(path, filesystem=filesystem) as parquet:
+            have = set(parquet.schema_arrow.names)
+            table = parquet.read(columns=[c for c in columns if c in have])
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(
+            f"{where or path} is not a readable index ({detail}); the file is damaged: "
+            f"re-download the dataset or re-create it (`cifar5m verify` checks every file)") from None
+    for name in columns:
+        if name not in have:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(len(table), SCHEMA.field(name).type))
+    return table.select(columns)
 
 
 def shard_runs(shards: pa.ChunkedArray | pa.Array) -> dict[str, slice]:

@@ -8,14 +8,16 @@ bytes and sha256, so anyone can check a copy without trusting its transport.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
+from cifar5m.errors import DatasetNotFoundError, DiskFullError, ManifestError, ManifestVersionError
 from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
 
 
@@ -140,9 +142,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise disk_full(path, len(data)) from None
         raise
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def disk_full(path: Path, needed: int) -> DiskFullError:
+    """The error for a write of ``needed`` bytes to ``path`` that ran out of space."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = 0
+    error = DiskFullError(
+        f"no space left on the device of {Path(path).parent} while writing {Path(path).name}: it "
+        f"needs {megabytes(needed)}, {megabytes(free)} are free; free some space (or choose another "
+        f"output directory) and re-run: finished files are kept")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -7,6 +7,7 @@ through the index. Every error names the shard and, where it applies, the offset
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from functools import cached_property
@@ -20,15 +21,16 @@ import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.errors import (
+    ChecksumMismatchError,
     CorruptShardError,
     DatasetNotFoundError,
     SampleNotFoundError,
     ShardNotFoundError,
 )
-from shards import codec
+from shards import checksum, codec
 from shards.format import INDEX_NAME, MANIFEST_NAME
 from shards.index import read_index, shard_runs
-from shards.manifest import Manifest, ShardInfo, load_manifest, read_manifest_text
+from shards.manifest import FileInfo, Manifest, ShardInfo, load_manifest, read_manifest_text
 
 
 class Sample(NamedTuple):
@@ -69,15 +71,16 @@ class Dataset:
 
     @cached_property
     def index(self) -> pa.Table:
+        """The whole index, read in one piece (one GET remotely: pyarrow would issue range
+        requests, which plain static servers do not support) and checked against the
+        manifest's size and sha256 before it is parsed."""
         where = self.location(INDEX_NAME)
         try:
-            if self.is_local:
-                return read_index(where)
-            # One GET of the whole file: pyarrow would issue range requests, which plain
-            # static servers (python -m http.server) do not support.
-            return read_index(pa.BufferReader(self.fs.cat_file(where)))
-        except FileNotFoundError:
+            data = self.read_bytes(INDEX_NAME)
+        except ShardNotFoundError:
             raise DatasetNotFoundError(f"{where} is missing; the dataset is incomplete") from None
+        check_file(data, self.manifest.file_info(INDEX_NAME), where=where)
+        return read_index(pa.BufferReader(data), where=where)
 
     def split(self, name: str) -> Split:
         if name not in self.manifest.splits:
@@ -101,8 +104,9 @@ class Dataset:
                 f"{where} is missing; the manifest lists it (re-download or re-create the dataset)"
             ) from None
 
-    def read_shard(self, file: str) -> bytes:
-        """A whole shard, checked for truncation against the manifest's size."""
+    def read_shard(self, file: str, *, sha256: bool = False) -> bytes:
+        """A whole shard, checked for truncation against the manifest's size (and its
+        sha256 with ``sha256``: datasets without per-member digests)."""
         data = self.read_bytes(file)
         expected = self.shards[file].bytes
         if len(data) != expected:
@@ -110,7 +114,22 @@ class Dataset:
                 f"{self.location(file)} is truncated or altered: {len(data)} bytes, the manifest "
                 f"says {expected}; re-download it or run `cifar5m verify`"
             )
+        if sha256 and hashlib.sha256(data).hexdigest() != self.shards[file].sha256:
+            raise CorruptShardError(
+                f"{self.location(file)} does not match its sha256 in the manifest (corrupted); "
+                f"run `cifar5m verify`, then re-download or re-create it")
         return data
+
+
+def check_file(data: bytes | memoryview, info: FileInfo | None, *, where: str) -> None:
+    """Raise ChecksumMismatchError unless ``data`` matches ``info`` (size and sha256)."""
+    if info is None:
+        return
+    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ChecksumMismatchError(
+            f"{where} does not match the size and sha256 that {MANIFEST_NAME} records "
+            f"({len(data)} bytes, {info.bytes} expected): the file is damaged; re-download "
+            f"the dataset or re-create it (`cifar5m verify` checks every file)")
 
 
 class Split:
@@ -127,6 +146,10 @@ class Split:
             self.shard_of[rows] = shard
         self.image_offset = table["image_offset"].to_numpy()
         self.image_size = table["image_size"].to_numpy()
+        # Per-member digests (None: an index written before them; whole shards are then
+        # checked by their sha256 instead).
+        digests = table.column(checksum.COLUMN) if checksum.COLUMN in table.column_names else None
+        self.digests = None if digests is None or digests.null_count else digests.to_numpy()
         self.labels = table["label"].to_numpy().astype(np.int64)
         self.format = dataset.manifest.image_format
         self.shard_files = [s.file for s in dataset.manifest.split_shards(name)]
@@ -150,6 +173,8 @@ class Split:
         i = position % len(self)
         start = int(self.image_offset[i])
         data = self.dataset.read_bytes(self.shard_of[i], start, start + int(self.image_size[i]))
+        if self.digests is not None and checksum.digest(data) != int(self.digests[i]):
+            raise checksum.mismatch(self.dataset.location(self.shard_of[i]), self.keys[i], start)
         return Sample(self.keys[i], self._decode(data, self.shard_of[i], start), int(self.labels[i]))
 
     def get(self, key: str) -> Sample:
@@ -159,7 +184,8 @@ class Split:
         try:
             return codec.decode_image(data, self.format)
         except ValueError as exc:
-            raise CorruptShardError(f"{self.dataset.location(shard)} at byte {offset}: {exc}") from None
+            raise CorruptShardError(f"{self.dataset.location(shard)} at byte {offset}: {exc}; run "
+                                    f"`cifar5m verify`, then re-download or re-create it") from None
 
     def rows(self, shard: str) -> slice:
         """Split positions of ``shard``'s samples (empty for a shard of another split)."""
@@ -168,7 +194,13 @@ class Split:
     def decode_shard(self, shard: str) -> Batch:
         """Every sample of one shard, decoded (npy shards in one vectorised gather)."""
         rows = self.rows(shard)
-        data = self.dataset.read_shard(shard)
+        data = self.dataset.read_shard(shard, sha256=self.digests is None)
+        if self.digests is not None:
+            bad = checksum.first_bad_at(data, self.image_offset[rows], self.image_size[rows],
+                                        self.digests[rows])
+            if bad >= 0:
+                raise checksum.mismatch(self.dataset.location(shard), self.keys[rows.start + bad],
+                                        int(self.image_offset[rows.start + bad]))
         buffer = np.frombuffer(data, np.uint8)
         if self.format == "npy":
             try:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar5m.errors import ChecksumMismatchError, InvalidImageError, ShardNotFoundError
-from shards import codec, ustar
+from shards import checksum, codec, ustar
 from shards.format import IMAGE_FORMATS, LABEL_EXT, TAR_BLOCK, WORK_DIR, check_key, shard_name
 from shards.index import SCHEMA, rows_to_table
 from shards.manifest import ShardInfo, atomic_write_bytes
@@ -93,6 +93,8 @@ def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) ->
             chunks.append(ustar.member(f"{key}.{ext}", data))
             cols[f"{prefix}_offset"].append(pos + TAR_BLOCK)
             cols[f"{prefix}_size"].append(len(data))
+            if prefix == "image":
+                cols[checksum.COLUMN].append(checksum.digest(data))
             pos += len(chunks[-1])
         cols["key"].append(key)
         cols["label"].append(int(s.label))
@@ -101,7 +103,9 @@ def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) ->
         cols["cond_label"].append(s.cond_label)
         cols["probs"].append(None if s.probs is None else [float(p) for p in s.probs])
     chunks.append(ustar.END_OF_ARCHIVE)
-    return b"".join(chunks), cols
+    data = b"".join(chunks)
+    cols[checksum.GROUP_COLUMN] = checksum.group_digests(data, cols["image_offset"], cols["image_size"])
+    return data, cols
 
 
 def build_shard(split: str, index: int, samples: Iterable[Sample], *, image_format: str,

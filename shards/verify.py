@@ -15,7 +15,7 @@ from cifar5m.errors import (
     ManifestError,
     ShardNotFoundError,
 )
-from shards import codec, ustar
+from shards import checksum, codec, ustar
 from shards.format import INDEX_NAME, LABEL_EXT
 from shards.index import read_index, shard_runs
 from shards.manifest import ShardInfo, load_manifest
@@ -68,6 +68,17 @@ def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, whe
             raise CorruptShardError(f"{where} at byte {got.offset}: member {got.name!r} does not match the index ({want[0]!r})")
 
 
+def _check_digests(data: bytes, rows, *, where: Path) -> None:
+    """Every image member against its ``image_xxh3`` (an index that predates it: skipped)."""
+    if checksum.COLUMN not in rows.column_names or rows[checksum.COLUMN].null_count:
+        return
+    offsets = rows["image_offset"].to_numpy()
+    bad = checksum.first_bad_at(data, offsets, rows["image_size"].to_numpy(),
+                                rows[checksum.COLUMN].to_numpy())
+    if bad >= 0:
+        raise checksum.mismatch(str(where), rows["key"][bad].as_py(), int(offsets[bad]))
+
+
 def _decode_all(data: bytes, rows, *, image_format: str, where: Path, classes: int,
                 shard_labels: str = "label") -> int:
     """Decode every member; ``shard_labels`` is the index column the ``.cls`` members hold
@@ -116,6 +127,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
         run = runs.get(info.file, slice(0, 0))
         rows = index.slice(run.start, run.stop - run.start)
         _check_members(data, info, rows, image_format=manifest.image_format, where=path)
+        _check_digests(data, rows, where=path)
         if decode:
             report.decoded += _decode_all(data, rows, image_format=manifest.image_format, where=path,
                                           classes=len(manifest.class_names), shard_labels=shard_labels)

@@ -15,6 +15,7 @@ ranks) can write disjoint shards of one dataset and one of them finalises.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar5m.errors import ConfigMismatchError, DatasetExistsError
+from shards import checksum
 from shards.card import render_card
 from shards.format import (
     CARD_NAME,
@@ -41,7 +43,15 @@ from shards.format import (
     WORK_DIR,
 )
 from shards.index import SCHEMA, read_index, shard_runs
-from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest, write_manifest
+from shards.lock import LOCK_NAME, DirectoryLock
+from shards.manifest import (
+    FileInfo,
+    Manifest,
+    atomic_write_bytes,
+    disk_full,
+    load_manifest,
+    write_manifest,
+)
 
 # Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
 from shards.shard import (
@@ -91,6 +101,41 @@ def _ordered(records: Iterable[ShardRecord]) -> list[ShardRecord]:
     return sorted(records, key=lambda r: (rank.get(r.info.split, len(rank)), r.info.split, r.info.file))
 
 
+def _with_digests(root: Path, rec: ShardRecord, table: pa.Table) -> pa.Table:
+    """Rows of a shard written before the digest columns existed (an old dataset being
+    extended, an old unfinished write resumed) get them from the shard's bytes, which
+    ``begin`` checked against their sha256."""
+    names = (checksum.COLUMN, checksum.GROUP_COLUMN)
+    if all(n in table.column_names and table[n].null_count == 0 for n in names):
+        return table
+    with open(root / rec.info.file, "rb") as f:
+        data = f.read()
+    offsets, sizes = table["image_offset"].to_pylist(), table["image_size"].to_pylist()
+    values = {checksum.COLUMN: checksum.digests(data, offsets, sizes),
+              checksum.GROUP_COLUMN: checksum.group_digests(data, offsets, sizes)}
+    for name in names:
+        column = pa.array(values[name], pa.uint64())
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table
+
+
+def _write_index(root: Path, tmp_index: Path, ordered: list[ShardRecord]) -> None:
+    with pq.ParquetWriter(tmp_index, SCHEMA, compression="zstd", use_dictionary=["split", "shard"]) as out:
+        counts: dict[str, int] = {}
+        for rec in ordered:
+            start = counts.get(rec.info.split, 0)
+            positions = pa.array(np.arange(start, start + rec.info.samples, dtype=np.int64))
+            table = _with_digests(root, rec, rec.rows()).select(SCHEMA.names).cast(SCHEMA)
+            table = table.set_column(SCHEMA.get_field_index("position"), SCHEMA.field("position"), positions)
+            out.write_table(table)
+            counts[rec.info.split] = start + rec.info.samples
+    with open(tmp_index, "rb+") as f:  # durable before it replaces the old index
+        os.fsync(f.fileno())
+
+
 def finalize(
     root: str | Path,
     records: Iterable[ShardRecord],
@@ -103,17 +148,13 @@ def finalize(
     root = Path(root)
     ordered = _ordered(records)
     tmp_index = root / f".{INDEX_NAME}.tmp"
-    with pq.ParquetWriter(tmp_index, SCHEMA, compression="zstd", use_dictionary=["split", "shard"]) as out:
-        counts: dict[str, int] = {}
-        for rec in ordered:
-            start = counts.get(rec.info.split, 0)
-            positions = pa.array(np.arange(start, start + rec.info.samples, dtype=np.int64))
-            table = rec.rows().select(SCHEMA.names).cast(SCHEMA)
-            table = table.set_column(SCHEMA.get_field_index("position"), SCHEMA.field("position"), positions)
-            out.write_table(table)
-            counts[rec.info.split] = start + rec.info.samples
-    with open(tmp_index, "rb+") as f:  # durable before it replaces the old index
-        os.fsync(f.fileno())
+    try:
+        _write_index(root, tmp_index, ordered)
+    except OSError as exc:
+        tmp_index.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC or "No space left" in str(exc):
+            raise disk_full(root / INDEX_NAME, 40 * sum(r.info.samples for r in ordered)) from None
+        raise
     tmp_index.replace(root / INDEX_NAME)
     shards = tuple(r.info for r in ordered)
     draft = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
@@ -220,7 +261,16 @@ class DatasetWriter:
         self.class_names = tuple(class_names)
         self.fingerprint = {**fingerprint, "image_format": image_format, "shard_size": shard_size}
         self.provenance = {**(provenance or {}), "fingerprint": self.fingerprint}
-        self.records = begin(self.root, self.fingerprint, extend=extend)
+        fresh = not self.root.exists()
+        self._new_work = not (self.root / WORK_DIR).exists()
+        # One writer per directory: a second one is refused here, before it touches anything.
+        self._lock = DirectoryLock(self.root).acquire()
+        try:
+            self.records = begin(self.root, self.fingerprint, extend=extend)
+        except BaseException:
+            self._abandon(fresh)
+            raise
+        self._fresh = fresh
         self._next_index = self._keep_prefix()
         self._pending: dict[str, list[Sample]] = {}
         # PNG encoding is ~4k images/s per core: shards are encoded in worker processes
@@ -282,17 +332,33 @@ class DatasetWriter:
 
     def close(self) -> Manifest:
         try:
-            for split in list(self._pending):
-                self._flush(split)
-            while self._futures:
-                self._collect()
+            try:
+                for split in list(self._pending):
+                    self._flush(split)
+                while self._futures:
+                    self._collect()
+            finally:
+                self._shutdown()
+            self.manifest = finalize(
+                self.root, self.records.values(), image_format=self.image_format,
+                class_names=self.class_names, provenance=self.provenance,
+            )
         finally:
-            self._shutdown()
-        self.manifest = finalize(
-            self.root, self.records.values(), image_format=self.image_format,
-            class_names=self.class_names, provenance=self.provenance,
-        )
+            self._lock.release()
         return self.manifest
+
+    def _abandon(self, fresh: bool) -> None:
+        """After a failure: when nothing was written, leave no ``_work/`` (nor a directory
+        this writer created) behind; then release the lock."""
+        try:
+            work = self.root / WORK_DIR
+            if self._new_work and not any(work.glob("*.parquet")) and \
+                    not (self.root / MANIFEST_NAME).exists():
+                shutil.rmtree(work, ignore_errors=True)
+                if fresh and self.root.is_dir() and {p.name for p in self.root.iterdir()} <= {LOCK_NAME}:
+                    shutil.rmtree(self.root, ignore_errors=True)  # still locked while it goes
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -306,4 +372,7 @@ class DatasetWriter:
         if exc_type is None:
             self.close()
         else:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._abandon(self._fresh)

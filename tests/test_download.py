@@ -101,7 +101,7 @@ def test_a_killed_download_completes_on_rerun_without_refetching(root, tmp_path)
     app = Recorder(create_app(root=root))
     app.stall.add("train-000002.tar")
     out = tmp_path / "out"
-    meta = out / ".cache" / "huggingface" / "download"
+    meta = out / ".cache" / "cifar5m" / "incoming" / ".cache" / "huggingface" / "download"
     with serving(app.app) as url:
         proc = cli(["lab/ds", "--local-dir", "out", "--workers", "2"], url, tmp_path, background=True)
         others = [p.name for p in (root / "lab/ds").iterdir() if p.is_file() and p.name != "train-000002.tar"]
@@ -153,3 +153,29 @@ def test_download_into_the_hub_cache_by_default(root, tmp_path):
     assert snapshot.parent.name == "snapshots" and "datasets--lab--ds" in str(snapshot)
     assert same_files(root / "lab/ds", snapshot)
     assert not (snapshot / ".cache").exists()  # nothing of ours inside the hub cache
+
+
+def test_a_rerun_against_a_corrupt_server_copy_keeps_the_good_local_file(root, tmp_path):
+    app = Recorder(create_app(root=root))
+    out = tmp_path / "out"
+    with serving(app.app) as url:
+        assert cli(["lab/ds", "--local-dir", "out"], url, tmp_path).returncode == 0
+        good = (out / "train-000001.tar").read_bytes()
+        served = root / "lab/ds/train-000001.tar"
+        data = bytearray(served.read_bytes())
+        data[900] ^= 0xFF  # the server's copy goes bad after the download
+        served.write_bytes(bytes(data))
+        app.calls.clear()
+        again = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+        assert again.returncode == 0, again.stderr  # complete and matching: not fetched again
+        assert app.gets() == [] and (out / "train-000001.tar").read_bytes() == good
+        (out / "train-000001.tar").write_bytes(good[:5000])  # now the local copy is cut short too
+        third = cli(["lab/ds", "--local-dir", "out"], url, tmp_path)
+    assert third.returncode == 1
+    line = [x for x in third.stderr.splitlines() if x.startswith("Error: ")]
+    assert len(line) == 1 and "Traceback" not in third.stderr, third.stderr
+    assert f"{url}/datasets/lab/ds/resolve/main/train-000001.tar does not match the sha256" in line[0]
+    assert "left as it was" in line[0]
+    assert (out / "train-000001.tar").read_bytes() == good[:5000]  # not replaced by the bad bytes
+    assert not list(out.rglob("train-000001.tar.incomplete"))
+    assert not (out / ".cache/cifar5m/incoming/train-000001.tar").exists()

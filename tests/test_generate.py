@@ -337,10 +337,10 @@ def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_pa
     said.append(("failed", "ConfigMismatchError: other settings"))
     with pytest.raises(GenerationError, match=r"rank 0 stopped before generating \(ConfigMismatchError"):
         run(config(models, tmp_path / "a", **kw), progress=False)
-    said.append(("ok", ([], True)))  # rank 0: complete already
+    said.append(("ok", ([], True, None)))  # rank 0: complete already (lock holder not visible here)
     assert run(config(models, tmp_path / "b", **kw), progress=False) is None
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    said.append(("ok", (["test-000000.tar"], False)))  # rank 1 owns shard 1 of 3: train-000000
+    said.append(("ok", (["test-000000.tar"], False, None)))  # rank 1 owns shard 1 of 3: train-000000
     (tmp_path / "c").mkdir()  # (rank 0 made it)
     assert run(config(models, tmp_path / "c", **kw), progress=False) is None
     assert sorted(p.name for p in (tmp_path / "c").glob("*.tar")) == ["train-000000.tar"]

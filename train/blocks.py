@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shards import codec
+from shards import checksum, codec
 from train.catalog import Catalog
 from train.plan import block_grid
 from train.source import Source
@@ -88,15 +88,31 @@ class BlockStore:
                 int(cat.image_offset[last] + cat.image_size[last]))
 
     def _checked(self, key: Key, start: int, data: memoryview) -> bool:
-        """Whether every member of an npy block is a whole plain npy (else the per-sample
-        path reads it and names the error: a short shard, a foreign header)."""
+        """Whether every member of an npy block is a whole plain npy matching its digest
+        (else the per-sample path reads it and names the error: a short shard, a foreign
+        header, a changed byte)."""
         rows = self._rows(key)
         offsets = self.catalog.image_offset[rows.start:rows.stop] - start
         sizes = self.catalog.image_size[rows.start:rows.stop]
         buf = np.frombuffer(data, np.uint8)
         if not np.all(sizes == codec.NPY_SIZE) or int(offsets.max()) + codec.NPY_SIZE > buf.size:
             return False
-        return codec.npy_headers_ok(buf, offsets)
+        return codec.npy_headers_ok(buf, offsets) and self._digests_ok(rows, offsets, sizes, data)
+
+    def _digests_ok(self, rows: range, offsets: np.ndarray, sizes: np.ndarray, data: memoryview) -> bool:
+        """The block's members against the index: one digest per group of 64 members when
+        blocks are whole groups (block % 64 == 0, as by default), else one per member."""
+        cat = self.catalog
+        if cat.digests is None:
+            return True
+        if cat.group_digests is None or self.block % checksum.GROUP:
+            return checksum.first_bad_at(data, offsets, sizes, cat.digests[rows.start:rows.stop]) < 0
+        for j in range(0, len(rows), checksum.GROUP):
+            last = min(j + checksum.GROUP, len(rows)) - 1
+            whole = data[int(offsets[j]) : int(offsets[last] + sizes[last])]
+            if checksum.digest(whole) != int(cat.group_digests[rows.start + j]):
+                return False
+        return True
 
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""

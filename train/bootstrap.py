@@ -13,6 +13,7 @@ curves, and ``train.plots`` the figure in the paper's layout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cifar5m.errors import Cifar5mError, NotEnoughSamplesError, TrainConfigError
+from shards.lock import DirectoryLock
 from shards.manifest import atomic_write_bytes
 from train.gap import Report, run_name, write_report
 from train.models import check_model, parse_widths
@@ -134,6 +136,14 @@ def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = 
     """Check budgets, train (or reuse) every run, write the gap table and the figure."""
     out = Path(out)
     budget = check_budgets(config)
+    # One bootstrap per directory. Under torchrun each run directory is locked by its
+    # rank 0 (train.trainer), which refuses a second job at its first run.
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    with DirectoryLock(out, what="written by a bootstrap") if single else contextlib.nullcontext():
+        return _run_all(config, out, budget, progress=progress)
+
+
+def _run_all(config: BootstrapConfig, out: Path, budget: Budget, *, progress: bool) -> BootstrapResult:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "bootstrap.json", config.to_json().encode())
     runs = config.runs()

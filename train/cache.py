@@ -8,6 +8,9 @@ A per-shard ``flock`` makes the first process decode while the others wait, and 
 least recently used files are deleted once the total passes ``cap_bytes``.
 Lock files are removed when their decode is done; a read-only cache (a shared,
 pre-filled directory) is used as it is: hits are served, misses decoded and not kept.
+Each file ends with the XXH3-64 digest of its pixels, checked whenever a process maps
+the file: a cache file damaged on disk is deleted and decoded again from the (checked)
+shard, never served.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from shards import checksum
 from shards.format import IMAGE_BYTES as SAMPLE_BYTES
 from shards.manifest import atomic_write_bytes
 
 log = logging.getLogger("cifar5m.stream")
 SUFFIX = ".chw.u8"
+DIGEST_BYTES = 8  # the XXH3-64 of the pixels, after them
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -48,10 +53,16 @@ class DecodedCache:
     def _open(self, sha: str, count: int) -> np.ndarray | None:
         path = self.path(sha)
         try:
-            if path.stat().st_size != count * SAMPLE_BYTES:
+            if path.stat().st_size != count * SAMPLE_BYTES + DIGEST_BYTES:
                 return None
-            array = np.memmap(path, np.uint8, "r", shape=(count, 3, 32, 32))
+            raw = np.memmap(path, np.uint8, "r")
         except FileNotFoundError:
+            return None
+        array = raw[: count * SAMPLE_BYTES].reshape(count, 3, 32, 32)
+        if checksum.digest(array) != int.from_bytes(bytes(raw[count * SAMPLE_BYTES :]), "little"):
+            log.warning("%s does not match its checksum (damaged on disk): decoding it again", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
         try:
             os.utime(path)  # recency for the LRU eviction
@@ -116,7 +127,8 @@ class DecodedCache:
                 return array
             self.misses += 1
             images = np.ascontiguousarray(build())
-            atomic_write_bytes(self.path(sha), images.tobytes())
+            atomic_write_bytes(self.path(sha), images.tobytes()
+                               + checksum.digest(images).to_bytes(DIGEST_BYTES, "little"))
             self._evict(keep=self.path(sha))
         return self._open(sha, count) if self.path(sha).exists() else images
 

@@ -22,12 +22,15 @@ from cifar5m.errors import (
     SampleNotFoundError,
     ShardNotFoundError,
 )
+from shards import checksum
 from shards.format import INDEX_NAME, MANIFEST_NAME
 from shards.index import read_index, shard_runs
 from shards.manifest import Manifest, read_manifest_text
+from shards.reader import check_file
 from train.source import Source
 
-_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label")
+_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label", checksum.COLUMN,
+            checksum.GROUP_COLUMN)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Catalog:
     image_size: np.ndarray  # int64
     labels: np.ndarray  # int64
     keys: np.ndarray  # fixed-width bytes
+    digests: np.ndarray | None = None  # uint64 XXH3 of each image member; None: an older index
+    group_digests: np.ndarray | None = None  # uint64 XXH3 of each row's group (shards.checksum)
 
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
@@ -63,7 +68,9 @@ class Catalog:
             data = source.read_file(INDEX_NAME)
         except ShardNotFoundError:
             raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
-        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS))
+        where = f"{source.url}/{INDEX_NAME}"
+        check_file(data, manifest.file_info(INDEX_NAME), where=where)  # labels come from it
+        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS), where=where)
         return cls.from_table(table, manifest, split, url=source.url)
 
     @classmethod
@@ -81,6 +88,8 @@ class Catalog:
         empty = slice(0, 0)
         starts = np.array([runs.get(n, empty).start for n in names], np.int64)
         counts = np.array([runs.get(n, empty).stop - runs.get(n, empty).start for n in names], np.int64)
+        digests, groups = (table[c] if c in table.column_names else None
+                           for c in (checksum.COLUMN, checksum.GROUP_COLUMN))
         shard_id = np.zeros(len(table), np.int32)
         for i, name in enumerate(names):
             shard_id[runs.get(name, empty)] = i
@@ -95,7 +104,14 @@ class Catalog:
             image_size=table["image_size"].to_numpy().astype(np.int64),
             labels=table["label"].to_numpy().astype(np.int64),
             keys=np.asarray(table["key"].to_numpy(zero_copy_only=False).astype(str)).astype(np.bytes_),
+            digests=_uint64(digests), group_digests=_uint64(groups),
         )
+
+    @cached_property
+    def group_start(self) -> np.ndarray:
+        """Per position: the first position of its group of checksum.GROUP rows of its shard."""
+        start = self.shard_start[self.shard_id]
+        return start + (np.arange(len(self.shard_id)) - start) // checksum.GROUP * checksum.GROUP
 
     @cached_property
     def shard_stop(self) -> np.ndarray:
@@ -114,3 +130,8 @@ class Catalog:
         for name, sha in zip(self.shards, self.shard_sha, strict=True):
             h.update(f"{name}:{sha};".encode())
         return h.hexdigest()[:16]
+
+
+def _uint64(column: pa.ChunkedArray | None) -> np.ndarray | None:
+    """A digest column as uint64, or None where the index predates it (nulls)."""
+    return None if column is None or column.null_count else column.to_numpy().astype(np.uint64)

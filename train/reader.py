@@ -9,12 +9,13 @@ memory map. Labels come from the index, so ``.cls`` members are never read.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import numpy as np
 
 from cifar5m.errors import CorruptShardError
-from shards import codec
+from shards import checksum, codec
 from shards.format import IMAGE_SHAPE
 from train.blocks import BlockStore
 from train.cache import DecodedCache
@@ -50,6 +51,11 @@ class SampleReader:
         # its map, so an unbounded dict would keep every shard of a pass mapped.
         self._views: OrderedDict[int, tuple[np.ndarray, int] | None] = OrderedDict()
         self._keep_views = getattr(source, "keep", 64)
+        self._sha_ok: set[int] = set()  # shards checked whole (indexes without digests)
+        # Ideal world: reads run through blocks of consecutive samples, so local npy members
+        # are checked by groups (_check_groups); _checked marks the positions done.
+        self.sequential = block is not None
+        self._checked: np.ndarray | None = None
 
     def __getstate__(self) -> dict:  # views are of this process's maps
         return {**self.__dict__, "_views": OrderedDict()}
@@ -126,7 +132,10 @@ class SampleReader:
         offsets, sizes = cat.image_offset[rows], cat.image_size[rows]
         ranges = list(zip(offsets.tolist(), (offsets + sizes).tolist(), strict=True))
         if datas is None and whole:
-            view = memoryview(self.source.read_file(file))
+            data = self.source.read_file(file)
+            if cat.digests is None:
+                self._check_sha256(shard, data)
+            view = memoryview(data)
             datas = [view[a:b] for a, b in ranges]
         elif datas is None and self.blocks is not None:
             datas = self.blocks.slices(rows, ranges)
@@ -135,13 +144,57 @@ class SampleReader:
         for data, (a, b), row in zip(datas, ranges, rows.tolist(), strict=True):
             if len(data) != b - a:
                 raise self._truncated(shard, row, a, b)
+        if cat.digests is not None:
+            self._raise_bad(shard, rows, checksum.first_bad(datas, cat.digests[rows]))
+        elif self.source.local:  # an index without digests: the whole shard, once
+            self._check_sha256(shard, self.source.read_file(file))
         return datas
 
-    def _npy_view(self, shard: int, whole: bool) -> tuple[np.ndarray, int] | None:
-        """``(windows, good)`` of an npy shard: ``windows[o]`` is the 3072 image bytes at data
-        offset ``o``; samples from local row ``good`` on run past a truncated end. Headers
-        are checked once per shard here, so a batch costs one fancy index per shard (the
-        per-sample loop costs ~10x more). None: use the per-sample path."""
+    def _check_groups(self, shard: int, rows: np.ndarray, buf: np.ndarray) -> None:
+        """Sequential reads (the ideal world reads every sample of a block soon): check the
+        whole group of 64 members around each row not yet checked by this process, one
+        digest call per group (per member: ~3x the cost), and remember it."""
+        cat = self.catalog
+        if self._checked is None:
+            self._checked = np.zeros(len(cat), bool)
+        todo = rows[~self._checked[rows]]
+        if not len(todo):
+            return
+        view, stop = memoryview(buf), int(cat.shard_stop[shard])
+        for first in np.unique(cat.group_start[todo]).tolist():
+            last = min(first + checksum.GROUP, stop) - 1
+            a, b = int(cat.image_offset[first]), int(cat.image_offset[last] + cat.image_size[last])
+            if checksum.digest(view[a:b]) != int(cat.group_digests[first]):
+                group = np.arange(first, last + 1)
+                self._raise_bad(shard, group, checksum.first_bad_at(
+                    buf, cat.image_offset[group], cat.image_size[group], cat.digests[group]))
+                raise checksum.group_mismatch(f"{self.source.url}/{cat.shards[shard]}",
+                                              cat.keys[first].decode(), cat.keys[last].decode(), a, b)
+            self._checked[first : last + 1] = True
+
+    def _raise_bad(self, shard: int, rows: np.ndarray, bad: int) -> None:
+        """The checksum error for ``rows[bad]`` of ``shard`` (nothing when ``bad`` < 0)."""
+        if bad >= 0:
+            row = int(rows[bad])
+            raise checksum.mismatch(f"{self.source.url}/{self.catalog.shards[shard]}",
+                                    self.catalog.keys[row].decode(), int(self.catalog.image_offset[row]))
+
+    def _check_sha256(self, shard: int, data) -> None:
+        """For an index without digests: the whole shard against its sha256 (once per
+        process and shard; remote shards only when read whole, as a cache fill does)."""
+        if shard in self._sha_ok:
+            return
+        if hashlib.sha256(data).hexdigest() != self.catalog.shard_sha[shard]:
+            raise CorruptShardError(
+                f"{self.source.url}/{self.catalog.shards[shard]} does not match its sha256 in the "
+                f"manifest (corrupted); run `cifar5m verify`, then re-download or re-create it")
+        self._sha_ok.add(shard)
+
+    def _npy_view(self, shard: int, whole: bool) -> tuple[np.ndarray, int, np.ndarray] | None:
+        """``(windows, good, buffer)`` of an npy shard: ``windows[o]`` is the 3072 image bytes
+        at data offset ``o``; samples from local row ``good`` on run past a truncated end.
+        Headers are checked once per shard here, so a batch costs one fancy index per shard
+        (the per-sample loop costs ~10x more). None: use the per-sample path."""
         if shard in self._views:
             self._views.move_to_end(shard)
             return self._views[shard]
@@ -158,7 +211,7 @@ class SampleReader:
         view = None
         if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE) and \
                 codec.npy_headers_ok(buf, offsets[:good]):
-            view = (codec.npy_image_windows(buf), good)
+            view = (codec.npy_image_windows(buf), good, buf)
         if array is not None:  # whole-file reads are one-off (cache fills): do not keep them
             self._views[shard] = view
             while len(self._views) > self._keep_views:
@@ -169,13 +222,21 @@ class SampleReader:
         view = self._npy_view(shard, whole)
         if view is None:
             return None
-        windows, good = view
-        local = rows - self.catalog.shard_start[shard]
+        windows, good, buf = view
+        cat = self.catalog
+        local = rows - cat.shard_start[shard]
         if len(local) and local.max() >= good:
             j = int(np.argmax(local >= good))
-            offset = int(self.catalog.image_offset[rows[j]])
+            offset = int(cat.image_offset[rows[j]])
             raise self._truncated(shard, int(rows[j]), offset, offset + codec.NPY_SIZE)
-        return windows[self.catalog.image_offset[rows]].reshape(len(rows), *IMAGE_SHAPE)
+        if cat.digests is not None and cat.group_digests is not None and (whole or self.sequential):
+            self._check_groups(shard, rows, buf)
+        elif cat.digests is not None:  # every member handed out is checked, right here
+            self._raise_bad(shard, rows, checksum.first_bad_at(
+                buf, cat.image_offset[rows], cat.image_size[rows], cat.digests[rows]))
+        elif whole or self.source.local:
+            self._check_sha256(shard, buf)
+        return windows[cat.image_offset[rows]].reshape(len(rows), *IMAGE_SHAPE)
 
     def decode(self, shard: int, rows: np.ndarray, *, whole: bool = False,
                datas: list | None = None) -> np.ndarray:

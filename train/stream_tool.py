@@ -36,8 +36,12 @@ def _plan_check(stream: SampleStream, first: int, stop: int) -> dict[str, Any]:
             "global_repeats_within_epoch": int(repeats)}
 
 
-def run_stats(stream: SampleStream, *, limit: int | None, progress: bool = True) -> dict[str, Any]:
-    """Iterate (up to ``limit`` batches), time it and check exactly-once; a result dict."""
+def run_stats(stream: SampleStream, *, limit: int | None, progress: bool = True,
+              on_batch: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Iterate (up to ``limit`` batches), time it and check exactly-once; a result dict.
+
+    ``on_batch`` runs after each batch is handed over (the command saves the state there
+    every N batches); when it returns True the run stops at this batch boundary."""
     start_batch = stream.next_batch
     total = len(stream) if limit is None else min(limit, len(stream))
     producer = stream._producer()
@@ -45,18 +49,17 @@ def run_stats(stream: SampleStream, *, limit: int | None, progress: bool = True)
     mismatched = 0
     t0 = time.perf_counter()
     first_latency = None
-    bar = tqdm(total=total * stream.plan.per_rank, unit="img", unit_scale=True, disable=not progress,
-               file=sys.stderr, desc="stream")
-    for i, batch in enumerate(stream):
-        if first_latency is None:
-            first_latency = time.perf_counter() - t0
-        expected = stream.catalog.key_list(producer.positions(batch.step))
-        mismatched += batch.keys != expected
-        seen += batch.keys
-        bar.update(len(batch.keys))
-        if i + 1 >= total:
-            break
-    bar.close()
+    with tqdm(total=total * stream.plan.per_rank, unit="img", unit_scale=True, disable=not progress,
+              file=sys.stderr, desc="stream") as bar:  # closed (its line ended) before any error
+        for i, batch in enumerate(stream):
+            if first_latency is None:
+                first_latency = time.perf_counter() - t0
+            expected = stream.catalog.key_list(producer.positions(batch.step))
+            mismatched += batch.keys != expected
+            seen += batch.keys
+            bar.update(len(batch.keys))
+            if i + 1 >= total or (on_batch is not None and on_batch()):
+                break
     wall = time.perf_counter() - t0
     report = stream.report()
     report.update({

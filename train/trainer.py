@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar5m.errors import ConfigMismatchError, TrainConfigError
+from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
+from shards.lock import DirectoryLock
 from shards.manifest import atomic_write_bytes
 from train import runtime
 from train.augment import AUGMENTATIONS, DeviceAugment, prepare
@@ -187,20 +188,42 @@ def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> Tra
 
 
 def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) -> TrainResult:
-    finished = _check_out(config, out)
-    if finished is not None:
-        return finished
-    # Everything a wrong flag can break (data, split, N, the ideal world's sample budget,
-    # the model) is opened before the run directory is touched: a failed start leaves
-    # nothing behind that would refuse the corrected command.
-    data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+    lock = _lock_out(out, rt)  # one job per run directory; a failed start leaves nothing
     try:
-        evaluator = runtime.Evaluator.build(config, rt, data)
-        learner = Learner.build(config, rt)
-        _write_config(config, out, rt)
-        return _run(config, out, rt, progress, learner, data, evaluator)
+        finished = _check_out(config, out)
+        if finished is not None:
+            return finished
+        # Everything a wrong flag can break (data, split, N, the ideal world's sample budget,
+        # the model) is opened before the run directory is written: a failed start leaves
+        # nothing behind that would refuse the corrected command.
+        data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+        try:
+            evaluator = runtime.Evaluator.build(config, rt, data)
+            learner = Learner.build(config, rt)
+            _write_config(config, out, rt)
+            return _run(config, out, rt, progress, learner, data, evaluator)
+        finally:
+            data.close()
     finally:
-        data.close()
+        lock.release()
+
+
+def _lock_out(out: Path, rt: runtime.Runtime) -> DirectoryLock:
+    """Rank 0 locks the run directory for the whole run (one job per directory); every
+    rank learns whether it could, so all stop together when another job holds it."""
+    lock = DirectoryLock(out, what="written by a training run")
+    problem = None
+    if rt.rank == 0:
+        try:
+            lock.acquire()
+        except OutputLockedError as exc:
+            problem = exc
+    answers = rt.gather(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if answers[0] is not None:
+        raise OutputLockedError(answers[0])
+    return lock
 
 
 def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, learner: Learner,

@@ -62,7 +62,8 @@ def parse_storage_options(text: str | None) -> dict | None:
               help="Resume from this state file if it exists; save the state there (atomically) "
                    "every --state-every batches, on SIGTERM and at the end.")
 @click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="--format tar: save --state after every this many flushed batches.")
+              help="Save --state after every this many delivered batches: after a SIGKILL at "
+                   "most this many batches of this rank are delivered again.")
 def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_size, workers,
                class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, storage_options,
                state_path, state_every) -> None:
@@ -73,6 +74,9 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     every rank gets the same number of batches; --state resumes exactly.
     With --format tar a batch counts as delivered once it is written and flushed;
     SIGTERM ends the tar at the next batch boundary, saves --state and exits 143.
+    --state is written atomically every --state-every delivered batches in both
+    formats: a resume after SIGKILL delivers again at most --state-every batches of
+    this rank, after SIGTERM none.
     See docs/streaming.md for what a pipe guarantees when the reader dies.
 
     \b
@@ -128,7 +132,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
         if fmt == "tar":
             write_tar(stream, sys.stdout.buffer, limit=limit, on_batch=on_batch)
         else:
-            result = run_stats(stream, limit=limit)
+            result = run_stats(stream, limit=limit, on_batch=on_batch)
             click.echo(json.dumps(result, indent=1) if as_json else format_stats(result))
     except BrokenPipeError:  # the reader (e.g. webdataset) stopped early: not an error
         import os
