@@ -8,6 +8,7 @@ injected ENOSPC everywhere), an import source does not exist.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -107,7 +108,8 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
 
     boot = tmp_path / "boot"
     with DirectoryLock(boot), pytest.raises(OutputLockedError, match=rf"{boot} is being written by a bootstrap"):
-        run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), n=20, arch="mlp", steps=1)), out=boot)
+        template = TrainConfig(data=str(data), n=20, arch="mlp", steps=1, batch_size=8)
+        run_bootstrap(BootstrapConfig(template, ns=(20,), archs=("mlp",)), out=boot)
     assert not (boot / "bootstrap.json").exists()
     from dataset_server.download import download
 
@@ -118,7 +120,8 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
 
     gen = tmp_path / "gen"
     with DirectoryLock(gen), pytest.raises(OutputLockedError, match=rf"{gen} is being generated"):
-        pipeline.prepare_on_main(ranks.Rank(), None, gen, None, {}, [], lock=DirectoryLock(gen, what="generated"))
+        pipeline.shared_from_main(ranks.Rank(), functools.partial(
+            pipeline.prepare, None, gen, {}, [], lock=DirectoryLock(gen, what="generated")), locked=gen)
     with DirectoryLock(gen), pytest.raises(GenerationError, match="not by rank 0 of this job"):
         pipeline.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
 
