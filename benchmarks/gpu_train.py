@@ -63,8 +63,8 @@ def science(cifar10: Path | None, work: Path, dest: Path, *, left=lambda: float(
     """
     import time
 
-    from train.bootstrap import BootstrapConfig, run_bootstrap
-    from train.trainer import TrainConfig
+    from train.bootstrap import run_bootstrap
+    from train.config import BootstrapConfig, TrainConfig
 
     t0 = time.perf_counter()
     world = generate_world(work, smoke=smoke)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from shards.writer import DatasetWriter, Sample
+from train.config import TrainConfig
 from train.runtime import Runtime, TrainData
-from train.trainer import Learner, TrainConfig
+from train.trainer import Learner
 
 
 def synthetic_dataset(root: Path, n: int) -> Path:

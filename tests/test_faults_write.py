@@ -102,12 +102,12 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
                                           "--batch-size", "8", "--arch", "mlp", "--out", str(run)])
         assert result.exit_code == 1 and f"{run} is being written" in result.output, result.output
         assert f"PID {os.getpid()}" in result.output and not (run / "config.json").exists()
-    from train.bootstrap import BootstrapConfig, run_bootstrap
-    from train.trainer import TrainConfig
+    from train.bootstrap import run_bootstrap
+    from train.config import BootstrapConfig, TrainConfig
 
     boot = tmp_path / "boot"
     with DirectoryLock(boot), pytest.raises(OutputLockedError, match=rf"{boot} is being written by a bootstrap"):
-        run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), n=20, arch="mlp", steps=1)), out=boot)
+        run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), steps=1, batch_size=8), ns=(20,), archs=("mlp",)), out=boot)
     assert not (boot / "bootstrap.json").exists()
     from dataset_server.download import download
 
@@ -118,9 +118,9 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
 
     gen = tmp_path / "gen"
     with DirectoryLock(gen), pytest.raises(OutputLockedError, match=rf"{gen} is being generated"):
-        pipeline.prepare_on_main(ranks.Rank(), None, gen, None, {}, [], lock=DirectoryLock(gen, what="generated"))
+        pipeline.prepare(None, gen, {}, [], lock=DirectoryLock(gen, what="generated"))
     with DirectoryLock(gen), pytest.raises(GenerationError, match="not by rank 0 of this job"):
-        pipeline.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
+        ranks.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
 
 
 def test_a_missing_import_source_is_named_and_leaves_nothing(tmp_path):

@@ -10,9 +10,10 @@ from torch import nn
 
 from cifar5m.errors import ModelError, TrainConfigError
 from train.augment import DeviceAugment, prepare
+from train.config import TrainConfig
 from train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
 from train.models import MODELS, build_model, count_parameters, register
-from train.trainer import TrainConfig, lr_factor
+from train.trainer import lr_factor
 
 CPU = torch.device("cpu")
 

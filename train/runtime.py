@@ -26,11 +26,11 @@ from cifar5m.errors import TrainConfigError
 from shards.manifest import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
+from train.config import TrainConfig
 from train.metrics import evaluate
 
-if TYPE_CHECKING:  # train.trainer imports this module
+if TYPE_CHECKING:
     from train.stream import SampleStream
-    from train.trainer import TrainConfig
 
 
 def _destroy_group() -> None:
