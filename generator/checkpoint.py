@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cifar5m.errors import ConfigMismatchError
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from generator.checkpoint import load_checkpoint, save_checkpoint, training_autocast
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 CONFIG_NAME = "train_config.json"
 

@@ -39,9 +39,10 @@ from generator.ranks import produce_on_all_ranks, shared_from_main
 from generator.resume import fitting, refuse_other_settings
 from generator.session import Session
 from generator.store import is_url, run_to_store
+from shards.atomic import atomic_write_bytes
 from shards.format import MANIFEST_NAME, WORK_DIR
 from shards.lock import DirectoryLock
-from shards.manifest import Manifest, atomic_write_bytes, load_manifest
+from shards.manifest import Manifest, load_manifest
 from shards.writer import (
     STATE_NAME,
     ShardRecord,

@@ -19,8 +19,9 @@ from generator import model as model_mod
 from generator.config import CONFIG_NAME, GenerateConfig
 from generator.plan import ShardPlan
 from generator.ranks import Rank
+from shards.atomic import atomic_write_bytes
 from shards.format import CIFAR10_CLASSES
-from shards.manifest import Manifest, atomic_write_bytes
+from shards.manifest import Manifest
 from shards.writer import ShardRecord, finalize
 
 NUM_CLASSES = len(CIFAR10_CLASSES)

@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
 from cifar5m.version import __version__
+from shards.atomic import megabytes
 from shards.format import DEFAULT_SHARD_SIZE
-from shards.manifest import Manifest, megabytes
+from shards.manifest import Manifest
 from shards.sources import (
     FORMATS,
     Item,

@@ -21,8 +21,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cifar5m.errors import Cifar5mError, NotEnoughSamplesError
+from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
-from shards.manifest import atomic_write_bytes
 from train.config import BootstrapConfig
 from train.gap import Report, write_report
 from train.trainer import RESULT_NAME, train

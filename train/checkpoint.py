@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

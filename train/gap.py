@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 from train.config import BootstrapConfig, run_name
 from train.plots import plot_sweep
 

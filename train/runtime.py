@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar5m.errors import TrainConfigError
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
 from train.config import TrainConfig

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
+from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
-from shards.manifest import atomic_write_bytes
 from train import runtime
 from train.augment import DeviceAugment, prepare
 from train.checkpoint import (

@@ -107,7 +107,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
 
     def save() -> None:
         if state_file is not None:
-            from shards.manifest import atomic_write_bytes
+            from shards.atomic import atomic_write_bytes
 
             atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
 
