@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.checkpoint import load_checkpoint, save_checkpoint, training_autocast
+from cifar5m.checkpoint import load_checkpoint, save_checkpoint
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
+from generator.training import training_autocast
 from shards.atomic import atomic_write_bytes
 
 CONFIG_NAME = "train_config.json"

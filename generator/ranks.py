@@ -1,8 +1,9 @@
 """torchrun integration: which process am I, and the two times all ranks meet.
 
-Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Ranks meet twice: after
-rank 0 opened the output (``share``: rank 0 tells the others which shards are kept,
-or that it failed) and before rank 0 finalises (``failed_ranks``). Both carry a few
+Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (``cifar5m.ranks``). Ranks meet
+twice: after rank 0 opened the output (``shared_from_main``: rank 0 tells the others which
+shards are kept, or that it failed) and before rank 0 finalises (``produce_on_all_ranks``
+ends with ``failed_ranks``). Both carry a few
 bytes, so a gloo group is enough and works on CPU-only hosts and across nodes alike;
 CUDA work never goes through it. Its timeout is a week: ranks meet only at the start
 and the end of a run that can take many hours.
@@ -10,40 +11,19 @@ and the end of a run that can take many hours.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from cifar5m.errors import GenerationError
+from cifar5m.ranks import Rank, from_env  # noqa: F401 (from_env: this module's API)
 from generator.plan import ShardPlan
 from shards.lock import holder
 from shards.manifest import Manifest
 from shards.writer import ShardRecord
 
 GROUP_TIMEOUT = timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, shard_number: int) -> bool:
-        """Ranks take shards round-robin: disjoint, and balanced to within one shard."""
-        return shard_number % self.world == self.rank
-
-
-def from_env() -> Rank:
-    env = os.environ
-    return Rank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 def init(rank: Rank) -> None:

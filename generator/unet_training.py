@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar5m.checkpoint import load_checkpoint, save_checkpoint
 from cifar5m.errors import TrainConfigError
 from generator import ranks
-from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint, training_autocast
+from generator.training import replace_dir, training_autocast
 
 CONFIG_NAME = "train_config.json"
 

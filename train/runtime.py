@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar5m.errors import TrainConfigError
+from cifar5m.ranks import from_env
 from shards.atomic import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
@@ -46,8 +47,8 @@ class Runtime:
 
     @classmethod
     def start(cls, *, device: str = "auto") -> Runtime:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        env = from_env()
+        world, local = env.world, env.local_rank
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         try:

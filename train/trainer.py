@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
-from shards.atomic import atomic_write_bytes
-from shards.lock import DirectoryLock
-from train import runtime
-from train.augment import DeviceAugment, prepare
-from train.checkpoint import (
+from cifar5m.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
+from shards.atomic import atomic_write_bytes
+from shards.lock import DirectoryLock
+from train import runtime
+from train.augment import DeviceAugment, prepare
 from train.config import TrainConfig
 from train.metrics import MetricsLog, log_points, read_rows
 from train.models import build_model, count_parameters
