@@ -1,4 +1,4 @@
-"""GPU check for issue 3: end-to-end generation vs DDPMPipeline fp16 on an H100/H200.
+"""GPU check: end-to-end generation vs DDPMPipeline fp16 on an H100/H200.
 
     python benchmarks/gpu_generate.py [--count 20480 --batch 512 --steps 20] [--out DIR]
 

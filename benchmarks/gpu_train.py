@@ -1,4 +1,4 @@
-"""The trainer's GPU checks (issue 7), used by ``gpu_check.py``.
+"""The trainer's GPU checks, used by ``gpu_check.py``.
 
 * ``bench``: ``train_bench`` with ResNet-18 bf16 channels_last at batch 128 and 512:
   ideal world fed from shards vs compute-only (goal: >= 90 %; anchor: ~46k img/s at

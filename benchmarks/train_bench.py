@@ -9,7 +9,7 @@ where the batch comes from:
   reading and decoding fresh samples from shards (``--num-workers`` processes), copied
   to the device one batch ahead.
 
-The goal (issue 7) is >= 90 % of compute-only. Without ``--data`` a synthetic npy
+The goal is >= 90 % of compute-only. Without ``--data`` a synthetic npy
 dataset with enough fresh samples is written to a temp dir first.
 
     python benchmarks/train_bench.py                      # CPU: a few steps
