@@ -245,8 +245,3 @@ def _concat(batches: list[Batch]) -> Batch:
         np.concatenate([b.images for b in batches]),
         np.concatenate([b.labels for b in batches]),
     )
-
-
-def open_dataset(root: str | os.PathLike, *, storage_options: dict | None = None) -> Dataset:
-    """Open a dataset directory or URL."""
-    return Dataset(root, storage_options=storage_options)

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from cifar5m.cli import cli
 from cifar5m.errors import GenerationError, OutputLockedError
 from shards.lock import LOCK_NAME, DirectoryLock, holder
-from shards.reader import open_dataset
+from shards.reader import Dataset
 from shards.verify import verify_dataset
 from tests.conftest import synthetic_images
 from tests.test_faults_read import error_line
@@ -90,7 +90,7 @@ def test_two_imports_started_together_never_leave_a_mixed_dataset(tmp_path):
     line = error_line(1, loser)
     assert "is being written in another process" in line or "already holds" in line
     winner = ("png", "npy")[[code for code, _ in results].index(0)]
-    assert open_dataset(out).manifest.image_format == winner
+    assert Dataset(out).manifest.image_format == winner
     assert verify_dataset(out, decode=True, progress=False).decoded == 400
 
 
