@@ -68,7 +68,7 @@ class LabelerTrainConfig:
         return d
 
 
-def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_tensors(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A split of a cifar5m dataset as (uint8 NCHW images, int64 labels, class names).
 
     ``limit`` takes a class-balanced subset (datasets are often stored class by class).
@@ -77,10 +77,7 @@ def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, 
     from shards.reader import Dataset
 
     ds = Dataset(data)
-    part = ds.split(split)
-    batches = [part.decode_shard(f) for f in part.shard_files]
-    images = np.concatenate([b.images for b in batches])
-    labels = np.concatenate([b.labels for b in batches])
+    _, images, labels = ds.split(split).load()
     names = list(ds.manifest.class_names)
     if limit is not None and limit < len(labels):
         keep = balanced_subset(labels, limit, seed=0, num_classes=len(names))
@@ -129,7 +126,7 @@ class _Run:
     def __init__(self, cfg: LabelerTrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
-        x, y, self.class_names = load_split(cfg.data, "train", cfg.max_train)
+        x, y, self.class_names = load_tensors(cfg.data, "train", cfg.max_train)
         self.x, self.y = x.to(device), y.to(device)
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
@@ -235,7 +232,7 @@ def train_labeler(cfg: LabelerTrainConfig, *, device: str | None = None, stop_af
 def _finish(run: _Run) -> dict[str, Any]:
     cfg = run.cfg
     lab = Labeler(run.net, arch=cfg.arch, arch_kwargs=run.arch_kwargs, class_names=run.class_names).to(run.device)
-    x_test, y_test, _ = load_split(cfg.data, "test", cfg.max_test)
+    x_test, y_test, _ = load_tensors(cfg.data, "test", cfg.max_test)
     t0 = time.perf_counter()
     acc = evaluate(lab, x_test, y_test)
     params = sum(p.numel() for p in run.net.parameters())

@@ -130,13 +130,13 @@ def sample_images(unet, scheduler_config: dict, *, count: int, steps: int, seed:
 
 class _Trainer:
     def __init__(self, cfg: UNetTrainConfig, device: torch.device) -> None:
-        from generator.labeler_training import load_split
+        from generator.labeler_training import load_tensors
 
         self.cfg, self.device = cfg, device
         env = ranks.from_env()
         self.rank, self.world = env.rank, env.world
         torch.manual_seed(cfg.seed)
-        x, _, _ = load_split(cfg.data, "train", cfg.max_train)
+        x, _, _ = load_tensors(cfg.data, "train", cfg.max_train)
         self.x = x.to(device)
         self.unet = build_unet(cfg).to(device)
         self.scheduler = build_scheduler(cfg)

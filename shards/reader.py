@@ -230,6 +230,20 @@ class Split:
         if rest is not None:
             yield rest
 
+    def load(self, *, limit: int | None = None) -> Batch:
+        """The split's first ``limit`` samples (all when None) in memory, decoded: keys, uint8
+        ``(N, 32, 32, 3)`` images and int64 labels. Reads only the shards it needs."""
+        batches, have = [], 0
+        for shard in self.shard_files:
+            if limit is not None and have >= limit:
+                break
+            batches.append(self.decode_shard(shard))
+            have += len(batches[-1].keys)
+        if not batches:
+            return Batch([], np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.int64))
+        whole = _concat(batches)
+        return Batch(whole.keys[:limit], whole.images[:limit], whole.labels[:limit])
+
     def __iter__(self) -> Iterator[Sample]:
         for shard in self.shard_files:
             batch = self.decode_shard(shard)
