@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar5m.augment import crop_flip
 from cifar5m.checkpoint import load_checkpoint, save_checkpoint
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
 from generator.training import training_autocast
@@ -88,15 +89,11 @@ def load_tensors(data: str, split: str, limit: int | None) -> tuple[torch.Tensor
 
 def augment(images: torch.Tensor, gen: torch.Generator, translate: int) -> torch.Tensor:
     """Random translate (reflect-padded crop) and horizontal flip, one batched gather."""
-    n, c, h, w = images.shape
-    dev = images.device
-    pad = F.pad(images.float(), (translate,) * 4, mode="reflect") if translate else images.float()
+    n, dev = images.shape[0], images.device
     shift = torch.randint(0, 2 * translate + 1, (2, n), generator=gen).to(dev)
     flip = torch.rand(n, generator=gen).to(dev) < 0.5
-    rows = (shift[0][:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = shift[1][:, None] + torch.arange(w, device=dev)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return pad[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    return crop_flip(images.float(), shift[0][:, None], shift[1][:, None], flip, pad=translate,
+                     padding="reflect")
 
 
 def lr_factor(step: int, total: int) -> float:
