@@ -12,8 +12,7 @@ from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundErro
 from cifar5m.version import __version__
 from shards.atomic import megabytes
 from shards.format import DEFAULT_SHARD_SIZE
-from shards.manifest import Manifest
-from shards.sources import (
+from shards.import_formats import (
     FORMATS,
     Item,
     detect_format,
@@ -22,6 +21,7 @@ from shards.sources import (
     iter_npz,
     part_number,
 )
+from shards.manifest import Manifest
 from shards.writer import DatasetWriter, Sample
 
 
