@@ -4,7 +4,7 @@ UNet: the google/ddpm-cifar10-32 architecture with random weights (speed does no
 depend on the weights; nothing is downloaded). Labeler: airbench-shaped, random.
 
     python benchmarks/generate_bench.py                 # CPU: tiny counts
-    python benchmarks/gpu_generate.py                   # GPU: the check
+    python benchmarks/gpu_generate.py                   # GPU: the H200 check (docs/generate.md)
 
 Ours = ``generator.pipeline.run`` (sample, label, PNG-encode, tar, index, manifest),
 in steady state: after a one-batch warm-up run (compiles, fills caches), two fresh runs

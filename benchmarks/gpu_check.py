@@ -1,7 +1,7 @@
 """Every GPU measurement of the project as one prepared script, paced for a 15-minute lease.
 
     python benchmarks/gpu_check.py --cifar10 cifar10-jpeg.tar.gz --budget 430 --work /tmp/w --out $OUT
-    python benchmarks/gpu_check.py --cifar10 ../shared/data/cifar10-jpeg.tar.gz --smoke  # CPU, toy sizes
+    python benchmarks/gpu_check.py --cifar10 cifar10-jpeg.tar.gz --smoke  # CPU, toy sizes
     python benchmarks/gpu_check.py --cifar10 cifar10-jpeg.tar.gz --only science --budget 480  # ~8 min
 
 Parts, in priority order. Each starts only when the time left allows it, and a failing part
@@ -10,14 +10,14 @@ minutes and is not in the default ``--only``: run it alone (second line above).
 
 =========  ============================================================================
 data       ``cifar5m import`` of the CIFAR-10 JPEG copy as npy shards
-labeler    ``gpu_models.train_labelers``: airbench-style sweep (issue 4: >= 91 % in < 60 s)
-train      ``gpu_train.bench``: ResNet-18 fed from shards vs compute-only (issue 7: >= 90 %)
+labeler    ``gpu_models.train_labelers``: airbench-style sweep (>= 91 % in < 60 s)
+train      ``gpu_train.bench``: ResNet-18 fed from shards vs compute-only (>= 90 %)
 science    ``gpu_train.science``: generate 1M images (builtin UNet), bootstrap sweep N=10K,50K, T=7,800
-stream     ``cifar5m stream`` on that machine's CPUs, 0/1/4 workers (issue 5: cores per 46k img/s)
-generate   ``gpu_generate``: end-to-end generation vs DDPMPipeline fp16 (issue 3: >= 2.5x)
+stream     ``cifar5m stream`` on that machine's CPUs, 0/1/4 workers (cores per 46k img/s)
+generate   ``gpu_generate``: end-to-end generation vs DDPMPipeline fp16 (>= 2.5x)
 hublabel   ``gpu_labelers``: ViT-B/16 224 px bf16 labeling img/s per batch vs the sampler's rate
 unet       ``gpu_models.train_small_generator``: the builtin UNet, trained until the deadline
-serve      ``serve_bench.py`` on that machine's CPUs (no GPU): room for server and clients (issue 6)
+serve      ``serve_bench.py`` on that machine's CPUs (no GPU): room for server and clients
 =========  ============================================================================
 
 Everything that comes back is written under ``--out`` (the device tool returns 8 files):

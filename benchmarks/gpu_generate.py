@@ -1,4 +1,4 @@
-"""GPU check for issue 3: end-to-end generation vs DDPMPipeline fp16 on an H100/H200.
+"""GPU check: end-to-end generation vs DDPMPipeline fp16 on an H100/H200.
 
     python benchmarks/gpu_generate.py [--count 20480 --batch 512 --steps 20] [--out DIR]
 
@@ -70,7 +70,7 @@ def stage_times(unet_dir: Path, labeler_dir: Path, *, batch: int, steps: int, sa
     from generator.labeler import load_labeler
     from generator.producer import Producer
     from generator.sampler import Sampler
-    from shards.manifest import atomic_write_bytes
+    from shards.atomic import atomic_write_bytes
     from shards.shard import build_shard
 
     gpu = device.startswith("cuda")

@@ -1,4 +1,4 @@
-"""GPU training of the labeler and the builtin generator (issue 4), paced by a deadline.
+"""GPU training of the labeler and the builtin generator, paced by a deadline.
 
 Used by ``gpu_check.py`` (one prepared script for a 15-minute lease); each function
 prints one JSON line per result and appends it to ``$OUT/results.jsonl``.
@@ -6,7 +6,7 @@ prints one JSON line per result and appends it to ``$OUT/results.jsonl``.
 * ``train_labelers``: a sweep in priority order: airbench94 widths (64,256,256) and a
   wider net for longer than airbench94's 10 epochs, and the builtin candidate (<= 5 MB
   of fp32 weights). A run starts only if the deadline leaves room for it.
-  Goal (issue 4): >= 91 % on the JPEG copy's test split in < 60 s of training.
+  Goal: >= 91 % on the JPEG copy's test split in < 60 s of training.
 * ``train_small_generator``: the builtin UNet architecture (~1.5M parameters, cheap on
   CPU) trained until the deadline, then saved with ``save_pretrained`` (EMA weights).
 * ``pack_models``: the chosen labeler and the UNet as one tar for the trip back.

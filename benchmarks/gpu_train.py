@@ -1,4 +1,4 @@
-"""The trainer's GPU checks (issue 7), used by ``gpu_check.py``.
+"""The trainer's GPU checks, used by ``gpu_check.py``.
 
 * ``bench``: ``train_bench`` with ResNet-18 bf16 channels_last at batch 128 and 512:
   ideal world fed from shards vs compute-only (goal: >= 90 %; anchor: ~46k img/s at
@@ -63,8 +63,8 @@ def science(cifar10: Path | None, work: Path, dest: Path, *, left=lambda: float(
     """
     import time
 
-    from train.bootstrap import BootstrapConfig, run_bootstrap
-    from train.trainer import TrainConfig
+    from train.bootstrap import run_bootstrap
+    from train.config import BootstrapConfig, TrainConfig
 
     t0 = time.perf_counter()
     world = generate_world(work, smoke=smoke)

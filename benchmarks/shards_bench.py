@@ -1,6 +1,6 @@
 """Shard format vs webdataset's ShardWriter / WebDataset, same 20,000 CIFAR-10 images, one run.
 
-    python benchmarks/shards_bench.py [--n 20000] [--cifar10 ../shared/data/cifar10-jpeg.tar.gz]
+    python benchmarks/shards_bench.py [--n 20000] [--cifar10 cifar10-jpeg.tar.gz]
 
 Prints bytes per sample, write rate and single-process sequential read+decode rate,
 each with the ratio ours/webdataset. The images are the JPEG re-encoded CIFAR-10 copy

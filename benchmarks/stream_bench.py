@@ -40,7 +40,8 @@ from tests.conftest import CIFAR10_JPEG as CIFAR10  # noqa: E402
 from tests.test_server_support import free_port, wait_http  # noqa: E402
 
 HTTP_WINDOW = 4096  # HTTP rows: see Table.http_rows
-GPU_RATE = 46_000  # img/s a bf16 ResNet-18 consumes on an H200 (measured, see issue #5)
+GPU_RATE = 46_000  # img/s, the sizing anchor for a bf16 ResNet-18 on an H200; our H200 run measured
+# 57,807 img/s compute-only at batch 512 (docs/training.md, "GPU")
 
 SERVER = """
 import sys
@@ -173,7 +174,7 @@ def start_server(kind: str, work: Path, names: list[str]) -> tuple[subprocess.Po
     """A static server of ``work/<name>`` in its own process; the URL under which each
     ``<name>`` lies. ``static``: aiohttp's static files (Starlette StaticFiles on uvicorn
     before 2026-12-04); ``cifar5m``:
-    ``cifar5m serve`` (its default server; Range replies read in 1 MB chunks) over
+    ``cifar5m serve`` (aiohttp; file bodies and ranges sent by ``sendfile``) over
     hard links in ``work/serve/bench/<name>`` (it serves ROOT/<org>/<name>/)."""
     port = free_port()
     if kind == "static":

@@ -9,7 +9,7 @@ where the batch comes from:
   reading and decoding fresh samples from shards (``--num-workers`` processes), copied
   to the device one batch ahead.
 
-The goal (issue 7) is >= 90 % of compute-only. Without ``--data`` a synthetic npy
+The goal is >= 90 % of compute-only. Without ``--data`` a synthetic npy
 dataset with enough fresh samples is written to a temp dir first.
 
     python benchmarks/train_bench.py                      # CPU: a few steps
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from shards.writer import DatasetWriter, Sample
+from train.config import TrainConfig
 from train.runtime import Runtime, TrainData
-from train.trainer import Learner, TrainConfig
+from train.trainer import Learner
 
 
 def synthetic_dataset(root: Path, n: int) -> Path:

@@ -1,7 +1,7 @@
 """How fast the dataset page loads: ``cifar5m serve ROOT`` (1 worker), then the page of
 ORG/NAME and its 10 sample PNGs, three times, after ``--wait`` seconds (the worker's warm-up).
 
-    cifar5m import ../shared/data/cifar10-jpeg.tar.gz --out /tmp/c10/lab/cifar10 --image-format npy
+    cifar5m import cifar10-jpeg.tar.gz --out /tmp/c10/lab/cifar10 --image-format npy
     python benchmarks/viewer_bench.py /tmp/c10 lab/cifar10 --wait 3
 """
 

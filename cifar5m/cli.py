@@ -70,7 +70,7 @@ def cli() -> None:
 
     \b
     Example:
-      cifar5m import ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10
+      cifar5m import cifar10-jpeg.tar.gz --out data/cifar10
       cifar5m info data/cifar10
     """
 

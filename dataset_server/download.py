@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar5m.errors import DownloadError, ManifestError
+from shards.atomic import atomic_write_bytes
 from shards.format import MANIFEST_NAME
 from shards.lock import DirectoryLock
-from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest
+from shards.manifest import FileInfo, Manifest, load_manifest
 from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"

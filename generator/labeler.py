@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from cifar5m.errors import ModelError
-from generator.checkpoint import replace_dir
 from generator.hub_labeler import is_external, load_external
+from generator.training import replace_dir
 from shards.shard import sha256_file
 
 FORMAT_NAME = "cifar5m-labeler"

@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.checkpoint import load_checkpoint, save_checkpoint, training_autocast
+from cifar5m.augment import crop_flip
+from cifar5m.checkpoint import load_checkpoint, save_checkpoint
 from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
-from shards.manifest import atomic_write_bytes
+from generator.training import training_autocast
+from shards.atomic import atomic_write_bytes
 
 CONFIG_NAME = "train_config.json"
 
@@ -67,7 +69,7 @@ class LabelerTrainConfig:
         return d
 
 
-def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_tensors(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A split of a cifar5m dataset as (uint8 NCHW images, int64 labels, class names).
 
     ``limit`` takes a class-balanced subset (datasets are often stored class by class).
@@ -76,10 +78,7 @@ def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, 
     from shards.reader import Dataset
 
     ds = Dataset(data)
-    part = ds.split(split)
-    batches = [part.decode_shard(f) for f in part.shard_files]
-    images = np.concatenate([b.images for b in batches])
-    labels = np.concatenate([b.labels for b in batches])
+    _, images, labels = ds.split(split).load()
     names = list(ds.manifest.class_names)
     if limit is not None and limit < len(labels):
         keep = balanced_subset(labels, limit, seed=0, num_classes=len(names))
@@ -90,15 +89,11 @@ def load_split(data: str, split: str, limit: int | None) -> tuple[torch.Tensor, 
 
 def augment(images: torch.Tensor, gen: torch.Generator, translate: int) -> torch.Tensor:
     """Random translate (reflect-padded crop) and horizontal flip, one batched gather."""
-    n, c, h, w = images.shape
-    dev = images.device
-    pad = F.pad(images.float(), (translate,) * 4, mode="reflect") if translate else images.float()
+    n, dev = images.shape[0], images.device
     shift = torch.randint(0, 2 * translate + 1, (2, n), generator=gen).to(dev)
     flip = torch.rand(n, generator=gen).to(dev) < 0.5
-    rows = (shift[0][:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = shift[1][:, None] + torch.arange(w, device=dev)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return pad[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    return crop_flip(images.float(), shift[0][:, None], shift[1][:, None], flip, pad=translate,
+                     padding="reflect")
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -128,7 +123,7 @@ class _Run:
     def __init__(self, cfg: LabelerTrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
-        x, y, self.class_names = load_split(cfg.data, "train", cfg.max_train)
+        x, y, self.class_names = load_tensors(cfg.data, "train", cfg.max_train)
         self.x, self.y = x.to(device), y.to(device)
         self.mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1) * 255
@@ -234,7 +229,7 @@ def train_labeler(cfg: LabelerTrainConfig, *, device: str | None = None, stop_af
 def _finish(run: _Run) -> dict[str, Any]:
     cfg = run.cfg
     lab = Labeler(run.net, arch=cfg.arch, arch_kwargs=run.arch_kwargs, class_names=run.class_names).to(run.device)
-    x_test, y_test, _ = load_split(cfg.data, "test", cfg.max_test)
+    x_test, y_test, _ = load_tensors(cfg.data, "test", cfg.max_test)
     t0 = time.perf_counter()
     acc = evaluate(lab, x_test, y_test)
     params = sum(p.numel() for p in run.net.parameters())

@@ -24,38 +24,33 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from cifar5m.errors import (
-    ConfigMismatchError,
-    GenerationError,
-    ModelError,
     OutputNotWritableError,
 )
 from generator import defaults, ranks
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
+from generator.ranks import produce_on_all_ranks, shared_from_main
+from generator.resume import fitting, refuse_other_settings
+from generator.session import Session
 from generator.store import is_url, run_to_store
-from shards.format import CIFAR10_CLASSES, MANIFEST_NAME, WORK_DIR
-from shards.lock import DirectoryLock, holder
-from shards.manifest import Manifest, atomic_write_bytes, load_manifest
+from shards.atomic import atomic_write_bytes
+from shards.format import MANIFEST_NAME, WORK_DIR
+from shards.lock import DirectoryLock
+from shards.manifest import Manifest, load_manifest
 from shards.writer import (
     STATE_NAME,
     ShardRecord,
     begin,
-    check_fingerprint,
     load_records,
     part_path,
     write_shard,
 )
-
-NUM_CLASSES = len(CIFAR10_CLASSES)
 
 
 def local_root(cfg: GenerateConfig) -> Path:
@@ -102,28 +97,6 @@ def existing(root: Path) -> tuple[dict[str, Any] | None, dict[str, int]]:
     return fp, sizes
 
 
-def refuse_other_settings(where: str, old_fp: dict[str, Any] | None, fp: dict[str, Any]) -> None:
-    if old_fp is None or old_fp == fp:
-        return
-    if not old_fp:
-        raise ConfigMismatchError(f"{where} holds a dataset not made by cifar5m generate (its manifest "
-                                  f"has no fingerprint); choose another --out")
-    check_fingerprint(where, old_fp, fp)
-
-
-def fitting(where: str, have: Mapping[str, int], plan: list[ShardPlan]) -> dict[str, int]:
-    """The shards of ``have`` (file -> samples) to keep for ``plan``; refuses a smaller count."""
-    sizes = {p.file: p.size for p in plan}
-    too_big = [f for f, n in have.items() if f not in sizes or n > sizes[f]]
-    if too_big:
-        total = sum(have.values())
-        raise ConfigMismatchError(
-            f"{where} already holds {total:,} samples, more than --count {sum(sizes.values()):,} "
-            f"plans (e.g. {sorted(too_big)[0]}); datasets only grow: pass --count >= {total:,}")
-    # A partial last train shard of a smaller count is regenerated at its new size.
-    return {f: n for f, n in have.items() if n == sizes[f]}
-
-
 def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dict[str, int]:
     """Finished shards (file -> samples) to keep; refuses other settings or a smaller count."""
     old_fp, have = existing(root)
@@ -154,31 +127,12 @@ def prepare(cfg: GenerateConfig, root: Path, fp: dict[str, Any], plan: list[Shar
     return {f: r for f, r in records.items() if sizes.get(f) == r.info.samples}, None
 
 
-def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | None:
-    if cfg.labeler_path is None:
-        if not conditional:
-            raise ModelError(
-                f"model {cfg.model!r} is unconditional, so labels must come from a labeler: pass "
-                f"--labeler PATH (a directory saved by save_labeler) or --labeler builtin")
-        if cfg.filtered:
-            raise ModelError("--min-confidence and --balance need a --labeler")
-        return None
-    from generator.labeler import load_labeler
-
-    lab = load_labeler(cfg.labeler_path, device=device)
-    if lab.num_classes != NUM_CLASSES:
-        raise ModelError(f"labeler {cfg.labeler_path!r} has {lab.num_classes} classes; a CIFAR-10 "
-                         f"labeler has {NUM_CLASSES}")
-    return lab
-
-
 def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str, Any] | None = None,
         break_lease: bool = False) -> Manifest | None:
     """Generate (or resume, or extend) the dataset ``cfg`` describes; the manifest on rank 0.
 
     ``storage_options`` (fsspec) and ``break_lease`` apply to URL outputs only.
     """
-    from generator.session import Session
 
     rank = ranks.from_env()
     url = is_url(cfg.out)
@@ -222,62 +176,3 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
 
 def write_local(root: Path, image_format: str, plan: ShardPlan, samples: list) -> ShardRecord:
     return write_shard(root, plan.split, plan.index, samples, image_format=image_format)
-
-
-def produce_on_all_ranks(session: Any, rank: ranks.Rank, todo: list[ShardPlan],
-                         write: Callable[[ShardPlan, list], Any], *, progress: bool) -> None:
-    """Each rank writes its ``todo``; raises on every rank if any rank failed."""
-    if rank.is_main and todo:  # the ranks' shares are even (the plan is dealt round-robin)
-        print(session.start_line(sum(p.size for p in todo) * rank.world), flush=True)
-    ok = False
-    try:
-        session.produce(write, todo, progress=progress)
-        ok = True
-    finally:  # every rank reaches this, so none waits forever for a failed one
-        failed = ranks.failed_ranks(rank, ok)
-    if failed:
-        raise GenerationError(f"rank(s) {', '.join(map(str, failed))} of {rank.world} failed; "
-                              f"re-run the same command to resume")
-
-
-def shared_from_main(rank: ranks.Rank, prepare_on_main: Callable[[], tuple[Any, Any]], *,
-                     locked: Path | None = None,
-                     ) -> tuple[dict[str, ShardRecord | None], Manifest | bool | None]:
-    """``prepare_on_main()`` on rank 0 (kept shards, and the manifest if already complete);
-    the other ranks get the kept shard names (values None) and whether the dataset is
-    complete, or an error if rank 0 failed. With ``locked`` (a local output whose lock rank 0
-    took in ``prepare_on_main``), the other ranks check that rank 0 holds it."""
-    if rank.is_main:
-        try:
-            keep, done = prepare_on_main()
-        except BaseException as exc:
-            ranks.share(rank, ("failed", f"{type(exc).__name__}: {exc}"))
-            raise
-        ranks.share(rank, ("ok", (sorted(keep), done is not None, locked and holder(locked))))
-        return keep, done
-    status, value = ranks.share(rank, None)
-    if status == "failed":
-        raise GenerationError(f"rank 0 stopped before generating ({value})")
-    names, done, owner = value
-    if locked is not None:
-        check_owner(locked, owner)
-    return dict.fromkeys(names), (True if done else None)
-
-
-def check_owner(root: Path, owner: dict | None) -> None:
-    """On ranks > 0: where the output's lock file is visible here (same host or a shared
-    file system), it must name rank 0 of this job: anything else is another writer."""
-    seen = holder(root)
-    if seen is not None and owner is not None and \
-            (seen.get("pid"), seen.get("host")) != (owner.get("pid"), owner.get("host")):
-        raise GenerationError(f"{root} is locked by PID {seen.get('pid')} on {seen.get('host')}, "
-                              f"not by rank 0 of this job (PID {owner.get('pid')}); stop the other "
-                              f"writer, then re-run")
-
-
-def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,
-                        write: Callable[[ShardPlan, list], Any], plan: ShardPlan, samples: list) -> None:
-    """Queue a shard write; block while more than ``limit`` are in flight (bounded memory)."""
-    pending.append(pool.submit(write, plan, samples))
-    while len(pending) > limit:
-        pending.popleft().result()

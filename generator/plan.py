@@ -103,10 +103,12 @@ def describe(*, count: int, nfe: int, gflop: float, gflop_source: str, shards: i
         hours = hours_at(total, mfu)
         lines.append(f"H100 at {mfu:.0%} of bf16 peak: {hours:,.2f} GPU-hours "
                      f"({count / (hours * 3600):,.0f} images/s)")
-    ddpm_pipe = 9866  # image-steps/s, DDPMPipeline fp16 batch 512 on an H200 (issue 3)
+    # image-steps/s of DDPMPipeline fp16, batch 512, on an H200: our GPU check of 2026-11-28
+    # (docs/generate.md, "GPU check"; benchmarks/gpu_generate.py)
+    ddpm_pipe = 10_884
     if gflop_source.startswith("google/ddpm"):
         hours = count * nfe / ddpm_pipe / 3600
-        lines.append(f"diffusers DDPMPipeline fp16 (9,866 image-steps/s, H200): {hours:,.2f} GPU-hours")
+        lines.append(f"diffusers DDPMPipeline fp16 ({ddpm_pipe:,} image-steps/s, H200): {hours:,.2f} GPU-hours")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 
 @dataclass(frozen=True)

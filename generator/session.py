@@ -6,7 +6,7 @@ import contextlib
 import json
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,41 @@ from cifar5m.version import __version__
 from generator import defaults
 from generator import model as model_mod
 from generator.config import CONFIG_NAME, GenerateConfig
-from generator.pipeline import NUM_CLASSES, open_labeler, write_in_background
 from generator.plan import ShardPlan
 from generator.ranks import Rank
+from shards.atomic import atomic_write_bytes
 from shards.format import CIFAR10_CLASSES
-from shards.manifest import Manifest, atomic_write_bytes
+from shards.manifest import Manifest
 from shards.writer import ShardRecord, finalize
 
+NUM_CLASSES = len(CIFAR10_CLASSES)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | None:
+    if cfg.labeler_path is None:
+        if not conditional:
+            raise ModelError(
+                f"model {cfg.model!r} is unconditional, so labels must come from a labeler: pass "
+                f"--labeler PATH (a directory saved by save_labeler) or --labeler builtin")
+        if cfg.filtered:
+            raise ModelError("--min-confidence and --balance need a --labeler")
+        return None
+    from generator.labeler import load_labeler
+
+    lab = load_labeler(cfg.labeler_path, device=device)
+    if lab.num_classes != NUM_CLASSES:
+        raise ModelError(f"labeler {cfg.labeler_path!r} has {lab.num_classes} classes; a CIFAR-10 "
+                         f"labeler has {NUM_CLASSES}")
+    return lab
+
+
+def write_in_background(pool: ThreadPoolExecutor, pending: deque[Future], limit: int,
+                        write: Callable[[ShardPlan, list], Any], plan: ShardPlan, samples: list) -> None:
+    """Queue a shard write; block while more than ``limit`` are in flight (bounded memory)."""
+    pending.append(pool.submit(write, plan, samples))
+    while len(pending) > limit:
+        pending.popleft().result()
 
 
 class Session:

@@ -39,6 +39,8 @@ from generator import ranks
 from generator.config import GenerateConfig
 from generator.lease import LEASE_NAME, Lease
 from generator.plan import ShardPlan
+from generator.ranks import produce_on_all_ranks, shared_from_main
+from generator.resume import fitting, refuse_other_settings
 from shards.format import INDEX_NAME, MANIFEST_NAME, WORK_DIR
 from shards.manifest import Manifest, read_manifest_text
 from shards.shard import ShardInfo, ShardRecord, build_shard, part_bytes, part_info, part_path
@@ -145,8 +147,6 @@ def prepare(store: Store, fp: dict[str, Any], plan: list[ShardPlan]) -> Manifest
 
     Returns the manifest when the dataset is already complete (nothing to do).
     """
-    from generator.pipeline import fitting, refuse_other_settings
-
     manifest, state = store.manifest(), store.state()
     old = state if state is not None else (
         (manifest.provenance.get("fingerprint") or {}) if manifest is not None else None)
@@ -253,8 +253,6 @@ def _scratch(scratch: str | None) -> str | None:
 def run_to_store(cfg: GenerateConfig, session: Any, rank: ranks.Rank, fp: dict[str, Any],
                  plan: list[ShardPlan], *, progress: bool, storage_options: dict[str, Any] | None,
                  break_lease: bool) -> Manifest | None:
-    from generator.pipeline import produce_on_all_ranks, shared_from_main
-
     store = Store(cfg.out, storage_options=storage_options)
     lease = store.lease() if rank.is_main else None  # rank 0 holds it for the whole job
 

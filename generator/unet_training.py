@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cifar5m.checkpoint import load_checkpoint, save_checkpoint
 from cifar5m.errors import TrainConfigError
 from generator import ranks
-from generator.checkpoint import load_checkpoint, replace_dir, save_checkpoint, training_autocast
+from generator.training import replace_dir, training_autocast
 
 CONFIG_NAME = "train_config.json"
 
@@ -129,13 +130,13 @@ def sample_images(unet, scheduler_config: dict, *, count: int, steps: int, seed:
 
 class _Trainer:
     def __init__(self, cfg: UNetTrainConfig, device: torch.device) -> None:
-        from generator.labeler_training import load_split
+        from generator.labeler_training import load_tensors
 
         self.cfg, self.device = cfg, device
         env = ranks.from_env()
         self.rank, self.world = env.rank, env.world
         torch.manual_seed(cfg.seed)
-        x, _, _ = load_split(cfg.data, "train", cfg.max_train)
+        x, _, _ = load_tensors(cfg.data, "train", cfg.max_train)
         self.x = x.to(device)
         self.unet = build_unet(cfg).to(device)
         self.scheduler = build_scheduler(cfg)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 from shards.reader import Dataset
 
 LABEL_WIDTH = 90  # pixels of class-name column at scale 1

@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
 from cifar5m.version import __version__
+from shards.atomic import megabytes
 from shards.format import DEFAULT_SHARD_SIZE
-from shards.manifest import Manifest, megabytes
-from shards.sources import (
+from shards.import_formats import (
     FORMATS,
     Item,
     detect_format,
@@ -21,6 +21,7 @@ from shards.sources import (
     iter_npz,
     part_number,
 )
+from shards.manifest import Manifest
 from shards.writer import DatasetWriter, Sample
 
 

@@ -8,16 +8,13 @@ bytes and sha256, so anyone can check a copy without trusting its transport.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import DatasetNotFoundError, DiskFullError, ManifestError, ManifestVersionError
+from cifar5m.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
+from shards.atomic import atomic_write_bytes
 from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
 
 
@@ -117,71 +114,6 @@ class Manifest:
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from exc
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename.
-
-    A crash leaves either the old file or the new one under ``path``, never half of one.
-    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600, so a
-    server or reader running as another user can read it.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise disk_full(path, len(data)) from None
-        raise
-
-
-def megabytes(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def disk_full(path: Path, needed: int) -> DiskFullError:
-    """The error for a write of ``needed`` bytes to ``path`` that ran out of space."""
-    try:
-        free = shutil.disk_usage(Path(path).parent).free
-    except OSError:
-        free = 0
-    error = DiskFullError(
-        f"no space left on the device of {Path(path).parent} while writing {Path(path).name}: it "
-        f"needs {megabytes(needed)}, {megabytes(free)} are free; free some space (or choose another "
-        f"output directory) and re-run: finished files are kept")
-    error.errno = errno.ENOSPC
-    return error
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX needs the directory's entry synced too)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_UMASK = _umask()  # read once: os.umask is process-wide and not thread-safe to toggle
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:

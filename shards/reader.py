@@ -230,6 +230,20 @@ class Split:
         if rest is not None:
             yield rest
 
+    def load(self, *, limit: int | None = None) -> Batch:
+        """The split's first ``limit`` samples (all when None) in memory, decoded: keys, uint8
+        ``(N, 32, 32, 3)`` images and int64 labels. Reads only the shards it needs."""
+        batches, have = [], 0
+        for shard in self.shard_files:
+            if limit is not None and have >= limit:
+                break
+            batches.append(self.decode_shard(shard))
+            have += len(batches[-1].keys)
+        if not batches:
+            return Batch([], np.empty((0, 32, 32, 3), np.uint8), np.empty(0, np.int64))
+        whole = _concat(batches)
+        return Batch(whole.keys[:limit], whole.images[:limit], whole.labels[:limit])
+
     def __iter__(self) -> Iterator[Sample]:
         for shard in self.shard_files:
             batch = self.decode_shard(shard)
@@ -245,8 +259,3 @@ def _concat(batches: list[Batch]) -> Batch:
         np.concatenate([b.images for b in batches]),
         np.concatenate([b.labels for b in batches]),
     )
-
-
-def open_dataset(root: str | os.PathLike, *, storage_options: dict | None = None) -> Dataset:
-    """Open a dataset directory or URL."""
-    return Dataset(root, storage_options=storage_options)

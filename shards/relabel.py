@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 
 from cifar5m.errors import ConfigMismatchError, ManifestError
+from shards.atomic import atomic_write_bytes
 from shards.card import render_card
 from shards.format import CARD_NAME, INDEX_NAME
 from shards.index import SCHEMA, read_index, write_table
-from shards.manifest import FileInfo, Manifest, atomic_write_bytes, load_manifest, write_manifest
+from shards.manifest import FileInfo, Manifest, load_manifest, write_manifest
 from shards.shard import sha256_file
 
 META_KEY = b"cifar5m.index"

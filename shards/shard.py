@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 
 from cifar5m.errors import ChecksumMismatchError, InvalidImageError, ShardNotFoundError
 from shards import checksum, codec, ustar
+from shards.atomic import atomic_write_bytes
 from shards.format import IMAGE_FORMATS, LABEL_EXT, TAR_BLOCK, WORK_DIR, check_key, shard_name
 from shards.index import SCHEMA, rows_to_table
-from shards.manifest import ShardInfo, atomic_write_bytes
+from shards.manifest import ShardInfo
 
 _SHARD_META = b"cifar5m.shard"
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from cifar5m.errors import ConfigMismatchError, DatasetExistsError
 from shards import checksum
+from shards.atomic import atomic_write_bytes, disk_full
 from shards.card import render_card
 from shards.format import (
     CARD_NAME,
@@ -44,14 +45,7 @@ from shards.format import (
 )
 from shards.index import SCHEMA, read_index, shard_runs
 from shards.lock import LOCK_NAME, DirectoryLock
-from shards.manifest import (
-    FileInfo,
-    Manifest,
-    atomic_write_bytes,
-    disk_full,
-    load_manifest,
-    write_manifest,
-)
+from shards.manifest import FileInfo, Manifest, load_manifest, write_manifest
 
 # Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
 from shards.shard import (

@@ -13,9 +13,10 @@ from PIL import Image
 from cifar5m.cli import cli
 from cifar5m.commands.train import split_archs
 from cifar5m.errors import NotEnoughSamplesError
-from train.bootstrap import BootstrapConfig, run_bootstrap
+from train.bootstrap import run_bootstrap
+from train.config import BootstrapConfig, TrainConfig
 from train.gap import converged_at, format_gap, gap_row
-from train.trainer import Learner, TrainConfig
+from train.trainer import Learner
 
 torch.set_num_threads(1)
 TINY = dict(steps=4, batch_size=16, log_every=2, log_dense=(), test_limit=32)

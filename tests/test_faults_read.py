@@ -26,7 +26,7 @@ from cifar5m.errors import (
     SampleChecksumError,
 )
 from shards import checksum
-from shards.reader import open_dataset
+from shards.reader import Dataset
 from shards.verify import verify_dataset
 from tests.conftest import write_dataset
 from tests.test_server_support import serving
@@ -73,7 +73,7 @@ def test_a_flipped_byte_is_caught_locally_in_every_read_path(damaged, tmp_path):
         stream_all(str(root), world="real", n=40)
     with pytest.raises(SampleChecksumError, match=pattern):
         stream_all(str(root), cache_dir=str(tmp_path / "cache"))  # filling the decoded cache
-    split = open_dataset(root).split("train")
+    split = Dataset(root).split("train")
     with pytest.raises(SampleChecksumError, match=pattern):
         split.get(KEY)
     with pytest.raises(SampleChecksumError, match=pattern):
@@ -144,13 +144,13 @@ def test_an_index_without_the_checksum_column_still_reads_and_is_checked_by_sha2
     (root / "manifest.json").write_text(json.dumps(manifest))
     old = stream_all(str(root))
     assert [b.keys for b in old] == [b.keys for b in reference]
-    assert open_dataset(root).split("train").get(KEY).key == KEY
+    assert Dataset(root).split("train").get(KEY).key == KEY
     verify_dataset(root, progress=False)
     flip(root)
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar does not match its sha256"):
         stream_all(str(root))
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar does not match its sha256"):
-        list(open_dataset(root).split("train"))
+        list(Dataset(root).split("train"))
 
 
 def test_a_corrupt_index_is_one_named_error(tmp_path):
@@ -166,7 +166,7 @@ def test_a_corrupt_index_is_one_named_error(tmp_path):
     manifest["files"] = [f for f in manifest["files"] if f["file"] != "index.parquet"]
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match=r"index\.parquet is not a readable index"):
-        open_dataset(root).split("train")
+        Dataset(root).split("train")
 
 
 def test_grid_on_a_damaged_shard_names_the_shard_not_a_python_object(tmp_path):

@@ -8,7 +8,6 @@ injected ENOSPC everywhere), an import source does not exist.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ from click.testing import CliRunner
 from cifar5m.cli import cli
 from cifar5m.errors import GenerationError, OutputLockedError
 from shards.lock import LOCK_NAME, DirectoryLock, holder
-from shards.reader import open_dataset
+from shards.reader import Dataset
 from shards.verify import verify_dataset
 from tests.conftest import synthetic_images
 from tests.test_faults_read import error_line
@@ -91,7 +90,7 @@ def test_two_imports_started_together_never_leave_a_mixed_dataset(tmp_path):
     line = error_line(1, loser)
     assert "is being written in another process" in line or "already holds" in line
     winner = ("png", "npy")[[code for code, _ in results].index(0)]
-    assert open_dataset(out).manifest.image_format == winner
+    assert Dataset(out).manifest.image_format == winner
     assert verify_dataset(out, decode=True, progress=False).decoded == 400
 
 
@@ -103,13 +102,12 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
                                           "--batch-size", "8", "--arch", "mlp", "--out", str(run)])
         assert result.exit_code == 1 and f"{run} is being written" in result.output, result.output
         assert f"PID {os.getpid()}" in result.output and not (run / "config.json").exists()
-    from train.bootstrap import BootstrapConfig, run_bootstrap
-    from train.trainer import TrainConfig
+    from train.bootstrap import run_bootstrap
+    from train.config import BootstrapConfig, TrainConfig
 
     boot = tmp_path / "boot"
     with DirectoryLock(boot), pytest.raises(OutputLockedError, match=rf"{boot} is being written by a bootstrap"):
-        template = TrainConfig(data=str(data), n=20, arch="mlp", steps=1, batch_size=8)
-        run_bootstrap(BootstrapConfig(template, ns=(20,), archs=("mlp",)), out=boot)
+        run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), steps=1, batch_size=8), ns=(20,), archs=("mlp",)), out=boot)
     assert not (boot / "bootstrap.json").exists()
     from dataset_server.download import download
 
@@ -120,10 +118,9 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
 
     gen = tmp_path / "gen"
     with DirectoryLock(gen), pytest.raises(OutputLockedError, match=rf"{gen} is being generated"):
-        pipeline.shared_from_main(ranks.Rank(), functools.partial(
-            pipeline.prepare, None, gen, {}, [], lock=DirectoryLock(gen, what="generated")), locked=gen)
+        pipeline.prepare(None, gen, {}, [], lock=DirectoryLock(gen, what="generated"))
     with DirectoryLock(gen), pytest.raises(GenerationError, match="not by rank 0 of this job"):
-        pipeline.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
+        ranks.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
 
 
 def test_a_missing_import_source_is_named_and_leaves_nothing(tmp_path):

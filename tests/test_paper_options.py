@@ -12,8 +12,9 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from train.augment import PAD, DeviceAugment
+from train.config import TrainConfig
 from train.models import build_model, count_parameters
-from train.trainer import TrainConfig, lr_factor, train
+from train.trainer import lr_factor, train
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -50,28 +50,6 @@ def test_serve_never_imports_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_dataset_server_modules_import_each_other_without_a_cycle():
-    """Every import between dataset_server modules, function-level ones included."""
-    import ast
-
-    package = REPO_ROOT / "dataset_server"
-    graph = {}
-    for path in package.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "dataset_server":
-                deps |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dataset_server."):
-                deps.add(node.module.split(".")[1])
-        graph[path.stem] = deps & {p.stem for p in package.glob("*.py")}
-    assert "server" in graph and "workers" in graph
-
-    def reaches(start: str, target: str, seen: set) -> bool:
-        return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in graph[start])
-
-    assert not [m for m in graph if reaches(m, m, {m})], graph
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)

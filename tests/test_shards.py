@@ -48,6 +48,23 @@ def test_round_trip_pixels_labels_and_random_access(make_dataset, image_format):
         train.get("nope")
 
 
+def test_split_load_holds_the_first_samples(make_dataset, monkeypatch):
+    root = make_dataset(n_train=150, n_test=30, shard_size=40)
+    images = synthetic_images(180)
+    train = Dataset(root).split("train")
+    keys, got, labels = train.load()
+    assert keys == train.keys and labels.dtype == np.int64
+    np.testing.assert_array_equal(got, images[:150])
+    np.testing.assert_array_equal(labels, np.arange(150) % 10)
+    read = []
+    decode = train.decode_shard
+    monkeypatch.setattr(train, "decode_shard", lambda shard: read.append(shard) or decode(shard))
+    keys, got, labels = train.load(limit=45)
+    assert keys == train.keys[:45] and read == ["train-000000.tar", "train-000001.tar"]  # no more
+    np.testing.assert_array_equal(got, images[:45])
+    assert len(train.load(limit=1000).keys) == 150
+
+
 def test_index_columns_and_offsets_point_at_members(make_dataset):
     root = make_dataset(n_train=20, n_test=5, shard_size=8)
     index = read_index(root / "index.parquet")

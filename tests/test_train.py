@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 from cifar5m.cli import cli
 from cifar5m.errors import ConfigMismatchError
+from train.config import TrainConfig
 from train.metrics import read_rows
 from train.models import MODELS
-from train.trainer import TrainConfig, train
+from train.trainer import train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

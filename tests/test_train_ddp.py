@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.config import TrainConfig
 from train.metrics import read_rows
-from train.trainer import TrainConfig, train
+from train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 5, 16

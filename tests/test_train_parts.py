@@ -10,9 +10,10 @@ from torch import nn
 
 from cifar5m.errors import ModelError, TrainConfigError
 from train.augment import DeviceAugment, prepare
+from train.config import TrainConfig
 from train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
 from train.models import MODELS, build_model, count_parameters, register
-from train.trainer import TrainConfig, lr_factor
+from train.trainer import lr_factor
 
 CPU = torch.device("cpu")
 
@@ -126,3 +127,21 @@ def test_config_rejects_bad_values_with_the_reason():
         TrainConfig(data="x", augment="mixup")
     c = TrainConfig(data="x", world="real", n=5)
     assert TrainConfig.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_crop_flip_is_a_window_of_the_padded_image(padding):
+    """The shared gather (train's DeviceAugment and the labeler's augment) against F.pad."""
+    from cifar5m.augment import crop_flip
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    dy, dx = torch.tensor([[0], [1], [2], [3], [4], [2]]), torch.tensor([[4], [3], [2], [1], [0], [2]])
+    flip = torch.tensor([False, True, False, True, False, True])
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="constant" if padding == "zeros" else "reflect")
+    got = crop_flip(images, dy, dx, flip, pad=2, padding=padding)
+    assert got.dtype == torch.uint8
+    for i in range(6):
+        window = padded[i, :, dy[i, 0] : dy[i, 0] + 8, dx[i, 0] : dx[i, 0] + 8]
+        torch.testing.assert_close(got[i].float(), window.flip(-1) if flip[i] else window)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        crop_flip(images, dy, dx, flip, pad=2, padding="edge")

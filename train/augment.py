@@ -9,8 +9,8 @@ would need ~10 CPU cores to crop and flip with torchvision per sample.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from cifar5m.augment import crop_flip
 from cifar5m.errors import TrainConfigError
 
 # The paper's `--aug 0-3`: none, flips, crop (zero padding 4) + flip, reflect-padded crop + flip.
@@ -32,25 +32,15 @@ class DeviceAugment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return images
-        b, c, h, w = images.shape
-        dev, g = images.device, self.generator
+        b, dev, g = images.shape[0], images.device, self.generator
         if self.mode == "flip":
             flip = torch.rand(b, device=dev, generator=g) < 0.5
             return torch.where(flip[:, None, None, None], images.flip(-1), images)
         dy = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev, generator=g)
         dx = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev, generator=g)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
-        cols = torch.arange(w, device=dev)
-        cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx  # flip folded into the gather
-        rows = torch.arange(h, device=dev) + dy
-        if self.mode == "crop-flip":
-            source = F.pad(images, (PAD, PAD, PAD, PAD))
-        else:  # mirror the padded coordinates back into the image: -k -> k, size-1+k -> size-1-k
-            source = images
-            rows, cols = _reflect(rows - PAD, h), _reflect(cols - PAD, w)
-        return source[torch.arange(b, device=dev)[:, None, None, None],
-                      torch.arange(c, device=dev)[None, :, None, None],
-                      rows[:, None, :, None], cols[:, None, None, :]]
+        return crop_flip(images, dy, dx, flip, pad=PAD,
+                         padding="zeros" if self.mode == "crop-flip" else "reflect")
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "generator": self.generator.get_state()}
@@ -58,12 +48,6 @@ class DeviceAugment:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu")
                                  else state["generator"])
-
-
-def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Positions in ``[-PAD, size + PAD)`` mirrored into ``[0, size)`` (``np.pad`` "reflect")."""
-    index = index.abs()
-    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
 def prepare(images: torch.Tensor, *, channels_last: bool) -> torch.Tensor:

@@ -14,66 +14,18 @@ curves, and ``train.plots`` the figure in the paper's layout.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cifar5m.errors import Cifar5mError, NotEnoughSamplesError, TrainConfigError
+from cifar5m.errors import Cifar5mError, NotEnoughSamplesError
+from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
-from shards.manifest import atomic_write_bytes
-from train.gap import Report, run_name, write_report
-from train.models import check_model, parse_widths
-from train.trainer import RESULT_NAME, TrainConfig, train
-
-# The paper trains the real world until its train error is small; a run counts as converged at
-# the first log point where its train soft error is below this.
-DEFAULT_THRESHOLD = 0.01
-
-
-@dataclass(frozen=True)
-class BootstrapConfig:
-    """A run template (its ``world``, ``n``, ``arch`` and ``seed`` are replaced per run)."""
-
-    template: TrainConfig
-    ns: tuple[int, ...]
-    archs: tuple[str, ...] = ("preresnet18",)
-    seeds: tuple[int, ...] = (0,)
-    threshold: float = DEFAULT_THRESHOLD
-
-    def __post_init__(self) -> None:
-        if not self.ns or min(self.ns) < 1:
-            raise TrainConfigError(f"bootstrap needs one or more positive N, got {self.ns}")
-        if not self.archs or not self.seeds:
-            raise TrainConfigError("bootstrap needs at least one model and one seed")
-        if not 0 < self.threshold < 1:
-            raise TrainConfigError(f"the convergence threshold must be in (0, 1), got {self.threshold}")
-        for arch in self.archs:
-            check_model(arch)
-
-    def run(self, arch: str, world: str, seed: int, n: int | None = None) -> TrainConfig:
-        """One run's config. The real world never wraps, so ``--wrap`` leaves its runs valid."""
-        width = None if parse_widths(arch) else self.template.width
-        return dataclasses.replace(self.template, arch=arch, width=width, world=world, seed=seed,
-                                   n=n if world == "real" else None,
-                                   wrap=self.template.wrap and world == "ideal")
-
-    def runs(self) -> list[tuple[str, TrainConfig]]:
-        """(directory under out, config) of every run, each model's ideal worlds first."""
-        out = []
-        for arch in self.archs:
-            for seed in self.seeds:
-                out.append((run_name(arch, seed), self.run(arch, "ideal", seed)))
-                out += [(run_name(arch, seed, n), self.run(arch, "real", seed, n)) for n in self.ns]
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps({"template": self.template.saved(), "ns": list(self.ns),
-                           "archs": list(self.archs), "seeds": list(self.seeds),
-                           "threshold": self.threshold}, indent=2, sort_keys=True) + "\n"
+from train.config import BootstrapConfig
+from train.gap import Report, write_report
+from train.trainer import RESULT_NAME, train
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from shards import checksum
+from shards.atomic import atomic_write_bytes
 from shards.format import IMAGE_BYTES as SAMPLE_BYTES
-from shards.manifest import atomic_write_bytes
 
 log = logging.getLogger("cifar5m.stream")
 SUFFIX = ".chw.u8"

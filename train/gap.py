@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
+from train.config import BootstrapConfig, run_name
 from train.plots import plot_sweep
-
-if TYPE_CHECKING:  # train.bootstrap imports this module
-    from train.bootstrap import BootstrapConfig
 
 GAP_COLUMNS = ("model", "n", "seeds", "converged", "conv_step", "conv_step_min", "conv_step_max",
                "real_test_soft_error_conv", "ideal_test_soft_error_conv", "gap_conv", "gap_conv_sd",
@@ -39,16 +35,6 @@ class Report:
     gap: list[dict]  # one row per model and N, GAP_COLUMNS
     plot: Path
     curves: dict[str, list[dict]]  # run directory -> its metric rows
-
-
-def slug(arch: str) -> str:
-    """A directory name for a model: ``mlp[512,512]`` -> ``mlp-512-512``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", arch).strip("-")
-
-
-def run_name(arch: str, seed: int, n: int | None = None) -> str:
-    """A run's directory under the sweep's output: the ideal world when ``n`` is None."""
-    return f"{slug(arch)}/" + (f"ideal-seed{seed}" if n is None else f"real-n{n}-seed{seed}")
 
 
 def by_step(rows: list[dict]) -> dict[int, dict]:

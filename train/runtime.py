@@ -23,14 +23,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar5m.errors import TrainConfigError
-from shards.manifest import atomic_write_bytes
+from cifar5m.ranks import from_env
+from shards.atomic import atomic_write_bytes
 from shards.reader import Dataset
 from train.augment import prepare
+from train.config import TrainConfig
 from train.metrics import evaluate
 
-if TYPE_CHECKING:  # train.trainer imports this module
+if TYPE_CHECKING:
     from train.stream import SampleStream
-    from train.trainer import TrainConfig
 
 
 def _destroy_group() -> None:
@@ -46,8 +47,8 @@ class Runtime:
 
     @classmethod
     def start(cls, *, device: str = "auto") -> Runtime:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        env = from_env()
+        world, local = env.world, env.local_rank
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         try:
@@ -222,21 +223,14 @@ class EvalSet:
     labels: torch.Tensor
 
 
-def load_split(source: str, split: str, *, limit: int | None, rt: Runtime,
-               storage_options: dict | None = None) -> EvalSet:
+def load_eval_set(source: str, split: str, *, limit: int | None, rt: Runtime,
+                  storage_options: dict | None = None) -> EvalSet:
     """The first ``limit`` samples of a split; each rank keeps every world_size-th one."""
-    images, labels, have = [], [], 0
-    dataset = Dataset(source, storage_options=storage_options)
-    for batch in dataset.split(split).iter_batches(10_000):
-        images.append(batch.images)
-        labels.append(batch.labels)
-        have += len(batch.labels)
-        if limit is not None and have >= limit:
-            break
-    if not images:
+    _, images, labels = Dataset(source, storage_options=storage_options).split(split).load(limit=limit)
+    if not len(labels):
         raise TrainConfigError(f"{source} split {split!r} is empty; evaluate on another split")
-    x = np.concatenate(images)[:limit].transpose(0, 3, 1, 2)[rt.rank :: rt.world_size]
-    y = np.concatenate(labels)[:limit][rt.rank :: rt.world_size]
+    x = images.transpose(0, 3, 1, 2)[rt.rank :: rt.world_size]
+    y = labels[rt.rank :: rt.world_size]
     return EvalSet(split, torch.from_numpy(np.ascontiguousarray(x)).to(rt.device),
                    torch.from_numpy(y).to(rt.device))
 
@@ -249,10 +243,10 @@ class Evaluator:
 
     @classmethod
     def build(cls, config: TrainConfig, rt: Runtime, data: TrainData) -> Evaluator:
-        sets = {"test": load_split(config.data, config.test_split, limit=config.test_limit, rt=rt,
-                                   storage_options=config.storage_options)}
+        sets = {"test": load_eval_set(config.data, config.test_split, limit=config.test_limit, rt=rt,
+                                      storage_options=config.storage_options)}
         if config.cifar10_test:
-            sets["cifar10"] = load_split(config.cifar10_test, "test", limit=None, rt=rt)
+            sets["cifar10"] = load_eval_set(config.cifar10_test, "test", limit=None, rt=rt)
         if data.real:
             stop = config.train_eval_limit or len(data.labels)
             sets["train"] = EvalSet("train", data.images[:stop][rt.rank :: rt.world_size],

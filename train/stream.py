@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
+from cifar5m.ranks import from_env
 from train.cache import DecodedCache
 from train.catalog import Catalog
 from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
@@ -90,8 +91,9 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank() if rank is None else rank
         world_size = dist.get_world_size() if world_size is None else world_size
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    env = from_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise StreamConfigError(f"rank {rank} is not valid for world size {world_size}")
     return rank, world_size

@@ -10,7 +10,6 @@ batch 128, SGD lr 0.1 without momentum or weight decay, cosine over T = 39,000 s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -20,99 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
-from shards.lock import DirectoryLock
-from shards.manifest import atomic_write_bytes
-from train import runtime
-from train.augment import AUGMENTATIONS, DeviceAugment, prepare
-from train.checkpoint import (
+from cifar5m.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from train.metrics import PAPER_DENSE, MetricsLog, log_points, read_rows
+from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
+from shards.atomic import atomic_write_bytes
+from shards.lock import DirectoryLock
+from train import runtime
+from train.augment import DeviceAugment, prepare
+from train.config import TrainConfig
+from train.metrics import MetricsLog, log_points, read_rows
 from train.models import build_model, count_parameters
 
 CONFIG_NAME, RESULT_NAME = "config.json", "result.json"
-# Fields that may change between a run and its resume without changing the curve.
-RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile",
-                    "storage_options"}
-# Not written to config.json or checkpoints: fsspec options may hold credentials.
-UNSAVED_FIELDS = {"storage_options"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` next to its metrics."""
-
-    data: str
-    world: str = "ideal"  # "real": N samples reused; "ideal": every batch fresh
-    n: int | None = None  # real world: number of samples (required)
-    arch: str = "preresnet18"
-    width: int | None = None  # None = the paper's size; small values for tests
-    steps: int = 39_000  # 100 epochs of 50K at batch 128
-    batch_size: int = 128  # global, over all ranks
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" over `steps`, or "constant"
-    lr_step_every: int = 1  # cosine stepped every this many batches (the paper's code: 390)
-    augment: str = "none"  # "none", "flip", "crop-flip", "reflect-crop-flip" (the paper's 0-3)
-    seed: int = 0  # model init, sample order and augmentation
-    class_balanced: bool = False
-    wrap: bool = False  # ideal world: past one pass over the split, repeat it (new permutation)
-    log_every: int = 64
-    log_dense: tuple[tuple[int, int], ...] = PAPER_DENSE
-    test_split: str = "test"
-    test_limit: int | None = 10_000  # first samples of the test split evaluated
-    cifar10_test: str | None = None  # a dataset dir whose test split is CIFAR-10 test
-    train_eval_limit: int | None = None  # real world: evaluate on this many of the N
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 1000
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
-    channels_last: bool = True
-    compile: bool = False
-    device: str = "auto"
-    num_workers: int = 0
-    record_keys: bool = False  # write the keys of every batch (tests, audits)
-    stop_after: int | None = None  # stop (as if killed) after this many steps
-    storage_options: dict | None = None  # fsspec options for --data (s3:// endpoint, ...); not saved
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "log_dense", tuple(tuple(p) for p in self.log_dense))
-        problems = []
-        if self.world not in ("real", "ideal"):
-            problems.append(f"world must be 'real' or 'ideal', got {self.world!r}")
-        if self.world == "real" and not self.n:
-            problems.append("the real world needs --n (the number of samples it reuses)")
-        if self.augment not in AUGMENTATIONS:
-            problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if self.schedule not in ("cosine", "constant"):
-            problems.append(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1 or self.lr_step_every < 1:
-            problems.append("steps, batch_size, log_every and lr_step_every must be positive")
-        if problems:
-            raise TrainConfigError("; ".join(problems))
-
-    def saved(self) -> dict:
-        """The fields written to config.json and checkpoints (no storage options)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in UNSAVED_FIELDS}
-
-    def to_json(self) -> str:
-        return json.dumps(self.saved(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls(**json.loads(text))
-
-    def curve_fields(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_FIELDS}
-
-
 @dataclass
 class TrainResult:
     out: Path

@@ -34,7 +34,7 @@ def import_cmd(sources, out, fmt, image_format, shard_size, test_part, test_coun
 
     \b
     Examples:
-      cifar5m import ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10
+      cifar5m import cifar10-jpeg.tar.gz --out data/cifar10
       cifar5m import cifar5m_part{0,1,2,3,4,5}.npz --out data/cifar5m --workers 8
       cifar5m import cifar-10-batches-py --out data/cifar10-orig
     """

@@ -50,7 +50,7 @@ def demo_cmd(out: str, cifar10: str | None, count: int) -> None:
 
     \b
     Example:
-      cifar5m demo --out demo-output --cifar10 ../shared/data/cifar10-jpeg.tar.gz
+      cifar5m demo --out demo-output --cifar10 cifar10-jpeg.tar.gz
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

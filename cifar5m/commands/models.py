@@ -45,7 +45,7 @@ def train_labeler_cmd(data, out, arch, widths, epochs, batch_size, lr, label_smo
 
     \b
     Examples:
-      cifar5m import ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10 --image-format npy
+      cifar5m import cifar10-jpeg.tar.gz --out data/cifar10 --image-format npy
       cifar5m train-labeler data/cifar10 --out models/labeler          # GPU: airbench94
       cifar5m train-labeler data/cifar10 --out lab --widths 32,64,128 --epochs 6 --batch-size 512
     """

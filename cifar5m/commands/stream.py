@@ -93,7 +93,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     from pathlib import Path
 
     from train.stream import SampleStream, StreamConfig
-    from train.stream_tool import format_stats, run_stats, write_tar
+    from train.stream_check import format_stats, run_stats, write_tar
 
     config = StreamConfig(
         source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
@@ -107,7 +107,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
 
     def save() -> None:
         if state_file is not None:
-            from shards.manifest import atomic_write_bytes
+            from shards.atomic import atomic_write_bytes
 
             atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
 

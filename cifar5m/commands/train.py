@@ -71,8 +71,8 @@ def _run_options(command: Callable) -> Callable:
 
 def _config(world: str, seed: int, opts: dict):
     from cifar5m.commands.stream import parse_storage_options
+    from train.config import TrainConfig
     from train.metrics import parse_dense
-    from train.trainer import TrainConfig
 
     opts = dict(opts)
     opts["compile"] = opts.pop("compile_")
@@ -141,7 +141,8 @@ def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> 
       cifar5m bootstrap --data data/cifar5m --n 50000 --steps 39000 --lr-step-every 390 \\
           --augment crop-flip --precision fp32 --out runs/paper
     """
-    from train.bootstrap import BootstrapConfig, run_bootstrap
+    from train.bootstrap import run_bootstrap
+    from train.config import BootstrapConfig
 
     models = split_archs(archs)
     config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": models[0]}),

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from train.stream import SampleStream
-from train.tario import TarStreamWriter
+from train.tar_writer import TarStreamWriter
 
 
 def _plan_check(stream: SampleStream, first: int, stop: int) -> dict[str, Any]:

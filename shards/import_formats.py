@@ -8,7 +8,7 @@ them. Formats:
   or any fsspec URL, read in chunks straight out of the zip (a part is 3 GB
   uncompressed, so it is never loaded whole).
 - ``cifar10-jpeg``: ``train/<class>/NNNN.jpg`` and ``test/...`` as a .tar.gz or a
-  directory (the JPEG re-encoded copy in ``shared/data``); classes are interleaved
+  directory (e.g. a JPEG re-encoded copy of CIFAR-10); classes are interleaved
   (airplane 0000, automobile 0000, ...) so any prefix of the split is balanced.
 - ``cifar10-python``: the original ``cifar-10-batches-py`` pickles (directory or .tar.gz).
 """
