@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 SHARED ?= ../shared
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean timm-install test-timm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,27 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
+# timm (a labeler backend, docs/labelers.md) imports torchvision, and PyPI's torchvision only
+# imports beside the torch it was built with: torchvision 0.29.1 with torch 2.14.1 (a CUDA build,
+# ~5.5 GB, that runs on the CPU too). A second venv runs the Hub-labeler tests with real timm.
+TIMM_VENV ?= .venv-timm
+TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TIMM_STAMP := $(TIMM_VENV)/.installed
+
+$(TIMM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install -q $(TIMM_TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(TIMM_VENV)/bin/python -m pip install -q -e ".[generate,train,serve,test,labelers]"
+	touch $(TIMM_STAMP)
+
+timm-install: $(TIMM_STAMP)
+
+test-timm: timm-install
+	$(TIMM_VENV)/bin/python -m pytest -q tests/test_hub_labeler.py
+
 demo: install
 	$(VENV)/bin/cifar5m demo --out $(DEMO_DIR) --cifar10 $(SHARED)/data/cifar10-jpeg.tar.gz
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TIMM_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
