@@ -139,8 +139,8 @@ def test_interrupted_import_finishes_identically(tmp_path, monkeypatch):
 
     real = importer.iter_items
 
-    def crashing(cfg):
-        for i, item in enumerate(real(cfg)):
+    def crashing(cfg, **callbacks):
+        for i, item in enumerate(real(cfg, **callbacks)):
             if i == 29:
                 raise OSError("network dropped")
             yield item
@@ -225,3 +225,20 @@ def test_import_workers_die_with_a_killed_parent(tmp_path):
     while time.monotonic() < deadline and any(alive(p) for p in below):
         time.sleep(0.1)
     assert not [p for p in below if alive(p)], "workers outlived their killed parent"
+
+
+def test_progress_counts_every_source_row_and_ends_at_its_total(tmp_path, capsys):
+    for p in (0, 5):
+        write_part(tmp_path / f"cifar5m_part{p}.npz", 30, seed=p, compressed=p == 5)
+    sources = [str(tmp_path / f"cifar5m_part{p}.npz") for p in (0, 5)]
+    # Part 5 gives 5 test rows and drops its other 25: they count, so the bar ends at 60/60.
+    manifest = import_dataset(tmp_path / "ds", resolve_config(sources, test_count=5, shard_size=8))
+    totals = manifest.totals()
+    assert totals["train"]["samples"] == 30 and totals["test"]["samples"] == 5
+    last = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.strip()][-1]
+    assert last.startswith("import ds: 100%") and "60/60" in last, last
+    assert "cifar5m_part5.npz" in last, last  # the source being read
+    # With --limit the rows past it are read too (and counted): the bar still ends at 60/60.
+    import_dataset(tmp_path / "lim", resolve_config(sources, test_count=5, limit=4))
+    last = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.strip()][-1]
+    assert last.startswith("import lim: 100%") and "60/60" in last, last
