@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
     .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
     .venv/bin/python benchmarks/stream_bench.py --only-checksums        # what verifying costs
+    .venv/bin/python benchmarks/stream_bench.py --scale --gigabytes 30  # cold, larger than RAM (sketch)
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -209,6 +210,11 @@ def parse_args() -> argparse.Namespace:
                     help="Only the cost of the per-member checksums (ours with and without them).")
     ap.add_argument("--min-samples", type=int, default=200_000,
                     help="Fast rows of ours run at least this many samples (new epochs).")
+    ap.add_argument("--scale", action="store_true",
+                    help="Cold-cache runs of `cifar5m stream` on a large npy dataset (stream_scale.py).")
+    ap.add_argument("--gigabytes", type=float, default=30.0, help="--scale: dataset size on disk.")
+    ap.add_argument("--batches", type=int, default=2000, help="--scale: batches per run.")
+    ap.add_argument("--n", type=int, default=50_000, help="--scale: the real world's subset.")
     return ap.parse_args()
 
 
@@ -373,6 +379,12 @@ def main() -> None:
     global SECONDS
     args = parse_args()
     SECONDS = args.seconds
+    if args.scale:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from stream_scale import run
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        return run(args)
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     roots = {}

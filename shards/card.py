@@ -2,15 +2,18 @@
 
 The YAML front matter declares one config whose splits point at the tar shards (so
 ``datasets`` picks its WebDataset builder), and features named after the tar
-members (``png``/``npy`` and ``cls``), which is how that builder names columns;
-declaring them saves the client a probe of the first shard.
+members (``png``/``npy`` and ``cls``), which is how that builder names columns.
+Declaring them saves the client a probe of the first shard (which for npy, without
+them, downloads a whole shard and infers nested lists and a plain integer ``cls``):
+``png`` is an ``Image``, ``npy`` an ``Array3D`` of uint8 (32, 32, 3) (the builder
+``np.load``s the member), ``cls`` a ``ClassLabel`` with the class names.
 """
 
 from __future__ import annotations
 
 import yaml
 
-from shards.format import SHARD_GLOB
+from shards.format import IMAGE_SHAPE, SHARD_GLOB
 from shards.manifest import Manifest
 
 
@@ -26,13 +29,11 @@ def card_metadata(manifest: Manifest) -> dict:
     totals = manifest.totals()
     label_feature = {"name": "cls", "dtype": {"class_label": {"names": {
         str(i): name for i, name in enumerate(manifest.class_names)}}}}
-    # npy members decode to arrays whose feature type `datasets` infers itself.
-    features = [{"name": "png", "dtype": "image"}, label_feature] if manifest.image_format == "png" else None
-    info: dict = {"splits": [
+    image = ({"name": "png", "dtype": "image"} if manifest.image_format == "png" else
+             {"name": "npy", "dtype": {"array3_d": {"shape": list(IMAGE_SHAPE), "dtype": "uint8"}}})
+    info: dict = {"features": [image, label_feature], "splits": [
         {"name": split, "num_bytes": t["bytes"], "num_examples": t["samples"]} for split, t in totals.items()
     ]}
-    if features:
-        info = {"features": features, **info}
     return {
         "license": manifest.provenance.get("license", "other"),
         "task_categories": ["image-classification"],

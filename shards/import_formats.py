@@ -99,8 +99,12 @@ def read_npz_labels(zf: zipfile.ZipFile, *, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def iter_npz(source: str, *, part: int, split_of: Callable[[int], str | None]) -> Iterator[Item]:
-    """Items of one CIFAR-5m part; ``split_of(row)`` assigns a split (None drops the row)."""
+def iter_npz(
+    source: str, *, part: int, split_of: Callable[[int], str | None],
+    on_dropped: Callable[[int], object] | None = None,
+) -> Iterator[Item]:
+    """Items of one CIFAR-5m part; ``split_of(row)`` assigns a split (None drops the row,
+    and ``on_dropped(n)`` hears of each chunk's dropped rows, so progress counts them)."""
     with fsspec.open(source, "rb") as raw, _open_zip(raw, source) as zf:
         names = {n.removesuffix(".npy") for n in zf.namelist()}
         if not {"X", "Y"} <= names:
@@ -116,7 +120,8 @@ def iter_npz(source: str, *, part: int, split_of: Callable[[int], str | None]) -
                 )
             if shape[0] != len(labels):
                 raise InvalidSourceError(f"{source}: X has {shape[0]} images but Y {len(labels)} labels")
-            yield from _npz_rows(xs, labels, part=part, split_of=split_of, where=source)
+            yield from _npz_rows(xs, labels, part=part, split_of=split_of, where=source,
+                                 on_dropped=on_dropped)
 
 
 def _open_zip(raw, source: str) -> zipfile.ZipFile:
@@ -126,7 +131,7 @@ def _open_zip(raw, source: str) -> zipfile.ZipFile:
         raise InvalidSourceError(f"{source} is not an npz (zip) file: {exc}") from None
 
 
-def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str) -> Iterator[Item]:
+def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str, on_dropped) -> Iterator[Item]:
     row_bytes = IMAGE_BYTES
     for start in range(0, len(labels), NPZ_CHUNK):
         count = min(NPZ_CHUNK, len(labels) - start)
@@ -134,11 +139,16 @@ def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str) -> Ite
         if len(data) != count * row_bytes:
             raise InvalidSourceError(f"{where}: X ends after {start + len(data) // row_bytes} images")
         chunk = np.frombuffer(data, np.uint8).reshape(count, *IMAGE_SHAPE)
+        dropped = 0
         for j in range(count):
             split = split_of(start + j)
             if split is not None:
                 yield Item(split, f"p{part}_{start + j:07d}", int(labels[start + j]),
                            lambda c=chunk, j=j: c[j])
+            else:
+                dropped += 1
+        if dropped and on_dropped is not None:
+            on_dropped(dropped)
 
 
 # --- CIFAR-10 JPEG tree ----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
 from cifar5m.version import __version__
 from shards.atomic import megabytes
-from shards.format import DEFAULT_SHARD_SIZE
+from shards.format import DEFAULT_SHARD_SIZE, IMAGE_BYTES
 from shards.import_formats import (
     FORMATS,
     Item,
@@ -64,16 +64,26 @@ def resolve_config(sources: Sequence[str], *, format: str | None = None, **optio
     return ImportConfig(sources=tuple(str(s) for s in sources), format=fmt, **options)
 
 
-def iter_items(config: ImportConfig) -> Iterator[Item]:
-    """All items of the sources in import order (before --limit)."""
-    if config.format == "cifar10-jpeg":
-        yield from iter_cifar10_jpeg(config.sources[0])
-    elif config.format == "cifar10-python":
-        yield from iter_cifar10_python(config.sources[0])
-    else:
-        for i, source in enumerate(config.sources):
-            part = part_number(source, i)
-            yield from iter_npz(source, part=part, split_of=_npz_splitter(config, part))
+def iter_items(
+    config: ImportConfig, *, on_source: Callable[[str], object] | None = None,
+    on_dropped: Callable[[int], object] | None = None,
+) -> Iterator[Item]:
+    """All items of the sources in import order (before --limit).
+
+    ``on_source(source)`` is called as each source is opened and ``on_dropped(n)`` with
+    rows read but not imported (the rest of the test part), for progress reports.
+    """
+    if config.format in ("cifar10-jpeg", "cifar10-python"):
+        if on_source is not None:
+            on_source(config.sources[0])
+        reader = iter_cifar10_jpeg if config.format == "cifar10-jpeg" else iter_cifar10_python
+        yield from reader(config.sources[0])
+        return
+    for i, source in enumerate(config.sources):
+        if on_source is not None:
+            on_source(source)
+        part = part_number(source, i)
+        yield from iter_npz(source, part=part, split_of=_npz_splitter(config, part), on_dropped=on_dropped)
 
 
 def _npz_splitter(config: ImportConfig, part: int):
@@ -81,17 +91,6 @@ def _npz_splitter(config: ImportConfig, part: int):
         return lambda row: "train"
     rest = "train" if config.rest_of_test_part == "train" else None
     return lambda row: "test" if row < config.test_count else rest
-
-
-def _limited(items: Iterator[Item], limit: int | None) -> Iterator[Item]:
-    if limit is None:
-        yield from items
-        return
-    seen: dict[str, int] = {}
-    for item in items:
-        seen[item.split] = seen.get(item.split, 0) + 1
-        if seen[item.split] <= limit:
-            yield item
 
 
 def import_dataset(out: str | Path, config: ImportConfig, *, progress: bool = True) -> Manifest:
@@ -131,41 +130,65 @@ def _space_needed(out: str | Path, config: ImportConfig) -> str:
 
 def planned_samples(config: ImportConfig) -> int | None:
     """Samples the import will write (None where the sources do not say cheaply)."""
-    if config.format in ("cifar10-jpeg", "cifar10-python"):
-        counts = [50_000, 10_000]
-    else:
-        import zipfile
-
-        import fsspec
-
-        counts = []
-        try:
-            for source in config.sources:
-                with fsspec.open(source, "rb") as raw, zipfile.ZipFile(raw) as zf:
-                    counts.append(zf.getinfo("X.npy").file_size // 3072)
-        except Exception:  # only an estimate
-            return None
+    counts = [50_000, 10_000] if config.format in ("cifar10-jpeg", "cifar10-python") else source_rows(config)
+    if counts is None:
+        return None
     if config.limit is not None:
         counts = [min(c, config.limit) for c in counts]
     return sum(counts)
+
+
+def source_rows(config: ImportConfig) -> list[int] | None:
+    """Rows in each npz source, from its zip directory (X.npy's size; nothing decoded).
+
+    None for the CIFAR-10 formats (whose readers list files first) or an unreadable source.
+    """
+    if config.format != "cifar5m-npz":
+        return None
+    import zipfile
+
+    import fsspec
+
+    counts = []
+    try:
+        for source in config.sources:
+            with fsspec.open(source, "rb") as raw, zipfile.ZipFile(raw) as zf:
+                counts.append(zf.getinfo("X.npy").file_size // IMAGE_BYTES)  # header < one row
+    except Exception:  # only for the progress bar; reading reports the real error
+        return None
+    return counts
 
 
 def _write(out: str | Path, config: ImportConfig, provenance: dict, *, progress: bool) -> Manifest:
     with DatasetWriter(
         out, fingerprint=config.fingerprint(), image_format=config.image_format,
         shard_size=config.shard_size, provenance=provenance, workers=config.workers,
-    ) as writer, tqdm(desc=f"import {Path(str(out)).name}", unit="img", disable=not progress,
-                      smoothing=0.05) as bar:
+    ) as writer, _progress_bar(out, config, enabled=progress) as bar:
         skip = {split: writer.completed(split) for split in ("train", "test")}
-        bar.update(sum(skip.values()))
         seen = dict.fromkeys(skip, 0)
-        for item in _limited(iter_items(config), config.limit):
-            seen[item.split] = seen.get(item.split, 0) + 1
-            if seen[item.split] <= skip.get(item.split, 0):
-                continue  # already in a finished shard of an interrupted run
-            writer.add(item.split, Sample(item.key, item.load(), item.label))
+        # The bar counts rows read from the sources: imported, skipped on resume, past
+        # --limit, or dropped (the rest of the test part), so it ends at its total.
+        items = iter_items(config, on_source=lambda s: bar.set_postfix_str(_short(s), refresh=False),
+                           on_dropped=bar.update)
+        for item in items:
             bar.update()
+            n = seen[item.split] = seen.get(item.split, 0) + 1
+            if n <= skip.get(item.split, 0) or (config.limit is not None and n > config.limit):
+                continue  # in a finished shard of an interrupted run, or past --limit
+            writer.add(item.split, Sample(item.key, item.load(), item.label))
     return writer.manifest
+
+
+def _progress_bar(out: str | Path, config: ImportConfig, *, enabled: bool) -> tqdm:
+    """Rows read out of all rows in the sources (from their headers), with the current
+    source as postfix: total, percentage and ETA for npz parts, a count for CIFAR-10."""
+    rows = source_rows(config)
+    return tqdm(desc=f"import {Path(str(out)).name}", unit="img", total=sum(rows) if rows else None,
+                disable=not enabled, smoothing=0.05, unit_scale=False, dynamic_ncols=True)
+
+
+def _short(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1]
 
 
 __all__ = ["ImportConfig", "import_dataset", "iter_items", "resolve_config"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import shutil
 from collections import deque
@@ -271,9 +270,9 @@ class DatasetWriter:
         # when asked, at most 2 per worker in flight so memory stays bounded.
         self._pool = None
         if workers > 0:
-            from concurrent.futures import ProcessPoolExecutor
+            from shards.workers import process_pool
 
-            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+            self._pool = process_pool(workers)  # its workers die with this process
         self._workers = workers
         self._futures: deque = deque()
         self.manifest: Manifest | None = None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -135,8 +139,8 @@ def test_interrupted_import_finishes_identically(tmp_path, monkeypatch):
 
     real = importer.iter_items
 
-    def crashing(cfg):
-        for i, item in enumerate(real(cfg)):
+    def crashing(cfg, **callbacks):
+        for i, item in enumerate(real(cfg, **callbacks)):
             if i == 29:
                 raise OSError("network dropped")
             yield item
@@ -170,3 +174,71 @@ def test_iter_items_order_is_stable(tmp_path):
     write_part(tmp_path / "cifar5m_part0.npz", 5, seed=1)
     config = resolve_config([str(tmp_path / "cifar5m_part0.npz")])
     assert [i.key for i in iter_items(config)] == [f"p0_{i:07d}" for i in range(5)]
+
+
+KILLED_PARENT = """
+import os, sys, time
+from shards.writer import DatasetWriter
+w = DatasetWriter(sys.argv[1], fingerprint={"source": "kill-test"}, workers=2)
+list(w._pool.map(time.sleep, [0.5, 0.5]))  # both workers are up
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs below ``pid`` (read from /proc), recursively."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_import_workers_die_with_a_killed_parent(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(tmp_path / "ds")],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        below = descendants(proc.pid)
+        assert len(below) >= 4  # fork server, 2 workers, resource tracker
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in below):
+        time.sleep(0.1)
+    assert not [p for p in below if alive(p)], "workers outlived their killed parent"
+
+
+def test_progress_counts_every_source_row_and_ends_at_its_total(tmp_path, capsys):
+    for p in (0, 5):
+        write_part(tmp_path / f"cifar5m_part{p}.npz", 30, seed=p, compressed=p == 5)
+    sources = [str(tmp_path / f"cifar5m_part{p}.npz") for p in (0, 5)]
+    # Part 5 gives 5 test rows and drops its other 25: they count, so the bar ends at 60/60.
+    manifest = import_dataset(tmp_path / "ds", resolve_config(sources, test_count=5, shard_size=8))
+    totals = manifest.totals()
+    assert totals["train"]["samples"] == 30 and totals["test"]["samples"] == 5
+    last = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.strip()][-1]
+    assert last.startswith("import ds: 100%") and "60/60" in last, last
+    assert "cifar5m_part5.npz" in last, last  # the source being read
+    # With --limit the rows past it are read too (and counted): the bar still ends at 60/60.
+    import_dataset(tmp_path / "lim", resolve_config(sources, test_count=5, limit=4))
+    last = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.strip()][-1]
+    assert last.startswith("import lim: 100%") and "60/60" in last, last

@@ -139,3 +139,38 @@ def test_datasets_streaming_and_webdataset_urls_give_the_right_samples(three_dat
     assert out["test"]["pixels"] == [int(images[200 + j].sum()) for j in range(50)]
     assert out["private_rows"] == 20
     assert out["wds_keys"] == [f"t{i:06d}" for i in range(200)]
+
+
+NPY_SCRIPT = r"""
+import json, numpy as np, datasets
+from datasets.packaged_modules.webdataset.webdataset import WebDataset
+probes = []  # shards read before iterating: the builder's feature inference
+real = WebDataset._get_pipeline_from_tar.__func__
+WebDataset._get_pipeline_from_tar = classmethod(lambda cls, p, it: (probes.append(p), real(cls, p, it))[1])
+ds = datasets.load_dataset("lab/npy", split="test", streaming=True)
+out = {"probes": len(probes), "features": {k: str(v) for k, v in ds.features.items()},
+       "names": ds.features["cls"].names}
+rows = list(ds)
+out["types"] = sorted({f"{type(r['npy']).__name__} {r['npy'].dtype} {r['npy'].shape}" for r in rows})
+out["labels"] = [r["cls"] for r in rows]
+out["pixels"] = [int(r["npy"].astype(np.int64).sum()) for r in rows]
+print(json.dumps(out))
+"""
+
+
+def test_datasets_opens_an_npy_dataset_from_its_card_and_returns_arrays(make_dataset, tmp_path):
+    """The card declares Array3D + ClassLabel for npy: no shard is probed to infer them."""
+    from dataset_server.app import create_app
+
+    root = build_root(make_dataset, tmp_path / "root", ("lab/npy",), n_train=12, n_test=6, shard_size=4,
+                      image_format="npy")
+    with serving(create_app(root=root)) as url:
+        out = run_client(NPY_SCRIPT, url, tmp_path, timeout=240)
+    assert out["probes"] == 0
+    assert out["features"] == {"npy": "Array3D(shape=(32, 32, 3), dtype='uint8')",
+                               "cls": f"ClassLabel(names={list(CIFAR10_CLASSES)})"}
+    assert out["names"] == list(CIFAR10_CLASSES)
+    assert out["types"] == ["ndarray uint8 (32, 32, 3)"]
+    images = synthetic_images(18, seed=0).astype("int64")
+    assert out["labels"] == [j % 10 for j in range(6)]
+    assert out["pixels"] == [int(images[12 + j].sum()) for j in range(6)]

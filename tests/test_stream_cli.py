@@ -102,3 +102,19 @@ def test_real_world_smaller_than_a_batch_is_an_error(root):
                                       "--batch-size", "16"])
     assert result.exit_code == 1
     assert "n=10 is smaller than the global batch size 16" in result.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process start time from /proc")
+def test_first_batch_is_timed_from_process_start(root):
+    """Set-up (imports, catalog, plan) is part of the wait for the first batch."""
+    import subprocess
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cifar5m", "stream", str(root), "--batch-size", "10",
+                           "--limit", "2", "--json"], capture_output=True, text=True, check=True)
+    outside = time.monotonic() - t0
+    report = json.loads(proc.stdout)
+    assert 0 < report["first_batch_s"] < report["first_batch_from_start_s"] < outside
+    text = run(str(root), "--batch-size", "10", "--limit", "2").output
+    assert "s from process start, set-up included;" in text

@@ -138,3 +138,23 @@ def test_a_full_arena_hands_the_oldest_unpinned_slot_to_a_new_block(tmp_path):
         assert np.array_equal(got.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2), local.images(rows))
     slots = [held.slot for held in store._blocks.values()]
     assert len(slots) == len(set(slots)) and min(slots) >= 0
+
+
+def test_local_blocks_are_preads_into_the_arena_not_reads_of_a_map(tmp_path):
+    """The ideal world reads local shards as the remote ones: a block per os.pread into its
+    arena slot (mapped shards read up to read_ahead_kb around every fault)."""
+    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    source = LocalSource(root)
+    catalog = Catalog.load(source, "train")
+    blocks = SampleReader(catalog, source, block=8)
+    mapped = SampleReader(catalog, LocalSource(root))  # no block: the mapped gather
+    assert blocks.blocks is not None and mapped.blocks is None
+    rows = np.array([3, 17, 25, 39, 0, 21])
+    assert np.array_equal(blocks.images(rows), mapped.images(rows))
+    assert blocks.blocks.fetched == 4 and not [f for f in source._maps if f.endswith(".tar")]
+    data = (root / "train-000000.tar").read_bytes()
+    out = memoryview(bytearray(1000))
+    got = source.fetch_into([("train-000000.tar", 100, 600),
+                             ("train-000000.tar", len(data) - 10, len(data) + 50)], [out, None])
+    assert bytes(got[0]) == data[100:600] and got[0].obj is out.obj  # landed in the buffer given
+    assert bytes(got[1]) == data[-10:]  # short at the end of the file: the caller reports it

@@ -44,9 +44,12 @@ class SampleReader:
         self.catalog = catalog
         self.source = source
         self.cache = cache
-        # Blocks serve remote reads without a decoded cache (the cache reads whole shards).
-        self.blocks = None if source.local or not block or cache is not None else \
-            BlockStore(catalog, source, block=block, keep=keep_blocks)
+        # Blocks serve reads without a decoded cache (the cache reads whole shards): remote
+        # ones, and local ones (one os.pread per block, each byte read once) where the index
+        # has member digests (BlockStore checks them; an index without them is checked by
+        # whole-shard sha256 on the mapped path below).
+        use_blocks = block and cache is None and (not source.local or catalog.digests is not None)
+        self.blocks = BlockStore(catalog, source, block=block, keep=keep_blocks) if use_blocks else None
         # Checked views of the last shards, as many as the source keeps mapped: a view holds
         # its map, so an unbounded dict would keep every shard of a pass mapped.
         self._views: OrderedDict[int, tuple[np.ndarray, int] | None] = OrderedDict()
@@ -193,8 +196,10 @@ class SampleReader:
     def _npy_view(self, shard: int, whole: bool) -> tuple[np.ndarray, int, np.ndarray] | None:
         """``(windows, good, buffer)`` of an npy shard: ``windows[o]`` is the 3072 image bytes
         at data offset ``o``; samples from local row ``good`` on run past a truncated end.
-        Headers are checked once per shard here, so a batch costs one fancy index per shard
-        (the per-sample loop costs ~10x more). None: use the per-sample path."""
+        Kept per shard, so a batch costs one fancy index per shard (the per-sample loop
+        costs ~10x more); headers are checked per gather, for the rows gathered only (a
+        check of every header here touched every page of a mapped shard: a scattered
+        subset read whole shards). None: use the per-sample path."""
         if shard in self._views:
             self._views.move_to_end(shard)
             return self._views[shard]
@@ -203,14 +208,15 @@ class SampleReader:
             return None
         file = self.catalog.shards[shard]
         buf = array(file) if array is not None else np.frombuffer(self.source.read_file(file), np.uint8)
+        if whole and array is not None:
+            self.source.will_read_whole(file)
         rows = slice(int(self.catalog.shard_start[shard]), int(self.catalog.shard_stop[shard]))
         offsets, sizes = self.catalog.image_offset[rows], self.catalog.image_size[rows]
         ends = offsets + codec.NPY_SIZE
         bad = np.flatnonzero(ends > buf.size)
         good = int(bad[0]) if len(bad) else len(offsets)
         view = None
-        if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE) and \
-                codec.npy_headers_ok(buf, offsets[:good]):
+        if buf.size >= codec.NPY_SIZE and np.all(sizes == codec.NPY_SIZE):
             view = (codec.npy_image_windows(buf), good, buf)
         if array is not None:  # whole-file reads are one-off (cache fills): do not keep them
             self._views[shard] = view
@@ -229,6 +235,10 @@ class SampleReader:
             j = int(np.argmax(local >= good))
             offset = int(cat.image_offset[rows[j]])
             raise self._truncated(shard, int(rows[j]), offset, offset + codec.NPY_SIZE)
+        if not whole and hasattr(self.source, "will_read"):  # a scattered local gather
+            self.source.will_read(cat.shards[shard], cat.image_offset[rows], cat.image_size[rows])
+        if not codec.npy_headers_ok(buf, cat.image_offset[rows]):
+            return None  # a foreign header: the per-sample path names the sample
         if cat.digests is not None and cat.group_digests is not None and (whole or self.sequential):
             self._check_groups(shard, rows, buf)
         elif cat.digests is not None:  # every member handed out is checked, right here

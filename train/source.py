@@ -1,4 +1,4 @@
-"""Byte-range reads of dataset files: local (mmap), plain HTTP(S), any fsspec URL.
+"""Byte-range reads of dataset files: local (pread, mmap), plain HTTP(S), any fsspec URL.
 
 A reader asks for many ``[start, end)`` ranges of one shard at once; ranges closer
 than ``GAP`` are merged into one request (a PNG sample is ~1.5-4 KB plus 1.5 KB of tar
@@ -106,7 +106,15 @@ class Source:
 
 
 class LocalSource(Source):
-    """Files on a local disk, mapped into memory (the page cache is the cache)."""
+    """Files on a local disk: whole plan blocks by ``os.pread`` into the caller's buffers,
+    everything else through a memory map (the page cache is the cache).
+
+    Maps are ``madvise(MADV_RANDOM)``: with the default read-around a fault reads up to
+    ``read_ahead_kb`` (8 MB on a common VM disk) around the page, and scattered reads of
+    a large split then cost several times their bytes (measured: 4.8-5x for random
+    1.3 MB blocks; 1.0x with MADV_RANDOM; 1.1x and 4-5x faster with ``os.pread``).
+    Whole-file reads ask for the whole file at once (``MADV_WILLNEED``) instead.
+    """
 
     local = True
 
@@ -115,9 +123,22 @@ class LocalSource(Source):
         self.root = Path(root)
         self.keep = keep
         self._maps: OrderedDict[str, memoryview] = OrderedDict()
+        self._mmaps: dict[str, mmap.mmap] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()  # guards _fds and reads through them (a lookahead thread)
+        self._pid = os.getpid()
 
-    def __getstate__(self) -> dict:  # maps are per process
-        return {**self.__dict__, "_maps": OrderedDict()}
+    def __getstate__(self) -> dict:  # maps and descriptors are per process
+        state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        return {**state, "_maps": OrderedDict(), "_mmaps": {}, "_fds": OrderedDict()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock, self._pid = threading.Lock(), os.getpid()
+
+    def _missing(self, path: Path) -> ShardNotFoundError:
+        return ShardNotFoundError(
+            f"{path} is missing; the manifest lists it (re-download or re-create the dataset)")
 
     def _map(self, file: str) -> memoryview:
         view = self._maps.get(file)
@@ -128,21 +149,83 @@ class LocalSource(Source):
                     size = os.fstat(f.fileno()).st_size
                     data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             except FileNotFoundError:
-                raise ShardNotFoundError(
-                    f"{path} is missing; the manifest lists it (re-download or re-create the dataset)"
-                ) from None
+                raise self._missing(path) from None
+            if size and hasattr(mmap, "MADV_RANDOM"):
+                data.madvise(mmap.MADV_RANDOM)
+                self._mmaps[file] = data
             view = memoryview(data)
             self._maps[file] = view
             while len(self._maps) > self.keep:
-                self._maps.popitem(last=False)
+                self._mmaps.pop(self._maps.popitem(last=False)[0], None)
         self._maps.move_to_end(file)
         return view
+
+    def _fd(self, file: str) -> int:
+        """Under the lock: an open descriptor of ``file`` (the last ``keep`` stay open)."""
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = self._fds[file] = os.open(self.root / file, os.O_RDONLY)
+            except FileNotFoundError:
+                raise self._missing(self.root / file) from None
+            while len(self._fds) > self.keep:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds.move_to_end(file)
+        return fd
+
+    def _pread_into(self, file: str, start: int, dest: memoryview) -> int:
+        """Bytes of ``file`` from ``start`` into ``dest`` until it is full or the file ends."""
+        if self._pid != os.getpid():  # a forked worker: the lock may have been held at fork
+            self._lock, self._fds, self._pid = threading.Lock(), OrderedDict(), os.getpid()
+        with self._lock:  # a descriptor is never closed while a read uses it
+            fd, got = self._fd(file), 0
+            while got < len(dest):
+                n = os.preadv(fd, [dest[got:]], start + got)
+                if n == 0:  # end of file: a truncated shard, reported by the caller
+                    break
+                got += n
+            return got
 
     def fetch(self, requests: Sequence[tuple[str, int, int]]) -> list[memoryview]:
         return [self._map(file)[a:b] for file, a, b in requests]
 
+    def fetch_into(self, requests: Sequence[tuple[str, int, int]],
+                   outs: Sequence[memoryview | None]) -> list[memoryview]:
+        """Each range read by ``os.preadv`` straight into its ``out`` (or a new buffer where
+        none fits): one read of exactly its bytes, short where the file ends early."""
+        results = []
+        for (file, a, b), out in zip(requests, outs, strict=True):
+            dest = out[: b - a] if out is not None and len(out) >= b - a else memoryview(bytearray(b - a))
+            results.append(dest[: self._pread_into(file, a, dest)])
+        return results
+
     def read_file(self, file: str) -> memoryview:
-        return self._map(file)
+        view = self._map(file)
+        self.will_read_whole(file)
+        return view
+
+    def will_read_whole(self, file: str) -> None:
+        """Start reading all of ``file`` in large requests (a whole-shard read or check)."""
+        data = self._mmaps.get(file) if file in self._maps else None
+        if data is not None and hasattr(mmap, "MADV_WILLNEED"):
+            data.madvise(mmap.MADV_WILLNEED)
+
+    def will_read(self, file: str, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """Start reading these ranges of a mapped ``file`` (``MADV_WILLNEED`` each, merged
+        where pages touch): the disk gets them all at once instead of one 4 KB fault at a
+        time, which MADV_RANDOM would otherwise make a scattered gather wait for."""
+        data = self._mmaps.get(file) if file in self._maps else None
+        if data is None or not len(offsets) or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        page = mmap.PAGESIZE
+        order = np.argsort(offsets, kind="stable")
+        starts = offsets[order] // page * page
+        ends = np.minimum(offsets[order] + sizes[order], len(data))
+        cuts = np.flatnonzero(starts[1:] > np.maximum.accumulate(ends)[:-1]) + 1
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(starts)].tolist(), strict=True):
+            start, end = int(starts[a]), int(ends[a:b].max())
+            if end > start:
+                data.madvise(mmap.MADV_WILLNEED, start, end - start)
 
     def array(self, file: str) -> np.ndarray:
         """The mapped file as a read-only uint8 array (no copy)."""
