@@ -32,6 +32,7 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from generator.labeler_input import Preprocessing, from_image_processor, from_timm_data_config
+from generator.model import download_snapshot
 from shards.format import CIFAR10_CLASSES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -162,30 +163,6 @@ def _import(module: str) -> Any:
         raise ModelError(f"{module} fails to import next to torch {torch.__version__}: {exc}; "
                          f"install a torchvision built for this torch") from None
 
-
-def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except RepositoryNotFoundError:
-        raise ModelError(f"labeler {repo_id!r}: no such local directory, and no such Hub repository "
-                         f"(or it is private)") from None
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ModelError(f"labeler {repo_id!r} is not a local directory and not in the Hub "
-                         f"cache{offline}; download it once online or pass a local directory") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(f"labeler {repo_id!r}: download failed: {exc}") from None
-    return path, path.name
-
-
 def load_transformers(spec: str, *, class_names: Sequence[str] = CIFAR10_CLASSES,
                       device: str | torch.device = "cpu") -> ExternalLabeler:
     """A transformers ``AutoModelForImageClassification`` + its image processor."""
@@ -195,7 +172,7 @@ def load_transformers(spec: str, *, class_names: Sequence[str] = CIFAR10_CLASSES
         root, revision = local.resolve(), None
     else:
         repo_id, _, rev = name.partition("@")
-        root, revision = _snapshot(repo_id, rev or None)
+        root, revision = download_snapshot(repo_id, what="labeler", revision=rev or None)
     weights = sorted(f for pat in _WEIGHTS for f in root.glob(pat))
     weights = [f for f in weights if f.suffix == ".safetensors"] or weights
     if not weights:

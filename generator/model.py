@@ -61,7 +61,10 @@ def weight_files(unet_dir: Path) -> list[Path]:
     raise ModelError(f"{unet_dir} has no diffusion_pytorch_model.safetensors/.bin weights")
 
 
-def _download(repo_id: str) -> tuple[Path, str]:
+def download_snapshot(repo_id: str, *, what: str = "model", revision: str | None = None,
+                      not_found: str = "") -> tuple[Path, str]:
+    """The Hub snapshot of ``repo_id`` (configs and weights only) through the Hub cache, and
+    its name. Honours ``HF_HUB_OFFLINE``; every failure is one ``ModelError`` naming ``what``."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -70,18 +73,18 @@ def _download(repo_id: str) -> tuple[Path, str]:
     )
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        path = Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     except RepositoryNotFoundError:
-        raise ModelError(f"model {repo_id!r}: no such Hub repository (or it is private); "
-                         f"pass a Hub id like {DEFAULT_MODEL!r} or a local directory") from None
+        raise ModelError(f"{what} {repo_id!r}: no such local directory, and no such Hub repository "
+                         f"(or it is private){not_found}") from None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ModelError(f"model {repo_id!r} is not in the Hub cache{offline} and cannot be downloaded; "
-                         f"download it once online or pass a local directory") from None
+        raise ModelError(f"{what} {repo_id!r} is not a local directory and not in the Hub "
+                         f"cache{offline}; download it once online or pass a local directory") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(f"model {repo_id!r}: download failed: {exc}") from None
+        raise ModelError(f"{what} {repo_id!r}: download failed: {exc}") from None
     return path, path.name
-
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -106,7 +109,8 @@ def resolve(name: str) -> ModelSource:
         if not root.is_dir():
             raise ModelError(f"model {name!r} is a file; pass the directory save_pretrained wrote")
     elif _HUB_ID.match(name) and not name.startswith((".", "~")):
-        root, revision = _download(name)
+        root, revision = download_snapshot(
+            name, not_found=f"; pass a Hub id like {DEFAULT_MODEL!r} or a local directory")
     else:
         raise ModelError(f"model {name!r}: no such directory, and not a Hub id")
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
