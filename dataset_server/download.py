@@ -179,8 +179,7 @@ def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
         os.replace(staging / info.file, root / info.file)
         st = (root / info.file).stat()
         cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
-    if need:
-        _save(cache_path, cache)
+    _save(cache_path, cache)  # also the hashes _matches just took: verify_download reuses them
     atomic_write_bytes(root / MANIFEST_NAME, (staging / MANIFEST_NAME).read_bytes())  # last
     return verify_download(root)
 

@@ -289,7 +289,6 @@ class Library:
         self.single = (self.root / MANIFEST_NAME).is_file()
         if self.single:
             self.root = Path(self.real_root)
-            self.real_root = os.path.dirname(self.real_root)
         self.hashes = hashes or HashCache()
         self._repos: dict[str, DatasetRepo] = {}
         self._checked: dict[str, float] = {}  # repo id -> time of its last passed check

@@ -228,8 +228,9 @@ async def samples(ctx: ServerContext, request: web.Request, org: str, name: str,
     repo = lookup(ctx, request, org, name, files=True)
     state = await state_at(repo, MAIN, max_age=ctx.scan_max_age)
     stem, _, ext = file.partition(".")
-    pngs = await asyncio.to_thread(_cached, state, "strips", _draw)
-    if ext != "png" or not stem.isdigit() or int(stem) >= len(pngs):
+    not_found = ext != "png" or not stem.isdigit()  # no index read or decoding for these
+    pngs = [] if not_found else await asyncio.to_thread(_cached, state, "strips", _draw)
+    if not_found or int(stem) >= len(pngs):
         return hub_error(404, "EntryNotFound", f"no samples image {file} in dataset {state.repo_id}")
     return web.Response(body=pngs[int(stem)], content_type="image/png",
                         headers={"Cache-Control": "max-age=3600" if request.query.get("rev") == state.sha

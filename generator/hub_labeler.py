@@ -19,7 +19,6 @@ such a labeler is asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from torch import nn
 
 from cifar5m.errors import ModelError
 from generator.labeler_input import Preprocessing, from_image_processor, from_timm_data_config
-from generator.model import download_snapshot
+from generator.model import download_snapshot, sha256_files
 from shards.format import CIFAR10_CLASSES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -140,15 +139,6 @@ class ExternalLabeler(nn.Module):
                 "sha256": self.sha256, "class_index": dict(zip(self.class_names, self.order, strict=True)),
                 "preprocessing": self.preprocessing.to_dict(), "dtype": dtype, "tta": False,
                 "versions": self.versions, **self.info}
-
-
-def sha256_files(files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _import(module: str) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,17 @@ class ModelSource:
 
     def weights_sha256(self) -> str:
         """sha256 over the weight files' bytes (in name order)."""
-        h = hashlib.sha256()
-        for f in weight_files(self.unet_dir):
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-        return h.hexdigest()
+        return sha256_files(weight_files(self.unet_dir))
+
+
+def sha256_files(files: Sequence[Path]) -> str:
+    """sha256 over the files' bytes, one after the other."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def weight_files(unet_dir: Path) -> list[Path]:

@@ -138,17 +138,19 @@ def reference_samples(cfg: ReportConfig, split) -> tuple[np.ndarray, np.ndarray,
 
 
 def labeler_distance(cfg: ReportConfig, lab, ours: np.ndarray, our_labels: np.ndarray,
-                     ref: np.ndarray) -> dict[str, Any]:
-    """Frechet distance in the labeler's feature space, and its agreement with stored labels."""
+                     ref: np.ndarray, *, agreement: bool = True) -> dict[str, Any]:
+    """Frechet distance in the labeler's feature space, and (``agreement``) its agreement
+    with the stored labels."""
     from generator.frechet import frechet_distance_features
 
     feats_a, feats_b = lab.features(ours), lab.features(ref)
-    agree = float((lab.predict(ours).argmax(1) == our_labels).mean())
-    return {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
-            "labeler": cfg.labeler, "labeler_sha256": lab.sha256, "feature_dim": int(feats_a.shape[1]),
-            "samples": len(ours), "reference": cfg.reference, "reference_samples": len(ref),
-            "labeler_agreement_with_stored_labels": agree,
-            "note": "labeler feature space; NOT comparable to published (Inception) FID"}
+    out = {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
+           "labeler": cfg.labeler, "labeler_sha256": lab.sha256, "feature_dim": int(feats_a.shape[1]),
+           "samples": len(ours), "reference": cfg.reference, "reference_samples": len(ref)}
+    if agreement:
+        out["labeler_agreement_with_stored_labels"] = float((lab.predict(ours).argmax(1) == our_labels).mean())
+    out["note"] = "labeler feature space; NOT comparable to published (Inception) FID"
+    return out
 
 
 def labels_are_independent(provenance: dict[str, Any]) -> bool:
@@ -244,10 +246,9 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
 
         lab = load_labeler(cfg.labeler)  # first, as before: a bad --labeler fails before any decoding
         samples = reference_samples(cfg, split)  # one draw for both distances
-        summary["labeler_distance"] = labeler_distance(cfg, lab, *samples)
-        if not labels_are_independent(ds.manifest.provenance):
-            # The labels are some labeler's argmax: agreeing with them says nothing of quality.
-            del summary["labeler_distance"]["labeler_agreement_with_stored_labels"]
+        # Where the labels are some labeler's argmax, agreeing with them says nothing of quality.
+        summary["labeler_distance"] = labeler_distance(
+            cfg, lab, *samples, agreement=labels_are_independent(ds.manifest.provenance))
     summary.update(inception_fid(cfg, samples))
     summary["config"] = asdict(cfg)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())

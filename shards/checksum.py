@@ -39,6 +39,14 @@ from cifar5m.errors import SampleChecksumError
 COLUMN = "image_xxh3"
 GROUP_COLUMN = "group_xxh3"
 GROUP = 64  # rows per group_xxh3 digest
+
+
+def column(table, name: str = COLUMN) -> np.ndarray | None:
+    """The digest column ``name`` of an index table as uint64; None for an index written
+    before it (column absent, or nulls where an old index was extended)."""
+    if name not in table.column_names or table[name].null_count:
+        return None
+    return table[name].to_numpy().astype(np.uint64, copy=False)
 digest = xxhash.xxh3_64_intdigest  # bytes-like -> int in [0, 2**64)
 
 

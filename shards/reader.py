@@ -148,8 +148,7 @@ class Split:
         self.image_size = table["image_size"].to_numpy()
         # Per-member digests (None: an index written before them; whole shards are then
         # checked by their sha256 instead).
-        digests = table.column(checksum.COLUMN) if checksum.COLUMN in table.column_names else None
-        self.digests = None if digests is None or digests.null_count else digests.to_numpy()
+        self.digests = checksum.column(table)
         self.labels = table["label"].to_numpy().astype(np.int64)
         self.format = dataset.manifest.image_format
         self.shard_files = [s.file for s in dataset.manifest.split_shards(name)]

@@ -70,11 +70,11 @@ def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, whe
 
 def _check_digests(data: bytes, rows, *, where: Path) -> None:
     """Every image member against its ``image_xxh3`` (an index that predates it: skipped)."""
-    if checksum.COLUMN not in rows.column_names or rows[checksum.COLUMN].null_count:
+    want = checksum.column(rows)
+    if want is None:
         return
     offsets = rows["image_offset"].to_numpy()
-    bad = checksum.first_bad_at(data, offsets, rows["image_size"].to_numpy(),
-                                rows[checksum.COLUMN].to_numpy())
+    bad = checksum.first_bad_at(data, offsets, rows["image_size"].to_numpy(), want)
     if bad >= 0:
         raise checksum.mismatch(str(where), rows["key"][bad].as_py(), int(offsets[bad]))
 

@@ -14,13 +14,13 @@ curves, and ``train.plots`` the figure in the paper's layout.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from cifar5m.errors import Cifar5mError, NotEnoughSamplesError
+from cifar5m.ranks import from_env
 from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
 from train.config import BootstrapConfig
@@ -90,7 +90,7 @@ def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = 
     budget = check_budgets(config)
     # One bootstrap per directory. Under torchrun each run directory is locked by its
     # rank 0 (train.trainer), which refuses a second job at its first run.
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    single = from_env().world == 1
     with DirectoryLock(out, what="written by a bootstrap") if single else contextlib.nullcontext():
         return _run_all(config, out, budget, progress=progress)
 
@@ -103,7 +103,7 @@ def _run_all(config: BootstrapConfig, out: Path, budget: Budget, *, progress: bo
     rows: dict[str, list[dict]] = {}
     for i, (name, run) in enumerate(runs, 1):
         done = (out / name / RESULT_NAME).exists()
-        if progress and int(os.environ.get("RANK", "0")) == 0:  # rank 0 speaks under torchrun
+        if progress and from_env().is_main:  # rank 0 speaks under torchrun
             what = f"{run.arch} {run.world}" + (f" N={run.n:,}" if run.world == "real" else "")
             tqdm.write(f"[{i}/{len(runs)}] {what} seed {run.seed}: {out / name}"
                        + (" (finished, reused)" if done else ""))

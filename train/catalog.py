@@ -88,8 +88,6 @@ class Catalog:
         empty = slice(0, 0)
         starts = np.array([runs.get(n, empty).start for n in names], np.int64)
         counts = np.array([runs.get(n, empty).stop - runs.get(n, empty).start for n in names], np.int64)
-        digests, groups = (table[c] if c in table.column_names else None
-                           for c in (checksum.COLUMN, checksum.GROUP_COLUMN))
         shard_id = np.zeros(len(table), np.int32)
         for i, name in enumerate(names):
             shard_id[runs.get(name, empty)] = i
@@ -104,7 +102,7 @@ class Catalog:
             image_size=table["image_size"].to_numpy().astype(np.int64),
             labels=table["label"].to_numpy().astype(np.int64),
             keys=np.asarray(table["key"].to_numpy(zero_copy_only=False).astype(str)).astype(np.bytes_),
-            digests=_uint64(digests), group_digests=_uint64(groups),
+            digests=checksum.column(table), group_digests=checksum.column(table, checksum.GROUP_COLUMN),
         )
 
     @cached_property
@@ -130,8 +128,3 @@ class Catalog:
         for name, sha in zip(self.shards, self.shard_sha, strict=True):
             h.update(f"{name}:{sha};".encode())
         return h.hexdigest()[:16]
-
-
-def _uint64(column: pa.ChunkedArray | None) -> np.ndarray | None:
-    """A digest column as uint64, or None where the index predates it (nulls)."""
-    return None if column is None or column.null_count else column.to_numpy().astype(np.uint64)

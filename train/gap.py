@@ -19,7 +19,7 @@ import torch
 
 from shards.atomic import atomic_write_bytes
 from train.config import BootstrapConfig, run_name
-from train.plots import plot_sweep
+from train.plots import by_step, plot_sweep
 
 GAP_COLUMNS = ("model", "n", "seeds", "converged", "conv_step", "conv_step_min", "conv_step_max",
                "real_test_soft_error_conv", "ideal_test_soft_error_conv", "gap_conv", "gap_conv_sd",
@@ -35,14 +35,6 @@ class Report:
     gap: list[dict]  # one row per model and N, GAP_COLUMNS
     plot: Path
     curves: dict[str, list[dict]]  # run directory -> its metric rows
-
-
-def by_step(rows: list[dict]) -> dict[int, dict]:
-    """First row at each step (a resumed log may repeat a step)."""
-    first: dict[int, dict] = {}
-    for r in rows:
-        first.setdefault(r["step"], r)
-    return first
 
 
 def converged_at(rows: list[dict], threshold: float) -> int | None:

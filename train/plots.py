@@ -28,15 +28,18 @@ IDEAL_COLOR = "black"
 METRICS = (("soft_error", "soft error  (mean 1 - p(true class))"), ("error", "error  (0-1)"))
 
 
+def by_step(rows: list[dict]) -> dict[int, dict]:
+    """First row at each step (a resumed log may repeat a step)."""
+    first: dict[int, dict] = {}
+    for r in rows:
+        first.setdefault(r["step"], r)
+    return first
+
+
 def curve(runs: list[list[dict]], column: str) -> Curve:
     """Mean/min/max of ``column`` over seeds, at the steps every seed logged."""
     steps = sorted(set.intersection(*[{r["step"] for r in rows if column in r} for rows in runs]))
-    firsts = []  # per run, the first row logged at each step (a resumed log may repeat a step)
-    for rows in runs:
-        first: dict[int, dict] = {}
-        for r in rows:
-            first.setdefault(r["step"], r)
-        firsts.append(first)
+    firsts = [by_step(rows) for rows in runs]
     values = np.array([[first[s][column] for s in steps] for first in firsts], dtype=float)
     if not steps:
         return np.array([]), np.array([]), np.array([]), np.array([])

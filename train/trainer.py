@@ -124,11 +124,23 @@ def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) 
             evaluator = runtime.Evaluator.build(config, rt, data)
             learner = Learner.build(config, rt)
             _write_config(config, out, rt)
+            if rt.rank == 0 and progress:
+                _note_if_long_on_cpu(config, rt.device)
             return _run(config, out, rt, progress, learner, data, evaluator)
         finally:
             data.close()
     finally:
         lock.release()
+
+
+def _note_if_long_on_cpu(config: TrainConfig, device: torch.device) -> None:
+    """One line when the defaults (a ResNet for 39,000 steps) meet a CPU: days of work on a
+    small machine, and the first progress shows only after the step-0 evaluation."""
+    if device.type == "cpu" and not config.arch.startswith("mlp") and config.steps > 2000:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"note: {config.arch} for {config.steps:,} steps on the CPU takes days; for a "
+                   f"look in minutes: --arch mlp --steps 390 (what `make demo` runs)")
 
 
 def _lock_out(out: Path, rt: runtime.Runtime) -> DirectoryLock:
@@ -156,7 +168,8 @@ def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, le
     data.resume_keys(step)
     points = set(log_points(config.steps, every=config.log_every, dense=config.log_dense))
     if step == 0:
-        _log(log, evaluator, learner.eval_model, step=0, config=config, loss=None, clock=(0.0, 0))
+        _log(log, evaluator, learner.eval_model, step=0, config=config, loss=None, clock=(0.0, 0),
+             lr=learner.optimizer.param_groups[0]["lr"])
     stop = min(config.steps, config.stop_after or config.steps)
     bar = rt.progress(total=config.steps, initial=step, unit_scale=config.batch_size,
                       enabled=progress)
@@ -262,11 +275,10 @@ def _save(out, rt, config, step, learner: Learner, data) -> None:
     rt.barrier()
 
 
-def _log(log, evaluator, model, *, step, config, loss, clock, lr=None) -> None:
-    """Evaluate on every rank (each holds a slice of the data); rank 0 writes the row."""
-    row = {"step": step, "samples": step * config.batch_size,
-           "lr": config.lr * lr_factor(step, steps=config.steps, schedule=config.schedule,
-                                       every=config.lr_step_every) if lr is None else lr}
+def _log(log, evaluator, model, *, step, config, loss, clock, lr) -> None:
+    """Evaluate on every rank (each holds a slice of the data); rank 0 writes the row.
+    ``lr`` is the optimizer's (its scheduler is the one source of the schedule)."""
+    row = {"step": step, "samples": step * config.batch_size, "lr": lr}
     if config.world == "real":
         row["epoch"] = step * config.batch_size / config.n
     row.update(evaluator.run(model))
