@@ -26,8 +26,10 @@ FAST_CPU_CLAIM = ("measured 6.1x the image-steps/s of --exact-cpu fp32 in bf16 (
 @click.option("--steps", type=click.IntRange(min=1),
               help="Sampling steps = UNet calls per image [default: "
                    + ", ".join(f"{s} {n}" for s, n in DEFAULT_STEPS.items()) + "].")
-@click.option("--labeler", help="Labeler directory (save_labeler format) or 'builtin'; "
-                                "'none' only for class-conditional models.")
+@click.option("--labeler", help="Labeler: 'builtin', a cifar5m labeler directory, a transformers "
+                                "image-classification model (Hub id[@revision] or directory), or "
+                                "timm:MODEL_NAME:CHECKPOINT (docs/labelers.md); 'none' only for "
+                                "class-conditional models.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run seed; sample i's noise depends only on (seed, i).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
