@@ -23,8 +23,8 @@ def rate(*, dtype: torch.dtype, exact: bool, batch: int, steps: int) -> float:
     from diffusers.utils import logging as dlogging
 
     from generator import model as model_mod
+    from generator.generation import cpu_determinism
     from generator.sampler import Sampler
-    from generator.session import cpu_determinism
 
     dlogging.set_verbosity_error()
     src = model_mod.resolve("builtin")

@@ -34,10 +34,10 @@ from cifar5m.errors import (
 )
 from generator import defaults, ranks
 from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
+from generator.generation import Session
 from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
 from generator.ranks import produce_on_all_ranks, shared_from_main
 from generator.resume import fitting, refuse_other_settings
-from generator.session import Session
 from generator.store import is_url, run_to_store
 from shards.atomic import atomic_write_bytes
 from shards.format import MANIFEST_NAME, WORK_DIR

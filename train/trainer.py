@@ -29,7 +29,7 @@ from cifar5m.checkpoint import (
 from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
 from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
-from train import runtime
+from train import distributed
 from train.augment import DeviceAugment, prepare
 from train.config import TrainConfig
 from train.metrics import MetricsLog, log_points, read_rows
@@ -63,7 +63,7 @@ class Learner:
     """Model, optimizer, schedule and augmentation; ``step`` is one SGD step on a device batch."""
 
     config: TrainConfig
-    rt: runtime.Runtime
+    rt: distributed.Runtime
     core: nn.Module  # the plain model (its state_dict is what checkpoints hold)
     model: nn.Module  # core, wrapped in DDP and/or torch.compile
     eval_model: nn.Module  # core (compiled): evaluation runs per rank, outside DDP
@@ -72,7 +72,7 @@ class Learner:
     augment: DeviceAugment
 
     @classmethod
-    def build(cls, config: TrainConfig, rt: runtime.Runtime) -> Learner:
+    def build(cls, config: TrainConfig, rt: distributed.Runtime) -> Learner:
         torch.manual_seed(config.seed)  # same initial weights in both worlds for a given seed
         core = build_model(config.arch, width=config.width).to(rt.device)
         if config.channels_last:
@@ -103,14 +103,14 @@ class Learner:
 def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> TrainResult:
     """Train one model in one world; resumes from ``out/checkpoint.pt`` when present."""
     out = Path(out)
-    rt = runtime.Runtime.start(device=config.device)
+    rt = distributed.Runtime.start(device=config.device)
     try:
         return _train(config, out, rt, progress)
     finally:
         rt.stop()
 
 
-def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) -> TrainResult:
+def _train(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bool) -> TrainResult:
     lock = _lock_out(out, rt)  # one job per run directory; a failed start leaves nothing
     try:
         finished = _check_out(config, out)
@@ -119,9 +119,9 @@ def _train(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool) 
         # Everything a wrong flag can break (data, split, N, the ideal world's sample budget,
         # the model) is opened before the run directory is written: a failed start leaves
         # nothing behind that would refuse the corrected command.
-        data = runtime.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+        data = distributed.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
         try:
-            evaluator = runtime.Evaluator.build(config, rt, data)
+            evaluator = distributed.Evaluator.build(config, rt, data)
             learner = Learner.build(config, rt)
             _write_config(config, out, rt)
             if rt.rank == 0 and progress:
@@ -143,7 +143,7 @@ def _note_if_long_on_cpu(config: TrainConfig, device: torch.device) -> None:
                    f"look in minutes: --arch mlp --steps 390 (what `make demo` runs)")
 
 
-def _lock_out(out: Path, rt: runtime.Runtime) -> DirectoryLock:
+def _lock_out(out: Path, rt: distributed.Runtime) -> DirectoryLock:
     """Rank 0 locks the run directory for the whole run (one job per directory); every
     rank learns whether it could, so all stop together when another job holds it."""
     lock = DirectoryLock(out, what="written by a training run")
@@ -161,8 +161,8 @@ def _lock_out(out: Path, rt: runtime.Runtime) -> DirectoryLock:
     return lock
 
 
-def _run(config: TrainConfig, out: Path, rt: runtime.Runtime, progress: bool, learner: Learner,
-         data: runtime.TrainData, evaluator: runtime.Evaluator) -> TrainResult:
+def _run(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bool, learner: Learner,
+         data: distributed.TrainData, evaluator: distributed.Evaluator) -> TrainResult:
     log = MetricsLog(out) if rt.rank == 0 else None
     step = _resume(out, rt, learner, data, log)
     data.resume_keys(step)
@@ -235,7 +235,7 @@ def started(out: Path) -> bool:
     return metrics.is_file() and bool(metrics.read_text().strip())
 
 
-def _write_config(config: TrainConfig, out: Path, rt: runtime.Runtime) -> None:
+def _write_config(config: TrainConfig, out: Path, rt: distributed.Runtime) -> None:
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / CONFIG_NAME, config.to_json().encode())
