@@ -135,7 +135,7 @@ def labeler_args(data: Path, out: Path) -> list[str]:
 
 
 LABELER_KILLS = {  # park, checkpoint step left on disk
-    "mid-run": (("generator.labeler_training", "_Run.train_step", 6, ""), 4),  # step 5 lost
+    "mid-run": (("generator.training.labeler", "_Run.train_step", 6, ""), 4),  # step 5 lost
     "mid-save": (("os", "replace", 2, "checkpoint.pt"), 2),  # the save of step 4 cut
     "before-output": (("generator.labeler", "replace_dir", 1, ""), 9),
 }
@@ -171,9 +171,9 @@ def generator_args(data: Path, out: Path) -> list[str]:
 
 
 GENERATOR_KILLS = {
-    "mid-run": (("generator.unet_training", "_Trainer.train_step", 6, ""), 3),  # steps 4, 5 lost
+    "mid-run": (("generator.training.unet", "_Trainer.train_step", 6, ""), 3),  # steps 4, 5 lost
     "mid-save": (("os", "replace", 2, "checkpoint.pt"), 3),  # the save of step 6 cut
-    "before-output": (("generator.unet_training", "replace_dir", 1, ""), 7),
+    "before-output": (("generator.training.unet", "replace_dir", 1, ""), 7),
 }
 
 

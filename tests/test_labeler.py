@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cifar5m.cli import cli
 from cifar5m.errors import ConfigMismatchError, ModelError
 from generator.labeler import ARCHS, BUILTIN_DIR, Labeler, load_labeler, save_labeler
-from generator.labeler_training import LabelerTrainConfig, augment, train_labeler
+from generator.training.labeler import LabelerTrainConfig, augment, train_labeler
 
 NAMES = [f"c{i}" for i in range(10)]
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cifar5m.cli import cli
 from generator.labeler import load_labeler
-from generator.labeler_training import LabelerTrainConfig, train_labeler
-from generator.unet_training import UNetTrainConfig, train_generator
+from generator.training.labeler import LabelerTrainConfig, train_labeler
+from generator.training.unet import UNetTrainConfig, train_generator
 from shards.reader import Dataset
 
 

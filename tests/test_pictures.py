@@ -12,7 +12,7 @@ from PIL import Image
 
 from cifar5m.cli import cli
 from generator.labeler import ARCHS, save_labeler
-from generator.report import (
+from generator.report.summary import (
     ReportConfig,
     class_histogram_figure,
     labels_are_independent,

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from cifar5m.cli import cli
-from generator.frechet import feature_stats, frechet_distance, frechet_distance_features
 from generator.labeler import ARCHS, save_labeler
-from generator.report import ReportConfig, make_report
+from generator.report.frechet import feature_stats, frechet_distance, frechet_distance_features
+from generator.report.summary import ReportConfig, make_report
 
 
 def _reference_fd(a: np.ndarray, b: np.ndarray) -> float:

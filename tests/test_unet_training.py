@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cifar5m.cli import cli
 from cifar5m.errors import ConfigMismatchError, TrainConfigError
-from generator.unet_training import UNetTrainConfig, build_unet, sample_images, train_generator
+from generator.training.unet import UNetTrainConfig, build_unet, sample_images, train_generator
 
 BUILTIN_UNET = Path(__file__).resolve().parents[1] / "generator" / "builtin" / "unet"
 
@@ -104,7 +104,7 @@ def test_builtin_unet_loads_offline_and_generates(monkeypatch) -> None:
 RECORD_RANK = """
 import atexit, os, sys
 import torch
-from generator import unet_training as ut
+from generator.training import unet as ut
 record, trainers, batches = sys.argv[1], [], []
 init, batch = ut._Trainer.__init__, ut._Trainer.batch
 def recording_init(self, *args, **kwargs):

@@ -51,7 +51,7 @@ def train_labeler_cmd(data, out, arch, widths, epochs, batch_size, lr, label_smo
     """
     import torch
 
-    from generator.labeler_training import LabelerTrainConfig, train_labeler
+    from generator.training.labeler import LabelerTrainConfig, train_labeler
 
     if threads:
         torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def train_generator_cmd(data, out, channels, layers_per_block, attention_levels,
     """
     import torch
 
-    from generator.unet_training import UNetTrainConfig, train_generator
+    from generator.training.unet import UNetTrainConfig, train_generator
 
     if threads:
         torch.set_num_threads(threads)
@@ -163,7 +163,7 @@ def report_cmd(root, out, split, per_class, reference, labeler, max_samples, fid
     """
     from pathlib import Path
 
-    from generator.report import ReportConfig, make_report, render_text
+    from generator.report.summary import ReportConfig, make_report, render_text
 
     cfg = ReportConfig(root=root, out=out or str(Path(root) / "report"), split=split, per_class=per_class,
                        reference=reference, labeler=labeler, max_samples=max_samples,

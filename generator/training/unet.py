@@ -130,7 +130,7 @@ def sample_images(unet, scheduler_config: dict, *, count: int, steps: int, seed:
 
 class _Trainer:
     def __init__(self, cfg: UNetTrainConfig, device: torch.device) -> None:
-        from generator.labeler_training import load_tensors
+        from generator.training.labeler import load_tensors
 
         self.cfg, self.device = cfg, device
         env = ranks.from_env()
@@ -219,7 +219,7 @@ class _Trainer:
     def grid(self, path: Path) -> Path:
         images = sample_images(self.ema_unet(), dict(self.scheduler.config), count=self.cfg.sample_count,
                                steps=self.cfg.sample_steps, seed=self.cfg.seed, device=self.device)
-        from generator.report import write_grid
+        from generator.report.summary import write_grid
 
         return write_grid(images, path)
 

@@ -141,7 +141,7 @@ def labeler_distance(cfg: ReportConfig, lab, ours: np.ndarray, our_labels: np.nd
                      ref: np.ndarray, *, agreement: bool = True) -> dict[str, Any]:
     """Frechet distance in the labeler's feature space, and (``agreement``) its agreement
     with the stored labels."""
-    from generator.frechet import frechet_distance_features
+    from generator.report.frechet import frechet_distance_features
 
     feats_a, feats_b = lab.features(ours), lab.features(ref)
     out = {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
