@@ -119,14 +119,31 @@ def chosen(given: GenerateConfig, device: str) -> list[str]:
     return out
 
 
-def image_steps_per_s(cfg: GenerateConfig, device: str, gflop: float, *, threads: int = 1,
+def sampling_threads(device: str) -> int | None:
+    """Torch threads for sampling on ``device``: on a CPU, torch's count capped by the idle
+    cores (``cpu_threads``); None elsewhere (torch's own count stays; the GPU does the work)."""
+    if device != "cpu":
+        return None
+    import torch
+
+    return cpu_threads(torch.get_num_threads())
+
+
+def image_steps_per_s(cfg: GenerateConfig, device: str, gflop: float, *, threads: int | None = None,
                       gpus: int = 1) -> float:
     """Estimated sampler throughput of a resolved ``cfg`` for a UNet of ``gflop`` per call."""
     if device == "cuda":
         return CUDA_GFLOPS * gpus / gflop
     kernels = "exact" if cfg.exact_cpu else "fast"
     per_thread = CPU_GFLOPS_PER_THREAD[(kernels, "bf16" if cfg.dtype == "bf16" else "fp32")]
-    return per_thread * max(threads, 1) / gflop
+    return per_thread * max(threads or 1, 1) / gflop
+
+
+def estimate_seconds(cfg: GenerateConfig, device: str, *, images: int, nfe: int, gflop: float,
+                     threads: int | None = None, gpus: int = 1) -> float:
+    """Estimated sampling time of ``images`` at ``nfe`` UNet calls of ``gflop`` each (the start
+    line of a run and ``--dry-run`` both print this)."""
+    return images * nfe / image_steps_per_s(cfg, device, gflop, threads=threads, gpus=gpus)
 
 
 def format_seconds(seconds: float) -> str:
@@ -139,10 +156,12 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h"
 
 
-def describe_device(cfg: GenerateConfig, device: str, *, threads: int = 1, gpus: int = 1) -> str:
+def describe_device(cfg: GenerateConfig, device: str, *, threads: int | None = None,
+                    gpus: int = 1) -> str:
     """E.g. 'cpu (2 threads): dpmsolver++ 20 steps, bf16, oneDNN kernels'."""
     where = f"cuda x {gpus}" if device == "cuda" and gpus > 1 else device
     if device == "cpu":
+        threads = threads or 1
         where += f" ({threads} thread{'s' if threads != 1 else ''})"
     how = [f"{cfg.sampler} {cfg.num_steps} steps", cfg.dtype]
     if device == "cpu":
@@ -153,12 +172,13 @@ def describe_device(cfg: GenerateConfig, device: str, *, threads: int = 1, gpus:
 
 
 def start_line(cfg: GenerateConfig, device: str, auto: list[str], *, images: int, nfe: int,
-               gflop: float, threads: int = 1, gpus: int = 1) -> str:
+               gflop: float, threads: int | None = None, gpus: int = 1) -> str:
     """One line: what runs where, which settings the device chose, and the estimated time."""
-    rate = image_steps_per_s(cfg, device, gflop, threads=threads, gpus=gpus)
+    seconds = estimate_seconds(cfg, device, images=images, nfe=nfe, gflop=gflop, threads=threads,
+                               gpus=gpus)
     line = f"generate on {describe_device(cfg, device, threads=threads, gpus=gpus)}"
     if auto:
         line += (f" ({', '.join(auto)} chosen for {device}; override with "
                  f"{' '.join(OVERRIDES[a] for a in auto)})")
-    return (line + f"; {images:,} images x {nfe} steps, about {format_seconds(images * nfe / rate)} "
+    return (line + f"; {images:,} images x {nfe} steps, about {format_seconds(seconds)} "
             f"(estimate; the bar's ETA is measured)")

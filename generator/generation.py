@@ -77,9 +77,7 @@ class Session:
         self.chosen = defaults.chosen(cfg, self.device.type)
         self.cfg = cfg = defaults.for_device(cfg, self.device.type)
         self.dtype_name = cfg.dtype
-        self.threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            self.threads = defaults.cpu_threads(self.threads)
+        self.threads = defaults.sampling_threads(self.device.type)  # None: torch's own count
         self.source = model_mod.resolve(cfg.model)
         total = int(self.source.scheduler_config.get("num_train_timesteps", 1000))
         if cfg.num_steps > total:
@@ -112,14 +110,11 @@ class Session:
 
     def start_line(self, images: int) -> str:
         """What runs where, what the device chose, and the estimated time of ``images``."""
+        from generator.cost import sampling_cost
 
-        from generator.plan import gflop_per_call
-        from generator.sampler import build_scheduler
-
-        nfe = len(build_scheduler(self.cfg.sampler, self.source.scheduler_config, self.cfg.num_steps).timesteps)
+        nfe, gflop, _ = sampling_cost(self.cfg, self.source)
         return defaults.start_line(self.cfg, self.device.type, self.chosen, images=images, nfe=nfe,
-                                   gflop=gflop_per_call(self.source.config)[0],
-                                   threads=self.threads, gpus=self.rank.world)
+                                   gflop=gflop, threads=self.threads, gpus=self.rank.world)
 
     def produce(self, write: Callable[[ShardPlan, list], Any], todo: list[ShardPlan], *,
                 progress: bool) -> None:
@@ -129,7 +124,7 @@ class Session:
         import torch
 
         was = torch.get_num_threads()
-        torch.set_num_threads(self.threads)  # fewer on a busy CPU (defaults.cpu_threads)
+        torch.set_num_threads(self.threads or was)  # fewer on a busy CPU (defaults.cpu_threads)
         try:
             if not self.cfg.exact_cpu:  # oneDNN: fast, but bits depend on the batch size
                 self._produce(write, todo, progress=progress)

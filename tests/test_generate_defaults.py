@@ -138,3 +138,23 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch) -> None:
     assert defaults.cpu_threads(1, cores=16, load=0.0) == 1  # never more than torch's own
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert defaults.cpu_threads(2, cores=2, load=7.0) == 2  # the user's choice stays
+
+
+def test_dry_run_and_the_start_line_share_threads_and_time_estimate(models, tmp_path, monkeypatch) -> None:
+    """--dry-run's time and a run's start line come from one estimate (same threads, NFE, GFLOP)."""
+    import re
+
+    from cifar5m.ranks import Rank
+    from generator.cost import dry_run
+    from generator.generation import Session
+
+    monkeypatch.setattr(defaults, "cpu_threads", lambda current: 3)  # one answer for both paths
+    cfg = GenerateConfig(count=60_000, test_count=10, out=str(tmp_path / "x"), model=str(models["unet"]),
+                         labeler=str(models["labeler"]), device="cpu", sampler="ddim", steps=7)
+    dry = dry_run(cfg)
+    session = Session(cfg, Rank())
+    assert session.threads == 3
+    line = session.start_line(60_000)
+    assert dry.startswith("device:        cpu (3 threads): ddim 7 steps") and "(3 threads)" in line
+    about = re.search(r"about (.+?) of sampling", dry).group(1)
+    assert f"60,000 images x 7 steps, about {about} (estimate" in line

@@ -110,7 +110,7 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if dry_run:
-        from generator.plan import dry_run as plan_dry_run
+        from generator.cost import dry_run as plan_dry_run
 
         click.echo(plan_dry_run(cfg))
         return
