@@ -5,7 +5,7 @@ augmentation, bf16 autocast, channels_last) on the same model; they differ only 
 where the batch comes from:
 
 * compute-only: one batch already on the device, stepped on again and again;
-* from shards: ``train.distributed.TrainData`` in the ideal world, i.e. ``SampleStream``
+* from shards: ``train.batches.TrainData`` in the ideal world, i.e. ``SampleStream``
   reading and decoding fresh samples from shards (``--num-workers`` processes), copied
   to the device one batch ahead.
 
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from shards.writer import DatasetWriter, Sample
+from train.batches import TrainData
 from train.config import TrainConfig
-from train.distributed import Runtime, TrainData
+from train.distributed import Runtime
 from train.trainer import Learner
 
 

@@ -29,9 +29,11 @@ from cifar5m.checkpoint import (
 from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
 from shards.atomic import atomic_write_bytes
 from shards.lock import DirectoryLock
-from train import distributed
 from train.augment import DeviceAugment, prepare
+from train.batches import TrainData
 from train.config import TrainConfig
+from train.distributed import Runtime
+from train.evaluation import Evaluator
 from train.metrics import MetricsLog, log_points, read_rows
 from train.models import build_model, count_parameters
 
@@ -63,7 +65,7 @@ class Learner:
     """Model, optimizer, schedule and augmentation; ``step`` is one SGD step on a device batch."""
 
     config: TrainConfig
-    rt: distributed.Runtime
+    rt: Runtime
     core: nn.Module  # the plain model (its state_dict is what checkpoints hold)
     model: nn.Module  # core, wrapped in DDP and/or torch.compile
     eval_model: nn.Module  # core (compiled): evaluation runs per rank, outside DDP
@@ -72,7 +74,7 @@ class Learner:
     augment: DeviceAugment
 
     @classmethod
-    def build(cls, config: TrainConfig, rt: distributed.Runtime) -> Learner:
+    def build(cls, config: TrainConfig, rt: Runtime) -> Learner:
         torch.manual_seed(config.seed)  # same initial weights in both worlds for a given seed
         core = build_model(config.arch, width=config.width).to(rt.device)
         if config.channels_last:
@@ -99,18 +101,24 @@ class Learner:
         self.scheduler.step()
         return loss.detach()
 
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step: the optimizer's (its scheduler is the one source
+        of the schedule), which is what the metrics rows log."""
+        return self.optimizer.param_groups[0]["lr"]
+
 
 def train(config: TrainConfig, *, out: str | Path, progress: bool = True) -> TrainResult:
     """Train one model in one world; resumes from ``out/checkpoint.pt`` when present."""
     out = Path(out)
-    rt = distributed.Runtime.start(device=config.device)
+    rt = Runtime.start(device=config.device)
     try:
-        return _train(config, out, rt, progress)
+        return _train(config, out, rt, progress=progress)
     finally:
         rt.stop()
 
 
-def _train(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bool) -> TrainResult:
+def _train(config: TrainConfig, out: Path, rt: Runtime, *, progress: bool) -> TrainResult:
     lock = _lock_out(out, rt)  # one job per run directory; a failed start leaves nothing
     try:
         finished = _check_out(config, out)
@@ -119,14 +127,14 @@ def _train(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bo
         # Everything a wrong flag can break (data, split, N, the ideal world's sample budget,
         # the model) is opened before the run directory is written: a failed start leaves
         # nothing behind that would refuse the corrected command.
-        data = distributed.TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
+        data = TrainData.open(config, rt, keys_path=out / f"keys-rank{rt.rank}.txt")
         try:
-            evaluator = distributed.Evaluator.build(config, rt, data)
+            evaluator = Evaluator.build(config, rt, data)
             learner = Learner.build(config, rt)
             _write_config(config, out, rt)
             if rt.rank == 0 and progress:
                 _note_if_long_on_cpu(config, rt.device)
-            return _run(config, out, rt, progress, learner, data, evaluator)
+            return _run(out, rt, learner, data, evaluator, progress=progress)
         finally:
             data.close()
     finally:
@@ -143,7 +151,7 @@ def _note_if_long_on_cpu(config: TrainConfig, device: torch.device) -> None:
                    f"look in minutes: --arch mlp --steps 390 (what `make demo` runs)")
 
 
-def _lock_out(out: Path, rt: distributed.Runtime) -> DirectoryLock:
+def _lock_out(out: Path, rt: Runtime) -> DirectoryLock:
     """Rank 0 locks the run directory for the whole run (one job per directory); every
     rank learns whether it could, so all stop together when another job holds it."""
     lock = DirectoryLock(out, what="written by a training run")
@@ -161,15 +169,17 @@ def _lock_out(out: Path, rt: distributed.Runtime) -> DirectoryLock:
     return lock
 
 
-def _run(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bool, learner: Learner,
-         data: distributed.TrainData, evaluator: distributed.Evaluator) -> TrainResult:
+def _run(out: Path, rt: Runtime, learner: Learner, data: TrainData, evaluator: Evaluator, *,
+         progress: bool) -> TrainResult:
+    """The training loop: resume, then SGD steps with a metrics row at each log point and a
+    checkpoint every ``checkpoint_every`` steps."""
+    config = learner.config
     log = MetricsLog(out) if rt.rank == 0 else None
     step = _resume(out, rt, learner, data, log)
     data.resume_keys(step)
     points = set(log_points(config.steps, every=config.log_every, dense=config.log_dense))
     if step == 0:
-        _log(log, evaluator, learner.eval_model, step=0, config=config, loss=None, clock=(0.0, 0),
-             lr=learner.optimizer.param_groups[0]["lr"])
+        _log(log, evaluator, learner, step=0, loss=None, clock=(0.0, 0))
     stop = min(config.steps, config.stop_after or config.steps)
     bar = rt.progress(total=config.steps, initial=step, unit_scale=config.batch_size,
                       enabled=progress)
@@ -183,11 +193,10 @@ def _run(config: TrainConfig, out: Path, rt: distributed.Runtime, progress: bool
         if step in points:
             rt.sync()  # the clock covers the steps since the last row, not the evaluation
             clock = (time.perf_counter() - start, (step - since) * config.batch_size)
-            _log(log, evaluator, learner.eval_model, step=step, config=config, loss=loss,
-                 clock=clock, lr=learner.optimizer.param_groups[0]["lr"])
+            _log(log, evaluator, learner, step=step, loss=loss, clock=clock)
             since, start = step, time.perf_counter()
         if step % config.checkpoint_every == 0 or step == stop:
-            _save(out, rt, config, step, learner, data)
+            _save(out, rt, learner, data, step=step)
     bar.close()
     done = step == config.steps
     if done and rt.rank == 0:
@@ -235,14 +244,16 @@ def started(out: Path) -> bool:
     return metrics.is_file() and bool(metrics.read_text().strip())
 
 
-def _write_config(config: TrainConfig, out: Path, rt: distributed.Runtime) -> None:
+def _write_config(config: TrainConfig, out: Path, rt: Runtime) -> None:
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / CONFIG_NAME, config.to_json().encode())
     rt.barrier()
 
 
-def _resume(out, rt, learner: Learner, data, log) -> int:
+def _resume(out: Path, rt: Runtime, learner: Learner, data: TrainData, log: MetricsLog | None) -> int:
+    """Load ``out``'s checkpoint into the model, optimizer, stream and RNGs; the step to go on
+    from (0 without a checkpoint)."""
     state = load_checkpoint(out)
     if state is None:
         if log is not None:
@@ -264,24 +275,28 @@ def _resume(out, rt, learner: Learner, data, log) -> int:
     return state["step"]
 
 
-def _save(out, rt, config, step, learner: Learner, data) -> None:
+def _save(out: Path, rt: Runtime, learner: Learner, data: TrainData, *, step: int) -> None:
+    """Checkpoint after ``step`` steps: the model and optimizer once, each rank's stream,
+    augmentation and RNG state; rank 0 writes it."""
     mine = {"data": data.state_dict(), "augment": learner.augment.state_dict(), "rng": rng_state()}
     ranks = rt.gather(mine)
     if rt.rank == 0:
         save_checkpoint(out, {"step": step, "model": learner.core.state_dict(),
                               "optimizer": learner.optimizer.state_dict(),
                               "scheduler": learner.scheduler.state_dict(),
-                              "ranks": ranks, "config": config.saved()})
+                              "ranks": ranks, "config": learner.config.saved()})
     rt.barrier()
 
 
-def _log(log, evaluator, model, *, step, config, loss, clock, lr) -> None:
+def _log(log: MetricsLog | None, evaluator: Evaluator, learner: Learner, *, step: int,
+         loss: torch.Tensor | None, clock: tuple[float, int]) -> None:
     """Evaluate on every rank (each holds a slice of the data); rank 0 writes the row.
-    ``lr`` is the optimizer's (its scheduler is the one source of the schedule)."""
-    row = {"step": step, "samples": step * config.batch_size, "lr": lr}
+    ``clock``: seconds and images trained since the last row."""
+    config = learner.config
+    row = {"step": step, "samples": step * config.batch_size, "lr": learner.lr}
     if config.world == "real":
         row["epoch"] = step * config.batch_size / config.n
-    row.update(evaluator.run(model))
+    row.update(evaluator.run(learner.eval_model))
     if loss is not None:
         row["batch_loss"] = float(loss.detach())
     if clock[0] > 0:
