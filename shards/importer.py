@@ -129,13 +129,32 @@ def _space_needed(out: str | Path, config: ImportConfig) -> str:
 
 
 def planned_samples(config: ImportConfig) -> int | None:
-    """Samples the import will write (None where the sources do not say cheaply)."""
-    counts = [50_000, 10_000] if config.format in ("cifar10-jpeg", "cifar10-python") else source_rows(config)
+    """Samples the import will write: each split's rows, at most ``--limit`` per split as the
+    import applies it (None where the sources do not say cheaply)."""
+    rows = split_rows(config)
+    if rows is None:
+        return None
+    return sum(n if config.limit is None else min(n, config.limit) for n in rows.values())
+
+
+def split_rows(config: ImportConfig) -> dict[str, int] | None:
+    """Rows each split gets from the sources (before ``--limit``): npz parts split as
+    ``iter_items`` splits them, the test part's rest dropped or trained on."""
+    if config.format in ("cifar10-jpeg", "cifar10-python"):
+        return {"train": 50_000, "test": 10_000}
+    counts = source_rows(config)
     if counts is None:
         return None
-    if config.limit is not None:
-        counts = [min(c, config.limit) for c in counts]
-    return sum(counts)
+    out = {"train": 0, "test": 0}
+    for i, (source, n) in enumerate(zip(config.sources, counts, strict=True)):
+        if part_number(source, i) != config.test_part:
+            out["train"] += n
+            continue
+        test = min(n, config.test_count)
+        out["test"] += test
+        if config.rest_of_test_part == "train":
+            out["train"] += n - test
+    return out
 
 
 def source_rows(config: ImportConfig) -> list[int] | None:

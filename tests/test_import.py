@@ -242,3 +242,18 @@ def test_progress_counts_every_source_row_and_ends_at_its_total(tmp_path, capsys
     import_dataset(tmp_path / "lim", resolve_config(sources, test_count=5, limit=4))
     last = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.strip()][-1]
     assert last.startswith("import lim: 100%") and "60/60" in last, last
+
+
+def test_planned_samples_apply_the_limit_per_split_as_the_import_does(tmp_path):
+    from shards.importer import planned_samples
+
+    for p in (0, 1, 5):
+        write_part(tmp_path / f"cifar5m_part{p}.npz", 30, seed=p)
+    sources = [str(tmp_path / f"cifar5m_part{p}.npz") for p in (0, 1, 5)]
+    # train: parts 0 and 1 (60 rows); test: part 5's first 5, its other 25 dropped
+    assert planned_samples(resolve_config(sources, test_count=5)) == 65
+    assert planned_samples(resolve_config(sources, test_count=5, rest_of_test_part="train")) == 90
+    config = resolve_config(sources, test_count=5, limit=20, shard_size=16)
+    assert planned_samples(config) == 25  # --limit is per split (20 train + 5 test), not per part
+    manifest = import_dataset(tmp_path / "ds", config, progress=False)
+    assert sum(t["samples"] for t in manifest.totals().values()) == 25
