@@ -29,7 +29,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from cifar5m.errors import OutputLockedError, OutputNotWritableError
@@ -67,10 +66,6 @@ class DirectoryLock:
         self.what = what
         self._fd: int | None = None
         self._created: list[Path] = []
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def acquire(self) -> DirectoryLock:
         if self._fd is not None:
@@ -142,11 +137,4 @@ class DirectoryLock:
         self.release()
 
 
-@contextlib.contextmanager
-def locked(root: str | os.PathLike, *, what: str = "written") -> Iterator[DirectoryLock]:
-    """``with locked(dir):`` hold the directory's lock for the block."""
-    with DirectoryLock(root, what=what) as lock:
-        yield lock
-
-
-__all__ = ["LOCK_NAME", "DirectoryLock", "holder", "locked"]
+__all__ = ["LOCK_NAME", "DirectoryLock", "holder"]

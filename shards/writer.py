@@ -43,7 +43,7 @@ from shards.format import (
     WORK_DIR,
 )
 from shards.index import SCHEMA, read_index, shard_runs
-from shards.lock import LOCK_NAME, DirectoryLock
+from shards.lock import DirectoryLock
 from shards.manifest import FileInfo, Manifest, load_manifest, write_manifest
 
 # Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
@@ -254,16 +254,14 @@ class DatasetWriter:
         self.class_names = tuple(class_names)
         self.fingerprint = {**fingerprint, "image_format": image_format, "shard_size": shard_size}
         self.provenance = {**(provenance or {}), "fingerprint": self.fingerprint}
-        fresh = not self.root.exists()
         self._new_work = not (self.root / WORK_DIR).exists()
         # One writer per directory: a second one is refused here, before it touches anything.
         self._lock = DirectoryLock(self.root).acquire()
         try:
             self.records = begin(self.root, self.fingerprint, extend=extend)
         except BaseException:
-            self._abandon(fresh)
+            self._abandon()
             raise
-        self._fresh = fresh
         self._next_index = self._keep_prefix()
         self._pending: dict[str, list[Sample]] = {}
         # PNG encoding is ~4k images/s per core: shards are encoded in worker processes
@@ -340,16 +338,14 @@ class DatasetWriter:
             self._lock.release()
         return self.manifest
 
-    def _abandon(self, fresh: bool) -> None:
-        """After a failure: when nothing was written, leave no ``_work/`` (nor a directory
-        this writer created) behind; then release the lock."""
+    def _abandon(self) -> None:
+        """After a failure: when nothing was written, leave no ``_work/`` behind; then release
+        the lock (which removes the directory too if it created it and it is empty)."""
         try:
             work = self.root / WORK_DIR
             if self._new_work and not any(work.glob("*.parquet")) and \
                     not (self.root / MANIFEST_NAME).exists():
                 shutil.rmtree(work, ignore_errors=True)
-                if fresh and self.root.is_dir() and {p.name for p in self.root.iterdir()} <= {LOCK_NAME}:
-                    shutil.rmtree(self.root, ignore_errors=True)  # still locked while it goes
         finally:
             self._lock.release()
 
@@ -368,4 +364,4 @@ class DatasetWriter:
             try:
                 self._shutdown()
             finally:
-                self._abandon(self._fresh)
+                self._abandon()

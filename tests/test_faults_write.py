@@ -134,6 +134,9 @@ def test_a_missing_import_source_is_named_and_leaves_nothing(tmp_path):
     result = CliRunner().invoke(cli, ["import", str(bad), "--out", str(out)])
     assert result.exit_code == 1 and "is not an npz" in result.output
     assert not out.exists()  # no _work/ (nor an empty directory) left behind
+    nested = tmp_path / "new" / "dirs" / "ds"
+    result = CliRunner().invoke(cli, ["import", str(bad), "--out", str(nested)])
+    assert result.exit_code == 1 and not (tmp_path / "new").exists()  # nor the parents it made
 
 
 class FullDisk:
