@@ -78,30 +78,34 @@ def parts(root: Path) -> dict[str, Path]:
     return out
 
 
-def existing(root: Path) -> tuple[dict[str, Any] | None, dict[str, int]]:
-    """Fingerprint and shard sizes (samples) of what ``root`` holds, read without writing.
-
-    A part whose shard file is gone does not count: that shard is regenerated. A
-    finished dataset without a fingerprint (not made by generate) gets ``{}``.
-    """
-    fp, sizes = None, {}
-    if (root / MANIFEST_NAME).is_file():
-        manifest = load_manifest(root)
-        fp = manifest.provenance.get("fingerprint") or {}
-        sizes = {s.file: s.samples for s in manifest.shards}
+def previous_fingerprint(root: Path) -> dict[str, Any] | None:
+    """The fingerprint of what ``root`` holds (an unfinished write's, else the finished
+    dataset's), read without writing; ``{}`` for a dataset not made by generate."""
     state = root / WORK_DIR / STATE_NAME
     if state.is_file():
-        fp = json.loads(state.read_text())["fingerprint"]
+        return json.loads(state.read_text())["fingerprint"]
+    if (root / MANIFEST_NAME).is_file():
+        return load_manifest(root).provenance.get("fingerprint") or {}
+    return None
+
+
+def existing_sizes(root: Path) -> dict[str, int]:
+    """Shard sizes (samples) of what ``root`` holds: the manifest's, then the parts of an
+    unfinished write (their footers). A part whose shard file is gone does not count: that
+    shard is regenerated."""
+    sizes = {}
+    if (root / MANIFEST_NAME).is_file():
+        sizes = {s.file: s.samples for s in load_manifest(root).shards}
+    if (root / WORK_DIR / STATE_NAME).is_file():
         sizes.update({name: pq.read_metadata(part).num_rows for name, part in parts(root).items()
                       if (root / name).is_file()})
-    return fp, sizes
+    return sizes
 
 
 def check_existing(root: Path, fp: dict[str, Any], plan: list[ShardPlan]) -> dict[str, int]:
     """Finished shards (file -> samples) to keep; refuses other settings or a smaller count."""
-    old_fp, have = existing(root)
-    refuse_other_settings(str(root), old_fp, fp)
-    return fitting(str(root), have, plan)
+    refuse_other_settings(str(root), previous_fingerprint(root), fp)
+    return fitting(str(root), existing_sizes(root), plan)
 
 
 def open_output(root: Path, fp: dict[str, Any]) -> dict[str, ShardRecord]:
@@ -138,7 +142,7 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
     url = is_url(cfg.out)
     # Extending keeps the split of the local dataset there (one process: under torchrun each
     # node may see another local root, so the ranks could disagree; they take the default).
-    previous = None if url or rank.world > 1 else existing(local_root(cfg))[0]
+    previous = None if url or rank.world > 1 else previous_fingerprint(local_root(cfg))
     cfg = defaults.with_test_count(cfg, previous)
     session = Session(cfg, rank)  # loads model config + labeler, checks shapes
     cfg = session.cfg  # with the settings the device chose

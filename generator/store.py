@@ -152,21 +152,22 @@ def prepare(store: Store, fp: dict[str, Any], plan: list[ShardPlan]) -> Manifest
         (manifest.provenance.get("fingerprint") or {}) if manifest is not None else None)
     refuse_other_settings(store.url, old, fp)
     finished = {s.file: s.samples for s in manifest.shards} if manifest is not None else {}
-    have = {**finished, **{f: i.samples for f, i in store.parts().items()}}
+    parts = store.parts()  # listed once: the count check and reopening both use it
+    have = {**finished, **{f: i.samples for f, i in parts.items()}}
     fitting(store.url, have, plan)  # refuses a smaller count
     if manifest is not None and state is None and len(fitting(store.url, finished, plan)) == len(plan):
         print(f"{store.url} already holds these {sum(p.size for p in plan):,} samples; nothing to do")
         return manifest
     store.put(f"{WORK_DIR}/{STATE_NAME}", json.dumps({"fingerprint": fp}, indent=1).encode())
     if manifest is not None:
-        reopen_finished(store, manifest, {p.file: p.size for p in plan})
+        reopen_finished(store, manifest, {p.file: p.size for p in plan}, have=set(parts))
     return None
 
 
-def reopen_finished(store: Store, manifest: Manifest, sizes: dict[str, int]) -> None:
-    """Extending: give each finished shard that stays its part, then take the manifest away
-    (a crash in between redoes this: the state says the write is unfinished)."""
-    have = store.parts()
+def reopen_finished(store: Store, manifest: Manifest, sizes: dict[str, int], *, have: set[str]) -> None:
+    """Extending: give each finished shard that stays and has no part yet (``have``: the
+    shards with one) its part, then take the manifest away (a crash in between redoes this:
+    the state says the write is unfinished)."""
     with tempfile.TemporaryDirectory(prefix="cifar5m-extend-") as tmp:
         for name in (MANIFEST_NAME, INDEX_NAME):
             data = store.cat(name)

@@ -34,8 +34,8 @@ from shards.atomic import atomic_write_bytes
 from shards.card import render_card
 from shards.format import CARD_NAME, INDEX_NAME
 from shards.index import SCHEMA, read_index, write_table
-from shards.manifest import FileInfo, Manifest, load_manifest, write_manifest
-from shards.shard import sha256_file
+from shards.manifest import Manifest, load_manifest, write_manifest
+from shards.shard import file_info, sha256_file
 
 META_KEY = b"cifar5m.index"
 
@@ -53,15 +53,11 @@ def shard_label_column(table: pa.Table) -> str:
     return index_meta(table)["shard_labels"]
 
 
-def _file_info(root: Path, name: str) -> FileInfo:
-    return FileInfo(name, (root / name).stat().st_size, sha256_file(root / name))
-
-
 def _with_files(root: Path, manifest: Manifest, provenance: dict[str, Any]) -> Manifest:
     """``manifest`` with new provenance, re-rendered card and fresh index/card checksums."""
     draft = dataclasses.replace(manifest, provenance=provenance)
     atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
-    fresh = {INDEX_NAME: _file_info(root, INDEX_NAME), CARD_NAME: _file_info(root, CARD_NAME)}
+    fresh = {INDEX_NAME: file_info(root, INDEX_NAME), CARD_NAME: file_info(root, CARD_NAME)}
     files = tuple(fresh.pop(f.file, f) for f in manifest.files) + tuple(fresh.values())
     return dataclasses.replace(draft, files=files)
 

@@ -24,7 +24,7 @@ from shards import checksum, codec, ustar
 from shards.atomic import atomic_write_bytes
 from shards.format import IMAGE_FORMATS, LABEL_EXT, TAR_BLOCK, WORK_DIR, check_key, shard_name
 from shards.index import SCHEMA, rows_to_table
-from shards.manifest import ShardInfo
+from shards.manifest import FileInfo, ShardInfo
 
 _SHARD_META = b"cifar5m.shard"
 
@@ -74,6 +74,11 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_info(root: Path, name: str) -> FileInfo:
+    """The manifest entry (size, sha256) of the dataset file ``root/name`` (index, card)."""
+    return FileInfo(name, (root / name).stat().st_size, sha256_file(root / name))
 
 
 def encode_shard(samples: Iterable[Sample], *, image_format: str, where: str) -> tuple[bytes, dict]:

@@ -44,13 +44,14 @@ from shards.format import (
 )
 from shards.index import SCHEMA, read_index, shard_runs
 from shards.lock import DirectoryLock
-from shards.manifest import FileInfo, Manifest, load_manifest, write_manifest
+from shards.manifest import Manifest, load_manifest, write_manifest
 
 # Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
 from shards.shard import (
     Sample,
     ShardRecord,
     encode_shard,
+    file_info,
     load_records,
     part_path,
     sha256_file,
@@ -153,10 +154,7 @@ def finalize(
     draft = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
                      provenance=provenance or {})
     atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
-    files = tuple(
-        FileInfo(name, (root / name).stat().st_size, sha256_file(root / name))
-        for name in (INDEX_NAME, CARD_NAME)
-    )
+    files = tuple(file_info(root, name) for name in (INDEX_NAME, CARD_NAME))
     manifest = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
                         files=files, provenance=provenance or {})
     write_manifest(root, manifest)

@@ -240,7 +240,17 @@ def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, 
     same = run(config(models, url, **kw), progress=False)
     assert same == first and "nothing to do" in capsys.readouterr().out
     # Extending needs no local copy: the finished shards stay in the store, the last one is redone.
+    import sys
+
+    from generator.store import Store
+
+    listed, real_parts = [], Store.parts
+    def counted_parts(self, **kw):
+        listed.append(sys._getframe(1).f_code.co_name)
+        return real_parts(self, **kw)
+    monkeypatch.setattr(Store, "parts", counted_parts)
     bigger = run(config(models, url, **{**kw, "count": 50}), progress=False)
+    assert listed.count("prepare") == 1 and "reopen_finished" not in listed  # the footers once
     assert Dataset(url).manifest == bigger and sum(s.samples for s in bigger.shards) == 50
     assert [s.samples for s in bigger.shards if s.split == "train"] == [20, 20]
     direct = run(config(models, f"{url}-direct", **{**kw, "count": 50}), progress=False)

@@ -266,3 +266,20 @@ def test_ranks_share_from_rank_0_and_report_failed_ranks_over_gloo(tmp_path) -> 
     for r in range(3):
         got, failed = json.loads((tmp_path / f"{r}.json").read_text())
         assert got == {"kept": ["test-000000.tar"]} and failed == [1]
+
+
+def test_the_previous_fingerprint_is_read_without_the_part_footers(tmp_path) -> None:
+    """``generate`` reads an unfinished output's fingerprint (for its test split) from the
+    state file alone: part footers are read only to check the count (check_existing)."""
+    from generator import pipeline
+    from shards.format import WORK_DIR
+
+    root = tmp_path / "ds"
+    (root / WORK_DIR).mkdir(parents=True)
+    (root / WORK_DIR / "state.json").write_text(json.dumps({"fingerprint": {"seed": 3, "test_count": 2}}))
+    (root / WORK_DIR / "train-000000.parquet").write_bytes(b"not a parquet footer")
+    (root / "train-000000.tar").write_bytes(b"")
+    assert pipeline.previous_fingerprint(root) == {"seed": 3, "test_count": 2}
+    with pytest.raises(Exception, match="(?i)parquet"):  # the footer is read only for the sizes
+        pipeline.existing_sizes(root)
+    assert pipeline.previous_fingerprint(tmp_path / "none") is None
