@@ -68,9 +68,10 @@ def weight_files(unet_dir: Path) -> list[Path]:
 
 
 def download_snapshot(repo_id: str, *, what: str = "model", revision: str | None = None,
-                      not_found: str = "") -> tuple[Path, str]:
+                      not_found: str = "", not_cached: str = "") -> tuple[Path, str]:
     """The Hub snapshot of ``repo_id`` (configs and weights only) through the Hub cache, and
-    its name. Honours ``HF_HUB_OFFLINE``; every failure is one ``ModelError`` naming ``what``."""
+    its name. Honours ``HF_HUB_OFFLINE``; every failure is one ``ModelError`` naming ``what``
+    (``not_found`` / ``not_cached``: what else to try, added to those two messages)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -87,7 +88,8 @@ def download_snapshot(repo_id: str, *, what: str = "model", revision: str | None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ModelError(f"{what} {repo_id!r} is not a local directory and not in the Hub "
-                         f"cache{offline}; download it once online or pass a local directory") from None
+                         f"cache{offline}; download it once online or pass a local directory"
+                         f"{not_cached}") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelError(f"{what} {repo_id!r}: download failed: {exc}") from None
     return path, path.name
@@ -115,8 +117,11 @@ def resolve(name: str) -> ModelSource:
         if not root.is_dir():
             raise ModelError(f"model {name!r} is a file; pass the directory save_pretrained wrote")
     elif _HUB_ID.match(name) and not name.startswith((".", "~")):
+        offline = (", or --model builtin (the small UNet installed with cifar5m, nothing to "
+                   "download)") if name == DEFAULT_MODEL else ""
         root, revision = download_snapshot(
-            name, not_found=f"; pass a Hub id like {DEFAULT_MODEL!r} or a local directory")
+            name, not_found=f"; pass a Hub id like {DEFAULT_MODEL!r} or a local directory",
+            not_cached=offline)
     else:
         raise ModelError(f"model {name!r}: no such directory, and not a Hub id")
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root

@@ -128,8 +128,25 @@ def test_model_from_hub_cache_offline(models, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     src = resolve("someone/tiny-ddpm")
     assert src.unet_dir == snap and src.revision == "a" * 40
-    with pytest.raises(ModelError, match=r"not in the Hub cache \(HF_HUB_OFFLINE is set\)"):
+    with pytest.raises(ModelError, match=r"not in the Hub cache \(HF_HUB_OFFLINE is set\)") as err:
         resolve("someone/unknown-model")
+    assert "builtin" not in str(err.value)  # another model is no stand-in for the one asked for
+
+
+def test_the_default_model_offline_and_not_cached_suggests_the_builtin_one(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    from generator.model import DEFAULT_MODEL
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    res = CliRunner().invoke(cli, ["generate", "--count", "12", "--test-count", "2",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"Error: model {DEFAULT_MODEL!r} is not a local directory and not in "
+                                 "the Hub cache (HF_HUB_OFFLINE is set)")
+    assert "or --model builtin (the small UNet installed with cifar5m" in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def bad(models: dict[str, Path], out: Path, **kw) -> GenerateConfig:
