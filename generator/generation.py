@@ -1,4 +1,8 @@
-"""One rank's resources for a run: device, model, labeler; producing and finishing shards."""
+"""One rank's part of a ``generate`` run (``Session``): it picks the device and the settings
+left to it, resolves the UNet and opens the labeler, samples and labels its shards while
+threads write them, and on rank 0 finishes the dataset with the manifest's provenance.
+What runs before and around it (checking the output, the ranks meeting) is in
+``generator.pipeline``; the sampler itself in ``generator.sampler``."""
 
 from __future__ import annotations
 
