@@ -12,9 +12,9 @@ from PIL import Image
 
 from cifar5m.cli import cli
 from generator.labeler import ARCHS, save_labeler
+from generator.report.figures import class_histogram_figure
 from generator.report.summary import (
     ReportConfig,
-    class_histogram_figure,
     labels_are_independent,
     make_report,
     render_text,

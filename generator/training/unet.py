@@ -219,7 +219,7 @@ class _Trainer:
     def grid(self, path: Path) -> Path:
         images = sample_images(self.ema_unet(), dict(self.scheduler.config), count=self.cfg.sample_count,
                                steps=self.cfg.sample_steps, seed=self.cfg.seed, device=self.device)
-        from generator.report.summary import write_grid
+        from generator.report.figures import write_grid
 
         return write_grid(images, path)
 
