@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,7 +20,6 @@ from train.distributed import Runtime
 
 if TYPE_CHECKING:
     from train.stream import SampleStream
-
 
 class TrainData:
     """The training batches of one rank, as uint8 ``(B, 3, 32, 32)`` + int64 on the device."""
@@ -54,11 +54,13 @@ class TrainData:
             pin_memory=rt.device.type == "cuda", storage_options=config.storage_options)
         return cls(SampleStream(cfg), config, rt, keys_path)
 
-    def _source(self):
+    def _source(self) -> Iterator[Any]:
+        """Positions into the subset (real world) or stream batches (ideal world)."""
         return self.stream.iter_index_batches() if self.real else iter(self.stream)
 
-    def _fetch(self):
-        """Next batch of the stream, already on the device (or on its way there)."""
+    def _fetch(self) -> tuple[Any, ...]:
+        """Next batch of the stream as (images, labels, keys or None), already on the device;
+        or on its way there, with the side CUDA stream that copies it as a fourth item."""
         if self._iter is None:
             self._iter = self._source()
         item = next(self._iter)
@@ -92,7 +94,7 @@ class TrainData:
             self._record(item[2])
         return item[0], item[1]
 
-    def _record(self, keys) -> None:
+    def _record(self, keys: Sequence[Any]) -> None:
         if self.keys_file is None:
             self.keys_file = open(self.keys_path, "a")  # noqa: SIM115 (open for the whole run)
         self.keys_file.write(" ".join(map(str, keys)) + "\n")
@@ -116,9 +118,9 @@ class TrainData:
             self.keys_file.close()
             self.keys_file = None
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
         self._iter, self._ahead = None, None
