@@ -338,7 +338,7 @@ def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_pa
     monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(1, 2, 1))
     monkeypatch.setattr(ranks, "init", lambda rank: None)
     monkeypatch.setattr(ranks, "close", lambda rank: None)
-    for name in ("check_existing", "existing", "open_output", "begin", "prepare"):
+    for name in ("check_existing", "previous_fingerprint", "existing_sizes", "open_output", "begin", "prepare"):
         monkeypatch.setattr(pipeline, name, forbidden)
     said: list = []
     monkeypatch.setattr(ranks, "share", lambda rank, value: said.pop(0))
