@@ -109,7 +109,7 @@ def test_other_http_versions_get_505_in_an_http_1_1_status_line(served, line):
 
 def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tmp_path):
     from cifar5m.errors import DownloadError
-    from train.source import open_source
+    from shards.source import open_source
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds", "lab/new"), n_train=20, n_test=10, shard_size=10)
     manifest = root / "lab/new/manifest.json"

@@ -31,9 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from shards import checksum, codec
-from train.catalog import Catalog
+from shards.catalog import Catalog
+from shards.source import Source
 from train.plan import block_grid
-from train.source import Source
 
 Key = int  # global block number: the blocks of shard 0, then those of shard 1, ...
 

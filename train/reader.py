@@ -16,11 +16,11 @@ import numpy as np
 
 from cifar5m.errors import CorruptShardError
 from shards import checksum, codec
+from shards.catalog import Catalog
 from shards.format import IMAGE_SHAPE
+from shards.source import Source
 from train.blocks import BlockStore
 from train.cache import DecodedCache
-from train.catalog import Catalog
-from train.source import Source
 
 
 def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:

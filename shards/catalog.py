@@ -27,7 +27,7 @@ from shards.format import INDEX_NAME, MANIFEST_NAME
 from shards.index import read_index, shard_runs
 from shards.manifest import Manifest, read_manifest_text
 from shards.reader import check_file
-from train.source import Source
+from shards.source import Source
 
 _COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label", checksum.COLUMN,
             checksum.GROUP_COLUMN)
