@@ -1,22 +1,30 @@
-"""A split's index as flat numpy arrays: where every sample's bytes lie, and its label.
+"""A split's index as flat numpy arrays: where every sample's bytes lie, its label and key.
 
-Built once in the main process from ``index.parquet``; DataLoader workers inherit it
-(fork) or unpickle it (spawn). Plain arrays instead of Python lists because 5M keys
-as ``str`` objects cost ~350 MB and copy-on-write touches them all on fork; as
-fixed-width bytes they are ~40 MB and never copied.
+The one catalog of the format: ``shards.reader.Split`` (evaluation sets, labeler
+training, the report, grids) and the training stream both read a split through it,
+and the manifest and index through a ``shards.source.Source`` (one byte transport).
+Built from ``index.parquet`` batch by batch into arrays of the split's size (a row
+lands at its ``position``: no sort, no copy of the whole table), so a 5M-sample split
+costs its arrays (~300 MB) rather than the Arrow table, its filtered copy and 5M
+Python strings. DataLoader workers inherit it (fork) or unpickle it (spawn). Keys are
+fixed-width bytes (5M as ``str`` objects cost ~350 MB and copy-on-write touches them
+all on fork), looked up by binary search (``position``), never through a dict.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cifar5m.errors import (
+    ChecksumMismatchError,
     DatasetNotFoundError,
     ManifestError,
     SampleNotFoundError,
@@ -24,13 +32,96 @@ from cifar5m.errors import (
 )
 from shards import checksum
 from shards.format import INDEX_NAME, MANIFEST_NAME
-from shards.index import read_index, shard_runs
-from shards.manifest import Manifest, read_manifest_text
-from shards.reader import check_file
+from shards.manifest import FileInfo, Manifest, load_manifest, read_manifest_text
 from shards.source import Source
 
-_COLUMNS = ("key", "split", "shard", "position", "image_offset", "image_size", "label", checksum.COLUMN,
+_COLUMNS = ("split", "shard", "position", "key", "image_offset", "image_size", "label", checksum.COLUMN,
             checksum.GROUP_COLUMN)
+BATCH_ROWS = 1 << 18  # index rows decoded at a time: bounds the Arrow memory of a build
+
+
+def check_file(data: bytes | memoryview, info: FileInfo | None, *, where: str) -> None:
+    """Raise ChecksumMismatchError unless ``data`` matches ``info`` (size and sha256)."""
+    if info is None:
+        return
+    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ChecksumMismatchError(
+            f"{where} does not match the size and sha256 that {MANIFEST_NAME} records "
+            f"({len(data)} bytes, {info.bytes} expected): the file is damaged; re-download "
+            f"the dataset or re-create it (`cifar5m verify` checks every file)")
+
+
+def read_manifest(source: Source) -> Manifest:
+    """The dataset's manifest, fetched whole through ``source``."""
+    if source.local:
+        return load_manifest(source.url)  # names an unfinished write
+    try:
+        text = bytes(source.read_file(MANIFEST_NAME)).decode()
+    except ShardNotFoundError:
+        raise DatasetNotFoundError(f"{source.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
+    return read_manifest_text(text, where=f"{source.url}/{MANIFEST_NAME}")
+
+
+def read_index_data(source: Source, manifest: Manifest) -> bytes | memoryview:
+    """The bytes of ``index.parquet``, fetched whole (one GET: any static HTTP server works,
+    also one without Range, which pyarrow's random reads of a remote file need) and checked
+    against the manifest's size and sha256 (labels come from it)."""
+    try:
+        data = source.read_file(INDEX_NAME)
+    except ShardNotFoundError:
+        raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
+    check_file(data, manifest.file_info(INDEX_NAME), where=f"{source.url}/{INDEX_NAME}")
+    return data
+
+
+def fixed_width(strings: pa.Array) -> np.ndarray:
+    """A string array as numpy fixed-width bytes (``S<longest>``), without Python objects."""
+    strings = strings.cast(pa.large_string())
+    n = len(strings)
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + n + 1]
+    data = np.frombuffer(strings.buffers()[2] or b"", np.uint8)
+    lengths = np.diff(offsets)
+    width = max(int(lengths.max()) if n else 1, 1)
+    if n and (lengths == width).all():
+        return data[offsets[0] : offsets[-1]].copy().view(f"S{width}")
+    out = np.zeros((n, width), np.uint8)
+    for j in range(width):  # one vectorised pass per byte column (keys are short)
+        rows = np.flatnonzero(lengths > j)
+        out[rows, j] = data[offsets[rows] + j]
+    return out.view(f"S{width}").reshape(n)
+
+
+def _batches(data: bytes | memoryview, *, where: str,
+             columns: tuple[str, ...] = _COLUMNS) -> Iterable[pa.RecordBatch]:
+    """``columns`` of the index (those it has), ``BATCH_ROWS`` rows at a time (``split`` and
+    ``shard`` as dictionaries). A damaged file is one ManifestError naming it."""
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)), read_dictionary=["split", "shard"])
+        have = set(parquet.schema_arrow.names)
+        yield from parquet.iter_batches(BATCH_ROWS, columns=[c for c in columns if c in have])
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(
+            f"{where} is not a readable index ({detail}); the file is damaged: re-download "
+            f"the dataset or re-create it (`cifar5m verify` checks every file)") from None
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    """A primitive Arrow array without nulls as a numpy view (``to_numpy`` imports pandas,
+    ~0.3 s and ~40 MB that nothing else here needs)."""
+    if array.null_count:
+        raise ValueError(f"{array.type} column has nulls")
+    values = np.frombuffer(array.buffers()[1], np.dtype(str(array.type)))
+    return values[array.offset : array.offset + len(array)]
+
+
+def _codes(column: pa.Array, names: list[str]) -> np.ndarray:
+    """Per row, the index of its value in ``names`` (-1: not there)."""
+    if not isinstance(column, pa.DictionaryArray):
+        column = pc.dictionary_encode(column)
+    lookup = {name: i for i, name in enumerate(names)}
+    table = np.array([lookup.get(v, -1) for v in column.dictionary.to_pylist()] + [-1], np.int32)
+    return table[_numpy(column.indices)]
 
 
 @dataclass
@@ -54,56 +145,64 @@ class Catalog:
 
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
-        """Read manifest and index through ``source``: each is fetched whole (one GET), so any
-        static HTTP server works, also one without Range support (pyarrow's random reads
-        of a remote parquet file need Range)."""
-        where = f"{source.url}/{MANIFEST_NAME}"
-        try:
-            manifest = read_manifest_text(bytes(source.read_file(MANIFEST_NAME)).decode(), where=where)
-        except ShardNotFoundError:
-            raise DatasetNotFoundError(f"{source.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
+        """Read manifest and index through ``source`` (each fetched whole) and build ``split``."""
+        manifest = read_manifest(source)
         if split not in manifest.splits:
             raise SampleNotFoundError(f"{source.url} has no split {split!r}; it has {manifest.splits}")
-        try:
-            data = source.read_file(INDEX_NAME)
-        except ShardNotFoundError:
-            raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
-        where = f"{source.url}/{INDEX_NAME}"
-        check_file(data, manifest.file_info(INDEX_NAME), where=where)  # labels come from it
-        table = read_index(pa.BufferReader(pa.py_buffer(data)), columns=list(_COLUMNS), where=where)
-        return cls.from_table(table, manifest, split, url=source.url)
+        return cls.from_index(read_index_data(source, manifest), manifest, split, url=source.url)
+
+    @classmethod
+    def from_index(cls, data: bytes | memoryview, manifest: Manifest, split: str, *, url: str) -> Catalog:
+        """``split`` of the (checked) bytes of ``index.parquet``, read batch by batch."""
+        where = f"{url}/{INDEX_NAME}"
+        counts = [int(np.count_nonzero(_codes(b["split"], [split]) == 0))
+                  for b in _batches(data, where=where, columns=("split",))]
+        return cls._build(_batches(data, where=where), sum(counts), manifest, split, url=url)
 
     @classmethod
     def from_table(cls, table: pa.Table, manifest: Manifest, split: str, *, url: str) -> Catalog:
+        """``split`` of an index table already in memory."""
+        table = table.filter(pc.equal(table["split"], split))
+        return cls._build(table.to_batches(), len(table), manifest, split, url=url)
+
+    @classmethod
+    def _build(cls, batches: Iterable[pa.RecordBatch], n: int, manifest: Manifest, split: str,
+               *, url: str) -> Catalog:
+        """Scatter each batch's rows of ``split`` to their positions in arrays of ``n``."""
+        where = f"{url}/{INDEX_NAME}"
         infos = manifest.split_shards(split)
-        table = table.filter(pc.equal(table["split"], split)).sort_by("position")
         names = [s.file for s in infos]
-        try:
-            runs = shard_runs(table["shard"])
-        except ValueError as exc:
-            raise ManifestError(f"{url}/{INDEX_NAME}: {exc}; re-create the dataset") from None
-        if unknown := sorted(set(runs) - set(names)):
-            raise ManifestError(f"{url}/{INDEX_NAME} lists shard {unknown[0]!r}, which the manifest's "
-                                f"{split} split does not hold; re-create the dataset")
-        empty = slice(0, 0)
-        starts = np.array([runs.get(n, empty).start for n in names], np.int64)
-        counts = np.array([runs.get(n, empty).stop - runs.get(n, empty).start for n in names], np.int64)
-        shard_id = np.zeros(len(table), np.int32)
-        for i, name in enumerate(names):
-            shard_id[runs.get(name, empty)] = i
+        arrays = {"shard_id": np.zeros(n, np.int32), "image_offset": np.zeros(n, np.int64),
+                  "image_size": np.zeros(n, np.int64), "labels": np.zeros(n, np.int64),
+                  "digests": np.zeros(n, np.uint64), "group_digests": np.zeros(n, np.uint64)}
+        keys, seen = np.zeros(n, "S1"), np.zeros(n, bool)
+        complete = {"digests": True, "group_digests": True}  # False: absent, or with nulls
+        for batch in batches:
+            rows = _split_rows(batch, split, names, where=where)
+            pos = rows.pop("position")
+            if len(pos) and (pos.min() < 0 or pos.max() >= n):
+                raise _bad_positions(where, split, n)
+            seen[pos] = True
+            at = _run_or(pos)
+            for name, values in rows.items():
+                if name == "keys":
+                    if values.dtype.itemsize > keys.dtype.itemsize:
+                        keys = keys.astype(values.dtype)
+                    keys[at] = values
+                elif values is None:
+                    complete[name] = False
+                elif complete.get(name, True):
+                    arrays[name][at] = values
+        if not seen.all():  # n rows, so a position given twice leaves another out
+            raise _bad_positions(where, split, n)
+        starts, counts = _shard_runs(arrays["shard_id"], len(names), where=where)
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,
-            shard_bytes=np.array([s.bytes for s in infos], np.int64),
-            shard_sha=[s.sha256 for s in infos],
-            shard_start=starts, shard_count=counts,
-            shard_id=shard_id,
-            image_offset=table["image_offset"].to_numpy().astype(np.int64),
-            image_size=table["image_size"].to_numpy().astype(np.int64),
-            labels=table["label"].to_numpy().astype(np.int64),
-            keys=np.asarray(table["key"].to_numpy(zero_copy_only=False).astype(str)).astype(np.bytes_),
-            digests=checksum.column(table), group_digests=checksum.column(table, checksum.GROUP_COLUMN),
-        )
+            shard_bytes=np.array([s.bytes for s in infos], np.int64), shard_sha=[s.sha256 for s in infos],
+            shard_start=starts, shard_count=counts, shard_id=arrays["shard_id"],
+            image_offset=arrays["image_offset"], image_size=arrays["image_size"], labels=arrays["labels"],
+            keys=keys, **{name: arrays[name] if ok else None for name, ok in complete.items()})
 
     @cached_property
     def group_start(self) -> np.ndarray:
@@ -122,9 +221,81 @@ class Catalog:
     def key_list(self, positions: np.ndarray) -> list[str]:
         return [k.decode() for k in self.keys[positions].tolist()]
 
+    @cached_property
+    def _key_order(self) -> np.ndarray | None:
+        """Positions in key order, for the binary search (None: keys are in order already, as
+        the writer and importer number them)."""
+        keys = self.keys
+        if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):
+            return None
+        return np.argsort(keys, kind="stable")
+
+    def position(self, key: str) -> int | None:
+        """The split position of ``key`` (None: no such key): a binary search of the keys."""
+        want = key.encode()
+        if not want or len(want) > self.keys.dtype.itemsize or want.endswith(b"\0"):
+            return None
+        order = self._key_order
+        i = int(np.searchsorted(self.keys, np.bytes_(want), sorter=order))
+        if i == len(self.keys):
+            return None
+        found = i if order is None else int(order[i])
+        return found if self.keys[found] == want else None
+
     def fingerprint(self) -> str:
         """Identifies the split's content (shard checksums): saved in stream states."""
         h = hashlib.sha256(self.split.encode())
         for name, sha in zip(self.shards, self.shard_sha, strict=True):
             h.update(f"{name}:{sha};".encode())
         return h.hexdigest()[:16]
+
+
+def _split_rows(batch: pa.RecordBatch, split: str, shards: list[str], *, where: str) -> dict:
+    """The catalog's columns of ``batch``'s rows of ``split`` as numpy arrays (a digest
+    column absent or with nulls: None), ``shard_id`` numbered as in ``shards``."""
+    mask = _codes(batch["split"], [split]) == 0
+    every = bool(mask.all())
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        return values if every else values[mask]
+
+    shard = _codes(batch["shard"], shards)
+    if (shard[mask] < 0).any():
+        bad = batch["shard"][int(np.flatnonzero(mask & (shard < 0))[0])].as_py()
+        raise ManifestError(f"{where} lists shard {bad!r}, which the manifest's {split} "
+                            f"split does not hold; re-create the dataset")
+    out = {"position": rows(_numpy(batch["position"])).astype(np.int64), "shard_id": rows(shard),
+           "keys": rows(fixed_width(batch["key"]))}
+    for name, column in (("image_offset", "image_offset"), ("image_size", "image_size"), ("labels", "label"),
+                         ("digests", checksum.COLUMN), ("group_digests", checksum.GROUP_COLUMN)):
+        missing = column not in batch.schema.names or batch[column].null_count
+        out[name] = None if missing else rows(_numpy(batch[column]))
+    return out
+
+
+def _bad_positions(where: str, split: str, n: int) -> ManifestError:
+    return ManifestError(f"{where}: the positions of split {split!r} are not 0..{n - 1}, each once; "
+                         f"re-create the dataset")
+
+
+def _run_or(positions: np.ndarray) -> slice | np.ndarray:
+    """``positions`` as a slice where they are consecutive (as written: one copy instead of a
+    scatter), else themselves."""
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1 \
+            and bool((np.diff(positions) == 1).all()):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+def _shard_runs(shard_id: np.ndarray, shards: int, *, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(first position, samples)`` of each shard; its positions must be one run."""
+    if not len(shard_id):
+        return np.zeros(shards, np.int64), np.zeros(shards, np.int64)
+    starts = np.flatnonzero(np.r_[True, shard_id[1:] != shard_id[:-1]])
+    ids = shard_id[starts]
+    if len(np.unique(ids)) != len(ids):
+        raise ManifestError(f"{where}: index rows are not grouped by shard; re-create the dataset")
+    first, count = np.zeros(shards, np.int64), np.zeros(shards, np.int64)
+    first[ids] = starts
+    count[ids] = np.diff(np.r_[starts, len(shard_id)])
+    return first, count
