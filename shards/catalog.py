@@ -14,9 +14,11 @@ all on fork), looked up by binary search (``position``), never through a dict.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -37,18 +39,20 @@ from shards.source import Source
 
 _COLUMNS = ("split", "shard", "position", "key", "image_offset", "image_size", "label", checksum.COLUMN,
             checksum.GROUP_COLUMN)
-BATCH_ROWS = 1 << 18  # index rows decoded at a time: bounds the Arrow memory of a build
+BATCH_ROWS = 1 << 17  # index rows decoded at a time: bounds the Arrow memory of a build
 
 
 def check_file(data: bytes | memoryview, info: FileInfo | None, *, where: str) -> None:
     """Raise ChecksumMismatchError unless ``data`` matches ``info`` (size and sha256)."""
-    if info is None:
-        return
-    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-        raise ChecksumMismatchError(
-            f"{where} does not match the size and sha256 that {MANIFEST_NAME} records "
-            f"({len(data)} bytes, {info.bytes} expected): the file is damaged; re-download "
-            f"the dataset or re-create it (`cifar5m verify` checks every file)")
+    if info is not None and (len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256):
+        raise _damaged(len(data), info, where=where)
+
+
+def _damaged(size: int, info: FileInfo, *, where: str) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"{where} does not match the size and sha256 that {MANIFEST_NAME} records "
+        f"({size} bytes, {info.bytes} expected): the file is damaged; re-download "
+        f"the dataset or re-create it (`cifar5m verify` checks every file)")
 
 
 def read_manifest(source: Source) -> Manifest:
@@ -62,16 +66,36 @@ def read_manifest(source: Source) -> Manifest:
     return read_manifest_text(text, where=f"{source.url}/{MANIFEST_NAME}")
 
 
-def read_index_data(source: Source, manifest: Manifest) -> bytes | memoryview:
-    """The bytes of ``index.parquet``, fetched whole (one GET: any static HTTP server works,
-    also one without Range, which pyarrow's random reads of a remote file need) and checked
-    against the manifest's size and sha256 (labels come from it)."""
+IndexData = bytes | bytearray | memoryview | BinaryIO
+
+
+def read_index_data(source: Source, manifest: Manifest) -> IndexData:
+    """``index.parquet`` checked against the manifest's size and sha256 (labels come from it).
+    Remote: its bytes, fetched whole (one GET: any static HTTP server works, also one without
+    Range, which pyarrow's random reads of a remote file need). Local: the open file, hashed
+    in pieces and then read a column chunk at a time, so its bytes (57 MB at 5M samples)
+    are never all in the process; the caller closes it."""
+    where, info = f"{source.url}/{INDEX_NAME}", manifest.file_info(INDEX_NAME)
     try:
+        if source.local:
+            f = source.open_file(INDEX_NAME)
+            size = os.fstat(f.fileno()).st_size
+            if info is not None and (size != info.bytes or hashlib.file_digest(f, "sha256").hexdigest()
+                                     != info.sha256):
+                f.close()
+                raise _damaged(size, info, where=where)
+            f.seek(0)
+            return f
         data = source.read_file(INDEX_NAME)
     except ShardNotFoundError:
-        raise DatasetNotFoundError(f"{source.url}/{INDEX_NAME} is missing; the dataset is incomplete") from None
-    check_file(data, manifest.file_info(INDEX_NAME), where=f"{source.url}/{INDEX_NAME}")
+        raise DatasetNotFoundError(f"{where} is missing; the dataset is incomplete") from None
+    check_file(data, info, where=where)
     return data
+
+
+def index_input(data: IndexData) -> BinaryIO | pa.NativeFile:
+    """What pyarrow reads ``data`` from: the file itself, or a reader of the bytes (no copy)."""
+    return data if hasattr(data, "read") else pa.BufferReader(pa.py_buffer(data))
 
 
 def fixed_width(strings: pa.Array) -> np.ndarray:
@@ -91,12 +115,12 @@ def fixed_width(strings: pa.Array) -> np.ndarray:
     return out.view(f"S{width}").reshape(n)
 
 
-def _batches(data: bytes | memoryview, *, where: str,
+def _batches(data: IndexData, *, where: str,
              columns: tuple[str, ...] = _COLUMNS) -> Iterable[pa.RecordBatch]:
     """``columns`` of the index (those it has), ``BATCH_ROWS`` rows at a time (``split`` and
     ``shard`` as dictionaries). A damaged file is one ManifestError naming it."""
     try:
-        parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)), read_dictionary=["split", "shard"])
+        parquet = pq.ParquetFile(index_input(data), read_dictionary=["split", "shard"])
         have = set(parquet.schema_arrow.names)
         yield from parquet.iter_batches(BATCH_ROWS, columns=[c for c in columns if c in have])
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -137,7 +161,7 @@ class Catalog:
     shard_count: np.ndarray  # int64, samples of each shard
     shard_id: np.ndarray  # int32, per position
     image_offset: np.ndarray  # int64, data offset of the image member in its shard
-    image_size: np.ndarray  # int64
+    image_size: np.ndarray  # int32 (the index's type; sums with offsets are int64)
     labels: np.ndarray  # int64
     keys: np.ndarray  # fixed-width bytes
     digests: np.ndarray | None = None  # uint64 XXH3 of each image member; None: an older index
@@ -149,10 +173,15 @@ class Catalog:
         manifest = read_manifest(source)
         if split not in manifest.splits:
             raise SampleNotFoundError(f"{source.url} has no split {split!r}; it has {manifest.splits}")
-        return cls.from_index(read_index_data(source, manifest), manifest, split, url=source.url)
+        data = read_index_data(source, manifest)
+        try:
+            return cls.from_index(data, manifest, split, url=source.url)
+        finally:
+            if hasattr(data, "close"):
+                data.close()
 
     @classmethod
-    def from_index(cls, data: bytes | memoryview, manifest: Manifest, split: str, *, url: str) -> Catalog:
+    def from_index(cls, data: IndexData, manifest: Manifest, split: str, *, url: str) -> Catalog:
         """``split`` of the (checked) bytes of ``index.parquet``, read batch by batch."""
         where = f"{url}/{INDEX_NAME}"
         counts = [int(np.count_nonzero(_codes(b["split"], [split]) == 0))
@@ -173,7 +202,7 @@ class Catalog:
         infos = manifest.split_shards(split)
         names = [s.file for s in infos]
         arrays = {"shard_id": np.zeros(n, np.int32), "image_offset": np.zeros(n, np.int64),
-                  "image_size": np.zeros(n, np.int64), "labels": np.zeros(n, np.int64),
+                  "image_size": np.zeros(n, np.int32), "labels": np.zeros(n, np.int64),
                   "digests": np.zeros(n, np.uint64), "group_digests": np.zeros(n, np.uint64)}
         keys, seen = np.zeros(n, "S1"), np.zeros(n, bool)
         complete = {"digests": True, "group_digests": True}  # False: absent, or with nulls
@@ -196,6 +225,7 @@ class Catalog:
         if not seen.all():  # n rows, so a position given twice leaves another out
             raise _bad_positions(where, split, n)
         starts, counts = _shard_runs(arrays["shard_id"], len(names), where=where)
+        pa.default_memory_pool().release_unused()  # the batches' buffers, kept by the allocator
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,

@@ -9,6 +9,7 @@ shard and, where it applies, the offset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from cifar5m.errors import CorruptShardError, SampleNotFoundError
 from shards import checksum, codec
-from shards.catalog import Catalog, read_index_data, read_manifest
+from shards.catalog import Catalog, IndexData, index_input, read_index_data, read_manifest
 from shards.format import INDEX_NAME
 from shards.index import read_index
 from shards.manifest import Manifest, ShardInfo
@@ -59,14 +60,24 @@ class Dataset:
         return str(Path(self.source.url) / name) if self.is_local else f"{self.source.url}/{name}"
 
     @cached_property
-    def _index_data(self) -> bytes | memoryview:
-        return read_index_data(self.source, self.manifest)
+    def _remote_index(self) -> IndexData:
+        return read_index_data(self.source, self.manifest)  # one GET for every split
+
+    @contextlib.contextmanager
+    def _index_data(self) -> Iterator[IndexData]:
+        """The checked index: a local one opened (and checked) for each read, never held."""
+        if not self.is_local:
+            yield self._remote_index
+            return
+        with read_index_data(self.source, self.manifest) as f:
+            yield f
 
     @cached_property
     def index(self) -> pa.Table:
         """The whole index (every column), read in one piece and checked against the
         manifest's size and sha256 before it is parsed."""
-        return read_index(pa.BufferReader(pa.py_buffer(self._index_data)), where=self.location(INDEX_NAME))
+        with self._index_data() as data:
+            return read_index(index_input(data), where=self.location(INDEX_NAME))
 
     def split(self, name: str) -> Split:
         if name not in self.manifest.splits:
@@ -138,8 +149,8 @@ class Split:
     def __init__(self, dataset: Dataset, name: str) -> None:
         self.dataset = dataset
         self.name = name
-        self.catalog = cat = Catalog.from_index(dataset._index_data, dataset.manifest, name,
-                                                url=dataset.source.url)
+        with dataset._index_data() as data:
+            self.catalog = cat = Catalog.from_index(data, dataset.manifest, name, url=dataset.source.url)
         self.keys = Keys(cat.keys)
         self.shard_of = ShardNames(cat)
         self.image_offset, self.image_size = cat.image_offset, cat.image_size

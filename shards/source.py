@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -203,6 +204,13 @@ class LocalSource(Source):
         view = self._map(file)
         self.will_read_whole(file)
         return view
+
+    def open_file(self, file: str) -> BinaryIO:
+        """``file`` opened for reading (a large file read in pieces, never mapped whole)."""
+        try:
+            return open(self.root / file, "rb")
+        except FileNotFoundError:
+            raise self._missing(self.root / file) from None
 
     def will_read_whole(self, file: str) -> None:
         """Start reading all of ``file`` in large requests (a whole-shard read or check)."""
