@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import BinaryIO
@@ -165,7 +165,9 @@ class Catalog:
     labels: np.ndarray  # int64
     keys: np.ndarray  # fixed-width bytes
     digests: np.ndarray | None = None  # uint64 XXH3 of each image member; None: an older index
-    group_digests: np.ndarray | None = None  # uint64 XXH3 of each row's group (shards.checksum)
+    # uint64 XXH3 of each group of checksum.GROUP rows of a shard, shard after shard (group_of);
+    # the index repeats it on every row of the group, this keeps it once
+    group_digests: np.ndarray | None = None
 
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
@@ -184,35 +186,39 @@ class Catalog:
     def from_index(cls, data: IndexData, manifest: Manifest, split: str, *, url: str) -> Catalog:
         """``split`` of the (checked) bytes of ``index.parquet``, read batch by batch."""
         where = f"{url}/{INDEX_NAME}"
-        counts = [int(np.count_nonzero(_codes(b["split"], [split]) == 0))
-                  for b in _batches(data, where=where, columns=("split",))]
-        return cls._build(_batches(data, where=where), sum(counts), manifest, split, url=url)
+        return cls._build(lambda columns: _batches(data, where=where, columns=columns), manifest, split, url=url)
 
     @classmethod
     def from_table(cls, table: pa.Table, manifest: Manifest, split: str, *, url: str) -> Catalog:
         """``split`` of an index table already in memory."""
         table = table.filter(pc.equal(table["split"], split))
-        return cls._build(table.to_batches(), len(table), manifest, split, url=url)
+        return cls._build(lambda columns: table.select([c for c in columns if c in table.column_names])
+                          .to_batches(), manifest, split, url=url)
 
     @classmethod
-    def _build(cls, batches: Iterable[pa.RecordBatch], n: int, manifest: Manifest, split: str,
-               *, url: str) -> Catalog:
-        """Scatter each batch's rows of ``split`` to their positions in arrays of ``n``."""
+    def _build(cls, read: Callable[[tuple[str, ...]], Iterable[pa.RecordBatch]], manifest: Manifest,
+               split: str, *, url: str) -> Catalog:
+        """Two passes over the index (``read(columns)``): the split's size and each shard's
+        rows, then each batch's rows of ``split`` scattered to their positions."""
         where = f"{url}/{INDEX_NAME}"
         infos = manifest.split_shards(split)
         names = [s.file for s in infos]
+        n, first, count = _layout(read(("split", "shard", "position")), split, names)
+        base = np.r_[0, np.cumsum(-(-count // checksum.GROUP))]  # each shard's first group
         arrays = {"shard_id": np.zeros(n, np.int32), "image_offset": np.zeros(n, np.int64),
                   "image_size": np.zeros(n, np.int32), "labels": np.zeros(n, np.int64),
-                  "digests": np.zeros(n, np.uint64), "group_digests": np.zeros(n, np.uint64)}
+                  "digests": np.zeros(n, np.uint64), "group_digests": np.zeros(int(base[-1]), np.uint64)}
         keys, seen = np.zeros(n, "S1"), np.zeros(n, bool)
         complete = {"digests": True, "group_digests": True}  # False: absent, or with nulls
-        for batch in batches:
+        for batch in read(_COLUMNS):
             rows = _split_rows(batch, split, names, where=where)
             pos = rows.pop("position")
             if len(pos) and (pos.min() < 0 or pos.max() >= n):
                 raise _bad_positions(where, split, n)
             seen[pos] = True
             at = _run_or(pos)
+            sid = rows["shard_id"]
+            groups = base[sid] + np.clip(pos - first[sid], 0, count[sid] - 1) // checksum.GROUP
             for name, values in rows.items():
                 if name == "keys":
                     if values.dtype.itemsize > keys.dtype.itemsize:
@@ -221,7 +227,7 @@ class Catalog:
                 elif values is None:
                     complete[name] = False
                 elif complete.get(name, True):
-                    arrays[name][at] = values
+                    arrays[name][groups if name == "group_digests" else at] = values
         if not seen.all():  # n rows, so a position given twice leaves another out
             raise _bad_positions(where, split, n)
         starts, counts = _shard_runs(arrays["shard_id"], len(names), where=where)
@@ -235,10 +241,19 @@ class Catalog:
             keys=keys, **{name: arrays[name] if ok else None for name, ok in complete.items()})
 
     @cached_property
-    def group_start(self) -> np.ndarray:
-        """Per position: the first position of its group of checksum.GROUP rows of its shard."""
-        start = self.shard_start[self.shard_id]
-        return start + (np.arange(len(self.shard_id)) - start) // checksum.GROUP * checksum.GROUP
+    def group_base(self) -> np.ndarray:
+        """Index in ``group_digests`` of each shard's first group."""
+        return np.r_[0, np.cumsum(-(-self.shard_count // checksum.GROUP))[:-1]].astype(np.int64)
+
+    def group_first(self, rows: np.ndarray) -> np.ndarray:
+        """The first position of each row's group of checksum.GROUP rows of its shard."""
+        start = self.shard_start[self.shard_id[rows]]
+        return start + (rows - start) // checksum.GROUP * checksum.GROUP
+
+    def group_of(self, rows: np.ndarray) -> np.ndarray:
+        """Index in ``group_digests`` of each row's group."""
+        shard = self.shard_id[rows]
+        return self.group_base[shard] + (rows - self.shard_start[shard]) // checksum.GROUP
 
     @cached_property
     def shard_stop(self) -> np.ndarray:
@@ -301,6 +316,21 @@ def _split_rows(batch: pa.RecordBatch, split: str, shards: list[str], *, where: 
         missing = column not in batch.schema.names or batch[column].null_count
         out[name] = None if missing else rows(_numpy(batch[column]))
     return out
+
+
+def _layout(batches: Iterable[pa.RecordBatch], split: str,
+            shards: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(samples of split, first position of each shard, its samples)`` from the ``split``,
+    ``shard`` and ``position`` columns (rows of unknown shards are reported by the build)."""
+    n, first, count = 0, np.full(len(shards), np.iinfo(np.int64).max), np.zeros(len(shards), np.int64)
+    for batch in batches:
+        mask = _codes(batch["split"], [split]) == 0
+        sid, pos = _codes(batch["shard"], shards)[mask], _numpy(batch["position"])[mask]
+        known = sid >= 0
+        np.minimum.at(first, sid[known], pos[known])
+        count += np.bincount(sid[known], minlength=len(shards))
+        n += int(mask.sum())
+    return n, np.where(count > 0, first, 0), count
 
 
 def _bad_positions(where: str, split: str, n: int) -> ManifestError:

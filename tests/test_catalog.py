@@ -81,3 +81,15 @@ def test_rows_land_at_their_positions_and_bad_positions_are_refused(make_dataset
     twice = table.set_column(table.schema.get_field_index("position"), "position", pa.array(position))
     with pytest.raises(ManifestError, match=r"index\.parquet: the positions of split 'train' are not 0\.\.39"):
         Catalog.from_table(twice, load_manifest(root), "train", url=str(root))
+
+
+def test_group_digests_are_kept_once_per_group(make_dataset):
+    root = make_dataset(n_train=250, n_test=10, shard_size=100, image_format="npy")  # 100, 100, 50 rows
+    cat = Catalog.load(open_source(str(root)), "train")
+    table = pq.read_table(root / "index.parquet").filter(pa.compute.equal(pa.compute.field("split"), "train"))
+    per_row = np.array(table.sort_by("position")["group_xxh3"].to_pylist(), np.uint64)
+    rows = np.arange(len(cat))
+    assert len(cat.group_digests) == 2 + 2 + 1
+    np.testing.assert_array_equal(cat.group_digests[cat.group_of(rows)], per_row)
+    np.testing.assert_array_equal(cat.group_first(np.array([0, 63, 64, 99, 100, 163, 164, 249])),
+                                  [0, 0, 64, 64, 100, 100, 164, 200])
