@@ -23,7 +23,6 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cifar5m.errors import (
     ChecksumMismatchError,
@@ -34,6 +33,7 @@ from cifar5m.errors import (
 )
 from shards import checksum
 from shards.format import INDEX_NAME, MANIFEST_NAME
+from shards.index import arrow_numpy, fixed_width, index_batches, value_codes
 from shards.manifest import FileInfo, Manifest, load_manifest, read_manifest_text
 from shards.source import Source
 
@@ -98,56 +98,6 @@ def index_input(data: IndexData) -> BinaryIO | pa.NativeFile:
     return data if hasattr(data, "read") else pa.BufferReader(pa.py_buffer(data))
 
 
-def fixed_width(strings: pa.Array) -> np.ndarray:
-    """A string array as numpy fixed-width bytes (``S<longest>``), without Python objects."""
-    strings = strings.cast(pa.large_string())
-    n = len(strings)
-    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + n + 1]
-    data = np.frombuffer(strings.buffers()[2] or b"", np.uint8)
-    lengths = np.diff(offsets)
-    width = max(int(lengths.max()) if n else 1, 1)
-    if n and (lengths == width).all():
-        return data[offsets[0] : offsets[-1]].copy().view(f"S{width}")
-    out = np.zeros((n, width), np.uint8)
-    for j in range(width):  # one vectorised pass per byte column (keys are short)
-        rows = np.flatnonzero(lengths > j)
-        out[rows, j] = data[offsets[rows] + j]
-    return out.view(f"S{width}").reshape(n)
-
-
-def _batches(data: IndexData, *, where: str,
-             columns: tuple[str, ...] = _COLUMNS) -> Iterable[pa.RecordBatch]:
-    """``columns`` of the index (those it has), ``BATCH_ROWS`` rows at a time (``split`` and
-    ``shard`` as dictionaries). A damaged file is one ManifestError naming it."""
-    try:
-        parquet = pq.ParquetFile(index_input(data), read_dictionary=["split", "shard"])
-        have = set(parquet.schema_arrow.names)
-        yield from parquet.iter_batches(BATCH_ROWS, columns=[c for c in columns if c in have])
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ManifestError(
-            f"{where} is not a readable index ({detail}); the file is damaged: re-download "
-            f"the dataset or re-create it (`cifar5m verify` checks every file)") from None
-
-
-def _numpy(array: pa.Array) -> np.ndarray:
-    """A primitive Arrow array without nulls as a numpy view (``to_numpy`` imports pandas,
-    ~0.3 s and ~40 MB that nothing else here needs)."""
-    if array.null_count:
-        raise ValueError(f"{array.type} column has nulls")
-    values = np.frombuffer(array.buffers()[1], np.dtype(str(array.type)))
-    return values[array.offset : array.offset + len(array)]
-
-
-def _codes(column: pa.Array, names: list[str]) -> np.ndarray:
-    """Per row, the index of its value in ``names`` (-1: not there)."""
-    if not isinstance(column, pa.DictionaryArray):
-        column = pc.dictionary_encode(column)
-    lookup = {name: i for i, name in enumerate(names)}
-    table = np.array([lookup.get(v, -1) for v in column.dictionary.to_pylist()] + [-1], np.int32)
-    return table[_numpy(column.indices)]
-
-
 @dataclass
 class Catalog:
     url: str
@@ -186,7 +136,8 @@ class Catalog:
     def from_index(cls, data: IndexData, manifest: Manifest, split: str, *, url: str) -> Catalog:
         """``split`` of the (checked) bytes of ``index.parquet``, read batch by batch."""
         where = f"{url}/{INDEX_NAME}"
-        return cls._build(lambda columns: _batches(data, where=where, columns=columns), manifest, split, url=url)
+        return cls._build(lambda columns: index_batches(index_input(data), where=where, columns=columns,
+                                                        batch_rows=BATCH_ROWS), manifest, split, url=url)
 
     @classmethod
     def from_table(cls, table: pa.Table, manifest: Manifest, split: str, *, url: str) -> Catalog:
@@ -298,23 +249,23 @@ class Catalog:
 def _split_rows(batch: pa.RecordBatch, split: str, shards: list[str], *, where: str) -> dict:
     """The catalog's columns of ``batch``'s rows of ``split`` as numpy arrays (a digest
     column absent or with nulls: None), ``shard_id`` numbered as in ``shards``."""
-    mask = _codes(batch["split"], [split]) == 0
+    mask = value_codes(batch["split"], [split]) == 0
     every = bool(mask.all())
 
     def rows(values: np.ndarray) -> np.ndarray:
         return values if every else values[mask]
 
-    shard = _codes(batch["shard"], shards)
+    shard = value_codes(batch["shard"], shards)
     if (shard[mask] < 0).any():
         bad = batch["shard"][int(np.flatnonzero(mask & (shard < 0))[0])].as_py()
         raise ManifestError(f"{where} lists shard {bad!r}, which the manifest's {split} "
                             f"split does not hold; re-create the dataset")
-    out = {"position": rows(_numpy(batch["position"])).astype(np.int64), "shard_id": rows(shard),
+    out = {"position": rows(arrow_numpy(batch["position"])).astype(np.int64), "shard_id": rows(shard),
            "keys": rows(fixed_width(batch["key"]))}
     for name, column in (("image_offset", "image_offset"), ("image_size", "image_size"), ("labels", "label"),
                          ("digests", checksum.COLUMN), ("group_digests", checksum.GROUP_COLUMN)):
         missing = column not in batch.schema.names or batch[column].null_count
-        out[name] = None if missing else rows(_numpy(batch[column]))
+        out[name] = None if missing else rows(arrow_numpy(batch[column]))
     return out
 
 
@@ -324,8 +275,8 @@ def _layout(batches: Iterable[pa.RecordBatch], split: str,
     ``shard`` and ``position`` columns (rows of unknown shards are reported by the build)."""
     n, first, count = 0, np.full(len(shards), np.iinfo(np.int64).max), np.zeros(len(shards), np.int64)
     for batch in batches:
-        mask = _codes(batch["split"], [split]) == 0
-        sid, pos = _codes(batch["shard"], shards)[mask], _numpy(batch["position"])[mask]
+        mask = value_codes(batch["split"], [split]) == 0
+        sid, pos = value_codes(batch["shard"], shards)[mask], arrow_numpy(batch["position"])[mask]
         known = sid >= 0
         np.minimum.at(first, sid[known], pos[known])
         count += np.bincount(sid[known], minlength=len(shards))

@@ -10,7 +10,8 @@ import pytest
 
 from cifar5m.errors import ManifestError, SampleNotFoundError
 from shards import catalog as catalog_module
-from shards.catalog import Catalog, fixed_width
+from shards.catalog import Catalog
+from shards.index import fixed_width
 from shards.manifest import load_manifest
 from shards.reader import Dataset
 from shards.source import open_source
