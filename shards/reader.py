@@ -90,6 +90,8 @@ class Dataset:
         if start is None:
             return self.source.read_file(file)
         if end is None:
+            if file not in self.shards:  # another file of the dataset: its size is not listed
+                return memoryview(self.source.read_file(file))[start:]
             end = self.shards[file].bytes
         return self.source.fetch([(file, start, end)])[0]
 
