@@ -1,36 +1,34 @@
 """Reading datasets: iterate a split, or read any sample by key or position.
 
-Works on a local directory (files read directly) and on any fsspec URL
-(``http://``, ``s3://``, ...), where single samples cost one byte-range request
-through the index. Every error names the shard and, where it applies, the offset.
+Works on a local directory and on any http(s) or fsspec URL (``s3://``, ...) through the
+same byte source (``shards.source``) and catalog (``shards.catalog``) as the training
+stream: single samples cost one byte-range request through the index, and a server's
+reason for refusing (an ``X-Error-Message``) reaches the error. Every error names the
+shard and, where it applies, the offset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from fsspec.implementations.local import LocalFileSystem
 
-from cifar5m.errors import (
-    ChecksumMismatchError,
-    CorruptShardError,
-    DatasetNotFoundError,
-    SampleNotFoundError,
-    ShardNotFoundError,
-)
+from cifar5m.errors import CorruptShardError, SampleNotFoundError
 from shards import checksum, codec
-from shards.format import INDEX_NAME, MANIFEST_NAME
-from shards.index import read_index, shard_runs
-from shards.manifest import FileInfo, Manifest, ShardInfo, load_manifest, read_manifest_text
+from shards.catalog import Catalog, IndexData, index_input, read_index_data, read_manifest
+from shards.format import INDEX_NAME
+from shards.index import read_index
+from shards.manifest import Manifest, ShardInfo
+from shards.source import Source, open_source
+
+__all__ = ["Batch", "Dataset", "Sample", "Split"]
 
 
 class Sample(NamedTuple):
@@ -46,65 +44,61 @@ class Batch(NamedTuple):
 
 
 class Dataset:
-    """A dataset directory, local or remote (any fsspec URL)."""
+    """A dataset directory, local or remote (http(s) or any fsspec URL), read through one
+    ``shards.source.Source`` and one ``shards.catalog.Catalog`` per split, as the training
+    stream reads it."""
 
     def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None) -> None:
         self.url = str(root)
-        self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.manifest: Manifest = self._load_manifest()
+        self.source: Source = open_source(self.url, storage_options=storage_options)
+        self.is_local = self.source.local
+        self.manifest: Manifest = read_manifest(self.source)
         self.shards: dict[str, ShardInfo] = {s.file: s for s in self.manifest.shards}
-
-    def _load_manifest(self) -> Manifest:
-        if self.is_local:
-            return load_manifest(self.path)
-        where = self.location(MANIFEST_NAME)
-        try:
-            text = self.fs.cat_file(where).decode()
-        except FileNotFoundError:
-            raise DatasetNotFoundError(f"{self.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
-        return read_manifest_text(text, where=where)
 
     def location(self, name: str) -> str:
         """Path or URL of a file of the dataset."""
-        return str(Path(self.path) / name) if self.is_local else f"{self.path.rstrip('/')}/{name}"
+        return str(Path(self.source.url) / name) if self.is_local else f"{self.source.url}/{name}"
+
+    @cached_property
+    def _remote_index(self) -> IndexData:
+        return read_index_data(self.source, self.manifest)  # one GET for every split
+
+    @contextlib.contextmanager
+    def _index_data(self) -> Iterator[IndexData]:
+        """The checked index: a local one opened (and checked) for each read, never held."""
+        if not self.is_local:
+            yield self._remote_index
+            return
+        with read_index_data(self.source, self.manifest) as f:
+            yield f
 
     @cached_property
     def index(self) -> pa.Table:
-        """The whole index, read in one piece (one GET remotely: pyarrow would issue range
-        requests, which plain static servers do not support) and checked against the
+        """The whole index (every column), read in one piece and checked against the
         manifest's size and sha256 before it is parsed."""
-        where = self.location(INDEX_NAME)
-        try:
-            data = self.read_bytes(INDEX_NAME)
-        except ShardNotFoundError:
-            raise DatasetNotFoundError(f"{where} is missing; the dataset is incomplete") from None
-        check_file(data, self.manifest.file_info(INDEX_NAME), where=where)
-        return read_index(pa.BufferReader(data), where=where)
+        with self._index_data() as data:
+            return read_index(index_input(data), where=self.location(INDEX_NAME))
 
     def split(self, name: str) -> Split:
         if name not in self.manifest.splits:
             raise SampleNotFoundError(f"{self.url} has no split {name!r}; it has {self.manifest.splits}")
         return Split(self, name)
 
-    def read_bytes(self, file: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` of a dataset file (the whole file by default)."""
-        where = self.location(file)
-        try:
-            if self.is_local:
-                with open(where, "rb") as f:
-                    if start is None:
-                        return f.read()
-                    if end is None:
-                        end = os.fstat(f.fileno()).st_size
-                    return os.pread(f.fileno(), end - start, start)
-            return self.fs.cat_file(where, start=start, end=end)
-        except FileNotFoundError:
-            raise ShardNotFoundError(
-                f"{where} is missing; the manifest lists it (re-download or re-create the dataset)"
-            ) from None
+    def read_bytes(self, file: str, start: int | None = None, end: int | None = None) -> bytes | memoryview:
+        """Bytes ``[start, end)`` of a dataset file (the whole file by default; short where the
+        file ends early)."""
+        if start is None:
+            if self.is_local:  # a read into a buffer of its own, as before, not one of the
+                with self.source.open_file(file) as f:  # source's kept maps: a pass over a
+                    return f.read()  # split holds one shard, not the last 64, in memory
+            return self.source.read_file(file)
+        if end is None:
+            if file not in self.shards:  # another file of the dataset: its size is not listed
+                return memoryview(self.source.read_file(file))[start:]
+            end = self.shards[file].bytes
+        return self.source.fetch([(file, start, end)])[0]
 
-    def read_shard(self, file: str, *, sha256: bool = False) -> bytes:
+    def read_shard(self, file: str, *, sha256: bool = False) -> bytes | memoryview:
         """A whole shard, checked for truncation against the manifest's size (and its
         sha256 with ``sha256``: datasets without per-member digests)."""
         data = self.read_bytes(file)
@@ -121,50 +115,67 @@ class Dataset:
         return data
 
 
-def check_file(data: bytes | memoryview, info: FileInfo | None, *, where: str) -> None:
-    """Raise ChecksumMismatchError unless ``data`` matches ``info`` (size and sha256)."""
-    if info is None:
-        return
-    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-        raise ChecksumMismatchError(
-            f"{where} does not match the size and sha256 that {MANIFEST_NAME} records "
-            f"({len(data)} bytes, {info.bytes} expected): the file is damaged; re-download "
-            f"the dataset or re-create it (`cifar5m verify` checks every file)")
+class Keys(Sequence):
+    """A split's keys as ``str``, read from the catalog's fixed-width bytes on demand (no
+    list of millions of Python strings)."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self._keys[i].decode()
+        return [k.decode() for k in self._keys[i].tolist()]
+
+    def __eq__(self, other: object) -> bool:  # equal to a list of the same keys
+        if isinstance(other, Keys):
+            return np.array_equal(self._keys, other._keys)
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ShardNames:
+    """``shard_of[position]``: the file of the shard holding that sample."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def __getitem__(self, i: int) -> str:
+        return self._catalog.shards[int(self._catalog.shard_id[i])]
 
 
 class Split:
-    """The samples of one split, in order, with random access through the index."""
+    """The samples of one split, in order, with random access through the catalog."""
 
     def __init__(self, dataset: Dataset, name: str) -> None:
         self.dataset = dataset
         self.name = name
-        table = dataset.index.filter(pc.equal(dataset.index["split"], name)).sort_by("position")
-        self.keys: list[str] = table["key"].to_pylist()
-        self._slices = shard_runs(table["shard"])
-        self.shard_of = np.empty(len(self.keys), dtype=object)
-        for shard, rows in self._slices.items():
-            self.shard_of[rows] = shard
-        self.image_offset = table["image_offset"].to_numpy()
-        self.image_size = table["image_size"].to_numpy()
+        with dataset._index_data() as data:
+            self.catalog = cat = Catalog.from_index(data, dataset.manifest, name, url=dataset.source.url)
+        self.keys = Keys(cat.keys)
+        self.shard_of = ShardNames(cat)
+        self.image_offset, self.image_size = cat.image_offset, cat.image_size
         # Per-member digests (None: an index written before them; whole shards are then
         # checked by their sha256 instead).
-        self.digests = checksum.column(table)
-        self.labels = table["label"].to_numpy().astype(np.int64)
-        self.format = dataset.manifest.image_format
-        self.shard_files = [s.file for s in dataset.manifest.split_shards(name)]
+        self.digests = cat.digests
+        self.labels = cat.labels
+        self.format = cat.image_format
+        self.shard_files = cat.shards
+        self._shard_number = {file: i for i, file in enumerate(cat.shards)}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    @cached_property
-    def _position_of(self) -> dict[str, int]:
-        return {k: i for i, k in enumerate(self.keys)}
-
     def position(self, key: str) -> int:
-        try:
-            return self._position_of[key]
-        except KeyError:
-            raise SampleNotFoundError(f"no sample with key {key!r} in split {self.name!r}") from None
+        """The position of ``key`` (a binary search of the catalog's keys, no dict)."""
+        found = self.catalog.position(key)
+        if found is None:
+            raise SampleNotFoundError(f"no sample with key {key!r} in split {self.name!r}")
+        return found
 
     def __getitem__(self, position: int) -> Sample:
         if not -len(self) <= position < len(self):
@@ -188,7 +199,11 @@ class Split:
 
     def rows(self, shard: str) -> slice:
         """Split positions of ``shard``'s samples (empty for a shard of another split)."""
-        return self._slices.get(shard, slice(0, 0))
+        i = self._shard_number.get(shard)
+        if i is None:
+            return slice(0, 0)
+        start = int(self.catalog.shard_start[i])
+        return slice(start, start + int(self.catalog.shard_count[i]))
 
     def decode_shard(self, shard: str) -> Batch:
         """Every sample of one shard, decoded (npy shards in one vectorised gather)."""

@@ -109,7 +109,8 @@ def test_other_http_versions_get_505_in_an_http_1_1_status_line(served, line):
 
 def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tmp_path):
     from cifar5m.errors import DownloadError
-    from train.source import open_source
+    from shards.reader import Dataset
+    from shards.source import open_source
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds", "lab/new"), n_train=20, n_test=10, shard_size=10)
     manifest = root / "lab/new/manifest.json"
@@ -120,5 +121,8 @@ def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tm
         with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m") as info:
             source.read_file("manifest.json")
         assert str(Path(root)) not in str(info.value)  # the dataset's name, not the server's path
+        # shards.reader.Dataset reads through the same source: the reason, not a bare status.
+        with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m"):
+            Dataset(f"{url}/datasets/lab/new/resolve/main")
         status, headers, _ = request(url, "GET", "/api/datasets/lab/new")
         assert (status, headers["x-error-code"]) == (501, "DatasetUnreadable")

@@ -452,9 +452,9 @@ def test_an_index_whose_shard_rows_are_interleaved_is_refused(tmp_path):
     import pyarrow as pa
 
     from cifar5m.errors import ManifestError
+    from shards.catalog import Catalog
     from shards.index import read_index
     from shards.manifest import load_manifest
-    from train.catalog import Catalog
 
     root = write_dataset(tmp_path / "ds", n_train=40, n_test=0, shard_size=20)
     table = read_index(root / "index.parquet")

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from cifar5m.errors import CorruptShardError
+from shards.catalog import Catalog
+from shards.connections import Connections
+from shards.source import LocalSource
 from tests.conftest import write_dataset
 from tests.test_stream_remote import serve_app
 from train.blocks import BlockStore
-from train.catalog import Catalog
-from train.connections import Connections
 from train.reader import SampleReader
-from train.source import LocalSource
 from train.stream import SampleStream, StreamConfig
 
 

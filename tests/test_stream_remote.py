@@ -124,7 +124,7 @@ def test_s3_through_moto_delivers_the_local_batches(dataset, moto_s3):
 def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
     from collections import Counter
 
-    from train.source import HttpSource
+    from shards.source import HttpSource
 
     gets: Counter = Counter()
 

@@ -31,9 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from shards import checksum, codec
-from train.catalog import Catalog
+from shards.catalog import Catalog
+from shards.source import Source
 from train.plan import block_grid
-from train.source import Source
 
 Key = int  # global block number: the blocks of shard 0, then those of shard 1, ...
 
@@ -108,8 +108,9 @@ class BlockStore:
         if cat.group_digests is None or self.block % checksum.GROUP:
             return checksum.first_bad_at(data, offsets, sizes, cat.digests[rows.start:rows.stop]) < 0
         # Blocks start on group boundaries here, so the block's groups are the shard's.
-        got = checksum.group_digests(data, offsets.tolist(), sizes.tolist())
-        return got == cat.group_digests[rows.start:rows.stop].tolist()
+        got = checksum.group_digests(data, offsets.tolist(), sizes.tolist())[:: checksum.GROUP]
+        first = int(cat.group_of(np.array([rows.start]))[0])
+        return got == cat.group_digests[first : first + len(got)].tolist()
 
     def _slot_bytes(self) -> int:
         """The largest block's bytes (an arena slot)."""

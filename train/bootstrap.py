@@ -48,8 +48,8 @@ class Budget:
 
 def check_budgets(config: BootstrapConfig) -> Budget:
     """Every run's samples, checked before any training: raises one error listing all problems."""
-    from train.catalog import Catalog
-    from train.source import open_source
+    from shards.catalog import Catalog
+    from shards.source import open_source
     from train.stream import SampleStream, StreamConfig
 
     t = config.template

@@ -16,11 +16,11 @@ import numpy as np
 
 from cifar5m.errors import CorruptShardError
 from shards import checksum, codec
+from shards.catalog import Catalog
 from shards.format import IMAGE_SHAPE
+from shards.source import Source
 from train.blocks import BlockStore
 from train.cache import DecodedCache
-from train.catalog import Catalog
-from train.source import Source
 
 
 def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -164,10 +164,12 @@ class SampleReader:
         if not len(todo):
             return
         view, stop = memoryview(buf), int(cat.shard_stop[shard])
-        for first in np.unique(cat.group_start[todo]).tolist():
+        firsts = np.unique(cat.group_first(todo))
+        for first, group_digest in zip(firsts.tolist(), cat.group_digests[cat.group_of(firsts)].tolist(),
+                                       strict=True):
             last = min(first + checksum.GROUP, stop) - 1
             a, b = int(cat.image_offset[first]), int(cat.image_offset[last] + cat.image_size[last])
-            if checksum.digest(view[a:b]) != int(cat.group_digests[first]):
+            if checksum.digest(view[a:b]) != group_digest:
                 group = np.arange(first, last + 1)
                 self._raise_bad(shard, group, checksum.first_bad_at(
                     buf, cat.image_offset[group], cat.image_size[group], cat.digests[group]))

@@ -30,13 +30,13 @@ import torch
 
 from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
 from cifar5m.ranks import from_env
+from shards.catalog import Catalog
+from shards.source import open_source
 from train.cache import DecodedCache
-from train.catalog import Catalog
 from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
 from train.prefetch import ahead
 from train.producer import Producer, StreamBatch, WorkerDataset, unpack
 from train.reader import SampleReader
-from train.source import open_source
 
 __all__ = ["SampleStream", "StreamBatch", "StreamConfig", "resolve_rank"]
 log = logging.getLogger("cifar5m.stream")

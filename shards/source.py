@@ -6,7 +6,7 @@ headers, so a 256-sample block is one ~1 MB request instead of 256). Sources ret
 what the file holds: a range past the end comes back short, and the caller turns that
 into a ``CorruptShardError`` naming the sample and offset.
 
-HTTP is done with ``train.connections`` (``http.client``, one keep-alive connection per
+HTTP is done with ``shards.connections`` (``http.client``, one keep-alive connection per
 pool thread, bodies received with ``readinto`` into one buffer) rather than fsspec's
 aiohttp layer: it works in forked DataLoader workers without event-loop juggling and
 copies nothing after the socket; a static server that ignores ``Range``
@@ -22,13 +22,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.errors import DownloadError, ShardNotFoundError
-from train.connections import Connections, Parts
+from shards.connections import Connections, Parts
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
@@ -203,6 +204,13 @@ class LocalSource(Source):
         view = self._map(file)
         self.will_read_whole(file)
         return view
+
+    def open_file(self, file: str) -> BinaryIO:
+        """``file`` opened for reading (a large file read in pieces, never mapped whole)."""
+        try:
+            return open(self.root / file, "rb")
+        except FileNotFoundError:
+            raise self._missing(self.root / file) from None
 
     def will_read_whole(self, file: str) -> None:
         """Start reading all of ``file`` in large requests (a whole-shard read or check)."""
