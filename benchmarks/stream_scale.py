@@ -160,6 +160,26 @@ def tree_read_bytes(pid: int) -> int:
     return total
 
 
+def other_readers(home: Path, mine: set[int]) -> list[str]:
+    """Processes outside ``mine`` holding a file of the dataset open or mapped (another
+    job reading it warms the page cache and shares the disk: the row is then suspect)."""
+    needle, found = str(home), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) in mine or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (proc / "maps").read_text() or any(
+                    needle in os.readlink(fd) for fd in (proc / "fd").iterdir()):
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_text().replace(chr(0), ' ')[:120]}")
+    return found
+
+
+def _watch_readers(home: Path, mine: set[int], found: dict, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        for line in other_readers(home, mine):
+            found.setdefault(line, True)
+
+
 BAR_COUNT = re.compile(r"\|\s*([0-9.]+)([kMG]?)/")
 
 
@@ -177,9 +197,10 @@ def _first_count(stream, t0: float, seen: list[float]) -> None:
 
 
 def measure(cmd: list[str], *, server: int | None = None, cwd: Path | None = None,
-            env: dict | None = None) -> dict:
+            env: dict | None = None, home: Path | None = None) -> dict:
     """Run ``cmd`` (stdout: JSON or nothing); its disk reads, the server's, peak RSS, wall,
-    and when its progress bar (stderr) first counted images."""
+    when its progress bar (stderr) first counted images, and (with ``home``, the dataset)
+    which other processes read the dataset meanwhile."""
     before = tree_read_bytes(server) if server else 0
     t0 = time.monotonic()
     # every bar update printed (tqdm reads TQDM_* variables as its defaults)
@@ -189,6 +210,11 @@ def measure(cmd: list[str], *, server: int | None = None, cwd: Path | None = Non
     first: list[float] = []
     watcher = threading.Thread(target=_first_count, args=(proc.stderr, t0, first), daemon=True)
     watcher.start()
+    readers: dict = {}
+    stop = threading.Event()
+    if home is not None:
+        mine = {proc.pid, *([server] if server else []), *_children(server)}
+        threading.Thread(target=_watch_readers, args=(home, mine, readers, stop), daemon=True).start()
     client = 0
     while True:
         with contextlib.suppress(OSError):  # gone between polls
@@ -198,12 +224,24 @@ def measure(cmd: list[str], *, server: int | None = None, cwd: Path | None = Non
             break
         time.sleep(0.05)
     wall = time.monotonic() - t0
+    stop.set()
     text = proc.stdout.read()
     watcher.join(5)
     result = json.loads(text[text.index("{"):]) if "{" in text else {}
     return {**result, "client_read": client, "server_read": tree_read_bytes(server) - before if server else 0,
             "peak_rss": usage.ru_maxrss * 1024, "wall": wall, "status": status,
-            "first_counted_s": first[0] if first else None}
+            "first_counted_s": first[0] if first else None, "other_readers": sorted(readers)}
+
+
+def _children(pid: int | None) -> list[int]:
+    if not pid:
+        return []
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
 
 
 SPLIT_PROBE = """
@@ -290,7 +328,7 @@ def run(args) -> None:
                 evict(root)
                 r = measure([*CLI, "stream", source, *flags, "--batch-size", str(args.batch),
                              *(steps if world == "ideal" else []), "--json"],
-                            server=server.pid if name == "http" else None, cwd=code, env=env)
+                            server=server.pid if name == "http" else None, cwd=code, env=env, home=home)
                 # The real world reads its --n samples once (then epochs over them in memory).
                 samples = r.get("rank_samples", 0) if world == "ideal" else min(args.n, r.get("rank_samples", 0))
                 delivered = samples * per_sample
@@ -303,6 +341,8 @@ def run(args) -> None:
                       f"{disk / max(delivered, 1):.2f}x ({disk / 1e9:.2f} of {delivered / 1e9:.2f} GB) | "
                       f"{r['peak_rss'] / 1e6:,.0f} MB | {own if own is not None else '-'} / "
                       f"{f'{seen:.2f}' if seen is not None else '-'} s |", flush=True)
+                for line in r["other_readers"]:
+                    print(f"  (suspect: another process read the dataset meanwhile: {line})", flush=True)
     finally:
         if server is not None:
             server.terminate()
