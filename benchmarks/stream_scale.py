@@ -197,10 +197,10 @@ def _first_count(stream, t0: float, seen: list[float]) -> None:
 
 
 def measure(cmd: list[str], *, server: int | None = None, cwd: Path | None = None,
-            env: dict | None = None, home: Path | None = None) -> dict:
+            env: dict | None = None, home: Path | None = None, ours: int | None = None) -> dict:
     """Run ``cmd`` (stdout: JSON or nothing); its disk reads, the server's, peak RSS, wall,
     when its progress bar (stderr) first counted images, and (with ``home``, the dataset)
-    which other processes read the dataset meanwhile."""
+    which other processes read the dataset meanwhile (``ours``: our server, not counted)."""
     before = tree_read_bytes(server) if server else 0
     t0 = time.monotonic()
     # every bar update printed (tqdm reads TQDM_* variables as its defaults)
@@ -213,7 +213,7 @@ def measure(cmd: list[str], *, server: int | None = None, cwd: Path | None = Non
     readers: dict = {}
     stop = threading.Event()
     if home is not None:
-        mine = {proc.pid, *([server] if server else []), *_children(server)}
+        mine = {proc.pid, *([ours] if ours else []), *_children(ours)}
         threading.Thread(target=_watch_readers, args=(home, mine, readers, stop), daemon=True).start()
     client = 0
     while True:
@@ -328,7 +328,8 @@ def run(args) -> None:
                 evict(root)
                 r = measure([*CLI, "stream", source, *flags, "--batch-size", str(args.batch),
                              *(steps if world == "ideal" else []), "--json"],
-                            server=server.pid if name == "http" else None, cwd=code, env=env, home=home)
+                            server=server.pid if name == "http" else None, cwd=code, env=env, home=home,
+                            ours=server.pid if server is not None else None)
                 # The real world reads its --n samples once (then epochs over them in memory).
                 samples = r.get("rank_samples", 0) if world == "ideal" else min(args.n, r.get("rank_samples", 0))
                 delivered = samples * per_sample
