@@ -221,7 +221,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--code-deps", help="--scale: a pip --target folder of packages --code needs (on PYTHONPATH).")
     ap.add_argument("--label", help="--scale: the code's name in the table (default: after, or --code's name).")
     ap.add_argument("--rows", nargs="+", default=["disk", "split", "local-ideal", "local-real", "http-ideal",
-                                                  "http-real"], help="--scale: what to measure.")
+                                                  "http-real"],
+                    help="--scale: what to measure (also local-first, http-first: one batch, --limit 1).")
     ap.add_argument("--results", help="--scale: append each row as JSON to this file.")
     return ap.parse_args()
 

@@ -313,7 +313,9 @@ def run(args) -> None:
                                   stderr=subprocess.DEVNULL,
                                   cwd=code, env={**os.environ, **env})
         wait_http(f"{url}/manifest.json", server)
-    worlds = {"ideal": ["--world", "ideal"], "real": ["--world", "real", "--n", str(args.n)]}
+    # "first": one ideal batch (--limit 1), the time to first batch with nothing after it
+    worlds = {"ideal": ["--world", "ideal"], "real": ["--world", "real", "--n", str(args.n)],
+              "first": ["--world", "ideal", "--limit", "1"]}
     steps = ["--limit", str(args.batches)] if args.batches else []
     print(f"{label}: {root} ({train['bytes'] / 1e9:.1f} GB train split, {train['samples']:,} samples), "
           f"cache evicted by {how} first, then the dataset's files before each run by posix_fadvise")
@@ -331,7 +333,7 @@ def run(args) -> None:
                             server=server.pid if name == "http" else None, cwd=code, env=env, home=home,
                             ours=server.pid if server is not None else None)
                 # The real world reads its --n samples once (then epochs over them in memory).
-                samples = r.get("rank_samples", 0) if world == "ideal" else min(args.n, r.get("rank_samples", 0))
+                samples = r.get("rank_samples", 0) if world != "real" else min(args.n, r.get("rank_samples", 0))
                 delivered = samples * per_sample
                 disk = r["client_read"] + r["server_read"]
                 record({"row": f"{name}-{world}", "delivered_bytes": delivered, "disk_read": disk, **r})
