@@ -24,7 +24,9 @@ runs the whole split (one full epoch). It also times ``shards.reader.Dataset(DIR
 .split("train")`` and the first ``get(key)`` in a child (peak RSS from wait4). --code runs
 another checkout of the project (its tree first on PYTHONPATH and as the working
 directory, this venv's packages) for a before/after table on the same dataset. Each row
-is also appended as JSON to --results.
+is also appended as JSON to --results. ``posix_fadvise(DONTNEED)`` cannot evict pages that
+another process has mapped, and another reader shares the disk and the cores, so a row
+during which any other process held a dataset file open or mapped is flagged ("suspect").
 """
 
 from __future__ import annotations
