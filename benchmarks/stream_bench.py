@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
     .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
     .venv/bin/python benchmarks/stream_bench.py --only-checksums        # what verifying costs
-    .venv/bin/python benchmarks/stream_bench.py --scale --gigabytes 30  # cold, larger than RAM (sketch)
+    .venv/bin/python benchmarks/stream_bench.py --scale --gigabytes 30  # cold, larger than RAM
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -212,9 +212,18 @@ def parse_args() -> argparse.Namespace:
                     help="Fast rows of ours run at least this many samples (new epochs).")
     ap.add_argument("--scale", action="store_true",
                     help="Cold-cache runs of `cifar5m stream` on a large npy dataset (stream_scale.py).")
-    ap.add_argument("--gigabytes", type=float, default=30.0, help="--scale: dataset size on disk.")
-    ap.add_argument("--batches", type=int, default=2000, help="--scale: batches per run.")
+    ap.add_argument("--gigabytes", type=float, default=0.0,
+                    help="--scale: an all-train dataset of about this size; 0: CIFAR-5m's six parts.")
+    ap.add_argument("--batches", type=int, default=2000,
+                    help="--scale: batches per ideal-world run; 0: the whole split (one epoch).")
     ap.add_argument("--n", type=int, default=50_000, help="--scale: the real world's subset.")
+    ap.add_argument("--code", help="--scale: run this checkout of the project (e.g. a worktree of an old commit).")
+    ap.add_argument("--code-deps", help="--scale: a pip --target folder of packages --code needs (on PYTHONPATH).")
+    ap.add_argument("--label", help="--scale: the code's name in the table (default: after, or --code's name).")
+    ap.add_argument("--rows", nargs="+", default=["disk", "split", "local-ideal", "local-real", "http-ideal",
+                                                  "http-real"],
+                    help="--scale: what to measure (also local-first, http-first: one batch, --limit 1).")
+    ap.add_argument("--results", help="--scale: append each row as JSON to this file.")
     return ap.parse_args()
 
 
