@@ -41,10 +41,10 @@ def main() -> None:
 
     import numpy as np  # noqa: F401
 
-    from train.catalog import Catalog
+    from shards.catalog import Catalog
+    from shards.source import open_source
     from train.plan import Plan, choose_subset
     from train.reader import SampleReader
-    from train.source import open_source
     from train.stream import SampleStream, StreamConfig  # noqa: F401
     phase("imports (train.stream, torch)")
     source = open_source(args.source)

@@ -24,9 +24,9 @@ from cifar5m.errors import (
     StreamConfigError,
     StreamStateError,
 )
+from shards.catalog import Catalog
 from shards.reader import Dataset
 from tests.conftest import synthetic_images, write_dataset
-from train.catalog import Catalog
 from train.plan import block_grid, block_order
 from train.producer import WorkerDataset, unpack
 from train.stream import SampleStream, StreamConfig
