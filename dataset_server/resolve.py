@@ -9,6 +9,12 @@ Conditional requests follow RFC 9110 section 13: ``If-Match`` (strong comparison
 when no tag matches) before ``If-None-Match`` (weak comparison, 304), and ``If-Range``
 (an entity tag compared strongly, or the exact ``Last-Modified`` date) makes a ``Range``
 apply only to the same file: otherwise the whole current file is sent (200).
+
+A range that stops before the end of its file is read without the kernel's read-ahead
+(``posix_fadvise(POSIX_FADV_RANDOM)`` on the request's own descriptor): on a cold page
+cache, read-ahead (``read_ahead_kb``, 8 MB on some machines) made the streaming client's
+many small ranges cost 2.4x (ideal world) and 10x (real world) the bytes they asked for.
+Whole files and ranges to the end (resumed downloads) keep the sequential read-ahead.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parqu
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
 # O_NOFOLLOW: a file swapped for a symlink after the last scan is refused, not followed.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_FADVISE = getattr(os, "posix_fadvise", None)  # Linux, BSD; not macOS or Windows
 
 
 @functools.lru_cache(maxsize=8192)  # per file name: the same few names are asked for again and again
@@ -126,4 +133,6 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
     if rng is None:
         return FdResponse(fd, 0, entry.size, status=200, headers=headers)
     headers["Content-Range"] = rng.content_range
+    if rng.end < entry.size and _FADVISE is not None:
+        _FADVISE(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only this descriptor: no read-ahead past the range
     return FdResponse(fd, rng.start, rng.end, status=206, headers=headers)
