@@ -10,7 +10,8 @@ file. Mixes (``--mixes``): ``mix`` (half whole shards, half ranges of up to 1 Mi
 http.server ignores Range, so a range costs it the whole shard; the client checks the
 slice it asked for. "MB/s" counts the bytes the clients asked for. Our API endpoints
 (info, tree, paths-info, HEAD) are sampled between downloads and their p99 latency
-reported; http.server and nginx only have HEAD.
+reported; http.server, nginx and the aiohttp floor only have HEAD. ``--servers "aiohttp
+floor"`` adds the least an aiohttp server does to send a file (``serve_floor.py``).
 
 nginx (the distribution's package; skipped with a note when not installed) is the
 anchor: a config written here serves the same directory on 127.0.0.1 with ``sendfile``,
@@ -84,6 +85,8 @@ def start_server(kind: str, root: Path, workers: int, tmp: Path) -> tuple[subpro
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port, root=root / REPO))
         cmd = [shutil.which("nginx") or "nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
+    elif kind == "aiohttp floor":
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks/serve_floor.py"), str(root / REPO), str(port), str(workers)]
     else:
         cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
                "--workers", str(workers), "--no-access-log"]
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="processes the client tasks run in")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of cifar5m serve and nginx")
     parser.add_argument("--servers", nargs="+", default=["http.server", "nginx", "cifar5m serve"],
-                        choices=["http.server", "nginx", "cifar5m serve"])
+                        choices=["http.server", "nginx", "aiohttp floor", "cifar5m serve"])
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")
