@@ -13,6 +13,7 @@ written last). Anything else is hashed once, off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -82,7 +84,9 @@ class RepoState:
     sha: str
     files: dict[str, RepoFile]
     last_modified: float
+    manifest: Manifest
     card_data: dict = field(default_factory=dict)
+    card_text: str = ""  # the card without its front matter (the viewer shows it)
     scanned_at: float = 0.0
 
 
@@ -137,19 +141,17 @@ class HashCache:
                 self._sums[(p, size, mtime_ns, ino)] = (sha, oid)
 
 
-def parse_card(text: str) -> dict:
-    """The YAML front matter of a dataset card, or {} when it has none or it is broken."""
-    if not text.startswith("---"):
-        return {}
+def parse_card(text: str) -> tuple[dict, str]:
+    """A dataset card's YAML front matter ({} when it has none or it is broken) and its text."""
     _, _, rest = text.partition("\n")
-    front, sep, _ = rest.partition("\n---")
-    if not sep:
-        return {}
+    front, sep, body = rest.partition("\n---")
+    if not text.startswith("---") or not sep:
+        return {}, text.strip()
     try:
         data = yaml.safe_load(front)
     except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = None
+    return (data if isinstance(data, dict) else {}), body.partition("\n")[2].strip()
 
 
 class DatasetRepo:
@@ -195,7 +197,7 @@ class DatasetRepo:
                 if entry is not None:
                     files[name] = entry
             self._entries, self._seen = self._seen, {}
-            self._state = self._make_state({k: v for k, v in files.items() if v is not None})
+            self._state = self._make_state({k: v for k, v in files.items() if v is not None}, manifest)
             return self._state
 
     def _manifest(self, path: str, st: os.stat_result) -> Manifest:
@@ -247,7 +249,7 @@ class DatasetRepo:
         self._seen[key] = entry
         return entry
 
-    def _make_state(self, files: dict[str, RepoFile]) -> RepoState:
+    def _make_state(self, files: dict[str, RepoFile], manifest: Manifest) -> RepoState:
         prev = self._state
         if prev is not None and prev.files.keys() == files.keys() and \
                 all(prev.files[name] is f for name, f in files.items()):
@@ -255,16 +257,14 @@ class DatasetRepo:
             return replace(prev, scanned_at=time.monotonic())
         listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
         sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
-        card: dict = {}
+        card: tuple[dict, str] = ({}, "")
         if prev is not None and CARD_NAME in files and prev.files.get(CARD_NAME) is files[CARD_NAME]:
-            card = prev.card_data  # unchanged card: skip re-reading and re-parsing its YAML
+            card = prev.card_data, prev.card_text  # unchanged card: no re-reading, no YAML parse
         elif CARD_NAME in files:
-            try:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
                 card = parse_card(Path(files[CARD_NAME].path).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError):
-                card = {}
         last = max(f.mtime_ns for f in files.values()) / 1e9
-        return RepoState(self.repo_id, sha, files, last, card, time.monotonic())
+        return RepoState(self.repo_id, sha, files, last, manifest, *card, time.monotonic())
 
 
 SINGLE_ORG = "local"  # the organisation of a dataset served on its own (``cifar5m serve DIR``)
@@ -330,6 +330,17 @@ class Library:
         repo_id = f"{org}/{name}"
         with self._lock:
             return self._repos.setdefault(repo_id, DatasetRepo(directory, repo_id, self.hashes))
+
+    def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
+        """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
+        for repo_id in self.repo_ids():
+            repo = self.get(*repo_id.split("/", 1))
+            if repo is None:
+                continue  # gone since it was listed
+            try:
+                yield repo_id, repo.scan()
+            except (OSError, ValueError) as exc:
+                yield repo_id, exc
 
     def repo_ids(self) -> list[str]:
         """``org/name`` of every finished dataset under the root."""
