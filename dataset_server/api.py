@@ -30,19 +30,17 @@ def _iso(ts: float) -> str:
 def file_entry(f: RepoFile) -> dict:
     """A tree / paths-info entry, as the Hub returns it for a file."""
     entry: dict = {"type": "file", "oid": f.oid, "size": f.size, "path": f.name}
-    if f.lfs:
-        pointer = lfs_pointer(f.sha256, f.size)
-        entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(pointer)}
-    return entry
+    return {**entry, "lfs": _lfs(f, "oid")} if f.lfs else entry
 
 
 def sibling(f: RepoFile) -> dict:
-    # Siblings name the LFS hash "sha256", tree entries "oid" (DatasetInfo vs RepoFile).
     out: dict = {"rfilename": f.name, "size": f.size, "blobId": f.oid}
-    if f.lfs:
-        pointer = lfs_pointer(f.sha256, f.size)
-        out["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": len(pointer)}
-    return out
+    return {**out, "lfs": _lfs(f, "sha256")} if f.lfs else out
+
+
+def _lfs(f: RepoFile, key: str) -> dict:
+    # Siblings name the LFS hash "sha256", tree entries "oid" (DatasetInfo vs RepoFile).
+    return {key: f.sha256, "size": f.size, "pointerSize": len(lfs_pointer(f.sha256, f.size))}
 
 
 def info_json(ctx: ServerContext, state: RepoState) -> dict:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from dataset_server.auth import Access
 from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at
-from dataset_server.repo import DatasetRepo, Library, RepoState
+from dataset_server.repo import Library, RepoState
 from dataset_server.responses import Denied, hub_error
 from shards.codec import decode_image
 from shards.format import INDEX_NAME
@@ -73,7 +73,7 @@ async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
         message = denied.response.headers.get("X-Error-Message", "not found")
         return _page_response("not found", f"<h1>{denied.response.status}</h1><p>{html.escape(message)}</p>"
                               "<p><a href='/'>all datasets</a></p>", denied.response.status)
-    body = await asyncio.to_thread(_dataset_body, ctx, request, repo, state, access)
+    body = await asyncio.to_thread(_dataset_body, request, state, access)
     return _page_response(state.repo_id, body)
 
 
@@ -94,8 +94,7 @@ async def _listing(ctx: ServerContext, request: web.Request) -> str:
     return f"<h1>Datasets</h1><table><tr><th>dataset</th><th>samples</th><th>format</th></tr>{table}</table>"
 
 
-def _dataset_body(ctx: ServerContext, request: web.Request, repo: DatasetRepo, state: RepoState,
-                  access: Access) -> str:
+def _dataset_body(request: web.Request, state: RepoState, access: Access) -> str:
     manifest = state.manifest
     e = html.escape
     origin = f"{request.scheme}://{request.host}"
