@@ -62,11 +62,11 @@ def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
     }
 
 
-async def _open(repo: DatasetRepo, revision: str, path: str, max_age: float
+async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str
                 ) -> tuple[RepoState, RepoFile | None, int | None]:
     """State, entry and an open fd whose file is exactly the entry (re-scanning once)."""
     for attempt in range(2):
-        state = await state_at(repo, revision, max_age=max_age if attempt == 0 else 0.0)
+        state = await state_at(repo, revision, max_age=ctx.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
         entry = state.files.get(path)
         if entry is None:
             return state, None, None
@@ -107,7 +107,7 @@ def _range_applies(request: web.BaseRequest, headers: dict[str, str]) -> bool:
 async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, revision: str,
                   path: str) -> web.StreamResponse:
     repo = lookup(ctx, request, org, name, files=True)
-    state, entry, fd = await _open(repo, revision, path, ctx.scan_max_age)
+    state, entry, fd = await _open(ctx, repo, revision, path)
     if entry is None or fd is None:
         return hub_error(404, "EntryNotFound",
                          f"{path} does not exist in dataset {repo.repo_id} at {state.sha}",

@@ -156,3 +156,32 @@ def test_dataset_checks_are_reused_only_within_max_age(make_dataset, tmp_path):
     assert library.get("lab", "ds", max_age=60.0) is repo  # file requests: within the scan age
     assert library.get("lab", "ds") is None  # API calls (max_age 0) check again
     assert library.get("lab", "ds", max_age=60.0) is None  # a failed check is not reused
+
+
+def test_file_requests_join_the_scan_in_flight_and_api_calls_scan_afresh(make_dataset, tmp_path, monkeypatch):
+    from dataset_server.auth import AccessPolicy
+    from dataset_server.context import ServerContext, state_at
+
+    root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
+    library = Library(root)
+    repo = library.get("lab", "ds")
+    ctx = ServerContext(library, AccessPolicy())
+    scans = []
+    real_scan = repo.scan
+
+    def slow_scan():
+        scans.append(1)
+        time.sleep(0.05)  # long enough for every request below to find it in flight
+        return real_scan()
+
+    monkeypatch.setattr(repo, "scan", slow_scan)
+
+    async def many(max_age: float) -> set[str]:
+        states = await asyncio.gather(*(state_at(repo, "main", max_age=max_age, ctx=ctx) for _ in range(20)))
+        return {s.sha for s in states}
+
+    assert len(asyncio.run(many(60.0))) == 1 and len(scans) == 1  # nothing cached: one scan for all 20
+    assert ctx.scans == {}  # forgotten once done
+    repo._state = None
+    scans.clear()
+    assert len(asyncio.run(many(0.0))) == 1 and len(scans) == 20  # max_age 0 (API calls): each its own
