@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from dataset_server.context import ServerContext, lookup, state_at
+from dataset_server.context import ServerContext, lookup, state_at, visible
 from dataset_server.repo import RepoFile, RepoState, lfs_pointer
 from dataset_server.responses import REPO_COMMIT, Denied, hub_error
 
@@ -139,15 +139,11 @@ async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Respons
     """``GET /api/datasets``: the datasets this request may see (``list_datasets``)."""
     author = request.query.get("author")
     out = []
-    for repo_id in ctx.library.repo_ids():
-        org, name = repo_id.split("/", 1)
+    for repo, _ in visible(ctx, request):
+        repo_id, state = repo.repo_id, repo.cached(60.0)
+        org = repo_id.split("/", 1)[0]
         if author and org != author:
             continue
-        try:
-            repo = lookup(ctx, request, org, name, files=False)
-        except Denied:
-            continue
-        state = repo.cached(60.0)
         out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
                     "gated": "manual" if ctx.policy.gated(repo_id) else False,
                     **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -45,6 +46,15 @@ def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str,
     if repo is None or access is Access.NONE:
         raise Denied(repo_not_found(repo_id))
     return repo, access
+
+
+def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo, Access]]:
+    """Every dataset this request may see, and what it may do with it."""
+    for repo_id in ctx.library.repo_ids():
+        try:
+            yield access_of(ctx, request, *repo_id.split("/", 1))
+        except Denied:
+            continue
 
 
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,

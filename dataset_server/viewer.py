@@ -28,7 +28,7 @@ from aiohttp import web
 from PIL import Image
 
 from dataset_server.auth import Access
-from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at
+from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at, visible
 from dataset_server.repo import Library, RepoState
 from dataset_server.responses import Denied, hub_error
 from shards.codec import decode_image
@@ -79,9 +79,9 @@ async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
 
 async def _listing(ctx: ServerContext, request: web.Request) -> str:
     rows = []
-    for repo_id in ctx.library.repo_ids():
+    for repo, access in visible(ctx, request):
+        repo_id = repo.repo_id
         try:
-            repo, access = access_of(ctx, request, *repo_id.split("/", 1))
             state = await state_at(repo, MAIN, max_age=60.0, ctx=ctx)
         except Denied:
             continue
