@@ -23,6 +23,21 @@ from dataset_server.responses import REPO_COMMIT, Denied, hub_error
 _MAX_PATHS = 10_000
 
 
+def _json(body: bytes, headers: dict[str, str]) -> web.Response:
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers=headers)
+
+
+def _answer(state: RepoState, key: tuple, make) -> bytes:
+    """``make()`` encoded once per commit: an unchanged dataset answers from ``state.answers``.
+
+    The keys come from a bounded set (one per kind, per policy, per file), never from request
+    text that is not a file of this commit."""
+    body = state.answers.get(key)
+    if body is None:
+        body = state.answers[key] = json.dumps(make()).encode()
+    return body
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -70,7 +85,8 @@ async def dataset_info(ctx: ServerContext, request: web.Request, org: str, name:
                        revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
-    return web.json_response(info_json(ctx, state), headers={REPO_COMMIT: state.sha})
+    # info depends on the commit and the access policy (gated/private) only.
+    return _json(_answer(state, ("info", ctx.policy), lambda: info_json(ctx, state)), {REPO_COMMIT: state.sha})
 
 
 async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, revision: str,
@@ -95,6 +111,8 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         # Absolute, with every query parameter: the client fetches it verbatim.
         nxt = request.url.update_query(cursor=str(start + ctx.page_size))
         headers["Link"] = f'<{nxt}>; rel="next"'
+    if start == 0 and len(entries) > 1:  # the listing's first page (what every client asks)
+        return _json(_answer(state, ("tree", ctx.page_size), lambda: [file_entry(f) for f in page]), headers)
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
@@ -132,7 +150,8 @@ async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: s
         return hub_error(400, None, "paths-info body must be form-encoded 'paths=...' or JSON")
     # Paths that do not exist are left out, as on the Hub.
     found = [state.files[p.strip("/")] for p in paths if p.strip("/") in state.files]
-    return web.json_response([file_entry(f) for f in found], headers={REPO_COMMIT: state.sha})
+    body = b"[" + b", ".join(_answer(state, ("entry", f.name), lambda f=f: file_entry(f)) for f in found) + b"]"
+    return _json(body, {REPO_COMMIT: state.sha})
 
 
 async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Response:

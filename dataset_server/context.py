@@ -23,7 +23,7 @@ class ServerContext:
     page_size: int = 1000
     max_body: int = 1024 * 1024
     # A file request re-stats the whole dataset at most this often (seconds); each one
-    # still checks its own file, and API calls always re-scan.
+    # still checks its own file, and API calls always re-check every file.
     scan_max_age: float = 1.0
     # The re-scan in flight per dataset, which file requests join: when the last scan
     # expires, 32 clients would otherwise start 32 scans at once (threads, lock and GIL
@@ -86,8 +86,10 @@ async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0,
     """The repo's current state if ``revision`` names it (``main`` or its commit sha).
 
     With ``ctx``, a request that may take a scan up to ``max_age`` old joins the scan in
-    flight, if any, instead of starting another; without, it scans afresh (API calls)."""
-    state = repo.cached(max_age)
+    flight, if any, instead of starting another; without, it scans afresh (API calls).
+    Either way an unchanged dataset is first re-checked inline (``DatasetRepo.revalidated``:
+    one lstat per file, as fresh as a scan), which spares the thread and the scan."""
+    state = repo.cached(max_age) or repo.revalidated()
     if state is None:
         try:
             state = await _scan(ctx if max_age > 0 else None, repo)
