@@ -87,7 +87,6 @@ class RepoState:
     manifest: Manifest
     card_data: dict = field(default_factory=dict)
     card_text: str = ""  # the card without its front matter (the viewer shows it)
-    scanned_at: float = 0.0
     # What the scan saw of each file it looked at: (path, (inode, size, mtime_ns)), or
     # None for a listed file that was missing; None as a whole when a file was a symlink
     # or not a regular file (then only a full scan may tell whether that changed).
@@ -173,12 +172,13 @@ class DatasetRepo:
         self._entries: dict[tuple, RepoFile] = {}
         self._seen: dict[tuple, RepoFile] = {}
         self._checks: list | None = None  # RepoState.checks, while a scan collects them
+        self._checked_at = -math.inf  # when the state was last scanned or re-checked (monotonic)
         self._lock = threading.Lock()
 
     def cached(self, max_age: float) -> RepoState | None:
         """The last scan if it is at most ``max_age`` seconds old."""
         state = self._state
-        if state is not None and time.monotonic() - state.scanned_at <= max_age:
+        if state is not None and time.monotonic() - self._checked_at <= max_age:
             return state
         return None
 
@@ -208,8 +208,8 @@ class DatasetRepo:
                     return None
                 if seen is None or (st.st_ino, st.st_size, st.st_mtime_ns) != seen or not stat.S_ISREG(st.st_mode):
                     return None
-            self._state = replace(state, scanned_at=time.monotonic())
-            return self._state
+            self._checked_at = time.monotonic()
+            return state
         finally:
             self._lock.release()
 
@@ -238,6 +238,7 @@ class DatasetRepo:
             checks = tuple(self._checks) if self._checks is not None else None
             self._state = self._make_state({k: v for k, v in files.items() if v is not None}, manifest,
                                            checks)
+            self._checked_at = time.monotonic()
             return self._state
 
     def _manifest(self, path: str, st: os.stat_result) -> Manifest:
@@ -302,7 +303,7 @@ class DatasetRepo:
         if prev is not None and prev.files.keys() == files.keys() and \
                 all(prev.files[name] is f for name, f in files.items()):
             # Nothing changed: the same commit (and its encoded answers), only scanned again.
-            return replace(prev, scanned_at=time.monotonic(), checks=checks)
+            return replace(prev, checks=checks)
         listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
         sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
         card: tuple[dict, str] = ({}, "")
@@ -312,7 +313,7 @@ class DatasetRepo:
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 card = parse_card(Path(files[CARD_NAME].path).read_text(encoding="utf-8"))
         last = max(f.mtime_ns for f in files.values()) / 1e9
-        return RepoState(self.repo_id, sha, files, last, manifest, *card, time.monotonic(), checks)
+        return RepoState(self.repo_id, sha, files, last, manifest, *card, checks)
 
 
 SINGLE_ORG = "local"  # the organisation of a dataset served on its own (``cifar5m serve DIR``)
