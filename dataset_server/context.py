@@ -86,7 +86,7 @@ async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0,
     """The repo's current state if ``revision`` names it (``main`` or its commit sha).
 
     With ``ctx``, a request that may take a scan up to ``max_age`` old joins the scan in
-    flight, if any, instead of starting another; without, it scans afresh (API calls).
+    flight, if any, instead of starting another; without, it starts its own scan when one is needed (API calls).
     Either way an unchanged dataset is first re-checked inline (``DatasetRepo.revalidated``:
     one lstat per file, as fresh as a scan), which spares the thread and the scan."""
     state = repo.cached(max_age) or repo.revalidated()
