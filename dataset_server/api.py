@@ -111,7 +111,7 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         # Absolute, with every query parameter: the client fetches it verbatim.
         nxt = request.url.update_query(cursor=str(start + ctx.page_size))
         headers["Link"] = f'<{nxt}>; rel="next"'
-    if start == 0 and len(entries) > 1:  # the listing's first page (what every client asks)
+    if start == 0 and path in ("", "."):  # the listing's first page (what every client asks)
         return _json(_answer(state, ("tree", ctx.page_size), lambda: [file_entry(f) for f in page]), headers)
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
