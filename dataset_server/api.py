@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from dataset_server.context import ServerContext, lookup, state_at
+from dataset_server.context import ServerContext, lookup, state_at, visible
 from dataset_server.repo import RepoFile, RepoState, lfs_pointer
 from dataset_server.responses import REPO_COMMIT, Denied, hub_error
 
@@ -23,6 +23,21 @@ from dataset_server.responses import REPO_COMMIT, Denied, hub_error
 _MAX_PATHS = 10_000
 
 
+def _json(body: bytes, headers: dict[str, str]) -> web.Response:
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers=headers)
+
+
+def _answer(state: RepoState, key: tuple, make) -> bytes:
+    """``make()`` encoded once per commit: an unchanged dataset answers from ``state.answers``.
+
+    The keys come from a bounded set (one per kind, per policy, per file), never from request
+    text that is not a file of this commit."""
+    body = state.answers.get(key)
+    if body is None:
+        body = state.answers[key] = json.dumps(make()).encode()
+    return body
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -30,19 +45,17 @@ def _iso(ts: float) -> str:
 def file_entry(f: RepoFile) -> dict:
     """A tree / paths-info entry, as the Hub returns it for a file."""
     entry: dict = {"type": "file", "oid": f.oid, "size": f.size, "path": f.name}
-    if f.lfs:
-        pointer = lfs_pointer(f.sha256, f.size)
-        entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(pointer)}
-    return entry
+    return {**entry, "lfs": _lfs(f, "oid")} if f.lfs else entry
 
 
 def sibling(f: RepoFile) -> dict:
-    # Siblings name the LFS hash "sha256", tree entries "oid" (DatasetInfo vs RepoFile).
     out: dict = {"rfilename": f.name, "size": f.size, "blobId": f.oid}
-    if f.lfs:
-        pointer = lfs_pointer(f.sha256, f.size)
-        out["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": len(pointer)}
-    return out
+    return {**out, "lfs": _lfs(f, "sha256")} if f.lfs else out
+
+
+def _lfs(f: RepoFile, key: str) -> dict:
+    # Siblings name the LFS hash "sha256", tree entries "oid" (DatasetInfo vs RepoFile).
+    return {key: f.sha256, "size": f.size, "pointerSize": len(lfs_pointer(f.sha256, f.size))}
 
 
 def info_json(ctx: ServerContext, state: RepoState) -> dict:
@@ -72,7 +85,8 @@ async def dataset_info(ctx: ServerContext, request: web.Request, org: str, name:
                        revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
-    return web.json_response(info_json(ctx, state), headers={REPO_COMMIT: state.sha})
+    # info depends on the commit and the access policy (gated/private) only.
+    return _json(_answer(state, ("info", ctx.policy), lambda: info_json(ctx, state)), {REPO_COMMIT: state.sha})
 
 
 async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, revision: str,
@@ -97,6 +111,8 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         # Absolute, with every query parameter: the client fetches it verbatim.
         nxt = request.url.update_query(cursor=str(start + ctx.page_size))
         headers["Link"] = f'<{nxt}>; rel="next"'
+    if start == 0 and path in ("", "."):  # the listing's first page (what every client asks)
+        return _json(_answer(state, ("tree", ctx.page_size), lambda: [file_entry(f) for f in page]), headers)
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
@@ -134,22 +150,19 @@ async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: s
         return hub_error(400, None, "paths-info body must be form-encoded 'paths=...' or JSON")
     # Paths that do not exist are left out, as on the Hub.
     found = [state.files[p.strip("/")] for p in paths if p.strip("/") in state.files]
-    return web.json_response([file_entry(f) for f in found], headers={REPO_COMMIT: state.sha})
+    body = b"[" + b", ".join(_answer(state, ("entry", f.name), lambda f=f: file_entry(f)) for f in found) + b"]"
+    return _json(body, {REPO_COMMIT: state.sha})
 
 
 async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Response:
     """``GET /api/datasets``: the datasets this request may see (``list_datasets``)."""
     author = request.query.get("author")
     out = []
-    for repo_id in ctx.library.repo_ids():
-        org, name = repo_id.split("/", 1)
+    for repo, _ in visible(ctx, request):
+        repo_id, state = repo.repo_id, repo.cached(60.0)
+        org = repo_id.split("/", 1)[0]
         if author and org != author:
             continue
-        try:
-            repo = lookup(ctx, request, org, name, files=False)
-        except Denied:
-            continue
-        state = repo.cached(60.0)
         out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
                     "gated": "manual" if ctx.policy.gated(repo_id) else False,
                     **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -22,8 +23,12 @@ class ServerContext:
     page_size: int = 1000
     max_body: int = 1024 * 1024
     # A file request re-stats the whole dataset at most this often (seconds); each one
-    # still checks its own file, and API calls always re-scan.
+    # still checks its own file, and API calls always re-check every file.
     scan_max_age: float = 1.0
+    # The re-scan in flight per dataset, which file requests join: when the last scan
+    # expires, 32 clients would otherwise start 32 scans at once (threads, lock and GIL
+    # contention: ~2 futex calls and 2 stat calls per request under load).
+    scans: dict[str, asyncio.Future] = field(default_factory=dict)
 
 
 def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
@@ -43,6 +48,15 @@ def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str,
     return repo, access
 
 
+def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo, Access]]:
+    """Every dataset this request may see, and what it may do with it."""
+    for repo_id in ctx.library.repo_ids():
+        try:
+            yield access_of(ctx, request, *repo_id.split("/", 1))
+        except Denied:
+            continue
+
+
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
            files: bool) -> DatasetRepo:
     """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
@@ -56,12 +70,29 @@ def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
     return repo
 
 
-async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0) -> RepoState:
-    """The repo's current state if ``revision`` names it (``main`` or its commit sha)."""
-    state = repo.cached(max_age)
+def _scan(ctx: ServerContext | None, repo: DatasetRepo) -> asyncio.Future:
+    """A scan of ``repo`` in a thread: the one in flight if there is one (``ctx`` given)."""
+    if ctx is None:
+        return asyncio.ensure_future(asyncio.to_thread(repo.scan))
+    running = ctx.scans.get(repo.repo_id)
+    if running is None:
+        running = ctx.scans[repo.repo_id] = asyncio.ensure_future(asyncio.to_thread(repo.scan))
+        running.add_done_callback(lambda _: ctx.scans.pop(repo.repo_id, None))
+    return asyncio.shield(running)
+
+
+async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0,
+                   ctx: ServerContext | None = None) -> RepoState:
+    """The repo's current state if ``revision`` names it (``main`` or its commit sha).
+
+    With ``ctx``, a request that may take a scan up to ``max_age`` old joins the scan in
+    flight, if any, instead of starting another; without, it starts its own scan when one is needed (API calls).
+    Either way an unchanged dataset is first re-checked inline (``DatasetRepo.revalidated``:
+    one lstat per file, as fresh as a scan), which spares the thread and the scan."""
+    state = repo.cached(max_age) or repo.revalidated()
     if state is None:
         try:
-            state = await asyncio.to_thread(repo.scan)
+            state = await _scan(ctx if max_age > 0 else None, repo)
         except ValueError as exc:
             # A manifest this version cannot read (a newer format, a broken file): the
             # reason, not a "not found" that sends the user looking for a token.

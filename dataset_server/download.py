@@ -31,7 +31,7 @@ from cifar5m.errors import DownloadError, ManifestError
 from shards.atomic import atomic_write_bytes
 from shards.format import MANIFEST_NAME
 from shards.lock import DirectoryLock
-from shards.manifest import FileInfo, Manifest, load_manifest
+from shards.manifest import FileInfo, load_manifest
 from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
@@ -49,11 +49,12 @@ class DownloadResult:
     bytes: int
 
 
-def _expected(root: Path) -> list[FileInfo]:
+def _listed(folder: Path, where: str) -> list[FileInfo]:
+    """Every file the manifest in ``folder`` lists (``where``: how to name it in an error)."""
     try:
-        manifest = load_manifest(root)
+        manifest = load_manifest(folder)
     except (OSError, ManifestError) as exc:
-        raise DownloadError(f"{root}: cannot read {MANIFEST_NAME} ({exc}); is this a cifar5m dataset?") from exc
+        raise DownloadError(f"{where}: cannot read it ({exc}); is this a cifar5m dataset?") from exc
     return [FileInfo(s.file, s.bytes, s.sha256) for s in manifest.shards] + list(manifest.files)
 
 
@@ -66,7 +67,7 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
     from tqdm import tqdm
 
     root = Path(root)
-    expected = _expected(root)
+    expected = _listed(root, str(root / MANIFEST_NAME))
     cache_path = root / VERIFIED_CACHE
     cache = _load(cache_path) if remember else {}
     todo: list[tuple[FileInfo, Path, os.stat_result]] = []
@@ -158,8 +159,7 @@ def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
     """Fetch what ``root`` lacks into staging, check it, then move it in (manifest last)."""
     staging = root / STAGING
     fetch(staging, [MANIFEST_NAME])
-    manifest = _staged_manifest(staging, fetch)
-    expected = [FileInfo(s.file, s.bytes, s.sha256) for s in manifest.shards] + list(manifest.files)
+    expected = _listed(staging, fetch.url(MANIFEST_NAME))
     cache_path = root / VERIFIED_CACHE
     cache = _load(cache_path)
     need = [info for info in expected if not _matches(root / info.file, info, cache)]
@@ -182,14 +182,6 @@ def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
     _save(cache_path, cache)  # also the hashes _matches just took: verify_download reuses them
     atomic_write_bytes(root / MANIFEST_NAME, (staging / MANIFEST_NAME).read_bytes())  # last
     return verify_download(root)
-
-
-def _staged_manifest(staging: Path, fetch: _Fetch) -> Manifest:
-    try:
-        return load_manifest(staging)
-    except (OSError, ManifestError) as exc:
-        raise DownloadError(f"{fetch.url(MANIFEST_NAME)}: cannot read it ({exc}); is this a "
-                            f"cifar5m dataset?") from exc
 
 
 def _matches(path: Path, info: FileInfo, cache: dict) -> bool:

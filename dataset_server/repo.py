@@ -13,6 +13,7 @@ written last). Anything else is hashed once, off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -82,8 +84,15 @@ class RepoState:
     sha: str
     files: dict[str, RepoFile]
     last_modified: float
+    manifest: Manifest
     card_data: dict = field(default_factory=dict)
-    scanned_at: float = 0.0
+    card_text: str = ""  # the card without its front matter (the viewer shows it)
+    # What the scan saw of each file it looked at: (path, (inode, size, mtime_ns)), or
+    # None for a listed file that was missing; None as a whole when a file was a symlink
+    # or not a regular file (then only a full scan may tell whether that changed).
+    checks: tuple[tuple[str, tuple[int, int, int] | None], ...] | None = None
+    # Encoded API answers of this commit (api.py): shared by the copies ``replace`` makes.
+    answers: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class HashCache:
@@ -137,19 +146,17 @@ class HashCache:
                 self._sums[(p, size, mtime_ns, ino)] = (sha, oid)
 
 
-def parse_card(text: str) -> dict:
-    """The YAML front matter of a dataset card, or {} when it has none or it is broken."""
-    if not text.startswith("---"):
-        return {}
+def parse_card(text: str) -> tuple[dict, str]:
+    """A dataset card's YAML front matter ({} when it has none or it is broken) and its text."""
     _, _, rest = text.partition("\n")
-    front, sep, _ = rest.partition("\n---")
-    if not sep:
-        return {}
+    front, sep, body = rest.partition("\n---")
+    if not text.startswith("---") or not sep:
+        return {}, text.strip()
     try:
         data = yaml.safe_load(front)
     except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = None
+    return (data if isinstance(data, dict) else {}), body.partition("\n")[2].strip()
 
 
 class DatasetRepo:
@@ -160,19 +167,51 @@ class DatasetRepo:
         self.repo_id = repo_id
         self.hashes = hashes
         self._state: RepoState | None = None
-        self._manifest_cache: tuple[tuple, Manifest] | None = None
         # Entries of the last scan by (path, size, mtime, inode): a re-scan of 600
         # unchanged shards costs their lstat calls only (measured 9.5 ms -> 3.5 ms).
         self._entries: dict[tuple, RepoFile] = {}
         self._seen: dict[tuple, RepoFile] = {}
+        self._checks: list | None = None  # RepoState.checks, while a scan collects them
+        self._checked_at = -math.inf  # when the state was last scanned or re-checked (monotonic)
         self._lock = threading.Lock()
 
     def cached(self, max_age: float) -> RepoState | None:
         """The last scan if it is at most ``max_age`` seconds old."""
         state = self._state
-        if state is not None and time.monotonic() - state.scanned_at <= max_age:
+        if state is not None and time.monotonic() - self._checked_at <= max_age:
             return state
         return None
+
+    def revalidated(self, max_files: int = 256) -> RepoState | None:
+        """The last scan's state if every file it looked at is still as it saw it, else None.
+
+        As fresh as a scan (which trusts an unchanged (inode, size, mtime) too): one lstat per
+        file, inline, no thread and no hashing, ~1 us each. None (scan instead) when there is
+        no state, when it had a symlink, more than ``max_files`` files (too long for the event
+        loop), or when a scan is running (its lock is held).
+        """
+        state = self._state
+        if state is None or state.checks is None or len(state.checks) > max_files:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._state is not state:
+                return None  # a scan finished meanwhile
+            lstat = os.lstat
+            for path, seen in state.checks:
+                try:
+                    st = lstat(path)
+                except OSError:
+                    if seen is None:
+                        continue  # still missing
+                    return None
+                if seen is None or (st.st_ino, st.st_size, st.st_mtime_ns) != seen or not stat.S_ISREG(st.st_mode):
+                    return None
+            self._checked_at = time.monotonic()
+            return state
+        finally:
+            self._lock.release()
 
     def scan(self) -> RepoState:
         """Stat every served file (hashing new or changed ones) and return the state.
@@ -182,6 +221,7 @@ class DatasetRepo:
         """
         with self._lock:
             self._seen = {}
+            self._checks = []
             real_dir = os.path.realpath(self.dir)
             manifest_path = os.path.join(real_dir, MANIFEST_NAME)
             manifest_st = os.stat(manifest_path)
@@ -195,17 +235,20 @@ class DatasetRepo:
                 if entry is not None:
                     files[name] = entry
             self._entries, self._seen = self._seen, {}
-            self._state = self._make_state({k: v for k, v in files.items() if v is not None})
+            checks = tuple(self._checks) if self._checks is not None else None
+            self._state = self._make_state({k: v for k, v in files.items() if v is not None}, manifest,
+                                           checks)
+            self._checked_at = time.monotonic()
             return self._state
 
     def _manifest(self, path: str, st: os.stat_result) -> Manifest:
-        key = HashCache.key(path, st)
-        if self._manifest_cache is not None and self._manifest_cache[0] == key:
-            return self._manifest_cache[1]
+        """The manifest at ``path``: the last scan's, parsed again only when the file changed."""
+        state = self._state
+        known = state.files.get(MANIFEST_NAME) if state is not None else None
+        if state is not None and known is not None and known.path == path and known.matches(st):
+            return state.manifest
         with open(path, encoding="utf-8") as f:
-            manifest = Manifest.from_json(f.read(), where=path)
-        self._manifest_cache = (key, manifest)
-        return manifest
+            return Manifest.from_json(f.read(), where=path)
 
     def _entry(self, real_dir: str, name: str, trusted: tuple[int, str] | None,
                manifest_mtime_ns: int) -> RepoFile | None:
@@ -215,6 +258,11 @@ class DatasetRepo:
         path = os.path.join(real_dir, name)
         try:
             st = os.lstat(path)  # one syscall per file: API calls re-scan 600 shards
+            if self._checks is not None:
+                if stat.S_ISREG(st.st_mode):
+                    self._checks.append((path, (st.st_ino, st.st_size, st.st_mtime_ns)))
+                else:
+                    self._checks = None  # a symlink or not a file: only a scan may re-check it
             if stat.S_ISLNK(st.st_mode):
                 # A symlink may point anywhere: serve it only if it stays inside the dataset.
                 path = os.path.realpath(path)
@@ -222,6 +270,8 @@ class DatasetRepo:
                     return None
                 st = os.stat(path)
         except OSError:
+            if self._checks is not None and not os.path.lexists(path):
+                self._checks.append((path, None))  # missing: revalidated while it stays so
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
@@ -247,24 +297,23 @@ class DatasetRepo:
         self._seen[key] = entry
         return entry
 
-    def _make_state(self, files: dict[str, RepoFile]) -> RepoState:
+    def _make_state(self, files: dict[str, RepoFile], manifest: Manifest,
+                    checks: tuple | None) -> RepoState:
         prev = self._state
         if prev is not None and prev.files.keys() == files.keys() and \
                 all(prev.files[name] is f for name, f in files.items()):
-            # Nothing changed (the usual API call): the same commit, only scanned again.
-            return replace(prev, scanned_at=time.monotonic())
+            # Nothing changed: the same commit (and its encoded answers), only scanned again.
+            return replace(prev, checks=checks)
         listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
         sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
-        card: dict = {}
+        card: tuple[dict, str] = ({}, "")
         if prev is not None and CARD_NAME in files and prev.files.get(CARD_NAME) is files[CARD_NAME]:
-            card = prev.card_data  # unchanged card: skip re-reading and re-parsing its YAML
+            card = prev.card_data, prev.card_text  # unchanged card: no re-reading, no YAML parse
         elif CARD_NAME in files:
-            try:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
                 card = parse_card(Path(files[CARD_NAME].path).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError):
-                card = {}
         last = max(f.mtime_ns for f in files.values()) / 1e9
-        return RepoState(self.repo_id, sha, files, last, card, time.monotonic())
+        return RepoState(self.repo_id, sha, files, last, manifest, *card, checks)
 
 
 SINGLE_ORG = "local"  # the organisation of a dataset served on its own (``cifar5m serve DIR``)
@@ -320,7 +369,7 @@ class Library:
             directory = self.root
             expected = str(self.root)
         else:
-            directory = self.root / org / name
+            directory = os.path.join(self.root, org, name)  # str: no pathlib parsing per API call
             expected = os.path.join(self.real_root, org, name)
         # Served only under its own name: no symlinked org or dataset folder (class doc).
         if os.path.realpath(directory) != expected:
@@ -328,8 +377,22 @@ class Library:
         if not os.path.isfile(os.path.join(expected, MANIFEST_NAME)):
             return None
         repo_id = f"{org}/{name}"
+        repo = self._repos.get(repo_id)
+        if repo is not None:
+            return repo
         with self._lock:
-            return self._repos.setdefault(repo_id, DatasetRepo(directory, repo_id, self.hashes))
+            return self._repos.setdefault(repo_id, DatasetRepo(Path(directory), repo_id, self.hashes))
+
+    def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
+        """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
+        for repo_id in self.repo_ids():
+            repo = self.get(*repo_id.split("/", 1))
+            if repo is None:
+                continue  # gone since it was listed
+            try:
+                yield repo_id, repo.scan()
+            except (OSError, ValueError) as exc:
+                yield repo_id, exc
 
     def repo_ids(self) -> list[str]:
         """``org/name`` of every finished dataset under the root."""

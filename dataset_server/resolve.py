@@ -9,6 +9,12 @@ Conditional requests follow RFC 9110 section 13: ``If-Match`` (strong comparison
 when no tag matches) before ``If-None-Match`` (weak comparison, 304), and ``If-Range``
 (an entity tag compared strongly, or the exact ``Last-Modified`` date) makes a ``Range``
 apply only to the same file: otherwise the whole current file is sent (200).
+
+A range that stops before the end of its file is read without the kernel's read-ahead
+(``posix_fadvise(POSIX_FADV_RANDOM)`` on the request's own descriptor): on a cold page
+cache, read-ahead (``read_ahead_kb``, 8 MB on some machines) made the streaming client's
+many small ranges cost 2.4x (ideal world) and 10x (real world) the bytes they asked for.
+Whole files and ranges to the end (resumed downloads) keep the sequential read-ahead.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parqu
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
 # O_NOFOLLOW: a file swapped for a symlink after the last scan is refused, not followed.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_FADVISE = getattr(os, "posix_fadvise", None)  # Linux, BSD; not macOS or Windows
 
 
 @functools.lru_cache(maxsize=8192)  # per file name: the same few names are asked for again and again
@@ -55,11 +62,11 @@ def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
     }
 
 
-async def _open(repo: DatasetRepo, revision: str, path: str, max_age: float
+async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str
                 ) -> tuple[RepoState, RepoFile | None, int | None]:
     """State, entry and an open fd whose file is exactly the entry (re-scanning once)."""
     for attempt in range(2):
-        state = await state_at(repo, revision, max_age=max_age if attempt == 0 else 0.0)
+        state = await state_at(repo, revision, max_age=ctx.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
         entry = state.files.get(path)
         if entry is None:
             return state, None, None
@@ -100,7 +107,7 @@ def _range_applies(request: web.BaseRequest, headers: dict[str, str]) -> bool:
 async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, revision: str,
                   path: str) -> web.StreamResponse:
     repo = lookup(ctx, request, org, name, files=True)
-    state, entry, fd = await _open(repo, revision, path, ctx.scan_max_age)
+    state, entry, fd = await _open(ctx, repo, revision, path)
     if entry is None or fd is None:
         return hub_error(404, "EntryNotFound",
                          f"{path} does not exist in dataset {repo.repo_id} at {state.sha}",
@@ -126,4 +133,6 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
     if rng is None:
         return FdResponse(fd, 0, entry.size, status=200, headers=headers)
     headers["Content-Range"] = rng.content_range
+    if rng.end < entry.size and _FADVISE is not None:
+        _FADVISE(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only this descriptor: no read-ahead past the range
     return FdResponse(fd, rng.start, rng.end, status=206, headers=headers)

@@ -46,15 +46,10 @@ def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
     """Scan (and hash where needed) every dataset under the root; log what is served."""
     library = Library(Path(config.root))
     served, skipped = [], []
-    for repo_id in library.repo_ids():
-        repo = library.get(*repo_id.split("/", 1))
-        if repo is None:
-            continue
-        try:
-            state = repo.scan()
-        except (OSError, ValueError) as exc:
-            log.warning("not serving %s: %s", repo_id, exc)
-            skipped.append(f"{repo_id}: {exc}")
+    for repo_id, state in library.scan_all():
+        if isinstance(state, Exception):
+            log.warning("not serving %s: %s", repo_id, state)
+            skipped.append(f"{repo_id}: {state}")
             continue
         size = sum(f.size for f in state.files.values())
         log.info("serving %s: %d files, %.1f MB, commit %s", repo_id, len(state.files), size / 1e6, state.sha)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import itertools
 import json
 import logging
 import os
@@ -27,17 +28,17 @@ from aiohttp import web
 from PIL import Image
 
 from dataset_server.auth import Access
-from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at
-from dataset_server.repo import DatasetRepo, Library, RepoState
+from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at, visible
+from dataset_server.repo import Library, RepoState
 from dataset_server.responses import Denied, hub_error
 from shards.codec import decode_image
-from shards.format import CARD_NAME, INDEX_NAME, MANIFEST_NAME
+from shards.format import INDEX_NAME
 from shards.manifest import Manifest
 
 log = logging.getLogger("dataset_server")
 PER_CLASS = 8  # samples per class in the grid
-_CACHE_MAX = 64  # (commit, part) entries kept: class counts and sample PNGs of recent commits
-_cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+_CACHE_MAX = 64  # commits whose class counts and sample PNGs are kept
+_cache: OrderedDict[str, tuple[dict[str, np.ndarray], list[bytes]]] = OrderedDict()
 _cache_lock = threading.Lock()
 _INDEX_COLUMNS = ["split", "shard", "position", "image_offset", "image_size", "label"]
 
@@ -72,19 +73,19 @@ async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
         message = denied.response.headers.get("X-Error-Message", "not found")
         return _page_response("not found", f"<h1>{denied.response.status}</h1><p>{html.escape(message)}</p>"
                               "<p><a href='/'>all datasets</a></p>", denied.response.status)
-    body = await asyncio.to_thread(_dataset_body, ctx, request, repo, state, access)
+    body = await asyncio.to_thread(_dataset_body, request, state, access)
     return _page_response(state.repo_id, body)
 
 
 async def _listing(ctx: ServerContext, request: web.Request) -> str:
     rows = []
-    for repo_id in ctx.library.repo_ids():
+    for repo, access in visible(ctx, request):
+        repo_id = repo.repo_id
         try:
-            repo, access = access_of(ctx, request, *repo_id.split("/", 1))
-            state = await state_at(repo, MAIN, max_age=60.0)
-            manifest = _manifest(state)
-        except (Denied, ValueError, OSError):
+            state = await state_at(repo, MAIN, max_age=60.0, ctx=ctx)
+        except Denied:
             continue
+        manifest = state.manifest
         counts = ", ".join(f"{t['samples']:,} {split}" for split, t in manifest.totals().items())
         badge = " <span class=tag>gated</span>" if access is Access.METADATA else ""
         rows.append(f"<tr><td><a href='/datasets/{repo_id}'>{html.escape(repo_id)}</a>{badge}</td>"
@@ -93,14 +94,8 @@ async def _listing(ctx: ServerContext, request: web.Request) -> str:
     return f"<h1>Datasets</h1><table><tr><th>dataset</th><th>samples</th><th>format</th></tr>{table}</table>"
 
 
-def _manifest(state: RepoState) -> Manifest:
-    with open(state.files[MANIFEST_NAME].path, encoding="utf-8") as f:
-        return Manifest.from_json(f.read(), where=f"{state.repo_id}/{MANIFEST_NAME}")
-
-
-def _dataset_body(ctx: ServerContext, request: web.Request, repo: DatasetRepo, state: RepoState,
-                  access: Access) -> str:
-    manifest = _manifest(state)
+def _dataset_body(request: web.Request, state: RepoState, access: Access) -> str:
+    manifest = state.manifest
     e = html.escape
     origin = f"{request.scheme}://{request.host}"
     parts = [f"<p><a href='/'>all datasets</a></p><h1>{e(state.repo_id)}</h1>",
@@ -124,9 +119,8 @@ def _dataset_body(ctx: ServerContext, request: web.Request, repo: DatasetRepo, s
         rows = "".join(f"<tr><td>{e(str(k))}</td><td><code>{e(_short(v))}</code></td></tr>"
                        for k, v in manifest.provenance.items())
         parts.append(f"<h2>Provenance</h2><table>{rows}</table>")
-    card = _card_text(state)
-    if card:
-        parts.append(f"<h2>Dataset card</h2><pre>{e(card)}</pre>")
+    if state.card_text:
+        parts.append(f"<h2>Dataset card</h2><pre>{e(state.card_text[:200_000])}</pre>")
     files = "".join(f"<tr><td><a href='/datasets/{state.repo_id}/resolve/{state.sha}/{f.name}'>{e(f.name)}</a></td>"
                     f"<td class=num>{f.size:,}</td><td class=sha>{f.sha256}</td></tr>" for f in state.files.values())
     parts.append(f"<h2>Files</h2><table><tr><th>file</th><th class=num>bytes</th><th>sha256</th></tr>{files}</table>")
@@ -138,50 +132,19 @@ def _short(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _card_text(state: RepoState) -> str:
-    """The card's text without its YAML front matter."""
-    if CARD_NAME not in state.files:
-        return ""
-    try:
-        with open(state.files[CARD_NAME].path, encoding="utf-8") as f:
-            text = f.read(200_000)
-    except (OSError, UnicodeDecodeError):
-        return ""
-    if text.startswith("---"):
-        _, _, rest = text.partition("\n")
-        _, sep, body = rest.partition("\n---")
-        text = body.partition("\n")[2] if sep else text
-    return text.strip()
-
-
-def _cached(state: RepoState, part: str, make):
-    """``make(state)``, computed once per commit and part (under a lock: one reader at a time)."""
-    key = (state.sha, part)
+def _view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """``_make_view(state)``, made once per commit (under a lock: one reader at a time)."""
     with _cache_lock:
-        if key not in _cache:
-            _cache[key] = make(state)
+        if state.sha not in _cache:
+            _cache[state.sha] = _make_view(state)
             while len(_cache) > _CACHE_MAX:
                 _cache.popitem(last=False)
-        _cache.move_to_end(key)
-        return _cache[key]
-
-
-def _read_index(state: RepoState):
-    return pq.read_table(state.files[INDEX_NAME].path, columns=_INDEX_COLUMNS)
-
-
-def _counts(state: RepoState) -> dict[str, np.ndarray]:
-    """Samples per class label, per split, from the index (empty when there is none)."""
-    if INDEX_NAME not in state.files:
-        return {}
-    table = _read_index(state)
-    splits = table["split"].to_numpy(zero_copy_only=False)
-    labels = table["label"].to_numpy().astype(np.int64)
-    return {str(s): np.bincount(labels[splits == s]) for s in np.unique(splits)}
+        _cache.move_to_end(state.sha)
+        return _cache[state.sha]
 
 
 def _histogram(state: RepoState, manifest: Manifest) -> str:
-    per_split = _cached(state, "counts", _counts)
+    per_split = _view(state)[0]
     if not per_split:
         return ""
     n = len(manifest.class_names)
@@ -212,24 +175,23 @@ def _snippets(origin: str, repo_id: str) -> str:
 def warm(library: Library) -> None:
     """Class counts and sample PNGs of every dataset, made before a first visitor waits for
     them (the first parquet read of a process alone takes ~0.3 s)."""
-    for repo_id in library.repo_ids()[:_CACHE_MAX // 2]:
-        repo = library.get(*repo_id.split("/", 1))
+    for repo_id, state in itertools.islice(library.scan_all(), _CACHE_MAX):
+        if isinstance(state, Exception):  # unreadable: its page says why when asked
+            log.info("no viewer warm-up for %s: %s", repo_id, state)
+            continue
         try:
-            state = repo.scan() if repo is not None else None
-            if state is not None:
-                _cached(state, "counts", _counts)
-                _cached(state, "strips", _draw)
-        except (OSError, ValueError) as exc:  # unreadable: its page says why when asked
+            _view(state)
+        except (OSError, ValueError) as exc:
             log.info("no viewer warm-up for %s: %s", repo_id, exc)
 
 
 async def samples(ctx: ServerContext, request: web.Request, org: str, name: str, file: str) -> web.Response:
     """``/datasets/<org>/<name>/samples/<class>.png``: a strip of the class's first samples."""
     repo = lookup(ctx, request, org, name, files=True)
-    state = await state_at(repo, MAIN, max_age=ctx.scan_max_age)
+    state = await state_at(repo, MAIN, max_age=ctx.scan_max_age, ctx=ctx)
     stem, _, ext = file.partition(".")
     not_found = ext != "png" or not stem.isdigit()  # no index read or decoding for these
-    pngs = [] if not_found else await asyncio.to_thread(_cached, state, "strips", _draw)
+    pngs = [] if not_found else (await asyncio.to_thread(_view, state))[1]
     if not_found or int(stem) >= len(pngs):
         return hub_error(404, "EntryNotFound", f"no samples image {file} in dataset {state.repo_id}")
     return web.Response(body=pngs[int(stem)], content_type="image/png",
@@ -237,20 +199,24 @@ async def samples(ctx: ServerContext, request: web.Request, org: str, name: str,
                                  else "no-cache", "ETag": f'"{state.sha}-{stem}"'})
 
 
-def _draw(state: RepoState) -> list[bytes]:
-    """One PNG per class of its first ``PER_CLASS`` train samples (the first split without
-    train), each read by its byte range from a served shard and decoded."""
-    manifest = _manifest(state)
-    names = manifest.class_names
+def _make_view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """Samples per class label and split, and one PNG per class of its first ``PER_CLASS``
+    train samples (the first split without train), each read by its byte range from a
+    served shard and decoded: one read of the index for both."""
+    manifest = state.manifest
+    blank = np.full((32, PER_CLASS * 33, 3), 255, np.uint8)
     if INDEX_NAME not in state.files:
-        return [_png(np.full((32, PER_CLASS * 33, 3), 255, np.uint8)) for _ in names]
-    table = _read_index(state)
+        return {}, [_png(blank) for _ in manifest.class_names]
+    table = pq.read_table(state.files[INDEX_NAME].path, columns=_INDEX_COLUMNS)
+    splits = table["split"].to_numpy(zero_copy_only=False)
+    labels = table["label"].to_numpy().astype(np.int64)
+    counts = {str(s): np.bincount(labels[splits == s]) for s in np.unique(splits)}
     split = "train" if "train" in manifest.splits else manifest.splits[0]
     rows = table.filter(pc.equal(table["split"], split)).sort_by("position")
     labels = rows["label"].to_numpy()
     strips = []
-    for k in range(len(names)):
-        canvas = np.full((32, PER_CLASS * 33, 3), 255, np.uint8)
+    for k in range(len(manifest.class_names)):
+        canvas = blank.copy()
         for j, i in enumerate(np.flatnonzero(labels == k)[:PER_CLASS].tolist()):
             shard = state.files.get(rows["shard"][i].as_py())  # only files the scan let through
             if shard is not None:
@@ -258,7 +224,7 @@ def _draw(state: RepoState) -> list[bytes]:
                     data = os.pread(f.fileno(), rows["image_size"][i].as_py(), rows["image_offset"][i].as_py())
                 canvas[:, j * 33:j * 33 + 32] = decode_image(data, manifest.image_format)
         strips.append(_png(canvas))
-    return strips
+    return counts, strips
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -136,6 +136,31 @@ def test_ranges(served, spec, start, end):
     assert headers["etag"] == f'"{sha256(data)}"'
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_ranges_that_stop_before_the_end_are_read_without_read_ahead(served, monkeypatch):
+    # Cold page cache: the kernel's read-ahead (up to read_ahead_kb, 8 MB on some machines)
+    # made many small ranges read several times the bytes asked for. Only the request's
+    # own descriptor is advised, and only for a range that stops before the end.
+    import dataset_server.resolve as resolve_module
+
+    advised: list[tuple[int, int, int]] = []
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        os.fstat(fd)  # the descriptor the body is sent from is open
+        advised.append((offset, length, advice))
+        os.posix_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(resolve_module, "_FADVISE", fadvise)
+    url, root = served
+    data = (root / "lab/ds/train-000001.tar").read_bytes()
+    status, _, body = request(url, "GET", f"{DS}/train-000001.tar", headers={"Range": "bytes=100-611"})
+    assert (status, body, advised) == (206, data[100:612], [(0, 0, os.POSIX_FADV_RANDOM)])
+    for headers in ({}, {"Range": "bytes=1000-"}, {"Range": "bytes=-10"}, {"Range": f"bytes=0-{len(data) - 1}"}):
+        status, _, body = request(url, "GET", f"{DS}/train-000001.tar", headers=headers)
+        assert status in (200, 206) and data.endswith(body)
+    assert len(advised) == 1  # whole files and ranges to the end keep the sequential read-ahead
+
+
 def test_range_past_the_end_is_416_and_bad_ranges_are_ignored(served):
     url, root = served
     size = (root / "lab/ds/train-000001.tar").stat().st_size

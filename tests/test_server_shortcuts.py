@@ -156,3 +156,126 @@ def test_dataset_checks_are_reused_only_within_max_age(make_dataset, tmp_path):
     assert library.get("lab", "ds", max_age=60.0) is repo  # file requests: within the scan age
     assert library.get("lab", "ds") is None  # API calls (max_age 0) check again
     assert library.get("lab", "ds", max_age=60.0) is None  # a failed check is not reused
+
+
+def test_file_requests_join_the_scan_in_flight_and_api_calls_scan_afresh(make_dataset, tmp_path, monkeypatch):
+    from dataset_server.auth import AccessPolicy
+    from dataset_server.context import ServerContext, state_at
+
+    root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
+    library = Library(root)
+    repo = library.get("lab", "ds")
+    ctx = ServerContext(library, AccessPolicy())
+    scans = []
+    real_scan = repo.scan
+
+    def slow_scan():
+        scans.append(1)
+        time.sleep(0.05)  # long enough for every request below to find it in flight
+        return real_scan()
+
+    monkeypatch.setattr(repo, "scan", slow_scan)
+
+    async def many(max_age: float) -> set[str]:
+        states = await asyncio.gather(*(state_at(repo, "main", max_age=max_age, ctx=ctx) for _ in range(20)))
+        return {s.sha for s in states}
+
+    assert len(asyncio.run(many(60.0))) == 1 and len(scans) == 1  # nothing cached: one scan for all 20
+    assert ctx.scans == {}  # forgotten once done
+    repo._state = None
+    scans.clear()
+    assert len(asyncio.run(many(0.0))) == 1 and len(scans) == 20  # max_age 0 (API calls): each its own
+
+
+def test_api_calls_re_check_every_file_inline_and_see_each_change_at_once(make_dataset, tmp_path, monkeypatch):
+    """API calls skip the scan (and its thread) while every file is as the last scan saw it,
+    and see a change made on disk on the very next call, with no wait: an in-place edit, a
+    deleted file, a rewritten manifest, a new dataset."""
+    import hashlib
+    import json
+    import os
+
+    from dataset_server.repo import DatasetRepo
+
+    root = build_root(make_dataset, tmp_path / "root", n_train=30, n_test=0, shard_size=10)
+    ds = root / "lab/ds"
+    scans = []
+    real_scan = DatasetRepo.scan
+
+    def counted(self):
+        scans.append(self.repo_id)
+        return real_scan(self)
+
+    monkeypatch.setattr(DatasetRepo, "scan", counted)
+
+    def api(path: str, body: bytes | None = None):
+        status, headers, data = request(
+            url, "POST" if body is not None else "GET", path, body=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"} if body is not None else None)
+        assert status == 200, data
+        assert headers["content-type"] == "application/json; charset=utf-8"
+        return json.loads(data)
+
+    def tree() -> dict[str, dict]:
+        return {e["path"]: e for e in api("/api/datasets/lab/ds/tree/main")}
+
+    with serving(create_app(root=root)) as url:
+        first = api("/api/datasets/lab/ds")
+        assert len(scans) == 1
+        for _ in range(3):  # unchanged: the same answer, no scan
+            assert api("/api/datasets/lab/ds") == first
+            assert set(tree()) == {s["rfilename"] for s in first["siblings"]}
+            assert [e["path"] for e in api("/api/datasets/lab/ds/paths-info/main",
+                                           b"paths=README.md&paths=nope&paths=train-000001.tar")] == \
+                ["README.md", "train-000001.tar"]
+        assert len(scans) == 1
+
+        # In place, no manifest change, no directory change: seen by the next call.
+        (ds / "README.md").write_text((ds / "README.md").read_text() + "\nmore\n")
+        second = api("/api/datasets/lab/ds")
+        assert second["sha"] != first["sha"] and len(scans) == 2
+        assert tree()["README.md"]["size"] == (ds / "README.md").stat().st_size
+        shard = ds / "train-000001.tar"
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        entry = api("/api/datasets/lab/ds/paths-info/main", b"paths=train-000001.tar")[0]
+        assert entry["lfs"]["oid"] == hashlib.sha256(bytes(data)).hexdigest() and len(scans) == 3
+        third = api("/api/datasets/lab/ds")["sha"]
+        assert third != second["sha"]
+
+        shard.unlink()  # deleted: gone from the very next answer
+        assert "train-000001.tar" not in tree()
+        shard.write_bytes(bytes(data))  # back (a listed file that was missing appears again)
+        assert "train-000001.tar" in tree()
+
+        # The manifest replaced by an identical copy (new inode): re-scanned, same commit.
+        copy = tmp_path / "m.json"
+        copy.write_bytes((ds / "manifest.json").read_bytes())
+        os.utime(copy, ns=((ds / "manifest.json").stat().st_atime_ns, (ds / "manifest.json").stat().st_mtime_ns))
+        before = len(scans)
+        os.replace(copy, ds / "manifest.json")
+        assert api("/api/datasets/lab/ds")["sha"] == api("/api/datasets/lab/ds")["sha"]
+        assert len(scans) == before + 1
+
+        # A new dataset written under the root: listed and answered at once.
+        build_root(make_dataset, root, repo_ids=("lab/new",), n_train=10, n_test=0)
+        assert "lab/new" in {d["id"] for d in api("/api/datasets")}
+        assert api("/api/datasets/lab/new")["id"] == "lab/new"
+
+
+def test_a_symlinked_file_always_takes_the_scan(make_dataset, tmp_path):
+    """A symlink inside the dataset may be re-pointed without any lstat of it changing in a
+    way the inline check trusts: such a dataset is never re-checked inline."""
+    root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
+    ds = root / "lab/ds"
+    repo = Library(root).get("lab", "ds")
+    assert repo.revalidated() is None  # nothing scanned yet
+    repo.scan()
+    assert repo.revalidated() is not None
+    (ds / "README.md").rename(ds / "card.md")
+    (ds / "README.md").symlink_to("card.md")
+    assert repo.revalidated() is None  # changed (a symlink now)
+    state = repo.scan()
+    assert "README.md" in state.files and state.checks is None
+    assert repo.revalidated() is None
