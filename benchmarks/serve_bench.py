@@ -88,7 +88,11 @@ http {{
 """
 
 
-def start_server(kind: str, root: Path, workers: int, tmp: Path) -> tuple[subprocess.Popen, int, str]:
+SERVER_CPUS, CLIENT_CPUS = {0}, {1}  # --pin
+
+
+def start_server(kind: str, root: Path, workers: int, tmp: Path, *,
+                 cpus: set[int] | None = None) -> tuple[subprocess.Popen, int, str]:
     port = free_port()
     prefix = ""
     if kind == "http.server":
@@ -104,9 +108,17 @@ def start_server(kind: str, root: Path, workers: int, tmp: Path) -> tuple[subpro
         cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
                "--workers", str(workers), "--no-access-log"]
         prefix = f"/datasets/{REPO}/resolve/main"
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))  # workers inherit it
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=pin)
     wait_http(f"http://127.0.0.1:{port}{prefix}/manifest.json", proc, seconds=60)
     return proc, port, prefix
+
+
+def pinned_client(pin: bool, *client_args) -> None:
+    if pin:  # the clients on CPU 1, the server on CPU 0 (--pin)
+        os.sched_setaffinity(0, CLIENT_CPUS)
+    client_proc(*client_args)
 
 
 def run_load(files: dict[str, bytes], proc: subprocess.Popen, port: int, prefix: str, ours: bool,
@@ -116,7 +128,7 @@ def run_load(files: dict[str, bytes], proc: subprocess.Popen, port: int, prefix:
     queue = ctx.Queue()
     per = [args.clients // args.client_procs + (i < args.clients % args.client_procs)
            for i in range(args.client_procs)]
-    procs = [ctx.Process(target=client_proc, args=(files, port, prefix, ours, args, n, i, queue))
+    procs = [ctx.Process(target=pinned_client, args=(args.pin, files, port, prefix, ours, args, n, i, queue))
              for i, n in enumerate(per)]
     wait_idle(proc.pid)
     cpu0 = (tree_cpu_s(proc.pid), children_cpu_s(), box_busy_s())
@@ -156,6 +168,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="per client")
+    parser.add_argument("--pin", action="store_true",
+                        help="server (all its workers) on CPU 0, clients on CPU 1: the loopback "
+                             "TCP work of a reply is then charged on the server's CPU for every "
+                             "server alike, not to whichever process happened to be running")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, interleaved; the goal is judged on the median per-run ratio")
     args = parser.parse_args()
@@ -179,7 +195,8 @@ def main() -> None:
             shift = run % len(servers)  # rotated: no server always runs first or after nginx
             for kind in servers[shift:] + servers[:shift]:
                 workers = 1 if kind == "http.server" else args.workers
-                proc, port, prefix = start_server(kind, root, workers, root)
+                proc, port, prefix = start_server(kind, root, workers, root,
+                                                  cpus=SERVER_CPUS if args.pin else None)
                 try:
                     for mix in args.mixes:
                         args.range_fraction, args.max_range = MIXES[mix]
