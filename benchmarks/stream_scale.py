@@ -315,6 +315,12 @@ def run(args) -> None:
                                   stderr=subprocess.DEVNULL,
                                   cwd=code, env={**os.environ, **env})
         wait_http(f"{url}/manifest.json", server)
+        # and until its start-up work is over: the viewer's warm-up (class counts, sample
+        # strips) read and decoded while the first HTTP row ran and cost it ~7 s of its
+        # first batch (12.3 s measured, 5.0 s against a settled server)
+        from serve_load import wait_idle
+
+        wait_idle(server.pid, max_s=120)
     # "first": one ideal batch (--limit 1), the time to first batch with nothing after it
     worlds = {"ideal": ["--world", "ideal"], "real": ["--world", "real", "--n", str(args.n)],
               "first": ["--world", "ideal", "--limit", "1"]}
