@@ -32,13 +32,14 @@ def test_a_dataset_on_s3_reads_through_the_fsspec_source(make_dataset, moto_s3):
 
 def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, static_http):
     """``cifar5m verify`` on the project's server (and a plain static one) gives the local
-    report; a damaged or missing shard is named by its URL."""
+    report; a damaged or missing shard is named by its URL. ``describe`` (info) too."""
     import pytest
     from click.testing import CliRunner
 
     from cifar5m.cli import cli
     from cifar5m.errors import ChecksumMismatchError, ShardNotFoundError
     from dataset_server.app import create_app
+    from shards.stats import describe
     from shards.verify import verify_dataset
     from tests.test_server_support import build_root, serving
 
@@ -53,6 +54,8 @@ def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, 
     with serving(create_app(root=root)) as url:
         base = f"{url}/datasets/lab/{{}}/resolve/main"
         assert verify_dataset(base.format("ds"), decode=True, progress=False) == local
+        info = describe(base.format("ds"))  # `cifar5m info` reads through the same source
+        assert info.pop("path") == base.format("ds") and {**info, "path": "x"} == {**describe(root / "lab/ds"), "path": "x"}
         with pytest.raises(ChecksumMismatchError,
                            match=rf"{base.format('bad')}/train-000001.tar does not match its sha256"):
             verify_dataset(base.format("bad"), progress=False)
