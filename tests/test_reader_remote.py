@@ -64,3 +64,12 @@ def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, 
         result = CliRunner().invoke(cli, ["verify", base.format("ds"), "--decode"])
         assert result.exit_code == 0 and "OK: 4 shards, 40 train, 10 test samples" in result.output
     assert verify_dataset(f"{static_http(root / 'lab')}/ds", decode=True, progress=False) == local
+
+
+def test_verify_a_dataset_on_s3(make_dataset, moto_s3):
+    from shards.verify import verify_dataset
+
+    root = make_dataset("ds", n_train=40, n_test=10, shard_size=16, image_format="npy")
+    local = verify_dataset(root, decode=True, progress=False)
+    assert verify_dataset(moto_s3(root, "sets/ds"), decode=True, progress=False,
+                          storage_options=moto_s3.options) == local
