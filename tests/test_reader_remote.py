@@ -63,6 +63,8 @@ def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, 
             verify_dataset(base.format("gone"), progress=False)
         result = CliRunner().invoke(cli, ["verify", base.format("ds"), "--decode"])
         assert result.exit_code == 0 and "OK: 4 shards, 40 train, 10 test samples" in result.output
+        result = CliRunner().invoke(cli, ["info", base.format("ds")])
+        assert result.exit_code == 0 and "train: 40 samples in 3 shards" in result.output, result.output
     assert verify_dataset(f"{static_http(root / 'lab')}/ds", decode=True, progress=False) == local
 
 

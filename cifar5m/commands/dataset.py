@@ -82,10 +82,11 @@ def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
 
 
 @click.command("info")
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", callback=_directory_or_url)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_cmd(root: str, as_json: bool) -> None:
-    """Show counts, class histogram, bytes per sample and provenance.
+    """Show counts, class histogram, bytes per sample and provenance (ROOT: a dataset
+    directory or an http(s) URL).
 
     \b
     Example:
