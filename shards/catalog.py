@@ -122,12 +122,18 @@ class Catalog:
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
         """Read manifest and index through ``source`` (each fetched whole) and build ``split``."""
+        return cls.load_splits(source, split)[0]
+
+    @classmethod
+    def load_splits(cls, source: Source, *splits: str) -> list[Catalog]:
+        """``load`` of several splits with one read (and check) of manifest and index."""
         manifest = read_manifest(source)
-        if split not in manifest.splits:
-            raise SampleNotFoundError(f"{source.url} has no split {split!r}; it has {manifest.splits}")
+        for split in splits:
+            if split not in manifest.splits:
+                raise SampleNotFoundError(f"{source.url} has no split {split!r}; it has {manifest.splits}")
         data = read_index_data(source, manifest)
         try:
-            return cls.from_index(data, manifest, split, url=source.url)
+            return [cls.from_index(data, manifest, split, url=source.url) for split in splits]
         finally:
             if hasattr(data, "close"):
                 data.close()

@@ -1,4 +1,5 @@
-"""``cifar5m info``: what a dataset holds, from its manifest and index alone."""
+"""``cifar5m info``: what a dataset holds, from its manifest and index alone (read through
+the dataset's byte source, ``shards.source.open_source``, as every reader of the format)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from shards.catalog import index_input, read_manifest
 from shards.format import INDEX_NAME
 from shards.index import read_index
-from shards.manifest import load_manifest
+from shards.source import open_source
 
 
 def describe(root: str | Path) -> dict[str, Any]:
-    """Counts, class histogram, bytes per sample and provenance of a local dataset."""
-    root = Path(root)
-    manifest = load_manifest(root)
-    index = read_index(root / INDEX_NAME, columns=["split", "label"])
+    """Counts, class histogram, bytes per sample and provenance of a dataset."""
+    source = open_source(str(root))
+    root = Path(root) if source.local else source.url
+    manifest = read_manifest(source)
+    columns, where = ["split", "label"], str(root / INDEX_NAME if source.local else f"{root}/{INDEX_NAME}")
+    if source.local:  # two columns read from the open file, never the whole index in memory
+        with source.open_file(INDEX_NAME) as f:
+            index = read_index(f, columns=columns, where=where)
+    else:
+        index = read_index(index_input(source.read_file(INDEX_NAME)), columns=columns, where=where)
     splits = {}
     for split, total in manifest.totals().items():
         labels = index.filter(pc.equal(index["split"], split))["label"].to_numpy()

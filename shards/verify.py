@@ -1,4 +1,10 @@
-"""``cifar5m verify``: recompute checksums and counts; optionally decode every image."""
+"""``cifar5m verify``: recompute checksums and counts; optionally decode every image.
+
+Files are read through the dataset's byte source (``shards.source.open_source``), as every
+other reader of the format reads them: a local directory, an http(s) URL (the project's
+server or any static one) or another fsspec URL. One whole file is in memory at a time
+(a local shard is read into a buffer of its own, not kept mapped by the source).
+"""
 
 from __future__ import annotations
 
@@ -16,10 +22,12 @@ from cifar5m.errors import (
     ShardNotFoundError,
 )
 from shards import checksum, codec, ustar
+from shards.catalog import index_input, read_manifest
 from shards.format import INDEX_NAME, LABEL_EXT
 from shards.index import read_index, shard_runs
-from shards.manifest import ShardInfo, load_manifest
+from shards.manifest import ShardInfo
 from shards.relabel import shard_label_column
+from shards.source import Source, open_source
 
 
 @dataclass
@@ -30,23 +38,34 @@ class VerifyReport:
     decoded: int = 0
 
 
-def _read_checked(path: Path, *, size: int, sha256: str) -> bytes:
-    if not path.is_file():
-        raise ShardNotFoundError(f"{path} is missing; the manifest lists it (re-download or re-create)")
-    data = path.read_bytes()
+def _read(source: Source, file: str) -> bytes | bytearray | memoryview:
+    """A whole file of the dataset; a local one read into a buffer of its own (the source
+    keeps maps of the files it reads by range: a pass over every shard would keep 64)."""
+    if source.local:
+        with source.open_file(file) as f:
+            return f.read()
+    return source.read_file(file)
+
+
+def _read_checked(source: Source, file: str, *, where: str | Path, size: int,
+                  sha256: str) -> bytes | bytearray | memoryview:
+    try:
+        data = _read(source, file)
+    except (ShardNotFoundError, IsADirectoryError):
+        raise ShardNotFoundError(f"{where} is missing; the manifest lists it (re-download or re-create)") from None
     if len(data) != size:
         raise ChecksumMismatchError(
-            f"{path} has {len(data)} bytes, the manifest says {size}: truncated or altered; "
+            f"{where} has {len(data)} bytes, the manifest says {size}: truncated or altered; "
             f"re-download or re-create it"
         )
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ChecksumMismatchError(
-            f"{path} does not match its sha256 in the manifest: corrupted; re-download or re-create it"
+            f"{where} does not match its sha256 in the manifest: corrupted; re-download or re-create it"
         )
     return data
 
 
-def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, where: Path) -> None:
+def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, where: str | Path) -> None:
     """The tar's members must be exactly the index rows, in order, at the recorded offsets."""
     keys = rows["key"].to_pylist()
     expected = []
@@ -68,7 +87,7 @@ def _check_members(data: bytes, info: ShardInfo, rows, *, image_format: str, whe
             raise CorruptShardError(f"{where} at byte {got.offset}: member {got.name!r} does not match the index ({want[0]!r})")
 
 
-def _check_digests(data: bytes, rows, *, where: Path) -> None:
+def _check_digests(data: bytes, rows, *, where: str | Path) -> None:
     """Every image member against its ``image_xxh3`` (an index that predates it: skipped)."""
     want = checksum.column(rows)
     if want is None:
@@ -79,7 +98,7 @@ def _check_digests(data: bytes, rows, *, where: Path) -> None:
         raise checksum.mismatch(str(where), rows["key"][bad].as_py(), int(offsets[bad]))
 
 
-def _decode_all(data: bytes, rows, *, image_format: str, where: Path, classes: int,
+def _decode_all(data: bytes, rows, *, image_format: str, where: str | Path, classes: int,
                 shard_labels: str = "label") -> int:
     """Decode every member; ``shard_labels`` is the index column the ``.cls`` members hold
     (``label`` unless the dataset was relabelled: see ``shards.relabel``)."""
@@ -101,16 +120,30 @@ def _decode_all(data: bytes, rows, *, image_format: str, where: Path, classes: i
     return len(labels)
 
 
-def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = True) -> VerifyReport:
+def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = True,
+                   storage_options: dict | None = None) -> VerifyReport:
     """Check every file against the manifest and every shard against the index.
 
+    ``root`` is a dataset directory or URL (``storage_options`` as for ``shards.reader.Dataset``).
     Raises the first problem found as a typed error naming the file (and offset).
     """
-    root = Path(root)
-    manifest = load_manifest(root)
+    source = open_source(str(root), storage_options=storage_options)
+    root = Path(root) if source.local else source.url
+
+    def where(file: str) -> str | Path:
+        return root / file if source.local else f"{root}/{file}"
+
+    manifest = read_manifest(source)
+    index_data = None
     for f in manifest.files:
-        _read_checked(root / f.file, size=f.bytes, sha256=f.sha256)
-    index = read_index(root / INDEX_NAME)
+        data = _read_checked(source, f.file, where=where(f.file), size=f.bytes, sha256=f.sha256)
+        if f.file == INDEX_NAME:
+            index_data = data  # checked: parsed below, not read again
+        del data
+    if index_data is None:  # a manifest that does not list its index
+        index_data = _read(source, INDEX_NAME)
+    index = read_index(index_input(index_data), where=str(where(INDEX_NAME)))
+    del index_data
     report = VerifyReport()
     shard_labels = shard_label_column(index)
     for split, total in manifest.totals().items():
@@ -120,10 +153,10 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
     try:
         runs = shard_runs(index["shard"])
     except ValueError as exc:
-        raise ManifestError(f"{root / INDEX_NAME}: {exc}; re-create the dataset") from None
+        raise ManifestError(f"{where(INDEX_NAME)}: {exc}; re-create the dataset") from None
     for info in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
-        path = root / info.file
-        data = _read_checked(path, size=info.bytes, sha256=info.sha256)
+        path = where(info.file)
+        data = _read_checked(source, info.file, where=path, size=info.bytes, sha256=info.sha256)
         run = runs.get(info.file, slice(0, 0))
         rows = index.slice(run.start, run.stop - run.start)
         _check_members(data, info, rows, image_format=manifest.image_format, where=path)

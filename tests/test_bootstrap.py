@@ -123,6 +123,40 @@ def test_budgets_are_checked_before_any_training(make_dataset, tmp_path, built):
     assert not (tmp_path / "b").exists()
 
 
+def test_budgets_read_the_index_once(make_dataset, monkeypatch):
+    """check_budgets reads (and checks) index.parquet once, not once for the pool, once for the
+    test split and once more per stream (3 + len(N) reads before), and its streams still check."""
+    import shards.catalog
+    from train.bootstrap import check_budgets
+    from train.stream import SampleStream, StreamConfig
+
+    reads: list[str] = []
+    original = shards.catalog.read_index_data
+
+    def counted(source, manifest):
+        reads.append(source.url)
+        return original(source, manifest)
+
+    monkeypatch.setattr(shards.catalog, "read_index_data", counted)
+    streams: list[tuple] = []  # (world, n, given a catalog) of every stream check_budgets builds
+    init = SampleStream.__init__
+
+    def recorded(self, config, *, catalog=None):
+        streams.append((config.world, config.n, catalog is not None))
+        init(self, config, catalog=catalog)
+
+    monkeypatch.setattr(SampleStream, "__init__", recorded)
+    data = make_dataset(n_train=200, n_test=20)
+    config = BootstrapConfig(TrainConfig(data=str(data), arch="mlp", width=4, **TINY), ns=(32, 64, 48))
+    budget = check_budgets(config)
+    assert (budget.pool, len(reads)) == (200, 1)
+    assert streams == [("ideal", None, True), ("real", 32, True), ("real", 64, True), ("real", 48, True)]
+    stream = SampleStream(StreamConfig(str(data), batch_size=16))  # alone: it loads its catalog
+    assert len(reads) == 2
+    with pytest.raises(Exception, match="split 'test'"):  # a catalog of another split is refused
+        SampleStream(StreamConfig(str(data), batch_size=16, split="test"), catalog=stream.catalog)
+
+
 def test_wrap_is_recorded_and_marked(make_dataset, tmp_path):
     data = make_dataset(n_train=64)
     args = ["bootstrap", "--data", str(data), "--n", "32", "--arch", "mlp", "--width", "4",

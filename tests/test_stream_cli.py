@@ -36,6 +36,29 @@ def test_stats_prints_counts_throughput_and_the_check(root):
     assert report["epochs"] == 3.0
 
 
+def test_the_check_counts_off_plan_repeated_and_unknown_keys(root, monkeypatch):
+    """Distinct delivered samples are counted by split position (no set of every key): a
+    batch off the plan that repeats earlier samples and names a key the split lacks."""
+    from train.stream_check import run_stats
+
+    stream = SampleStream(StreamConfig(str(root), batch_size=10, steps=4, return_keys=True))
+    first: list[str] = []
+    iterate = SampleStream.__iter__
+
+    def tampered(self):
+        for batch in iterate(self):
+            if batch.step == 0:
+                first.extend(batch.keys)
+            if batch.step == 2:  # 8 samples of batch 0 again, 1 new one, 1 the split lacks
+                batch = batch._replace(keys=[*first[:8], batch.keys[0], "nope"])
+            yield batch
+
+    monkeypatch.setattr(SampleStream, "__iter__", tampered)
+    report = run_stats(stream, limit=None, progress=False)
+    assert (report["rank_samples"], report["rank_distinct"], report["batches_off_plan"]) == (40, 32, 1)
+    assert not report["exactly_once"]
+
+
 def test_state_file_resumes_where_the_last_run_stopped(root, tmp_path):
     state = tmp_path / "state.json"
     first = json.loads(run(str(root), "--batch-size", "10", "--limit", "5", "--state", str(state),

@@ -1,10 +1,7 @@
-"""npy shards over HTTP (arena gather, reads into slots) and the keep-alive GET client."""
+"""npy shards over HTTP (arena gather, reads into slots); the byte source and its HTTP
+client are tested in test_source.py."""
 
 from __future__ import annotations
-
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +10,6 @@ import torch
 
 from cifar5m.errors import CorruptShardError
 from shards.catalog import Catalog
-from shards.connections import Connections
 from shards.source import LocalSource
 from tests.conftest import write_dataset
 from tests.test_stream_remote import serve_app
@@ -70,53 +66,6 @@ def test_npy_over_http_truncated_or_bad_member_names_shard_and_offset(tmp_path):
             list(SampleStream(StreamConfig(source=url, batch_size=60)))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive
-    peers: ClassVar[set] = set()
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.peers.add(self.client_address)
-        if self.path == "/moved":
-            self.send_response(302)
-            self.send_header("Location", "/data")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = bytes(range(256)) * 4
-        first, last = (int(x) for x in self.headers["Range"][6:].split("-"))
-        self.send_response(206)
-        self.send_header("Content-Length", str(last - first + 1))
-        self.end_headers()
-        self.wfile.write(body[first : last + 1])
-
-
-def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        http = Connections()
-        into = memoryview(bytearray(100))
-        for start in range(0, 40, 10):
-            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=[(0, into[:10])])
-            (body,) = reply.body
-            assert reply.status == 206 and bytes(body) == bytes(range(start, start + 10))
-            assert np.shares_memory(np.frombuffer(body, np.uint8), np.frombuffer(into, np.uint8))
-        # one request, two parts with 5 skipped bytes between them, each into its own view
-        a, b = memoryview(bytearray(8)), memoryview(bytearray(8))
-        reply = http.get(f"{url}/data", {"Range": "bytes=100-120"}, into=[(0, a), (13, b)])
-        assert [bytes(v) for v in reply.body] == [bytes(range(100, 108)), bytes(range(113, 121))]
-        reply = http.get(f"{url}/moved", {"Range": "bytes=1000-1023"})  # no room given: a new buffer
-        assert reply.status == 206 and bytes(reply.body) == bytes(range(232, 256))
-        assert len(_Handler.peers) == 1  # one connection for all six requests
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 class _RemoteDir(LocalSource):
     """Local files read as a remote source would (copies, block store), without a server."""
 
@@ -152,9 +101,3 @@ def test_local_blocks_are_preads_into_the_arena_not_reads_of_a_map(tmp_path):
     rows = np.array([3, 17, 25, 39, 0, 21])
     assert np.array_equal(blocks.images(rows), mapped.images(rows))
     assert blocks.blocks.fetched == 4 and not [f for f in source._maps if f.endswith(".tar")]
-    data = (root / "train-000000.tar").read_bytes()
-    out = memoryview(bytearray(1000))
-    got = source.fetch_into([("train-000000.tar", 100, 600),
-                             ("train-000000.tar", len(data) - 10, len(data) + 50)], [out, None])
-    assert bytes(got[0]) == data[100:600] and got[0].obj is out.obj  # landed in the buffer given
-    assert bytes(got[1]) == data[-10:]  # short at the end of the file: the caller reports it

@@ -5,19 +5,16 @@ Each must deliver exactly the batches (keys, pixels, labels) a local directory g
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import socket
-import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
 from cifar5m.errors import CorruptShardError, DatasetNotFoundError, DownloadError
-from tests.conftest import QuietHTTPHandler, write_dataset
+from tests.conftest import write_dataset
 from tests.test_server_support import serving as serve_app
 from train.stream import SampleStream, StreamConfig
 
@@ -119,32 +116,3 @@ def test_s3_through_moto_delivers_the_local_batches(dataset, moto_s3):
                                       "--storage-options", json.dumps(options), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["exactly_once"] is True
-
-
-def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
-    from collections import Counter
-
-    from shards.source import HttpSource
-
-    gets: Counter = Counter()
-
-    class Counting(QuietHTTPHandler):
-        def do_GET(self) -> None:
-            gets[self.path] += 1
-            super().do_GET()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(dataset)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        source = HttpSource(f"http://127.0.0.1:{server.server_address[1]}")
-        source.fetch([("manifest.json", 0, 10)])  # learns that Range is ignored
-        shards = sorted(p.name for p in dataset.glob("train-*.tar"))
-        # ranges > GAP apart: several jobs per file, run by 8 pool threads at once
-        wanted = [(f, a, a + 100) for f in shards for a in range(0, 150_000, 70_000)]
-        got = source.fetch(wanted)
-    finally:
-        server.shutdown()
-        server.server_close()
-    for (file, a, b), data in zip(wanted, got, strict=True):
-        assert bytes(data) == (dataset / file).read_bytes()[a:b]
-    assert {f"/{f}": gets[f"/{f}"] for f in shards} == {f"/{f}": 1 for f in shards}

@@ -54,8 +54,10 @@ def check_budgets(config: BootstrapConfig) -> Budget:
 
     t = config.template
     source = open_source(t.data, storage_options=t.storage_options)
-    pool = len(Catalog.load(source, "train"))
-    test = len(Catalog.load(source, t.test_split))
+    # one read of the index for every check: the streams below are given the train catalog
+    train, test_catalog = Catalog.load_splits(source, "train", t.test_split)
+    pool, test = len(train), len(test_catalog)
+    del test_catalog
     need = t.steps * t.batch_size
     problems = []
     if test == 0:
@@ -76,7 +78,8 @@ def check_budgets(config: BootstrapConfig) -> Budget:
                 SampleStream(StreamConfig(
                     t.data, world="ideal" if n is None else "real", n=n, batch_size=t.batch_size,
                     steps=t.steps, seed=config.seeds[0], rank=0, world_size=1,
-                    class_balanced=t.class_balanced, wrap=t.wrap, storage_options=t.storage_options))
+                    class_balanced=t.class_balanced, wrap=t.wrap, storage_options=t.storage_options),
+                    catalog=train)
             except Cifar5mError as e:
                 problems.append(str(e))
     if problems:

@@ -106,7 +106,9 @@ def _pinned(batch: StreamBatch) -> StreamBatch:
 class SampleStream:
     """An iterable of this rank's batches; see the module docstring."""
 
-    def __init__(self, config: StreamConfig) -> None:
+    def __init__(self, config: StreamConfig, *, catalog: Catalog | None = None) -> None:
+        """``catalog``: ``config.split`` of ``config.source`` already loaded (``Catalog.load``),
+        so several streams over one dataset read its index once; by default it is loaded here."""
         self.config = c = config
         if c.world not in ("ideal", "real"):
             raise StreamConfigError(f"world must be 'ideal' or 'real', got {c.world!r}")
@@ -118,7 +120,10 @@ class SampleStream:
         if c.seed < 0 or (c.steps is not None and c.steps < 0):
             raise StreamConfigError(f"seed and steps must be >= 0, got {c.seed} and {c.steps}")
         self.source = open_source(c.source, storage_options=c.storage_options)
-        self.catalog = Catalog.load(self.source, c.split)
+        if catalog is not None and (catalog.split != c.split or catalog.url != self.source.url):
+            raise StreamConfigError(f"the catalog given is split {catalog.split!r} of {catalog.url}, "
+                                    f"the stream's is split {c.split!r} of {self.source.url}")
+        self.catalog = Catalog.load(self.source, c.split) if catalog is None else catalog
         where = f"split {c.split!r} of {c.source}"
         self.subset: np.ndarray | None = None
         if c.world == "real":

@@ -50,31 +50,43 @@ def import_cmd(sources, out, fmt, image_format, shard_size, test_part, test_coun
     click.echo(format_description(describe(out)))
 
 
+def _directory_or_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A URL as given; a local path must be an existing directory (as click.Path checks)."""
+    if "://" in value:
+        return value
+    return click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
 @click.command("verify")
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", callback=_directory_or_url)
 @click.option("--decode", is_flag=True, help="Also decode every image and label.")
-def verify_cmd(root: str, decode: bool) -> None:
+@click.option("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
+def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
     """Recompute every checksum and count of a dataset (and decode every image).
 
-    Exits 1 with one line naming the file (and byte offset) at the first problem.
+    ROOT is a dataset directory or URL (http(s), s3://, ...). Exits 1 with one line
+    naming the file (and byte offset) at the first problem.
 
     \b
-    Example:
+    Examples:
       cifar5m verify data/cifar10 --decode
+      cifar5m verify http://127.0.0.1:8000/datasets/local/cifar10/resolve/main
     """
+    from cifar5m.commands.stream import parse_storage_options
     from shards.verify import verify_dataset
 
-    report = verify_dataset(root, decode=decode)
+    report = verify_dataset(root, decode=decode, storage_options=parse_storage_options(storage_options))
     counts = ", ".join(f"{n:,} {split}" for split, n in report.samples.items())
     decoded = f", {report.decoded:,} images decoded" if decode else ""
     click.echo(f"OK: {report.shards} shards, {counts} samples, {report.bytes / 1e6:,.1f} MB{decoded}")
 
 
 @click.command("info")
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root", callback=_directory_or_url)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_cmd(root: str, as_json: bool) -> None:
-    """Show counts, class histogram, bytes per sample and provenance.
+    """Show counts, class histogram, bytes per sample and provenance (ROOT: a dataset
+    directory or an http(s) URL).
 
     \b
     Example:

@@ -1,0 +1,110 @@
+"""shards.source (local pread/mmap reads, HTTP without Range) and shards.connections (the
+keep-alive GET client): the byte source every reader of a dataset reads through."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from shards.connections import Connections
+from shards.source import LocalSource
+from tests.conftest import QuietHTTPHandler, write_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
+                         shard_size=40, image_format="png")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    peers: ClassVar[set] = set()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.peers.add(self.client_address)
+        if self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = bytes(range(256)) * 4
+        first, last = (int(x) for x in self.headers["Range"][6:].split("-"))
+        self.send_response(206)
+        self.send_header("Content-Length", str(last - first + 1))
+        self.end_headers()
+        self.wfile.write(body[first : last + 1])
+
+
+def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        http = Connections()
+        into = memoryview(bytearray(100))
+        for start in range(0, 40, 10):
+            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=[(0, into[:10])])
+            (body,) = reply.body
+            assert reply.status == 206 and bytes(body) == bytes(range(start, start + 10))
+            assert np.shares_memory(np.frombuffer(body, np.uint8), np.frombuffer(into, np.uint8))
+        # one request, two parts with 5 skipped bytes between them, each into its own view
+        a, b = memoryview(bytearray(8)), memoryview(bytearray(8))
+        reply = http.get(f"{url}/data", {"Range": "bytes=100-120"}, into=[(0, a), (13, b)])
+        assert [bytes(v) for v in reply.body] == [bytes(range(100, 108)), bytes(range(113, 121))]
+        reply = http.get(f"{url}/moved", {"Range": "bytes=1000-1023"})  # no room given: a new buffer
+        assert reply.status == 206 and bytes(reply.body) == bytes(range(232, 256))
+        assert len(_Handler.peers) == 1  # one connection for all six requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_path):
+    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    source = LocalSource(root)
+    data = (root / "train-000000.tar").read_bytes()
+    out = memoryview(bytearray(1000))
+    got = source.fetch_into([("train-000000.tar", 100, 600),
+                             ("train-000000.tar", len(data) - 10, len(data) + 50)], [out, None])
+    assert bytes(got[0]) == data[100:600] and got[0].obj is out.obj  # landed in the buffer given
+    assert bytes(got[1]) == data[-10:]  # short at the end of the file: the caller reports it
+
+
+def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
+    from collections import Counter
+
+    from shards.source import HttpSource
+
+    gets: Counter = Counter()
+
+    class Counting(QuietHTTPHandler):
+        def do_GET(self) -> None:
+            gets[self.path] += 1
+            super().do_GET()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(dataset)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = HttpSource(f"http://127.0.0.1:{server.server_address[1]}")
+        source.fetch([("manifest.json", 0, 10)])  # learns that Range is ignored
+        shards = sorted(p.name for p in dataset.glob("train-*.tar"))
+        # ranges > GAP apart: several jobs per file, run by 8 pool threads at once
+        wanted = [(f, a, a + 100) for f in shards for a in range(0, 150_000, 70_000)]
+        got = source.fetch(wanted)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for (file, a, b), data in zip(wanted, got, strict=True):
+        assert bytes(data) == (dataset / file).read_bytes()[a:b]
+    assert {f"/{f}": gets[f"/{f}"] for f in shards} == {f"/{f}": 1 for f in shards}
