@@ -32,6 +32,7 @@ from cifar5m.errors import DownloadError, ShardNotFoundError
 from shards.connections import Connections, Parts
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
+PAGE = 4096  # ...but skip no more than the range being added, or a page the disk reads anyway
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
 THREADS = 8  # concurrent requests per process: loopback HTTP is latency-, not bandwidth-bound
 WHOLE_BYTES = 512 << 20  # whole files kept from a server that ignores Range
@@ -39,12 +40,17 @@ WHOLE_BYTES = 512 << 20  # whole files kept from a server that ignores Range
 
 def coalesce(ranges: Sequence[tuple[int, int]], *, gap: int = GAP,
              limit: int = MAX_REQUEST) -> list[tuple[int, int, list[int]]]:
-    """Group ranges into requests ``(start, end, [indices of ranges inside])``."""
+    """Group ranges into requests ``(start, end, [indices of ranges inside])``.
+
+    A gap is bridged when it is at most ``gap`` and at most the bytes of the range it brings
+    in (or one page), so a request never carries more skipped bytes than wanted ones: the
+    real world's scattered samples (1 % of a 5M split: 5 KB each, ~0.5 MB apart) were read
+    at 2.55x their bytes over HTTP with any gap under 64 KB bridged, against 1.87x locally."""
     order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
     groups: list[tuple[int, int, list[int]]] = []
     for i in order:
         a, b = ranges[i]
-        if groups and a - groups[-1][1] <= gap and b - groups[-1][0] <= limit:
+        if groups and a - groups[-1][1] <= min(gap, max(PAGE, b - a)) and b - groups[-1][0] <= limit:
             start, end, members = groups[-1]
             groups[-1] = (start, max(end, b), [*members, i])
         else:

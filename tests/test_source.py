@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shards.connections import Connections
-from shards.source import LocalSource
+from shards.source import GAP, LocalSource, coalesce
 from tests.conftest import QuietHTTPHandler, write_dataset
 
 
@@ -108,3 +108,24 @@ def test_server_without_range_support_gets_each_file_once_under_concurrency(data
     for (file, a, b), data in zip(wanted, got, strict=True):
         assert bytes(data) == (dataset / file).read_bytes()[a:b]
     assert {f"/{f}": gets[f"/{f}"] for f in shards} == {f"/{f}": 1 for f in shards}
+
+
+def test_coalesce_merges_a_block_but_never_reads_more_skipped_bytes_than_wanted() -> None:
+    # a block of tar members: 512-byte headers between 5,120-byte samples, one request
+    block = [(k * 5632 + 512, (k + 1) * 5632) for k in range(256)]
+    assert [(a, b, len(m)) for a, b, m in coalesce(block)] == [(512, 256 * 5632, 256)]
+    # scattered samples 30 KB apart: under GAP, but each gap is 6x the sample: not merged
+    scattered = [(k * 36_000, k * 36_000 + 5120) for k in range(50)]
+    assert len(coalesce(scattered)) == 50
+    # any layout: the bytes requested stay within 2x the bytes wanted (plus a page per gap)
+    rng = np.random.default_rng(0)
+    starts = np.sort(rng.choice(50_000_000, 2_000, replace=False))
+    ranges = [(int(a), int(a) + int(rng.integers(100, 6000))) for a in starts]
+    groups = coalesce(ranges)
+    wanted = sum(b - a for a, b in ranges)
+    asked = sum(b - a for a, b, _ in groups)
+    assert asked <= 2 * wanted + 4096 * len(ranges)
+    assert sorted(i for _, _, m in groups for i in m) == list(range(len(ranges)))
+    # ranges much bigger than their gaps still merge up to GAP
+    assert len(coalesce([(0, 100_000), (100_000 + GAP, 300_000)])) == 1
+    assert len(coalesce([(0, 100_000), (100_001 + GAP, 300_000)])) == 2
