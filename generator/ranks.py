@@ -11,7 +11,6 @@ and the end of a run that can take many hours.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -70,12 +69,6 @@ def close(rank: Rank) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            # All ranks leave the group together: rank 1 leaving (and exiting) while rank 0
-            # still finalised aborted it now and then at exit ("terminate called without an
-            # active exception", 3 runs in about 10 full suites under load); the trainer, which
-            # always met before exiting, never did. A peer that died fails the barrier at once.
-            with contextlib.suppress(RuntimeError):
-                dist.barrier()
             dist.destroy_process_group()
 
 
