@@ -1,3 +1,3 @@
-from cifar5m.cli import main
+from cifar5m.cli import run
 
-main()
+run()

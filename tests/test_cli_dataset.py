@@ -54,3 +54,27 @@ def test_console_script_runs_without_importing_torch():
     code = "import sys; from cifar5m.cli import main; sys.argv=['cifar5m','--help']\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def _run_cli(body: str, tmp_path) -> subprocess.CompletedProcess:
+    """``cifar5m.cli.run`` with ``main`` replaced by ``body`` (Python source), in a child."""
+    code = ("import atexit, sys\nimport cifar5m.cli as cli\n"
+            "def main():\n" + "".join(f"    {line}\n" for line in body.splitlines()) +
+            "cli.main = main\ncli.run()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_the_command_exits_with_its_status_after_every_atexit_handler(tmp_path):
+    # run() ends the process with os._exit once Python's exit work is done (native teardown
+    # aborted finished commands now and then): statuses and exit handlers must be as before
+    done = _run_cli("atexit.register(lambda: open('handler-ran', 'w').close())\n"
+                    "print('output', end='')", tmp_path)
+    assert (done.returncode, done.stdout) == (0, "output")
+    assert (tmp_path / "handler-ran").exists()
+    assert _run_cli("sys.exit(3)", tmp_path).returncode == 3
+    failed = _run_cli("sys.exit('Error: something named')", tmp_path)
+    assert (failed.returncode, failed.stderr.strip()) == (1, "Error: something named")
+    crashed = _run_cli("1 / 0", tmp_path)
+    assert crashed.returncode == 1 and "ZeroDivisionError" in crashed.stderr
+    usage = subprocess.run([sys.executable, "-m", "cifar5m", "--no-such-option"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
