@@ -75,3 +75,19 @@ def test_verify_a_dataset_on_s3(make_dataset, moto_s3):
     local = verify_dataset(root, decode=True, progress=False)
     assert verify_dataset(moto_s3(root, "sets/ds"), decode=True, progress=False,
                           storage_options=moto_s3.options) == local
+
+
+def test_an_empty_range_is_no_request_and_keeps_range_reads(make_dataset, tmp_path):
+    """``read_bytes(f, a, a)`` (or a start past the end) reads nothing: sent as ``bytes=a-(a-1)``
+    the project's server answered the whole file, and the source then kept whole shards."""
+    from dataset_server.app import create_app
+    from tests.test_server_support import build_root, serving
+
+    root = build_root(make_dataset, tmp_path / "root", ("lab/ds",), n_train=10, n_test=0, shard_size=16)
+    with serving(create_app(root=root)) as url:
+        ds = Dataset(f"{url}/datasets/lab/ds/resolve/main")
+        shard = ds.manifest.shards[0].file
+        assert bytes(ds.read_bytes(shard, 0, 10)) == (root / "lab/ds" / shard).read_bytes()[:10]
+        assert bytes(ds.read_bytes(shard, 20, 20)) == b""
+        assert bytes(ds.read_bytes(shard, 30, 20)) == b""
+        assert ds.source._ranges is True and not ds.source._whole

@@ -129,3 +129,20 @@ def test_coalesce_merges_a_block_but_never_reads_more_skipped_bytes_than_wanted(
     # ranges much bigger than their gaps still merge up to GAP
     assert len(coalesce([(0, 100_000), (100_000 + GAP, 300_000)])) == 1
     assert len(coalesce([(0, 100_000), (100_001 + GAP, 300_000)])) == 2
+
+
+def test_a_local_source_nobody_holds_closes_its_descriptors(tmp_path: Path) -> None:
+    import gc
+    import os
+
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(bytes(range(256)) * 4)
+    before = len(os.listdir("/proc/self/fd"))
+    source = LocalSource(tmp_path)
+    outs = [memoryview(bytearray(8)) for _ in range(3)]
+    got = source.fetch_into([(f"f{i}", 16, 24) for i in range(3)], outs)
+    assert [bytes(g) for g in got] == [bytes(range(16, 24))] * 3
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    del source, got
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
