@@ -155,10 +155,9 @@ def read_bytes(pid: int) -> int:
 def tree_read_bytes(pid: int) -> int:
     """read_bytes of ``pid`` and its children (``cifar5m serve``'s worker processes)."""
     total = read_bytes(pid)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                total += read_bytes(int(stat.parent.name))
+    for child in _children(pid):
+        with contextlib.suppress(OSError):  # exited since it was listed
+            total += read_bytes(child)
     return total
 
 
@@ -304,7 +303,9 @@ def run(args) -> None:
               f"({r.get('import_peak_rss', 0) / 1e6:,.0f} MB after the import of shards.reader); "
               f"first get(key) {r.get('first_get_s', 0):.2f} s, peak RSS then "
               f"{r.get('get_peak_rss', 0) / 1e6:,.0f} MB")
-    port = 8000 + os.getpid() % 1000
+    from tests.test_server_support import free_port
+
+    port = free_port()
     home = root.resolve()  # served from <root>/local/<name> (see served)
     url = f"http://127.0.0.1:{port}/datasets/local/{home.name}/resolve/main"
     server = None

@@ -23,7 +23,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from aiohttp import web
 from PIL import Image
 
@@ -33,6 +32,7 @@ from dataset_server.repo import Library, RepoState
 from dataset_server.responses import Denied, hub_error
 from shards.codec import decode_image
 from shards.format import INDEX_NAME
+from shards.index import read_index
 from shards.manifest import Manifest
 
 log = logging.getLogger("dataset_server")
@@ -147,8 +147,7 @@ def _histogram(state: RepoState, manifest: Manifest) -> str:
     per_split = _view(state)[0]
     if not per_split:
         return ""
-    n = len(manifest.class_names)
-    counts = {s: np.pad(per_split[s], (0, n))[:n] for s in manifest.splits if s in per_split}  # train first
+    counts = per_split
     top = max(int(c.max()) for c in counts.values()) or 1
     head = "".join(f"<th class=num>{html.escape(s)}</th>" for s in counts)
     rows = []
@@ -207,10 +206,11 @@ def _make_view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
     blank = np.full((32, PER_CLASS * 33, 3), 255, np.uint8)
     if INDEX_NAME not in state.files:
         return {}, [_png(blank) for _ in manifest.class_names]
-    table = pq.read_table(state.files[INDEX_NAME].path, columns=_INDEX_COLUMNS)
-    splits = table["split"].to_numpy(zero_copy_only=False)
-    labels = table["label"].to_numpy().astype(np.int64)
-    counts = {str(s): np.bincount(labels[splits == s]) for s in np.unique(splits)}
+    path = state.files[INDEX_NAME].path
+    table = read_index(path, columns=_INDEX_COLUMNS, where=str(path))
+    n = len(manifest.class_names)  # per split in the manifest's order (train first), one per class
+    counts = {s: np.bincount(table.filter(pc.equal(table["split"], s))["label"].to_numpy(),
+                             minlength=n)[:n] for s in manifest.splits}
     split = "train" if "train" in manifest.splits else manifest.splits[0]
     rows = table.filter(pc.equal(table["split"], split)).sort_by("position")
     labels = rows["label"].to_numpy()

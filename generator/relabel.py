@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cifar5m.errors import ModelError
+from generator.report.figures import save_fig
 from shards.format import INDEX_NAME
 from shards.index import shard_runs
 from shards.reader import Dataset, Split
@@ -133,8 +134,7 @@ def plot_confusion(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"agreement {report['agreement']:.2%} of {report['samples']:,} samples")
     fig.colorbar(im, ax=ax, label="share of the previous label's samples")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_fig(fig, Path(path))  # atomic, titled like the report's figures
     return Path(path)
 
 

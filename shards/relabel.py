@@ -20,7 +20,6 @@ renames leaves an index whose ``parent_sha256`` is the one the manifest lists;
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -30,12 +29,11 @@ import numpy as np
 import pyarrow as pa
 
 from cifar5m.errors import ConfigMismatchError, ManifestError
-from shards.atomic import atomic_write_bytes
-from shards.card import render_card
-from shards.format import CARD_NAME, INDEX_NAME
+from shards.format import INDEX_NAME
 from shards.index import SCHEMA, read_index, write_table
 from shards.manifest import Manifest, load_manifest, write_manifest
-from shards.shard import file_info, sha256_file
+from shards.shard import sha256_file
+from shards.writer import with_files
 
 META_KEY = b"cifar5m.index"
 
@@ -53,15 +51,6 @@ def shard_label_column(table: pa.Table) -> str:
     return index_meta(table)["shard_labels"]
 
 
-def _with_files(root: Path, manifest: Manifest, provenance: dict[str, Any]) -> Manifest:
-    """``manifest`` with new provenance, re-rendered card and fresh index/card checksums."""
-    draft = dataclasses.replace(manifest, provenance=provenance)
-    atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
-    fresh = {INDEX_NAME: file_info(root, INDEX_NAME), CARD_NAME: file_info(root, CARD_NAME)}
-    files = tuple(fresh.pop(f.file, f) for f in manifest.files) + tuple(fresh.values())
-    return dataclasses.replace(draft, files=files)
-
-
 def finish_pending(root: str | Path) -> bool:
     """Finish a relabel whose index was replaced but whose manifest was not; True if done."""
     root = Path(root)
@@ -73,7 +62,7 @@ def finish_pending(root: str | Path) -> bool:
     if meta.get("parent_sha256") != listed.sha256 or "pending_provenance" not in meta:
         raise ManifestError(f"{root / INDEX_NAME} does not match the manifest's sha256 and is not a "
                             f"relabel of it; restore the index or re-create the dataset")
-    write_manifest(root, _with_files(root, manifest, meta["pending_provenance"]))
+    write_manifest(root, with_files(root, manifest, meta["pending_provenance"]))
     return True
 
 
@@ -120,6 +109,6 @@ def write_labels(root: str | Path, labels: np.ndarray, confidence: np.ndarray, p
         tmp.replace(root / INDEX_NAME)
     finally:
         tmp.unlink(missing_ok=True)
-    out = _with_files(root, manifest, provenance)
+    out = with_files(root, manifest, provenance)
     write_manifest(root, out)
     return out

@@ -15,6 +15,7 @@ ranks) can write disjoint shards of one dataset and one of them finalises.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -151,15 +152,21 @@ def finalize(
         raise
     tmp_index.replace(root / INDEX_NAME)
     shards = tuple(r.info for r in ordered)
-    draft = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
-                     provenance=provenance or {})
-    atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
-    files = tuple(file_info(root, name) for name in (INDEX_NAME, CARD_NAME))
-    manifest = Manifest(image_format=image_format, class_names=tuple(class_names), shards=shards,
-                        files=files, provenance=provenance or {})
+    manifest = with_files(root, Manifest(image_format=image_format, class_names=tuple(class_names),
+                                         shards=shards), provenance or {})
     write_manifest(root, manifest)
     shutil.rmtree(root / WORK_DIR, ignore_errors=True)
     return manifest
+
+
+def with_files(root: Path, manifest: Manifest, provenance: dict[str, Any]) -> Manifest:
+    """``manifest`` with ``provenance``, its card (re)written and fresh index/card checksums
+    (other listed files kept, in their order); used by ``finalize`` and by a relabel."""
+    draft = dataclasses.replace(manifest, provenance=provenance)
+    atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
+    fresh = {INDEX_NAME: file_info(root, INDEX_NAME), CARD_NAME: file_info(root, CARD_NAME)}
+    files = tuple(fresh.pop(f.file, f) for f in manifest.files) + tuple(fresh.values())
+    return dataclasses.replace(draft, files=files)
 
 
 def check_fingerprint(where: str, previous: dict[str, Any], fingerprint: dict[str, Any]) -> None:

@@ -102,7 +102,8 @@ def _run_all(config: BootstrapConfig, out: Path, budget: Budget, *, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "bootstrap.json", config.to_json().encode())
     runs = config.runs()
-    result = BootstrapResult(out, report=None)  # type: ignore[arg-type]
+    trained: list[str] = []
+    reused: list[str] = []
     rows: dict[str, list[dict]] = {}
     for i, (name, run) in enumerate(runs, 1):
         done = (out / name / RESULT_NAME).exists()
@@ -111,6 +112,5 @@ def _run_all(config: BootstrapConfig, out: Path, budget: Budget, *, progress: bo
             tqdm.write(f"[{i}/{len(runs)}] {what} seed {run.seed}: {out / name}"
                        + (" (finished, reused)" if done else ""))
         rows[name] = train(run, out=out / name, progress=progress).rows
-        (result.reused if done else result.trained).append(name)
-    result.report = write_report(config, rows, out=out, wrapped=budget.wrapped)
-    return result
+        (reused if done else trained).append(name)
+    return BootstrapResult(out, write_report(config, rows, out=out, wrapped=budget.wrapped), trained, reused)

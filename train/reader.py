@@ -237,7 +237,7 @@ class SampleReader:
             j = int(np.argmax(local >= good))
             offset = int(cat.image_offset[rows[j]])
             raise self._truncated(shard, int(rows[j]), offset, offset + codec.NPY_SIZE)
-        if not whole and hasattr(self.source, "will_read"):  # a scattered local gather
+        if not whole:  # a scattered gather (a view exists only for a LocalSource)
             self.source.will_read(cat.shards[shard], cat.image_offset[rows], cat.image_size[rows])
         if not codec.npy_headers_ok(buf, cat.image_offset[rows]):
             return None  # a foreign header: the per-sample path names the sample

@@ -82,6 +82,12 @@ def _config(world: str, seed: int, opts: dict):
     return TrainConfig(world=world, seed=seed, **opts)
 
 
+def _note_wrap(config) -> None:
+    if config.wrap:
+        click.echo("--wrap: past one pass over the train split the ideal world's samples repeat",
+                   err=True)
+
+
 @click.command("train")
 @click.option("--world", type=click.Choice(["real", "ideal"]), required=True,
               help="real: N samples reused; ideal: every batch fresh.")
@@ -106,9 +112,8 @@ def train_cmd(world: str, seed: int, record_keys: bool, **opts) -> None:
     from train.trainer import train
 
     config = _config(world, seed, {**opts, "record_keys": record_keys})
-    if config.wrap and world == "ideal":
-        click.echo("--wrap: past one pass over the train split the ideal world's samples repeat",
-                   err=True)
+    if world == "ideal":
+        _note_wrap(config)
     result = train(config, out=opts["out"])
     _echo_final(result.rows, result.finished, opts["out"])
 
@@ -148,9 +153,7 @@ def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> 
     config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": models[0]}),
                              ns=_ints(ns, "--n"), archs=models,
                              seeds=_ints(seeds, "--seeds"), threshold=threshold)
-    if config.template.wrap:
-        click.echo("--wrap: past one pass over the train split the ideal world's samples repeat",
-                   err=True)
+    _note_wrap(config.template)
     result = run_bootstrap(config, out=opts["out"])
     click.echo((result.out / "gap.md").read_text())
     click.echo(f"Trained {len(result.trained)} runs, reused {len(result.reused)} finished ones.")

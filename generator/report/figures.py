@@ -35,7 +35,7 @@ def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2,
     return path
 
 
-def _save_fig(fig, path: Path) -> None:
+def save_fig(fig, path: Path) -> None:
     """PNG of ``fig``; its axes' title is also the PNG's Title text chunk."""
     import matplotlib.pyplot as plt
 
@@ -66,7 +66,7 @@ def class_histogram_figure(counts: np.ndarray, names: list[str], title: str):
 
 
 def class_histogram(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    _save_fig(class_histogram_figure(counts, names, title), path)
+    save_fig(class_histogram_figure(counts, names, title), path)
 
 
 def confidence_histogram(conf: np.ndarray, path: Path, title: str) -> None:
@@ -80,4 +80,4 @@ def confidence_histogram(conf: np.ndarray, path: Path, title: str) -> None:
     ax.set_xlabel("labeler confidence (max softmax)")
     ax.set_ylabel("samples")
     ax.set_title(title)
-    _save_fig(fig, path)
+    save_fig(fig, path)
