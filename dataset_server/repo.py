@@ -329,7 +329,8 @@ class Library:
     would serve files the root does not hold. Both are refused.
 
     A root that is a dataset itself (``root/manifest.json``) is served alone, as
-    ``local/<directory name>``.
+    ``local/<directory name>``; a dataset folder right under the root
+    (``root/name/manifest.json``, as ``make demo`` leaves them) is ``local/<name>``.
     """
 
     def __init__(self, root: Path, hashes: HashCache | None = None) -> None:
@@ -369,8 +370,9 @@ class Library:
             directory = self.root
             expected = str(self.root)
         else:
-            directory = os.path.join(self.root, org, name)  # str: no pathlib parsing per API call
-            expected = os.path.join(self.real_root, org, name)
+            parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
+            directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
+            expected = os.path.join(self.real_root, *parts)
         # Served only under its own name: no symlinked org or dataset folder (class doc).
         if os.path.realpath(directory) != expected:
             return None
@@ -382,6 +384,10 @@ class Library:
             return repo
         with self._lock:
             return self._repos.setdefault(repo_id, DatasetRepo(Path(directory), repo_id, self.hashes))
+
+    def _flat(self, name: str) -> bool:
+        """``root/name`` is a dataset itself (served as ``local/name``), not an organisation."""
+        return os.path.isfile(os.path.join(self.root, name, MANIFEST_NAME))
 
     def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
         """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
@@ -402,6 +408,10 @@ class Library:
         out = []
         for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not org_dir.is_dir():
+                continue
+            if self._flat(org_dir.name):
+                if self.get(SINGLE_ORG, org_dir.name) is not None:
+                    out.append(f"{SINGLE_ORG}/{org_dir.name}")
                 continue
             for ds in sorted(org_dir.iterdir()):
                 if self.get(org_dir.name, ds.name) is not None:

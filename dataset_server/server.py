@@ -56,8 +56,8 @@ def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
         served.append(repo_id)
     if not served:
         raise ServerConfigError(
-            f"no dataset to serve in {config.root}: expected {config.root}/manifest.json (one dataset) or "
-            f"{config.root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served"
+            f"no dataset to serve in {config.root}: expected {config.root}/manifest.json (one dataset), "
+            f"{config.root}/<name>/manifest.json or {config.root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served"
             + "".join(f"; not served: {s}" for s in skipped))
     return library, served
 

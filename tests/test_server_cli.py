@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,23 @@ def test_serve_one_dataset_folder_as_local_name(make_dataset, tmp_path):
     assert code == 0 and "serving local/ds: 6 files" in log, log
 
 
+def test_dataset_folders_right_under_the_root_are_local_names(make_dataset, tmp_path):
+    """``make demo`` leaves demo-output/cifar10 and demo-output/generated: ``cifar5m serve
+    demo-output`` serves them as local/<name>, beside <org>/<name> folders; a symlinked one is not."""
+    root = build_root(make_dataset, tmp_path / "root", ("lab/ds",), n_train=20, n_test=10, shard_size=10)
+    shutil.copytree(root / "lab" / "ds", root / "flat")
+    (root / "linked").symlink_to(root / "lab" / "ds")
+    proc, url = start(root, "--workers", "1")
+    try:
+        listed = [d["id"] for d in json.loads(request(url, "GET", "/api/datasets")[2])]
+        status, _, body = request(url, "GET", "/datasets/local/flat/resolve/main/README.md")
+        assert listed == ["local/flat", "lab/ds"] and (status, body) == (200, (root / "flat/README.md").read_bytes())
+        assert request(url, "GET", "/datasets/local/linked/resolve/main/README.md")[0] == 401
+    finally:
+        code, log = stop(proc, signal.SIGTERM)
+    assert code == 0 and "serving local/flat" in log, log
+
+
 def test_a_root_without_datasets_is_refused_at_start(make_dataset, tmp_path):
     root = tmp_path / "root"
     (root / "lab").mkdir(parents=True)
@@ -132,8 +150,8 @@ def test_a_root_without_datasets_is_refused_at_start(make_dataset, tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
-        f"Error: no dataset to serve in {root}: expected {root}/manifest.json (one dataset) or "
-        f"{root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served")
+        f"Error: no dataset to serve in {root}: expected {root}/manifest.json (one dataset), "
+        f"{root}/<name>/manifest.json or {root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served")
 
 
 def worker_pids(parent: int) -> set[int]:
