@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
 STAGING = Path(".cache") / "cifar5m" / "incoming"
+STAGING_OWNER = ".repo"  # in STAGING: the repo id its files belong to
 # Leftover partial files of a killed huggingface_hub download older than this are removed.
 STALE_PARTIAL_S = 60
 
@@ -158,7 +160,14 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
 def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
     """Fetch what ``root`` lacks into staging, check it, then move it in (manifest last)."""
     staging = root / STAGING
+    owner = staging / STAGING_OWNER
+    if staging.exists() and (not owner.is_file() or owner.read_text() != fetch.repo_id):
+        # another repo's staging: nothing to resume, and snapshot_download hands a non-empty
+        # local_dir back as it is when the repo asked for cannot be listed (not found,
+        # private, server down): its files were then "verified" under the wrong name
+        shutil.rmtree(staging)
     fetch(staging, [MANIFEST_NAME])
+    owner.write_text(fetch.repo_id)
     expected = _listed(staging, fetch.url(MANIFEST_NAME))
     cache_path = root / VERIFIED_CACHE
     cache = _load(cache_path)

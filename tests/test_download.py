@@ -134,6 +134,18 @@ def test_a_file_that_differs_from_the_manifest_is_named(root, tmp_path):
     assert "Error:" in done.stderr and "train-000000.tar does not match the sha256" in done.stderr
 
 
+def test_a_repo_that_cannot_be_listed_is_an_error_even_after_another_download(root, tmp_path):
+    """huggingface_hub hands back a non-empty local_dir unchanged when the repo cannot be
+    listed; the staging folder of an earlier download must not pass for the missing repo."""
+    with serving(create_app(root=root)) as url:
+        assert cli(["lab/ds", "--local-dir", "out"], url, tmp_path).returncode == 0
+        before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+        missing = cli(["lab/nope", "--local-dir", "out"], url, tmp_path)
+        assert missing.returncode == 1 and "lab/nope" in missing.stderr and "--token" in missing.stderr
+        assert "verified" not in missing.stdout
+        assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+
+
 def test_private_download_needs_the_token(root, tmp_path):
     with serving(create_app(root=root, tokens=tmp_path / "tokens.yaml")) as url:
         denied = cli(["lab/private", "--local-dir", "p1"], url, tmp_path)
