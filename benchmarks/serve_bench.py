@@ -11,7 +11,8 @@ http.server ignores Range, so a range costs it the whole shard; the client check
 slice it asked for. "MB/s" counts the bytes the clients asked for. Our API endpoints
 (info, tree, paths-info, HEAD) are sampled between downloads and their p99 latency
 reported; http.server, nginx and the aiohttp floor only have HEAD. ``--servers "aiohttp
-floor"`` adds the least an aiohttp server does to send a file (``serve_floor.py``).
+floor"`` adds the least an aiohttp server does to send a file (``serve_floor.py``), and
+``"aiohttp floor, uvloop"`` the same on uvloop's event loop.
 
 nginx (the distribution's package; skipped with a note when not installed) is the
 anchor: a config written here serves the same directory on 127.0.0.1 with ``sendfile``,
@@ -40,6 +41,7 @@ how many single runs met it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import os
 import shutil
@@ -102,8 +104,9 @@ def start_server(kind: str, root: Path, workers: int, tmp: Path, *,
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port, root=root / REPO))
         cmd = [shutil.which("nginx") or "nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
-    elif kind == "aiohttp floor":
+    elif kind.startswith("aiohttp floor"):
         cmd = [sys.executable, str(REPO_ROOT / "benchmarks/serve_floor.py"), str(root / REPO), str(port), str(workers)]
+        cmd += ["--uvloop"] if kind.endswith("uvloop") else []
     else:
         cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
                "--workers", str(workers), "--no-access-log"]
@@ -163,7 +166,7 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="processes the client tasks run in")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of cifar5m serve and nginx")
     parser.add_argument("--servers", nargs="+", default=["http.server", "nginx", "cifar5m serve"],
-                        choices=["http.server", "nginx", "aiohttp floor", "cifar5m serve"])
+                        choices=["http.server", "nginx", "aiohttp floor", "aiohttp floor, uvloop", "cifar5m serve"])
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")
@@ -175,9 +178,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, interleaved; the goal is judged on the median per-run ratio")
     args = parser.parse_args()
-    servers = [s for s in args.servers if s != "nginx" or shutil.which("nginx")]
-    if servers != args.servers:
-        print("nginx is not installed (apt-get install nginx): its rows are left out")
+    missing = {"nginx": shutil.which("nginx") is None,
+               "aiohttp floor, uvloop": importlib.util.find_spec("uvloop") is None}
+    servers = [s for s in args.servers if not missing.get(s)]
+    for kind in sorted(set(args.servers) - set(servers)):
+        print(f"{kind}: not installed (apt-get install nginx / pip install uvloop): its rows are left out")
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)

@@ -6,20 +6,22 @@ One route (``/{name}``), no access rules, no scan, no ETag: open the file, apply
 ``SO_REUSEPORT`` sockets with the same 4 MiB send buffer. ``serve_bench.py --servers
 "aiohttp floor"`` runs it under the same load as nginx and ``cifar5m serve``: the gap
 between this row and nginx is aiohttp's and asyncio's, the gap between this row and
-``cifar5m serve`` is ours.
+``cifar5m serve`` is ours. ``--uvloop`` runs it on uvloop's event loop instead of
+asyncio's (``--servers "aiohttp floor, uvloop"``): how much of the floor is the loop.
 
-    python benchmarks/serve_floor.py DIR PORT WORKERS
+    python benchmarks/serve_floor.py DIR PORT WORKERS [--uvloop]
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
 
 
-def serve(directory: str, port: int) -> None:
+def serve(directory: str, port: int, use_uvloop: bool) -> None:
     from aiohttp import web
 
     from dataset_server.ranges import RangeNotSatisfiable, parse_range
@@ -46,14 +48,22 @@ def serve(directory: str, port: int) -> None:
     sock.bind(("127.0.0.1", port))
     app = web.Application()
     app.router.add_route("*", "/{name}", handle)
-    web.run_app(app, sock=sock, access_log=None, print=None)
+    loop = None
+    if use_uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     folder, port_arg, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    procs = [mp.get_context("spawn").Process(target=serve, args=(folder, port_arg)) for _ in range(workers)]
+    procs = [mp.get_context("spawn").Process(target=serve, args=(folder, port_arg, "--uvloop" in sys.argv))
+             for _ in range(workers)]
     for p in procs:
         p.start()
+    # serve_bench stops the floor with SIGTERM: pass it on, or the workers outlive it on the port.
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
     for p in procs:
         p.join()
