@@ -105,28 +105,29 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         start = max(int(request.query.get("cursor", "0")), 0)
     except ValueError:
         return hub_error(400, None, "cursor must be an integer offset")
-    page = entries[start:start + ctx.page_size]
+    size = ctx.config.page_size
+    page = entries[start:start + size]
     headers = {REPO_COMMIT: state.sha}
-    if start + ctx.page_size < len(entries):
+    if start + size < len(entries):
         # Absolute, with every query parameter: the client fetches it verbatim.
-        nxt = request.url.update_query(cursor=str(start + ctx.page_size))
+        nxt = request.url.update_query(cursor=str(start + size))
         headers["Link"] = f'<{nxt}>; rel="next"'
     if start == 0 and path in ("", "."):  # the listing's first page (what every client asks)
-        return _json(_answer(state, ("tree", ctx.page_size), lambda: [file_entry(f) for f in page]), headers)
+        return _json(_answer(state, ("tree", size), lambda: [file_entry(f) for f in page]), headers)
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
 async def read_body(ctx: ServerContext, request: web.Request) -> bytes:
-    """The request body, refusing (413) anything over ``ctx.max_body`` bytes.
+    """The request body, refusing (413) anything over ``ctx.config.max_body`` bytes.
 
     aiohttp's ``client_max_size`` (set to ``max_body``) bounds ``read`` as the bytes arrive.
     """
     try:
-        if (request.content_length or 0) > ctx.max_body:
-            raise web.HTTPRequestEntityTooLarge(max_size=ctx.max_body, actual_size=request.content_length)
+        if (request.content_length or 0) > ctx.config.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=ctx.config.max_body, actual_size=request.content_length)
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes")) from None
+        raise Denied(hub_error(413, None, f"request body over {ctx.config.max_body} bytes")) from None
 
 
 def requested_paths(body: bytes, content_type: str) -> list[str]:
