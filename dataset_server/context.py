@@ -51,11 +51,11 @@ def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str,
 
 def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo, Access]]:
     """Every dataset this request may see, and what it may do with it."""
-    for repo_id in ctx.library.repo_ids():
-        try:
-            yield access_of(ctx, request, *repo_id.split("/", 1))
-        except Denied:
-            continue
+    authorization = request.headers.get("Authorization")
+    for repo in ctx.library.repos():
+        access = ctx.policy.access(repo.repo_id, authorization)
+        if access is not Access.NONE:
+            yield repo, access
 
 
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,

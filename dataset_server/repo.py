@@ -391,29 +391,23 @@ class Library:
 
     def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
         """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
-        for repo_id in self.repo_ids():
-            repo = self.get(*repo_id.split("/", 1))
-            if repo is None:
-                continue  # gone since it was listed
+        for repo in self.repos():
             try:
-                yield repo_id, repo.scan()
+                yield repo.repo_id, repo.scan()
             except (OSError, ValueError) as exc:
-                yield repo_id, exc
+                yield repo.repo_id, exc
 
-    def repo_ids(self) -> list[str]:
-        """``org/name`` of every finished dataset under the root."""
+    def repos(self) -> list[DatasetRepo]:
+        """Every finished dataset under the root, each checked once (``get``)."""
         if self.single:
-            name = self.root.name
-            return [f"{SINGLE_ORG}/{name}"] if self.get(SINGLE_ORG, name) is not None else []
-        out = []
-        for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if not org_dir.is_dir():
-                continue
-            if self._flat(org_dir.name):
-                if self.get(SINGLE_ORG, org_dir.name) is not None:
-                    out.append(f"{SINGLE_ORG}/{org_dir.name}")
-                continue
-            for ds in sorted(org_dir.iterdir()):
-                if self.get(org_dir.name, ds.name) is not None:
-                    out.append(f"{org_dir.name}/{ds.name}")
-        return out
+            found = [self.get(SINGLE_ORG, self.root.name)]
+        else:
+            found = []
+            for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                if not org_dir.is_dir():
+                    continue
+                if self._flat(org_dir.name):
+                    found.append(self.get(SINGLE_ORG, org_dir.name))
+                else:
+                    found += [self.get(org_dir.name, ds.name) for ds in sorted(org_dir.iterdir())]
+        return [repo for repo in found if repo is not None]
