@@ -91,7 +91,8 @@ class RepoState:
     # None for a listed file that was missing; None as a whole when a file was a symlink
     # or not a regular file (then only a full scan may tell whether that changed).
     checks: tuple[tuple[str, tuple[int, int, int] | None], ...] | None = None
-    # Encoded API answers of this commit (api.py): shared by the copies ``replace`` makes.
+    # Encoded API answers and the viewer's data of this commit (api.py, viewer.py): shared
+    # by the copies ``replace`` makes.
     answers: dict = field(default_factory=dict, compare=False, repr=False)
 
 
