@@ -58,19 +58,20 @@ def _lfs(f: RepoFile, key: str) -> dict:
     return {key: f.sha256, "size": f.size, "pointerSize": len(lfs_pointer(f.sha256, f.size))}
 
 
+def _summary(ctx: ServerContext, repo_id: str) -> dict:
+    """What the dataset list and the dataset info both say of ``repo_id``."""
+    return {"id": repo_id, "author": repo_id.split("/", 1)[0], "private": ctx.policy.private(repo_id),
+            "gated": "manual" if ctx.policy.gated(repo_id) else False}
+
+
 def info_json(ctx: ServerContext, state: RepoState) -> dict:
-    org = state.repo_id.split("/", 1)[0]
-    gated = ctx.policy.gated(state.repo_id)
     card = state.card_data
     return {
+        **_summary(ctx, state.repo_id),
         "_id": state.sha[:24],
-        "id": state.repo_id,
-        "author": org,
         "sha": state.sha,
         "lastModified": _iso(state.last_modified),
         "createdAt": _iso(min(f.mtime_ns for f in state.files.values()) / 1e9),
-        "private": ctx.policy.private(state.repo_id),
-        "gated": "manual" if gated else False,
         "disabled": False,
         "downloads": 0,
         "likes": 0,
@@ -117,17 +118,13 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
-async def read_body(ctx: ServerContext, request: web.Request) -> bytes:
-    """The request body, refusing (413) anything over ``ctx.config.max_body`` bytes.
-
-    aiohttp's ``client_max_size`` (set to ``max_body``) bounds ``read`` as the bytes arrive.
-    """
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refusing (413) anything over aiohttp's ``client_max_size`` (set to
+    ``max_body``), which ``read`` enforces as the bytes arrive."""
     try:
-        if (request.content_length or 0) > ctx.config.max_body:
-            raise web.HTTPRequestEntityTooLarge(max_size=ctx.config.max_body, actual_size=request.content_length)
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(hub_error(413, None, f"request body over {ctx.config.max_body} bytes")) from None
+        raise Denied(hub_error(413, None, f"request body over {request.client_max_size} bytes")) from None
 
 
 def requested_paths(body: bytes, content_type: str) -> list[str]:
@@ -143,7 +140,7 @@ def requested_paths(body: bytes, content_type: str) -> list[str]:
 async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: str,
                      revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
-    body = await read_body(ctx, request)
+    body = await read_body(request)
     state = await state_at(repo, revision)
     try:
         paths = requested_paths(body, request.headers.get("content-type", ""))
@@ -160,11 +157,8 @@ async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Respons
     author = request.query.get("author")
     out = []
     for repo, _ in visible(ctx, request):
-        repo_id, state = repo.repo_id, repo.cached(60.0)
-        org = repo_id.split("/", 1)[0]
-        if author and org != author:
-            continue
-        out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
-                    "gated": "manual" if ctx.policy.gated(repo_id) else False,
-                    **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
+        state = repo.cached(60.0)
+        if not author or repo.repo_id.split("/", 1)[0] == author:
+            out.append({**_summary(ctx, repo.repo_id),
+                        **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
     return web.json_response(out)
