@@ -42,7 +42,7 @@ def check_config(config: ServeConfig) -> None:
         raise ServerConfigError("--page-size and --workers must be at least 1")
 
 
-def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
+def prewarm(config: ServeConfig) -> Library:
     """Scan (and hash where needed) every dataset under the root; log what is served."""
     library = Library(Path(config.root))
     served, skipped = [], []
@@ -59,14 +59,14 @@ def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
             f"no dataset to serve in {config.root}: expected {config.root}/manifest.json (one dataset), "
             f"{config.root}/<name>/manifest.json or {config.root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served"
             + "".join(f"; not served: {s}" for s in skipped))
-    return library, served
+    return library
 
 
 def run(config: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then finish running requests (up to ``graceful_s``)."""
     check_config(config)
     configure_logging(access_log=config.access_log)  # before prewarm: it logs what is served
-    library, _ = prewarm(config)
+    library = prewarm(config)
     with tempfile.TemporaryDirectory(prefix="cifar5m-serve-") as tmp:
         cache = Path(tmp) / "hashes.json"
         library.hashes.save(cache)

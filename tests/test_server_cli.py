@@ -71,10 +71,11 @@ def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
     assert log.count("server stopped") == 1, log  # by the main process only, not by each worker
 
 
-def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path):
+@pytest.mark.parametrize("entry", ["{tokens: []}", "''"])  # '': one empty token, refused alike
+def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path, entry):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
     bad = tmp_path / "tokens.yaml"
-    bad.write_text("datasets:\n  lab/ds: {tokens: []}\n")
+    bad.write_text(f"datasets:\n  lab/ds: {entry}\n")
     out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--tokens", str(bad)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
