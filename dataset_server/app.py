@@ -7,7 +7,7 @@ those slashes into the route. Decoded parts never reach the file system: files a
 looked up by name in the dataset's own list (see ``repo.py``).
 
 Bounds: aiohttp's parser refuses a request line or header over ``max_header_bytes``
-and more than twice ``max_headers`` headers (400); before those, ``handle`` answers
+and more than twice ``max_headers`` headers (400); before those, ``Handler`` answers
 431 past ``max_headers`` headers or ``max_header_bytes`` of them, 414 past 8 KiB of
 URL, 405 for other methods, 505 for HTTP versions other than 1.0 and 1.1, and 503 past
 ``limit_concurrency`` requests in flight. Bodies are read only by paths-info, bounded by
