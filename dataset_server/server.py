@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from cifar5m.errors import ServerConfigError
@@ -70,22 +66,5 @@ def run(config: ServeConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="cifar5m-serve-") as tmp:
         cache = Path(tmp) / "hashes.json"
         library.hashes.save(cache)
-        config = dataclasses.replace(config, hash_cache=str(cache))
-        with _quiet_stop_signals():
-            run_workers(config)
+        run_workers(dataclasses.replace(config, hash_cache=str(cache)))  # handles Ctrl-C / SIGTERM
     log.info("server stopped")
-
-
-@contextmanager
-def _quiet_stop_signals() -> Iterator[None]:
-    """Make Ctrl-C / SIGTERM a normal exit (status 0) after the workers' graceful shutdown,
-    also when one arrives between two handlers (before or after ``run_workers``)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
