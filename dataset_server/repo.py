@@ -329,17 +329,18 @@ class Library:
     dataset under a name whose access rule is not its own; one leading out of the root
     would serve files the root does not hold. Both are refused.
 
-    A root that is a dataset itself (``root/manifest.json``) is served alone, as
-    ``local/<directory name>``; a dataset folder right under the root
-    (``root/name/manifest.json``, as ``make demo`` leaves them) is ``local/<name>``.
+    A dataset folder right under the root (``root/name/manifest.json``, as ``make demo``
+    leaves them) is ``local/<name>``. A root that is a dataset itself (``root/manifest.json``)
+    is served alone, as such a folder of its parent: ``local/<directory name>``.
     """
 
     def __init__(self, root: Path, hashes: HashCache | None = None) -> None:
         self.root = Path(root)
-        self.real_root = os.path.realpath(root)
-        self.single = (self.root / MANIFEST_NAME).is_file()
-        if self.single:
-            self.root = Path(self.real_root)
+        self.only: str | None = None  # the one dataset served, when the root is one
+        if (self.root / MANIFEST_NAME).is_file():
+            real = Path(os.path.realpath(root))
+            self.root, self.only = real.parent, real.name
+        self.real_root = os.path.realpath(self.root)
         self.hashes = hashes or HashCache()
         self._repos: dict[str, DatasetRepo] = {}
         self._checked: dict[str, float] = {}  # repo id -> time of its last passed check
@@ -365,15 +366,11 @@ class Library:
         return repo
 
     def _check(self, org: str, name: str) -> DatasetRepo | None:
-        if self.single:
-            if (org, name) != (SINGLE_ORG, self.root.name):
-                return None
-            directory = self.root
-            expected = str(self.root)
-        else:
-            parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
-            directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
-            expected = os.path.join(self.real_root, *parts)
+        if self.only is not None and (org, name) != (SINGLE_ORG, self.only):
+            return None
+        parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
+        directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
+        expected = os.path.join(self.real_root, *parts)
         # Served only under its own name: no symlinked org or dataset folder (class doc).
         if os.path.realpath(directory) != expected:
             return None
@@ -400,8 +397,8 @@ class Library:
 
     def repos(self) -> list[DatasetRepo]:
         """Every finished dataset under the root, each checked once (``get``)."""
-        if self.single:
-            found = [self.get(SINGLE_ORG, self.root.name)]
+        if self.only is not None:
+            found = [self.get(SINGLE_ORG, self.only)]
         else:
             found = []
             for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
