@@ -120,11 +120,15 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
 
 async def read_body(request: web.Request) -> bytes:
     """The request body, refusing (413) anything over aiohttp's ``client_max_size`` (set to
-    ``max_body``), which ``read`` enforces as the bytes arrive."""
+    ``max_body``): a longer Content-Length before a byte is read (a client that claims 1 TB
+    and sends nothing is not waited for), a longer body as ``read`` takes its bytes in."""
+    limit = request.client_max_size
     try:
+        if (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(hub_error(413, None, f"request body over {request.client_max_size} bytes")) from None
+        raise Denied(hub_error(413, None, f"request body over {limit} bytes")) from None
 
 
 def requested_paths(body: bytes, content_type: str) -> list[str]:

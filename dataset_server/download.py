@@ -20,6 +20,7 @@ overwrite of the good one) and is checked after the transfer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -144,7 +145,8 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
     with DirectoryLock(root, what="downloaded into"):
         # The partial files of a killed download: ours (we hold the lock), fetched again whole.
         for partial in (root / STAGING / ".cache" / "huggingface").rglob("*.incomplete"):
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not a file, not ours to delete: left alone
+                partial.unlink()
         return _download_checked(fetch, root)
 
 
