@@ -58,19 +58,20 @@ def _lfs(f: RepoFile, key: str) -> dict:
     return {key: f.sha256, "size": f.size, "pointerSize": len(lfs_pointer(f.sha256, f.size))}
 
 
+def _summary(ctx: ServerContext, repo_id: str) -> dict:
+    """What the dataset list and the dataset info both say of ``repo_id``."""
+    return {"id": repo_id, "author": repo_id.split("/", 1)[0], "private": ctx.policy.private(repo_id),
+            "gated": "manual" if ctx.policy.gated(repo_id) else False}
+
+
 def info_json(ctx: ServerContext, state: RepoState) -> dict:
-    org = state.repo_id.split("/", 1)[0]
-    gated = ctx.policy.gated(state.repo_id)
     card = state.card_data
     return {
+        **_summary(ctx, state.repo_id),
         "_id": state.sha[:24],
-        "id": state.repo_id,
-        "author": org,
         "sha": state.sha,
         "lastModified": _iso(state.last_modified),
         "createdAt": _iso(min(f.mtime_ns for f in state.files.values()) / 1e9),
-        "private": ctx.policy.private(state.repo_id),
-        "gated": "manual" if gated else False,
         "disabled": False,
         "downloads": 0,
         "likes": 0,
@@ -105,28 +106,29 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         start = max(int(request.query.get("cursor", "0")), 0)
     except ValueError:
         return hub_error(400, None, "cursor must be an integer offset")
-    page = entries[start:start + ctx.page_size]
+    size = ctx.config.page_size
+    page = entries[start:start + size]
     headers = {REPO_COMMIT: state.sha}
-    if start + ctx.page_size < len(entries):
+    if start + size < len(entries):
         # Absolute, with every query parameter: the client fetches it verbatim.
-        nxt = request.url.update_query(cursor=str(start + ctx.page_size))
+        nxt = request.url.update_query(cursor=str(start + size))
         headers["Link"] = f'<{nxt}>; rel="next"'
     if start == 0 and path in ("", "."):  # the listing's first page (what every client asks)
-        return _json(_answer(state, ("tree", ctx.page_size), lambda: [file_entry(f) for f in page]), headers)
+        return _json(_answer(state, ("tree", size), lambda: [file_entry(f) for f in page]), headers)
     return web.json_response([file_entry(f) for f in page], headers=headers)
 
 
-async def read_body(ctx: ServerContext, request: web.Request) -> bytes:
-    """The request body, refusing (413) anything over ``ctx.max_body`` bytes.
-
-    aiohttp's ``client_max_size`` (set to ``max_body``) bounds ``read`` as the bytes arrive.
-    """
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refusing (413) anything over aiohttp's ``client_max_size`` (set to
+    ``max_body``): a longer Content-Length before a byte is read (a client that claims 1 TB
+    and sends nothing is not waited for), a longer body as ``read`` takes its bytes in."""
+    limit = request.client_max_size
     try:
-        if (request.content_length or 0) > ctx.max_body:
-            raise web.HTTPRequestEntityTooLarge(max_size=ctx.max_body, actual_size=request.content_length)
+        if (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Denied(hub_error(413, None, f"request body over {ctx.max_body} bytes")) from None
+        raise Denied(hub_error(413, None, f"request body over {limit} bytes")) from None
 
 
 def requested_paths(body: bytes, content_type: str) -> list[str]:
@@ -142,7 +144,7 @@ def requested_paths(body: bytes, content_type: str) -> list[str]:
 async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: str,
                      revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
-    body = await read_body(ctx, request)
+    body = await read_body(request)
     state = await state_at(repo, revision)
     try:
         paths = requested_paths(body, request.headers.get("content-type", ""))
@@ -159,11 +161,8 @@ async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Respons
     author = request.query.get("author")
     out = []
     for repo, _ in visible(ctx, request):
-        repo_id, state = repo.repo_id, repo.cached(60.0)
-        org = repo_id.split("/", 1)[0]
-        if author and org != author:
-            continue
-        out.append({"id": repo_id, "author": org, "private": ctx.policy.private(repo_id),
-                    "gated": "manual" if ctx.policy.gated(repo_id) else False,
-                    **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
+        state = repo.cached(60.0)
+        if not author or repo.repo_id.split("/", 1)[0] == author:
+            out.append({**_summary(ctx, repo.repo_id),
+                        **({"sha": state.sha, "lastModified": _iso(state.last_modified)} if state else {})})
     return web.json_response(out)

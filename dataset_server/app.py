@@ -7,7 +7,7 @@ those slashes into the route. Decoded parts never reach the file system: files a
 looked up by name in the dataset's own list (see ``repo.py``).
 
 Bounds: aiohttp's parser refuses a request line or header over ``max_header_bytes``
-and more than twice ``max_headers`` headers (400); before those, ``handle`` answers
+and more than twice ``max_headers`` headers (400); before those, ``Handler`` answers
 431 past ``max_headers`` headers or ``max_header_bytes`` of them, 414 past 8 KiB of
 URL, 405 for other methods, 505 for HTTP versions other than 1.0 and 1.1, and 503 past
 ``limit_concurrency`` requests in flight. Bodies are read only by paths-info, bounded by
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import HttpVersion10, HttpVersion11, web
@@ -25,6 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from dataset_server import api, viewer
 from dataset_server.auth import AccessPolicy
+from dataset_server.config import ServeConfig
 from dataset_server.context import MAIN, ServerContext
 from dataset_server.repo import HashCache, Library
 from dataset_server.resolve import resolve
@@ -48,11 +50,10 @@ def split_path(raw_path: str) -> list[str] | None:
 class Handler:
     """Every request: bounds first, then the route; a ``Denied`` lookup is its answer."""
 
-    def __init__(self, ctx: ServerContext, *, max_headers: int, max_header_bytes: int,
-                 max_url_bytes: int = 8 * 1024, limit_concurrency: int = 1024) -> None:
+    def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.max_headers, self.max_header_bytes = max_headers, max_header_bytes
-        self.max_url_bytes, self.limit_concurrency = max_url_bytes, limit_concurrency
+        self.max_headers, self.max_header_bytes = ctx.config.max_headers, ctx.config.max_header_bytes
+        self.max_url_bytes, self.limit_concurrency = 8 * 1024, ctx.config.limit_concurrency
         self.active = 0
 
     def _refusal(self, request: web.Request) -> web.Response | None:
@@ -138,31 +139,24 @@ class AccessLog(AbstractAccessLogger):
                          f"range={printable(rng, 100)} " if rng else "", time * 1e3)
 
 
-def create_app(*, root: str | Path | None = None, tokens: str | Path | None = None,
-               library: Library | None = None, page_size: int = 1000,
-               max_body: int = 1024 * 1024, max_headers: int = 100, max_header_bytes: int = 64 * 1024,
-               limit_concurrency: int = 1024, scan_max_age: float = 1.0,
-               hash_cache: str | Path | None = None) -> web.Application:
-    """The server for every dataset of ``library`` (or under ``root``: ``root/<org>/<name>/``)."""
-    if library is None:
-        hashes = HashCache()
-        if hash_cache is not None:
-            hashes.load(Path(hash_cache))
-        library = Library(Path(root), hashes)
-    ctx = ServerContext(library, AccessPolicy.from_file(tokens), page_size=page_size,
-                        max_body=max_body, scan_max_age=scan_max_age)
-    app = web.Application(client_max_size=max_body,
-                          handler_args={"max_line_size": max_header_bytes, "max_field_size": max_header_bytes,
-                                        "max_headers": 2 * max_headers})
+def create_app(**options: Any) -> web.Application:
+    """The server for every dataset under ``root`` (``root/<org>/<name>/``, see ``repo.Library``);
+    ``options`` are the fields of :class:`ServeConfig` (``root`` required), defaults there."""
+    config = ServeConfig(**options)
+    hashes = HashCache()
+    if config.hash_cache is not None:
+        hashes.load(Path(config.hash_cache))
+    ctx = ServerContext(Library(Path(config.root), hashes), AccessPolicy.from_file(config.tokens), config)
+    app = web.Application(client_max_size=config.max_body,
+                          handler_args={"max_line_size": config.max_header_bytes, "max_headers": 2 * config.max_headers,
+                                        "max_field_size": config.max_header_bytes})
     app[CTX] = ctx
-    handler = Handler(ctx, max_headers=max_headers, max_header_bytes=max_header_bytes,
-                      limit_concurrency=limit_concurrency)
-    app.router.add_route("*", r"/{path:[\s\S]*}", handler.__call__)  # "." would miss a %0a
+    app.router.add_route("*", r"/{path:[\s\S]*}", Handler(ctx).__call__)  # "." would miss a %0a
     return app
 
 
-def runner_of(app: web.Application, *, keep_alive_s: float = 30, graceful_s: float = 10,
-              access_log: bool = True) -> web.AppRunner:
+def runner_of(app: web.Application, *, keep_alive_s: float, graceful_s: float,
+              access_log: bool) -> web.AppRunner:
     """The runner ``cifar5m serve`` (and the tests) serve ``app`` with."""
     return web.AppRunner(app, access_log_class=AccessLog, keepalive_timeout=keep_alive_s,
                          shutdown_timeout=graceful_s, handle_signals=False,

@@ -44,9 +44,7 @@ class Rule:
 
 
 def _rule(pattern: str, value: object, where: str) -> Rule:
-    if isinstance(value, str):
-        return Rule((value,))
-    if isinstance(value, list):
+    if isinstance(value, (str, list)):
         value = {"tokens": value}
     if not isinstance(value, dict) or set(value) - {"tokens", "gated"}:
         raise ServerConfigError(

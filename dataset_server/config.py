@@ -1,15 +1,16 @@
 """What ``cifar5m serve`` runs with: its configuration and its log set-up (read by the
-supervisor in ``server`` and by each worker process in ``workers``)."""
+supervisor in ``server``, by each worker process in ``workers`` and by ``app.create_app``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``cifar5m serve`` was started with."""
+    """Everything ``cifar5m serve`` was started with: the one place of the server's defaults."""
 
     root: str
     host: str = "127.0.0.1"
@@ -32,13 +33,14 @@ class ServeConfig:
     # clients: 0.21-0.24 -> 0.16-0.17 server CPU-s/GB, docs/serving.md). The kernel caps it
     # at net.core.wmem_max; memory is used only for bytes queued. 0: kernel autotuning.
     send_buffer: int = 4 * 1024 * 1024
+    # A file request re-stats the whole dataset at most this often (seconds); each one
+    # still checks its own file, and API calls always re-check every file.
+    scan_max_age: float = 1.0
     hash_cache: str | None = None
 
     def app_kwargs(self) -> dict:
-        return {"root": self.root, "tokens": self.tokens, "page_size": self.page_size,
-                "max_body": self.max_body, "max_headers": self.max_headers,
-                "max_header_bytes": self.max_header_bytes, "limit_concurrency": self.limit_concurrency,
-                "hash_cache": self.hash_cache}
+        """The keywords of ``app.create_app``: every field."""
+        return dataclasses.asdict(self)
 
 
 def configure_logging(*, access_log: bool) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from dataset_server.auth import Access, AccessPolicy
+from dataset_server.config import ServeConfig
 from dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
 from dataset_server.responses import Denied, hub_error, printable, repo_not_found
 
@@ -20,15 +21,15 @@ MAIN = "main"
 class ServerContext:
     library: Library
     policy: AccessPolicy
-    page_size: int = 1000
-    max_body: int = 1024 * 1024
-    # A file request re-stats the whole dataset at most this often (seconds); each one
-    # still checks its own file, and API calls always re-check every file.
-    scan_max_age: float = 1.0
+    config: ServeConfig
     # The re-scan in flight per dataset, which file requests join: when the last scan
     # expires, 32 clients would otherwise start 32 scans at once (threads, lock and GIL
     # contention: ~2 futex calls and 2 stat calls per request under load).
     scans: dict[str, asyncio.Future] = field(default_factory=dict)
+
+    @property
+    def scan_max_age(self) -> float:
+        return self.config.scan_max_age
 
 
 def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
@@ -50,11 +51,11 @@ def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str,
 
 def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo, Access]]:
     """Every dataset this request may see, and what it may do with it."""
-    for repo_id in ctx.library.repo_ids():
-        try:
-            yield access_of(ctx, request, *repo_id.split("/", 1))
-        except Denied:
-            continue
+    authorization = request.headers.get("Authorization")
+    for repo in ctx.library.repos():
+        access = ctx.policy.access(repo.repo_id, authorization)
+        if access is not Access.NONE:
+            yield repo, access
 
 
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,

@@ -20,11 +20,10 @@ overwrite of the good one) and is checked after the transfer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +37,6 @@ from shards.shard import sha256_file
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
 STAGING = Path(".cache") / "cifar5m" / "incoming"
 STAGING_OWNER = ".repo"  # in STAGING: the repo id its files belong to
-# Leftover partial files of a killed huggingface_hub download older than this are removed.
-STALE_PARTIAL_S = 60
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
         if st.st_size != info.bytes:
             raise DownloadError(f"{path} has {st.st_size} bytes, the manifest says {info.bytes}; "
                                 f"delete it and re-run the download")
-        if cache.get(info.file) != [st.st_size, st.st_mtime_ns, info.sha256]:
+        if cache.get(info.file) != _stamp(st, info):
             todo.append((info, path, st))
     with tqdm(total=sum(i.bytes for i, _, _ in todo), unit="B", unit_scale=True,
               desc="verify sha256", disable=not todo) as progress:
@@ -94,35 +91,28 @@ def verify_download(root: str | Path, *, remember: bool = True) -> DownloadResul
                 raise DownloadError(f"{path} does not match the sha256 in {MANIFEST_NAME}: delete it "
                                     "and re-run the download (the server's copy may be corrupt: "
                                     "run `cifar5m verify` there)")
-            cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+            cache[info.file] = _stamp(st, info)
             progress.update(info.bytes)
     if todo and remember:
         _save(cache_path, cache)
     return DownloadResult(root, len(expected) + 1, sum(i.bytes for i in expected))
 
 
+def _stamp(st: os.stat_result, info: FileInfo) -> list:
+    """What the verified-hashes cache keeps of a file whose bytes matched ``info``."""
+    return [st.st_size, st.st_mtime_ns, info.sha256]
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _save(path: Path, cache: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(cache).encode())
-
-
-def remove_stale_partials(local_dir: Path, *, older_than_s: float = STALE_PARTIAL_S) -> int:
-    """Delete ``*.incomplete`` temp files a killed download left in ``local_dir``; return how
-    many (a live download holds the directory's lock, so none is another's)."""
-    removed = 0
-    now = time.time()
-    for path in _walk_incomplete(local_dir / ".cache" / "huggingface"):
-        try:
-            if now - path.stat().st_mtime > older_than_s:
-                path.unlink()
-                removed += 1
-        except OSError:
-            continue  # another download may be finishing it
-    return removed
-
-
-def _walk_incomplete(folder: Path) -> Iterable[Path]:
-    return folder.rglob("*.incomplete") if folder.is_dir() else []
 
 
 def _unreachable(exc: BaseException) -> str | None:
@@ -153,7 +143,10 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
         return verify_download(fetch(None), remember=False)
     root = Path(local_dir)
     with DirectoryLock(root, what="downloaded into"):
-        remove_stale_partials(root / STAGING, older_than_s=0)  # ours: we hold the lock
+        # The partial files of a killed download: ours (we hold the lock), fetched again whole.
+        for partial in (root / STAGING / ".cache" / "huggingface").rglob("*.incomplete"):
+            with contextlib.suppress(OSError):  # not a file, not ours to delete: left alone
+                partial.unlink()
         return _download_checked(fetch, root)
 
 
@@ -176,7 +169,7 @@ def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
         fetch(staging, [info.file for info in need])
     for info in need:  # every new byte is checked before it replaces anything
         path = staging / info.file
-        if not path.is_file() or path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+        if not _matches(path, info, {}):  # always hashed: nothing is remembered of staging
             path.unlink(missing_ok=True)
             kept = f"your copy {root / info.file} was left as it was" if (root / info.file).exists() \
                 else "nothing was written in its place"
@@ -186,8 +179,7 @@ def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
                 f"there, then re-run the download")
     for info in need:
         os.replace(staging / info.file, root / info.file)
-        st = (root / info.file).stat()
-        cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+        cache[info.file] = _stamp((root / info.file).stat(), info)
     _save(cache_path, cache)  # also the hashes _matches just took: verify_download reuses them
     atomic_write_bytes(root / MANIFEST_NAME, (staging / MANIFEST_NAME).read_bytes())  # last
     return verify_download(root)
@@ -201,19 +193,11 @@ def _matches(path: Path, info: FileInfo, cache: dict) -> bool:
         return False
     if st.st_size != info.bytes:
         return False
-    if cache.get(info.file) == [st.st_size, st.st_mtime_ns, info.sha256]:
-        return True
-    if sha256_file(path) != info.sha256:
-        return False
-    cache[info.file] = [st.st_size, st.st_mtime_ns, info.sha256]
+    if cache.get(info.file) != _stamp(st, info):
+        if sha256_file(path) != info.sha256:
+            return False
+        cache[info.file] = _stamp(st, info)
     return True
-
-
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 class _Fetch:
@@ -223,7 +207,6 @@ class _Fetch:
                  token: str | None, max_workers: int) -> None:
         self.repo_id, self.endpoint, self.revision = repo_id, endpoint, revision
         self.token, self.max_workers = token, max_workers
-        self.where = endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
 
     def url(self, file: str) -> str:
         base = (self.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
@@ -236,7 +219,7 @@ class _Fetch:
         # huggingface_hub re-exports its HTTP client's base error (httpx2.HTTPError) as
         # errors.HTTPError; HfHubHTTPError alone where a version does not.
         http_errors = (hf_errors.HfHubHTTPError, getattr(hf_errors, "HTTPError", hf_errors.HfHubHTTPError))
-        repo, where = self.repo_id, self.where
+        repo, where = self.repo_id, self.endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
         try:
             return Path(snapshot_download(
                 repo, repo_type="dataset", revision=self.revision, endpoint=self.endpoint,
@@ -252,7 +235,7 @@ class _Fetch:
                                 "'main' or the current commit sha") from exc
         except (*http_errors, hf_errors.LocalEntryNotFoundError, OSError) as exc:
             if (unreachable := _unreachable(exc)) is not None:
-                raise DownloadError(f"{unreachable} at {self.endpoint or where}: is the server "
+                raise DownloadError(f"{unreachable} at {where}: is the server "
                                     "running and --endpoint right?") from exc
             raise DownloadError(f"downloading {repo} from {where} failed ({exc}); re-run the same "
                                 "command to resume (complete files are kept)") from exc

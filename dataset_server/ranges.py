@@ -24,10 +24,6 @@ class ByteRange(NamedTuple):
     size: int
 
     @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    @property
     def content_range(self) -> str:
         return f"bytes {self.start}-{self.end - 1}/{self.size}"
 

@@ -91,7 +91,8 @@ class RepoState:
     # None for a listed file that was missing; None as a whole when a file was a symlink
     # or not a regular file (then only a full scan may tell whether that changed).
     checks: tuple[tuple[str, tuple[int, int, int] | None], ...] | None = None
-    # Encoded API answers of this commit (api.py): shared by the copies ``replace`` makes.
+    # Encoded API answers and the viewer's data of this commit (api.py, viewer.py): shared
+    # by the copies ``replace`` makes.
     answers: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -328,17 +329,18 @@ class Library:
     dataset under a name whose access rule is not its own; one leading out of the root
     would serve files the root does not hold. Both are refused.
 
-    A root that is a dataset itself (``root/manifest.json``) is served alone, as
-    ``local/<directory name>``; a dataset folder right under the root
-    (``root/name/manifest.json``, as ``make demo`` leaves them) is ``local/<name>``.
+    A dataset folder right under the root (``root/name/manifest.json``, as ``make demo``
+    leaves them) is ``local/<name>``. A root that is a dataset itself (``root/manifest.json``)
+    is served alone, as such a folder of its parent: ``local/<directory name>``.
     """
 
     def __init__(self, root: Path, hashes: HashCache | None = None) -> None:
         self.root = Path(root)
-        self.real_root = os.path.realpath(root)
-        self.single = (self.root / MANIFEST_NAME).is_file()
-        if self.single:
-            self.root = Path(self.real_root)
+        self.only: str | None = None  # the one dataset served, when the root is one
+        if (self.root / MANIFEST_NAME).is_file():
+            real = Path(os.path.realpath(root))
+            self.root, self.only = real.parent, real.name
+        self.real_root = os.path.realpath(self.root)
         self.hashes = hashes or HashCache()
         self._repos: dict[str, DatasetRepo] = {}
         self._checked: dict[str, float] = {}  # repo id -> time of its last passed check
@@ -364,15 +366,11 @@ class Library:
         return repo
 
     def _check(self, org: str, name: str) -> DatasetRepo | None:
-        if self.single:
-            if (org, name) != (SINGLE_ORG, self.root.name):
-                return None
-            directory = self.root
-            expected = str(self.root)
-        else:
-            parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
-            directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
-            expected = os.path.join(self.real_root, *parts)
+        if self.only is not None and (org, name) != (SINGLE_ORG, self.only):
+            return None
+        parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
+        directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
+        expected = os.path.join(self.real_root, *parts)
         # Served only under its own name: no symlinked org or dataset folder (class doc).
         if os.path.realpath(directory) != expected:
             return None
@@ -391,29 +389,23 @@ class Library:
 
     def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
         """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
-        for repo_id in self.repo_ids():
-            repo = self.get(*repo_id.split("/", 1))
-            if repo is None:
-                continue  # gone since it was listed
+        for repo in self.repos():
             try:
-                yield repo_id, repo.scan()
+                yield repo.repo_id, repo.scan()
             except (OSError, ValueError) as exc:
-                yield repo_id, exc
+                yield repo.repo_id, exc
 
-    def repo_ids(self) -> list[str]:
-        """``org/name`` of every finished dataset under the root."""
-        if self.single:
-            name = self.root.name
-            return [f"{SINGLE_ORG}/{name}"] if self.get(SINGLE_ORG, name) is not None else []
-        out = []
-        for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if not org_dir.is_dir():
-                continue
-            if self._flat(org_dir.name):
-                if self.get(SINGLE_ORG, org_dir.name) is not None:
-                    out.append(f"{SINGLE_ORG}/{org_dir.name}")
-                continue
-            for ds in sorted(org_dir.iterdir()):
-                if self.get(org_dir.name, ds.name) is not None:
-                    out.append(f"{org_dir.name}/{ds.name}")
-        return out
+    def repos(self) -> list[DatasetRepo]:
+        """Every finished dataset under the root, each checked once (``get``)."""
+        if self.only is not None:
+            found = [self.get(SINGLE_ORG, self.only)]
+        else:
+            found = []
+            for org_dir in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+                if not org_dir.is_dir():
+                    continue
+                if self._flat(org_dir.name):
+                    found.append(self.get(SINGLE_ORG, org_dir.name))
+                else:
+                    found += [self.get(org_dir.name, ds.name) for ds in sorted(org_dir.iterdir())]
+        return [repo for repo in found if repo is not None]

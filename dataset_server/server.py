@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from cifar5m.errors import ServerConfigError
@@ -42,7 +38,7 @@ def check_config(config: ServeConfig) -> None:
         raise ServerConfigError("--page-size and --workers must be at least 1")
 
 
-def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
+def prewarm(config: ServeConfig) -> Library:
     """Scan (and hash where needed) every dataset under the root; log what is served."""
     library = Library(Path(config.root))
     served, skipped = [], []
@@ -59,33 +55,16 @@ def prewarm(config: ServeConfig) -> tuple[Library, list[str]]:
             f"no dataset to serve in {config.root}: expected {config.root}/manifest.json (one dataset), "
             f"{config.root}/<name>/manifest.json or {config.root}/<org>/<name>/manifest.json; symlinked dataset or org folders are not served"
             + "".join(f"; not served: {s}" for s in skipped))
-    return library, served
+    return library
 
 
 def run(config: ServeConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then finish running requests (up to ``graceful_s``)."""
     check_config(config)
     configure_logging(access_log=config.access_log)  # before prewarm: it logs what is served
-    library, _ = prewarm(config)
+    library = prewarm(config)
     with tempfile.TemporaryDirectory(prefix="cifar5m-serve-") as tmp:
         cache = Path(tmp) / "hashes.json"
         library.hashes.save(cache)
-        config = dataclasses.replace(config, hash_cache=str(cache))
-        with _quiet_stop_signals():
-            run_workers(config)
+        run_workers(dataclasses.replace(config, hash_cache=str(cache)))  # handles Ctrl-C / SIGTERM
     log.info("server stopped")
-
-
-@contextmanager
-def _quiet_stop_signals() -> Iterator[None]:
-    """Make Ctrl-C / SIGTERM a normal exit (status 0) after the workers' graceful shutdown,
-    also when one arrives between two handlers (before or after ``run_workers``)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

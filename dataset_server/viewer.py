@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 
 import numpy as np
 import pyarrow.compute as pc
@@ -33,13 +32,11 @@ from dataset_server.responses import Denied, hub_error
 from shards.codec import decode_image
 from shards.format import INDEX_NAME
 from shards.index import read_index
-from shards.manifest import Manifest
 
 log = logging.getLogger("dataset_server")
 PER_CLASS = 8  # samples per class in the grid
-_CACHE_MAX = 64  # commits whose class counts and sample PNGs are kept
-_cache: OrderedDict[str, tuple[dict[str, np.ndarray], list[bytes]]] = OrderedDict()
-_cache_lock = threading.Lock()
+_WARM_MAX = 64  # datasets whose class counts and sample PNGs are made at start
+_view_lock = threading.Lock()
 _INDEX_COLUMNS = ["split", "shard", "position", "image_offset", "image_size", "label"]
 
 _CSS = """body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1000px;padding:1em 1.5em;color:#222}
@@ -51,14 +48,10 @@ code,pre{font:13px ui-monospace,monospace;background:#f5f5f5}pre{padding:.6em;ov
 .grid td{vertical-align:middle}.sha{font-size:12px;color:#666}a{color:#2456a8}"""
 
 
-def _doc(title: str, body: str) -> str:
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<meta name=viewport content='width=device-width'><style>{_CSS}</style></head><body>{body}</body></html>")
-
-
 def _page_response(title: str, body: str, status: int = 200) -> web.Response:
-    return web.Response(text=_doc(title, body), status=status, content_type="text/html",
-                        headers={"Cache-Control": "no-cache"})
+    text = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<meta name=viewport content='width=device-width'><style>{_CSS}</style></head><body>{body}</body></html>")
+    return web.Response(text=text, status=status, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
 async def page(ctx: ServerContext, request: web.Request, org: str | None = None,
@@ -106,7 +99,7 @@ def _dataset_body(request: web.Request, state: RepoState, access: Access) -> str
                  "<th class=num>MB</th></tr>" + "".join(
                      f"<tr><td>{e(s)}</td><td class=num>{t['samples']:,}</td><td class=num>{t['shards']}</td>"
                      f"<td class=num>{t['bytes'] / 1e6:,.1f}</td></tr>" for s, t in totals.items()) + "</table>")
-    parts.append(_histogram(state, manifest))
+    parts.append(_histogram(state))
     if access is Access.FULL:
         parts.append("<h2>Samples</h2><table class=grid>" + "".join(
             f"<tr><td>{e(c)}</td><td><img alt='{e(c)} samples' width=528 height=64 "
@@ -133,27 +126,26 @@ def _short(value: object, limit: int = 300) -> str:
 
 
 def _view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
-    """``_make_view(state)``, made once per commit (under a lock: one reader at a time)."""
-    with _cache_lock:
-        if state.sha not in _cache:
-            _cache[state.sha] = _make_view(state)
-            while len(_cache) > _CACHE_MAX:
-                _cache.popitem(last=False)
-        _cache.move_to_end(state.sha)
-        return _cache[state.sha]
+    """``_make_view(state)``, made once per commit and kept with it, beside its API answers
+    (under a lock: one reader at a time)."""
+    with _view_lock:
+        view = state.answers.get("view")
+        if view is None:
+            view = state.answers["view"] = _make_view(state)
+        return view
 
 
-def _histogram(state: RepoState, manifest: Manifest) -> str:
-    per_split = _view(state)[0]
-    if not per_split:
+def _histogram(state: RepoState) -> str:
+    counts = _view(state)[0]
+    if not counts:
         return ""
-    counts = per_split
     top = max(int(c.max()) for c in counts.values()) or 1
     head = "".join(f"<th class=num>{html.escape(s)}</th>" for s in counts)
+    first = next(iter(counts.values()))  # the bars: the first split's counts
     rows = []
-    for k, cls in enumerate(manifest.class_names):
+    for k, cls in enumerate(state.manifest.class_names):
         cells = "".join(f"<td class=num>{int(c[k]):,}</td>" for c in counts.values())
-        width = 300 * int(next(iter(counts.values()))[k]) // top
+        width = 300 * int(first[k]) // top
         rows.append(f"<tr><td>{html.escape(cls)}</td>{cells}<td><div class=bar style='width:{width}px'></div></td></tr>")
     return f"<h2>Classes</h2><table><tr><th>class</th>{head}<th></th></tr>{''.join(rows)}</table>"
 
@@ -174,7 +166,7 @@ def _snippets(origin: str, repo_id: str) -> str:
 def warm(library: Library) -> None:
     """Class counts and sample PNGs of every dataset, made before a first visitor waits for
     them (the first parquet read of a process alone takes ~0.3 s)."""
-    for repo_id, state in itertools.islice(library.scan_all(), _CACHE_MAX):
+    for repo_id, state in itertools.islice(library.scan_all(), _WARM_MAX):
         if isinstance(state, Exception):  # unreadable: its page says why when asked
             log.info("no viewer warm-up for %s: %s", repo_id, state)
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -94,6 +95,11 @@ def test_paths_info_returns_existing_paths_and_bounds_the_body(served):
     big = b"paths=" + b"a" * (1024 * 1024 + 1)
     status, _, _ = request(url, "POST", "/api/datasets/lab/ds/paths-info/main", body=big)
     assert status == 413
+    # A claimed length over the bound is refused before any byte of the body is read.
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /api/datasets/lab/ds/paths-info/main HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 1000000000000\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
 
 
 def test_resolve_head_and_get_carry_commit_etag_and_real_length(served):

@@ -71,25 +71,11 @@ def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
     assert log.count("server stopped") == 1, log  # by the main process only, not by each worker
 
 
-def test_serve_with_two_workers(make_dataset, tmp_path):
-    root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
-    proc, url = start(root, "--workers", "2", "--no-access-log")
-    try:
-        sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
-        for _ in range(4):  # whichever worker answers, the same commit and bytes
-            status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")
-            assert (status, headers["x-repo-commit"]) == (200, sha)
-            assert body == (root / "lab/ds/README.md").read_bytes()
-    finally:
-        code, log = stop(proc, signal.SIGTERM)
-    assert code == 0, log
-    assert "resolve/main/README.md" not in log  # --no-access-log
-
-
-def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path):
+@pytest.mark.parametrize("entry", ["{tokens: []}", "''"])  # '': one empty token, refused alike
+def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path, entry):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
     bad = tmp_path / "tokens.yaml"
-    bad.write_text("datasets:\n  lab/ds: {tokens: []}\n")
+    bad.write_text(f"datasets:\n  lab/ds: {entry}\n")
     out = subprocess.run([sys.executable, "-m", "cifar5m", "serve", str(root), "--tokens", str(bad)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
@@ -171,10 +157,18 @@ def worker_pids(parent: int) -> set[int]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
-def test_a_killed_aiohttp_worker_is_replaced(make_dataset, tmp_path):
+def test_two_workers_serve_the_same_commit_and_a_killed_one_is_replaced(make_dataset, tmp_path):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
     proc, url = start(root, "--workers", "2", "--no-access-log")
+
+    def same_answers() -> None:  # whichever worker answers, the same commit and bytes
+        for _ in range(4):
+            status, headers, body = request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")
+            assert (status, headers["x-repo-commit"], body) == (200, sha, (root / "lab/ds/README.md").read_bytes())
+
     try:
+        sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
+        same_answers()
         before = worker_pids(proc.pid)
         assert len(before) == 2
         os.kill(min(before), signal.SIGKILL)
@@ -184,12 +178,12 @@ def test_a_killed_aiohttp_worker_is_replaced(make_dataset, tmp_path):
             time.sleep(0.1)
             after = worker_pids(proc.pid)
         assert len(after) == 2 and min(before) not in after
-        for _ in range(4):  # whichever worker answers
-            assert request(url, "GET", "/datasets/lab/ds/resolve/main/README.md")[0] == 200
+        same_answers()
     finally:
         code, log = stop(proc, signal.SIGTERM)
     assert code == 0, log
     assert f"(pid {min(before)}) ended with status -9; starting another" in log
+    assert "resolve/main/README.md" not in log  # --no-access-log
     assert not worker_pids(proc.pid)
 
 

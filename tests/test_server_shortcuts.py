@@ -160,12 +160,13 @@ def test_dataset_checks_are_reused_only_within_max_age(make_dataset, tmp_path):
 
 def test_file_requests_join_the_scan_in_flight_and_api_calls_scan_afresh(make_dataset, tmp_path, monkeypatch):
     from dataset_server.auth import AccessPolicy
+    from dataset_server.config import ServeConfig
     from dataset_server.context import ServerContext, state_at
 
     root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
     library = Library(root)
     repo = library.get("lab", "ds")
-    ctx = ServerContext(library, AccessPolicy())
+    ctx = ServerContext(library, AccessPolicy(), ServeConfig(root=str(root)))
     scans = []
     real_scan = repo.scan
 
