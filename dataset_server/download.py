@@ -213,14 +213,19 @@ class _Fetch:
         return f"{base}/datasets/{self.repo_id}/resolve/{self.revision or 'main'}/{file}"
 
     def __call__(self, local_dir: Path | None, files: list[str] | None = None) -> Path:
+        from huggingface_hub import HfApi, snapshot_download
         from huggingface_hub import errors as hf_errors
-        from huggingface_hub import snapshot_download
 
         # huggingface_hub re-exports its HTTP client's base error (httpx2.HTTPError) as
         # errors.HTTPError; HfHubHTTPError alone where a version does not.
         http_errors = (hf_errors.HfHubHTTPError, getattr(hf_errors, "HTTPError", hf_errors.HfHubHTTPError))
         repo, where = self.repo_id, self.endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
         try:
+            # snapshot_download answers a repo it cannot list (a wrong token, the server down)
+            # with whatever local_dir or the cache holds (huggingface_hub's offline mode): a
+            # download would then "verify" that copy. Asking for the repo first raises instead.
+            HfApi(endpoint=self.endpoint, token=self.token).repo_info(repo, repo_type="dataset",
+                                                                      revision=self.revision)
             return Path(snapshot_download(
                 repo, repo_type="dataset", revision=self.revision, endpoint=self.endpoint,
                 local_dir=local_dir, token=self.token, max_workers=self.max_workers,

@@ -157,6 +157,24 @@ def test_private_download_needs_the_token(root, tmp_path):
     assert digest == hashlib.sha256((root / "lab/private/manifest.json").read_bytes()).hexdigest()
 
 
+def test_a_rerun_the_server_refuses_is_an_error_not_the_old_copy(root, tmp_path):
+    # huggingface_hub hands back what local_dir (or its cache) holds when it cannot list the
+    # repo; a rerun without the token, or with the server gone, must not print "verified".
+    with serving(create_app(root=root, tokens=tmp_path / "tokens.yaml")) as url:
+        for where in (["--local-dir", "p"], []):
+            assert cli(["lab/private", *where, "--token", "s3cret"], url, tmp_path).returncode == 0
+            before = sorted(p.name for p in (tmp_path / "p").iterdir()) if where else None
+            for token in ([], ["--token", "wrong"]):
+                again = cli(["lab/private", *where, *token], url, tmp_path)
+                assert again.returncode == 1 and "verified" not in again.stdout, again.stdout
+                assert "not found" in again.stderr and "--token" in again.stderr
+            if where:
+                assert sorted(p.name for p in (tmp_path / "p").iterdir()) == before
+    gone = cli(["lab/private", "--local-dir", "p", "--token", "s3cret"], url, tmp_path)
+    assert gone.returncode == 1 and "verified" not in gone.stdout
+    assert "connection refused" in gone.stderr or "cannot connect" in gone.stderr, gone.stderr
+
+
 def test_download_into_the_hub_cache_by_default(root, tmp_path):
     with serving(create_app(root=root)) as url:
         done = cli(["lab/ds"], url, tmp_path)
