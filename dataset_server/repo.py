@@ -368,7 +368,8 @@ class Library:
     def _check(self, org: str, name: str) -> DatasetRepo | None:
         if self.only is not None and (org, name) != (SINGLE_ORG, self.only):
             return None
-        parts = (name,) if org == SINGLE_ORG and self._flat(name) else (org, name)
+        # (The root's own dataset is never looked for in a 'local' folder of its parent.)
+        parts = (name,) if self.only or (org == SINGLE_ORG and self._flat(name)) else (org, name)
         directory = os.path.join(self.root, *parts)  # str: no pathlib parsing per API call
         expected = os.path.join(self.real_root, *parts)
         # Served only under its own name: no symlinked org or dataset folder (class doc).

@@ -126,3 +126,18 @@ def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tm
             Dataset(f"{url}/datasets/lab/new/resolve/main")
         status, headers, _ = request(url, "GET", "/api/datasets/lab/new")
         assert (status, headers["x-error-code"]) == (501, "DatasetUnreadable")
+
+
+def test_a_root_that_is_one_dataset_serves_nothing_beside_it(make_dataset, tmp_path):
+    """``cifar5m serve DIR`` serves DIR as local/<name> and nothing else of its parent folder,
+    not even a <parent>/local/<name> dataset while DIR's manifest is briefly missing."""
+    from dataset_server.repo import Library
+
+    ds = make_dataset("ds", n_train=10, n_test=0)
+    make_dataset("other", n_train=10, n_test=0)
+    build_root(make_dataset, tmp_path, ("local/ds",), n_train=10, n_test=0)
+    library = Library(ds)
+    assert [r.repo_id for r in library.repos()] == ["local/ds"] and library.get("local", "ds").dir == ds
+    assert library.get("local", "other") is None
+    (ds / "manifest.json").rename(tmp_path / "manifest.json")
+    assert library.get("local", "ds") is None and library.repos() == []
