@@ -53,8 +53,11 @@ def _rule(pattern: str, value: object, where: str) -> Rule:
         )
     tokens = value.get("tokens", [])
     tokens = [tokens] if isinstance(tokens, str) else tokens
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
-        raise ServerConfigError(f"{where}: entry {pattern!r} needs at least one non-empty token string")
+    # A request's token is stripped before it is compared: " ", "" or "t " could never match.
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t and t == t.strip()
+                                                             for t in tokens):
+        raise ServerConfigError(f"{where}: entry {pattern!r} needs at least one non-empty token string "
+                                "(no spaces around it)")
     return Rule(tuple(tokens), bool(value.get("gated", False)))
 
 

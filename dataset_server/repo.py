@@ -389,12 +389,19 @@ class Library:
         return os.path.isfile(os.path.join(self.root, name, MANIFEST_NAME))
 
     def scan_all(self) -> Iterator[tuple[str, RepoState | Exception]]:
-        """Every dataset's id and its state, scanned now (the error where it is unreadable)."""
+        """Every dataset's id and its state, scanned now (the error where it is unreadable,
+        or why a ``root/local/<name>`` is hidden)."""
         for repo in self.repos():
             try:
                 yield repo.repo_id, repo.scan()
             except (OSError, ValueError) as exc:
                 yield repo.repo_id, exc
+        local = self.root / SINGLE_ORG
+        for name in sorted(os.listdir(local)) if self.only is None and local.is_dir() else []:
+            if self._flat(name) and (local / name / MANIFEST_NAME).is_file():
+                yield f"{SINGLE_ORG}/{name}", ValueError(
+                    f"{local / name} is hidden by {self.root / name}, which is served as "
+                    f"{SINGLE_ORG}/{name}: rename one of them")
 
     def repos(self) -> list[DatasetRepo]:
         """Every finished dataset under the root, each checked once (``get``)."""
@@ -409,4 +416,5 @@ class Library:
                     found.append(self.get(SINGLE_ORG, org_dir.name))
                 else:
                     found += [self.get(org_dir.name, ds.name) for ds in sorted(org_dir.iterdir())]
-        return [repo for repo in found if repo is not None]
+        # root/local/<name> is root/<name> where both exist (the latter wins): listed once
+        return list({repo.repo_id: repo for repo in found if repo is not None}.values())

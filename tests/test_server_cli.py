@@ -71,7 +71,7 @@ def test_serve_logs_requests_and_stops_cleanly(make_dataset, tmp_path, sig):
     assert log.count("server stopped") == 1, log  # by the main process only, not by each worker
 
 
-@pytest.mark.parametrize("entry", ["{tokens: []}", "''"])  # '': one empty token, refused alike
+@pytest.mark.parametrize("entry", ["{tokens: []}", "''", "'  '", "[' t0k ']"])  # none could ever match
 def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path, entry):
     root = build_root(make_dataset, tmp_path / "root", n_train=20, n_test=10, shard_size=10)
     bad = tmp_path / "tokens.yaml"
@@ -80,7 +80,7 @@ def test_serve_refuses_a_bad_token_file(make_dataset, tmp_path, entry):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
-        f"Error: {bad}: entry 'lab/ds' needs at least one non-empty token string")
+        f"Error: {bad}: entry 'lab/ds' needs at least one non-empty token string (no spaces around it)")
 
 
 def test_serve_refuses_a_port_in_use(make_dataset, tmp_path):
@@ -112,9 +112,11 @@ def test_serve_one_dataset_folder_as_local_name(make_dataset, tmp_path):
 
 def test_dataset_folders_right_under_the_root_are_local_names(make_dataset, tmp_path):
     """``make demo`` leaves demo-output/cifar10 and demo-output/generated: ``cifar5m serve
-    demo-output`` serves them as local/<name>, beside <org>/<name> folders; a symlinked one is not."""
+    demo-output`` serves them as local/<name>, beside <org>/<name> folders; a symlinked one is not,
+    and a root/local/<name> dataset of the same name is hidden, listed once and named at start."""
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds",), n_train=20, n_test=10, shard_size=10)
     shutil.copytree(root / "lab" / "ds", root / "flat")
+    shutil.copytree(root / "lab" / "ds", root / "local" / "flat")
     (root / "linked").symlink_to(root / "lab" / "ds")
     proc, url = start(root, "--workers", "1")
     try:
@@ -125,6 +127,7 @@ def test_dataset_folders_right_under_the_root_are_local_names(make_dataset, tmp_
     finally:
         code, log = stop(proc, signal.SIGTERM)
     assert code == 0 and "serving local/flat" in log, log
+    assert f"not serving local/flat: {root / 'local/flat'} is hidden by {root / 'flat'}" in log, log
 
 
 def test_a_root_without_datasets_is_refused_at_start(make_dataset, tmp_path):
