@@ -12,7 +12,8 @@ slice it asked for. "MB/s" counts the bytes the clients asked for. Our API endpo
 (info, tree, paths-info, HEAD) are sampled between downloads and their p99 latency
 reported; http.server, nginx and the aiohttp floor only have HEAD. ``--servers "aiohttp
 floor"`` adds the least an aiohttp server does to send a file (``serve_floor.py``), and
-``"aiohttp floor, uvloop"`` the same on uvloop's event loop.
+``"aiohttp floor, uvloop"`` the same on uvloop's event loop, ``"aiohttp FileResponse"`` the
+same with aiohttp's own ``web.FileResponse`` as the body.
 
 nginx (the distribution's package; skipped with a note when not installed) is the
 anchor: a config written here serves the same directory on 127.0.0.1 with ``sendfile``,
@@ -104,9 +105,9 @@ def start_server(kind: str, root: Path, workers: int, tmp: Path, *,
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port, root=root / REPO))
         cmd = [shutil.which("nginx") or "nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
-    elif kind.startswith("aiohttp floor"):
+    elif kind.startswith("aiohttp"):
         cmd = [sys.executable, str(REPO_ROOT / "benchmarks/serve_floor.py"), str(root / REPO), str(port), str(workers)]
-        cmd += ["--uvloop"] if kind.endswith("uvloop") else []
+        cmd += {"aiohttp floor, uvloop": ["--uvloop"], "aiohttp FileResponse": ["--file-response"]}.get(kind, [])
     else:
         cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
                "--workers", str(workers), "--no-access-log"]
@@ -166,7 +167,8 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=1, help="processes the client tasks run in")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of cifar5m serve and nginx")
     parser.add_argument("--servers", nargs="+", default=["http.server", "nginx", "cifar5m serve"],
-                        choices=["http.server", "nginx", "aiohttp floor", "aiohttp floor, uvloop", "cifar5m serve"])
+                        choices=["http.server", "nginx", "aiohttp floor", "aiohttp floor, uvloop", "aiohttp FileResponse",
+                                 "cifar5m serve"])
     parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (~3.8 MB/1000)")

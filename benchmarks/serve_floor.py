@@ -8,8 +8,10 @@ One route (``/{name}``), no access rules, no scan, no ETag: open the file, apply
 between this row and nginx is aiohttp's and asyncio's, the gap between this row and
 ``cifar5m serve`` is ours. ``--uvloop`` runs it on uvloop's event loop instead of
 asyncio's (``--servers "aiohttp floor, uvloop"``): how much of the floor is the loop.
+``--file-response`` sends with aiohttp's own ``web.FileResponse`` instead of ours
+(``--servers "aiohttp FileResponse"``).
 
-    python benchmarks/serve_floor.py DIR PORT WORKERS [--uvloop]
+    python benchmarks/serve_floor.py DIR PORT WORKERS [--uvloop] [--file-response]
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import socket
 import sys
 
 
-def serve(directory: str, port: int, use_uvloop: bool) -> None:
+def serve(directory: str, port: int, use_uvloop: bool, file_response: bool) -> None:
     from aiohttp import web
 
     from dataset_server.ranges import RangeNotSatisfiable, parse_range
     from dataset_server.responses import FdResponse
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if file_response:  # aiohttp's own file path (Range, ETag, loop.sendfile) instead of ours
+            return web.FileResponse(os.path.join(directory, request.match_info["name"]))
         try:
             fd = os.open(os.path.join(directory, request.match_info["name"]), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -59,7 +63,8 @@ def serve(directory: str, port: int, use_uvloop: bool) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     folder, port_arg, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    procs = [mp.get_context("spawn").Process(target=serve, args=(folder, port_arg, "--uvloop" in sys.argv))
+    procs = [mp.get_context("spawn").Process(target=serve, args=(folder, port_arg, "--uvloop" in sys.argv,
+                                                                     "--file-response" in sys.argv))
              for _ in range(workers)]
     for p in procs:
         p.start()

@@ -22,8 +22,9 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
               access_log: bool) -> None:
     """Serve every dataset ROOT/<org>/<name>/ as a Hugging Face Hub dataset repo.
 
-    ROOT may also be one dataset folder (it has manifest.json): it is served as
-    local/<folder name>. huggingface_hub, datasets and webdataset URLs download from it
+    A dataset folder right under ROOT (ROOT/<name>/manifest.json, as `make demo` writes)
+    is served as local/<name>, and ROOT may itself be one dataset folder (it has
+    manifest.json): it is served as local/<folder name>. huggingface_hub, datasets and webdataset URLs download from it
     as from the Hub; a browser at http://HOST:PORT/ shows each dataset's page. Stop with
     Ctrl-C (running downloads get 10 s to finish).
 
@@ -31,6 +32,7 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
     Example:
       cifar5m serve data --port 8000
       cifar5m serve data/lab/cifar10 --port 8000     # one dataset, as local/cifar10
+      cifar5m serve demo-output                      # local/cifar10, local/generated
       HF_ENDPOINT=http://127.0.0.1:8000 python -c \\
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10
