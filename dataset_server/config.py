@@ -3,7 +3,6 @@ supervisor in ``server``, by each worker process in ``workers`` and by ``app.cre
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -37,10 +36,6 @@ class ServeConfig:
     # still checks its own file, and API calls always re-check every file.
     scan_max_age: float = 1.0
     hash_cache: str | None = None
-
-    def app_kwargs(self) -> dict:
-        """The keywords of ``app.create_app``: every field."""
-        return dataclasses.asdict(self)
 
 
 def configure_logging(*, access_log: bool) -> None:

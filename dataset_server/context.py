@@ -27,10 +27,6 @@ class ServerContext:
     # contention: ~2 futex calls and 2 stat calls per request under load).
     scans: dict[str, asyncio.Future] = field(default_factory=dict)
 
-    @property
-    def scan_max_age(self) -> float:
-        return self.config.scan_max_age
-
 
 def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
               max_age: float = 0.0) -> tuple[DatasetRepo, Access]:
@@ -61,7 +57,7 @@ def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[Data
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
            files: bool) -> DatasetRepo:
     """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
-    repo, access = access_of(ctx, request, org, name, max_age=ctx.scan_max_age if files else 0.0)
+    repo, access = access_of(ctx, request, org, name, max_age=ctx.config.scan_max_age if files else 0.0)
     if files and access is Access.METADATA:
         has_token = request.headers.get("Authorization") is not None
         raise Denied(hub_error(

@@ -66,7 +66,7 @@ async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str
                 ) -> tuple[RepoState, RepoFile | None, int | None]:
     """State, entry and an open fd whose file is exactly the entry (re-scanning once)."""
     for attempt in range(2):
-        state = await state_at(repo, revision, max_age=ctx.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
+        state = await state_at(repo, revision, max_age=ctx.config.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
         entry = state.files.get(path)
         if entry is None:
             return state, None, None

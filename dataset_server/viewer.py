@@ -179,7 +179,7 @@ def warm(library: Library) -> None:
 async def samples(ctx: ServerContext, request: web.Request, org: str, name: str, file: str) -> web.Response:
     """``/datasets/<org>/<name>/samples/<class>.png``: a strip of the class's first samples."""
     repo = lookup(ctx, request, org, name, files=True)
-    state = await state_at(repo, MAIN, max_age=ctx.scan_max_age, ctx=ctx)
+    state = await state_at(repo, MAIN, max_age=ctx.config.scan_max_age, ctx=ctx)
     stem, _, ext = file.partition(".")
     not_found = ext != "png" or not stem.isdigit()  # no index read or decoding for these
     pngs = [] if not_found else (await asyncio.to_thread(_view, state))[1]

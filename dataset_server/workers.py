@@ -172,7 +172,7 @@ async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None
     parent = mp.parent_process()
     if parent is not None:  # readable once the supervisor has exited, even by SIGKILL
         loop.add_reader(parent.sentinel, stop.set)
-    runner = runner_of(create_app(**config.app_kwargs()), keep_alive_s=config.keep_alive_s,
+    runner = runner_of(create_app(**dataclasses.asdict(config)), keep_alive_s=config.keep_alive_s,
                        graceful_s=config.graceful_s, access_log=config.access_log)
     await runner.setup()
     try:
