@@ -184,7 +184,8 @@ def main() -> None:
                "aiohttp floor, uvloop": importlib.util.find_spec("uvloop") is None}
     servers = [s for s in args.servers if not missing.get(s)]
     for kind in sorted(set(args.servers) - set(servers)):
-        print(f"{kind}: not installed (apt-get install nginx / pip install uvloop): its rows are left out")
+        print(f"{kind}: not installed ({'apt-get install nginx' if kind == 'nginx' else 'pip install uvloop'}): "
+              "its rows are left out")
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)

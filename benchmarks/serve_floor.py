@@ -66,9 +66,9 @@ if __name__ == "__main__":
     procs = [mp.get_context("spawn").Process(target=serve, args=(folder, port_arg, "--uvloop" in sys.argv,
                                                                      "--file-response" in sys.argv))
              for _ in range(workers)]
+    # serve_bench stops the floor with SIGTERM: pass it on, or the workers outlive it on the port.
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs if p.pid is not None])
     for p in procs:
         p.start()
-    # serve_bench stops the floor with SIGTERM: pass it on, or the workers outlive it on the port.
-    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
     for p in procs:
         p.join()

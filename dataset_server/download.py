@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from shards.manifest import FileInfo, load_manifest
 from shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a commit sha, as huggingface_hub tells one from a branch
 STAGING = Path(".cache") / "cifar5m" / "incoming"
 STAGING_OWNER = ".repo"  # in STAGING: the repo id its files belong to
 
@@ -213,6 +215,7 @@ class _Fetch:
         return f"{base}/datasets/{self.repo_id}/resolve/{self.revision or 'main'}/{file}"
 
     def __call__(self, local_dir: Path | None, files: list[str] | None = None) -> Path:
+        import huggingface_hub
         from huggingface_hub import HfApi, snapshot_download
         from huggingface_hub import errors as hf_errors
 
@@ -223,9 +226,13 @@ class _Fetch:
         try:
             # snapshot_download answers a repo it cannot list (a wrong token, the server down)
             # with whatever local_dir or the cache holds (huggingface_hub's offline mode): a
-            # download would then "verify" that copy. Asking for the repo first raises instead.
-            HfApi(endpoint=self.endpoint, token=self.token).repo_info(repo, repo_type="dataset",
-                                                                      revision=self.revision)
+            # download would then "verify" that copy. Asking for the repo first raises instead;
+            # not for a commit sha (its copy cannot be stale, and a server may keep only its
+            # newest commit) nor where offline mode was asked for (HF_HUB_OFFLINE=1).
+            offline = getattr(huggingface_hub, "is_offline_mode", lambda: huggingface_hub.constants.HF_HUB_OFFLINE)
+            if not (offline() or _COMMIT.fullmatch(self.revision or "")):
+                HfApi(endpoint=self.endpoint, token=self.token).repo_info(repo, repo_type="dataset",
+                                                                          revision=self.revision)
             return Path(snapshot_download(
                 repo, repo_type="dataset", revision=self.revision, endpoint=self.endpoint,
                 local_dir=local_dir, token=self.token, max_workers=self.max_workers,

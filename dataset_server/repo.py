@@ -400,8 +400,7 @@ class Library:
         for name in sorted(os.listdir(local)) if self.only is None and local.is_dir() else []:
             if self._flat(name) and (local / name / MANIFEST_NAME).is_file():
                 yield f"{SINGLE_ORG}/{name}", ValueError(
-                    f"{local / name} is hidden by {self.root / name}, which is served as "
-                    f"{SINGLE_ORG}/{name}: rename one of them")
+                    f"{local / name} has the name of {self.root / name}, which takes it: rename one of them")
 
     def repos(self) -> list[DatasetRepo]:
         """Every finished dataset under the root, each checked once (``get``)."""

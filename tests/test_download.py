@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from dataset_server.app import create_app
-from tests.test_server_support import build_root, client_env, serving
+from tests.test_server_support import build_root, client_env, request, serving
 
 
 class Recorder:
@@ -173,6 +174,23 @@ def test_a_rerun_the_server_refuses_is_an_error_not_the_old_copy(root, tmp_path)
     gone = cli(["lab/private", "--local-dir", "p", "--token", "s3cret"], url, tmp_path)
     assert gone.returncode == 1 and "verified" not in gone.stdout
     assert "connection refused" in gone.stderr or "cannot connect" in gone.stderr, gone.stderr
+
+
+def test_a_pinned_commit_or_offline_mode_reruns_on_the_copy_it_has(root, tmp_path):
+    # Neither can be stale: a commit sha names fixed bytes (the server may since have moved on
+    # and no longer know it), and HF_HUB_OFFLINE=1 asks for the local copy.
+    with serving(create_app(root=root)) as url:
+        sha = json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"]
+        assert cli(["lab/ds", "--local-dir", "p", "--revision", sha], url, tmp_path).returncode == 0
+        with open(root / "lab/ds/README.md", "a") as card:
+            card.write("\nedited after the download\n")  # a new commit on the server
+        assert json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"] != sha
+        again = cli(["lab/ds", "--local-dir", "p", "--revision", sha], url, tmp_path)
+        assert again.returncode == 0 and "verified in p" in again.stdout, again.stderr
+    env = client_env(url, tmp_path) | {"HF_HUB_OFFLINE": "1"}
+    offline = subprocess.run([sys.executable, "-m", "cifar5m", "download", "lab/ds", "--local-dir", "p",
+                              "--endpoint", url], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert offline.returncode == 0 and "verified in p" in offline.stdout, offline.stderr
 
 
 def test_download_into_the_hub_cache_by_default(root, tmp_path):

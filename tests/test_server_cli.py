@@ -117,6 +117,8 @@ def test_dataset_folders_right_under_the_root_are_local_names(make_dataset, tmp_
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds",), n_train=20, n_test=10, shard_size=10)
     shutil.copytree(root / "lab" / "ds", root / "flat")
     shutil.copytree(root / "lab" / "ds", root / "local" / "flat")
+    with open(root / "local/flat/README.md", "a") as card:  # its bytes differ from root/flat's
+        card.write("\nthe hidden one\n")
     (root / "linked").symlink_to(root / "lab" / "ds")
     proc, url = start(root, "--workers", "1")
     try:
@@ -127,7 +129,7 @@ def test_dataset_folders_right_under_the_root_are_local_names(make_dataset, tmp_
     finally:
         code, log = stop(proc, signal.SIGTERM)
     assert code == 0 and "serving local/flat" in log, log
-    assert f"not serving local/flat: {root / 'local/flat'} is hidden by {root / 'flat'}" in log, log
+    assert f"not serving local/flat: {root / 'local/flat'} has the name of {root / 'flat'}" in log, log
 
 
 def test_a_root_without_datasets_is_refused_at_start(make_dataset, tmp_path):
