@@ -17,7 +17,6 @@ import argparse
 import http.client
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,10 +24,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from serve_bench import start_server  # noqa: E402
 from serve_load import REPO, tree_cpu_s, wait_idle  # noqa: E402
 
 from tests.conftest import write_dataset  # noqa: E402
-from tests.test_server_support import free_port, wait_http  # noqa: E402
 
 KINDS = ("info", "tree", "paths-info", "HEAD", "range")
 
@@ -65,17 +64,10 @@ def main() -> None:
         root = Path(tmp)
         ds = write_dataset(root / REPO, n_train=args.shards * 100, n_test=0, shard_size=100, image_format="npy")
         names = sorted(p.name for p in ds.iterdir() if p.name.endswith(".tar"))
-        port = free_port()
-        if args.floor:
-            cmd = [sys.executable, str(REPO_ROOT / "benchmarks/serve_floor.py"), str(ds), str(port), "1"]
-            prefix, kinds = "", ("HEAD", "range")
-        else:
-            cmd = [sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port),
-                   "--workers", "1", "--no-access-log"]
-            prefix, kinds = f"/datasets/{REPO}/resolve/main", KINDS
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kind = "aiohttp floor" if args.floor else "cifar5m serve"
+        proc, port, prefix = start_server(kind, root, 1, root)  # waits until it answers
+        kinds = ("HEAD", "range") if args.floor else KINDS
         try:
-            wait_http(f"http://127.0.0.1:{port}{prefix}/{names[0]}", proc, seconds=60)
             wait_idle(proc.pid)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             rnd = random.Random(0)

@@ -30,12 +30,18 @@ def _json(body: bytes, headers: dict[str, str]) -> web.Response:
 def _answer(state: RepoState, key: tuple, make) -> bytes:
     """``make()`` encoded once per commit: an unchanged dataset answers from ``state.answers``.
 
-    The keys come from a bounded set (one per kind, per policy, per file), never from request
-    text that is not a file of this commit."""
+    The keys come from a bounded set (one per kind, one per file), never from request text
+    that is not a file of this commit. A state belongs to one app's ``Library``, whose access
+    policy and page size are fixed, so neither is part of a key."""
     body = state.answers.get(key)
     if body is None:
         body = state.answers[key] = json.dumps(make()).encode()
     return body
+
+
+def _entries(state: RepoState, files: list[RepoFile]) -> bytes:
+    """The JSON list of ``files``' entries, each encoded once per commit."""
+    return b"[" + b", ".join(_answer(state, ("entry", f.name), lambda f=f: file_entry(f)) for f in files) + b"]"
 
 
 def _iso(ts: float) -> str:
@@ -86,8 +92,7 @@ async def dataset_info(ctx: ServerContext, request: web.Request, org: str, name:
                        revision: str) -> web.Response:
     repo = lookup(ctx, request, org, name, files=False)
     state = await state_at(repo, revision)
-    # info depends on the commit and the access policy (gated/private) only.
-    return _json(_answer(state, ("info", ctx.policy), lambda: info_json(ctx, state)), {REPO_COMMIT: state.sha})
+    return _json(_answer(state, ("info",), lambda: info_json(ctx, state)), {REPO_COMMIT: state.sha})
 
 
 async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, revision: str,
@@ -114,8 +119,8 @@ async def tree(ctx: ServerContext, request: web.Request, org: str, name: str, re
         nxt = request.url.update_query(cursor=str(start + size))
         headers["Link"] = f'<{nxt}>; rel="next"'
     if start == 0 and path in ("", "."):  # the listing's first page (what every client asks)
-        return _json(_answer(state, ("tree", size), lambda: [file_entry(f) for f in page]), headers)
-    return web.json_response([file_entry(f) for f in page], headers=headers)
+        return _json(_answer(state, ("tree",), lambda: [file_entry(f) for f in page]), headers)
+    return _json(_entries(state, page), headers)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -152,8 +157,7 @@ async def paths_info(ctx: ServerContext, request: web.Request, org: str, name: s
         return hub_error(400, None, "paths-info body must be form-encoded 'paths=...' or JSON")
     # Paths that do not exist are left out, as on the Hub.
     found = [state.files[p.strip("/")] for p in paths if p.strip("/") in state.files]
-    body = b"[" + b", ".join(_answer(state, ("entry", f.name), lambda f=f: file_entry(f)) for f in found) + b"]"
-    return _json(body, {REPO_COMMIT: state.sha})
+    return _json(_entries(state, found), {REPO_COMMIT: state.sha})
 
 
 async def list_datasets(ctx: ServerContext, request: web.Request) -> web.Response:

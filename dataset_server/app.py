@@ -36,6 +36,7 @@ CTX = web.AppKey("ctx", ServerContext)
 # huggingface_hub asks for this once per process; an empty answer is cached for 24 h.
 _HARNESSES = {"standardEnvVars": [], "harnesses": {}}
 _METHODS = ("GET", "HEAD", "POST")
+_MAX_URL_BYTES = 8 * 1024
 
 
 def split_path(raw_path: str) -> list[str] | None:
@@ -52,8 +53,6 @@ class Handler:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.max_headers, self.max_header_bytes = ctx.config.max_headers, ctx.config.max_header_bytes
-        self.max_url_bytes, self.limit_concurrency = 8 * 1024, ctx.config.limit_concurrency
         self.active = 0
 
     def _refusal(self, request: web.Request) -> web.Response | None:
@@ -64,16 +63,16 @@ class Handler:
             refusal = hub_error(505, None, "HTTP/1.0 and HTTP/1.1 only")
             refusal.force_close()
             return refusal
-        headers = request.raw_headers
-        if len(headers) > self.max_headers:
-            return hub_error(431, None, f"more than {self.max_headers} request headers")
-        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
-            return hub_error(431, None, f"request headers over {self.max_header_bytes} bytes")
-        if len(request.raw_path) > self.max_url_bytes:
-            return hub_error(414, None, f"URL over {self.max_url_bytes} bytes")
+        headers, config = request.raw_headers, self.ctx.config
+        if len(headers) > config.max_headers:
+            return hub_error(431, None, f"more than {config.max_headers} request headers")
+        if sum(len(k) + len(v) for k, v in headers) > config.max_header_bytes:
+            return hub_error(431, None, f"request headers over {config.max_header_bytes} bytes")
+        if len(request.raw_path) > _MAX_URL_BYTES:
+            return hub_error(414, None, f"URL over {_MAX_URL_BYTES} bytes")
         if request.method not in _METHODS:
             return hub_error(405, None, "Method Not Allowed")
-        if self.active >= self.limit_concurrency:
+        if self.active >= config.limit_concurrency:
             return hub_error(503, None, "server busy, retry later")
         return None
 

@@ -41,7 +41,7 @@ def check_config(config: ServeConfig) -> None:
 def prewarm(config: ServeConfig) -> Library:
     """Scan (and hash where needed) every dataset under the root; log what is served."""
     library = Library(Path(config.root))
-    served, skipped = [], []
+    served, skipped = 0, []
     for repo_id, state in library.scan_all():
         if isinstance(state, Exception):
             log.warning("not serving %s: %s", repo_id, state)
@@ -49,7 +49,7 @@ def prewarm(config: ServeConfig) -> Library:
             continue
         size = sum(f.size for f in state.files.values())
         log.info("serving %s: %d files, %.1f MB, commit %s", repo_id, len(state.files), size / 1e6, state.sha)
-        served.append(repo_id)
+        served += 1
     if not served:
         raise ServerConfigError(
             f"no dataset to serve in {config.root}: expected {config.root}/manifest.json (one dataset), "

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 # (``measure_gflop``) plus the attention that FlopCounterMode does not see on CPU (0.34).
 DDPM_CIFAR10_GFLOP = 12.44
 DDPM_CIFAR10_SOURCE = "google/ddpm-cifar10-32 architecture, measured"
-DDPM_CIFAR10_PARAMS = 35_746_307
 H100_BF16_PEAK_TFLOPS = 989.5  # dense, datasheet
 
 
@@ -88,7 +87,7 @@ def describe(*, count: int, nfe: int, gflop: float, gflop_source: str, shards: i
     # image-steps/s of DDPMPipeline fp16, batch 512, on an H200: our GPU check of 2026-11-28
     # (docs/generate.md, "GPU check"; benchmarks/gpu_generate.py)
     ddpm_pipe = 10_884
-    if gflop_source.startswith("google/ddpm"):
+    if gflop_source == DDPM_CIFAR10_SOURCE:
         hours = count * nfe / ddpm_pipe / 3600
         lines.append(f"diffusers DDPMPipeline fp16 ({ddpm_pipe:,} image-steps/s, H200): {hours:,.2f} GPU-hours")
     return "\n".join(lines)

@@ -148,6 +148,7 @@ class Catalog:
     @classmethod
     def from_table(cls, table: pa.Table, manifest: Manifest, split: str, *, url: str) -> Catalog:
         """``split`` of an index table already in memory."""
+        table = table.select([c for c in _COLUMNS if c in table.column_names])  # before the filter's copy
         table = table.filter(pc.equal(table["split"], split))
         return cls._build(lambda columns: table.select([c for c in columns if c in table.column_names])
                           .to_batches(), manifest, split, url=url)
@@ -161,7 +162,7 @@ class Catalog:
         infos = manifest.split_shards(split)
         names = [s.file for s in infos]
         n, first, count = _layout(read(("split", "shard", "position")), split, names)
-        base = np.r_[0, np.cumsum(-(-count // checksum.GROUP))]  # each shard's first group
+        base = _group_bases(count)
         arrays = {"shard_id": np.zeros(n, np.int32), "image_offset": np.zeros(n, np.int64),
                   "image_size": np.zeros(n, np.int32), "labels": np.zeros(n, np.int64),
                   "digests": np.zeros(n, np.uint64), "group_digests": np.zeros(int(base[-1]), np.uint64)}
@@ -187,20 +188,23 @@ class Catalog:
                     arrays[name][groups if name == "group_digests" else at] = values
         if not seen.all():  # n rows, so a position given twice leaves another out
             raise _bad_positions(where, split, n)
-        starts, counts = _shard_runs(arrays["shard_id"], len(names), where=where)
+        # Each shard's positions must be one run [first, first + count), in order of first.
+        order = np.flatnonzero(count)[np.argsort(first[count > 0], kind="stable")]
+        if not np.array_equal(arrays["shard_id"], np.repeat(order, count[order])):
+            raise ManifestError(f"{where}: index rows are not grouped by shard; re-create the dataset")
         pa.default_memory_pool().release_unused()  # the batches' buffers, kept by the allocator
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,
             shard_bytes=np.array([s.bytes for s in infos], np.int64), shard_sha=[s.sha256 for s in infos],
-            shard_start=starts, shard_count=counts, shard_id=arrays["shard_id"],
+            shard_start=first, shard_count=count, shard_id=arrays["shard_id"],
             image_offset=arrays["image_offset"], image_size=arrays["image_size"], labels=arrays["labels"],
             keys=keys, **{name: arrays[name] if ok else None for name, ok in complete.items()})
 
     @cached_property
     def group_base(self) -> np.ndarray:
         """Index in ``group_digests`` of each shard's first group."""
-        return np.r_[0, np.cumsum(-(-self.shard_count // checksum.GROUP))[:-1]].astype(np.int64)
+        return _group_bases(self.shard_count)[:-1]
 
     def group_first(self, rows: np.ndarray) -> np.ndarray:
         """The first position of each row's group of checksum.GROUP rows of its shard."""
@@ -304,15 +308,6 @@ def _run_or(positions: np.ndarray) -> slice | np.ndarray:
     return positions
 
 
-def _shard_runs(shard_id: np.ndarray, shards: int, *, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(first position, samples)`` of each shard; its positions must be one run."""
-    if not len(shard_id):
-        return np.zeros(shards, np.int64), np.zeros(shards, np.int64)
-    starts = np.flatnonzero(np.r_[True, shard_id[1:] != shard_id[:-1]])
-    ids = shard_id[starts]
-    if len(np.unique(ids)) != len(ids):
-        raise ManifestError(f"{where}: index rows are not grouped by shard; re-create the dataset")
-    first, count = np.zeros(shards, np.int64), np.zeros(shards, np.int64)
-    first[ids] = starts
-    count[ids] = np.diff(np.r_[starts, len(shard_id)])
-    return first, count
+def _group_bases(count: np.ndarray) -> np.ndarray:
+    """Index in ``group_digests`` of each shard's first group, and the total at the end."""
+    return np.r_[0, np.cumsum(-(-count // checksum.GROUP))].astype(np.int64)

@@ -85,17 +85,11 @@ class Dataset:
         return Split(self, name)
 
     def read_bytes(self, file: str, start: int | None = None, end: int | None = None) -> bytes | memoryview:
-        """Bytes ``[start, end)`` of a dataset file (the whole file by default; short where the
-        file ends early)."""
+        """Bytes ``[start, end)`` of a dataset file (both or neither: the whole file; short
+        where the file ends early)."""
         if start is None:
-            if self.is_local:  # a read into a buffer of its own, as before, not one of the
-                with self.source.open_file(file) as f:  # source's kept maps: a pass over a
-                    return f.read()  # split holds one shard, not the last 64, in memory
-            return self.source.read_file(file)
-        if end is None:
-            if file not in self.shards:  # another file of the dataset: its size is not listed
-                return memoryview(self.source.read_file(file))[start:]
-            end = self.shards[file].bytes
+            return self.source.read_whole(file)
+        assert end is not None, "read_bytes: a start needs an end"
         return self.source.fetch([(file, start, end)])[0]
 
     def read_shard(self, file: str, *, sha256: bool = False) -> bytes | memoryview:
@@ -154,8 +148,12 @@ class Split:
     def __init__(self, dataset: Dataset, name: str) -> None:
         self.dataset = dataset
         self.name = name
-        with dataset._index_data() as data:
-            self.catalog = cat = Catalog.from_index(data, dataset.manifest, name, url=dataset.source.url)
+        if "index" in dataset.__dict__:  # the whole table already read: no second read and hash
+            cat = Catalog.from_table(dataset.index, dataset.manifest, name, url=dataset.source.url)
+        else:
+            with dataset._index_data() as data:
+                cat = Catalog.from_index(data, dataset.manifest, name, url=dataset.source.url)
+        self.catalog = cat
         self.keys = Keys(cat.keys)
         self.shard_of = ShardNames(cat)
         self.image_offset, self.image_size = cat.image_offset, cat.image_size

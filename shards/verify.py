@@ -38,19 +38,10 @@ class VerifyReport:
     decoded: int = 0
 
 
-def _read(source: Source, file: str) -> bytes | bytearray | memoryview:
-    """A whole file of the dataset; a local one read into a buffer of its own (the source
-    keeps maps of the files it reads by range: a pass over every shard would keep 64)."""
-    if source.local:
-        with source.open_file(file) as f:
-            return f.read()
-    return source.read_file(file)
-
-
 def _read_checked(source: Source, file: str, *, where: str | Path, size: int,
                   sha256: str) -> bytes | bytearray | memoryview:
     try:
-        data = _read(source, file)
+        data = source.read_whole(file)
     except (ShardNotFoundError, IsADirectoryError):
         raise ShardNotFoundError(f"{where} is missing; the manifest lists it (re-download or re-create)") from None
     if len(data) != size:
@@ -141,7 +132,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
             index_data = data  # checked: parsed below, not read again
         del data
     if index_data is None:  # a manifest that does not list its index
-        index_data = _read(source, INDEX_NAME)
+        index_data = source.read_whole(INDEX_NAME)
     index = read_index(index_input(index_data), where=str(where(INDEX_NAME)))
     del index_data
     report = VerifyReport()

@@ -53,7 +53,7 @@ class Recorder:
 
 def cli(args: list[str], url: str, home: Path, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "cifar5m", "download", *args, "--endpoint", url]
-    env = client_env(url, home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "60"}
+    env = client_env(url, home) | {"HF_HUB_DOWNLOAD_TIMEOUT": "60"} | kwargs.pop("env", {})
     if kwargs.pop("background", False):
         return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=120)
@@ -187,9 +187,7 @@ def test_a_pinned_commit_or_offline_mode_reruns_on_the_copy_it_has(root, tmp_pat
         assert json.loads(request(url, "GET", "/api/datasets/lab/ds")[2])["sha"] != sha
         again = cli(["lab/ds", "--local-dir", "p", "--revision", sha], url, tmp_path)
         assert again.returncode == 0 and "verified in p" in again.stdout, again.stderr
-    env = client_env(url, tmp_path) | {"HF_HUB_OFFLINE": "1"}
-    offline = subprocess.run([sys.executable, "-m", "cifar5m", "download", "lab/ds", "--local-dir", "p",
-                              "--endpoint", url], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    offline = cli(["lab/ds", "--local-dir", "p"], url, tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 0 and "verified in p" in offline.stdout, offline.stderr
 
 

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cifar5m.commands.stream import parse_storage_options, storage_options_option
+
 
 @click.command("import")
 @click.argument("sources", nargs=-1, required=True)
@@ -60,7 +62,7 @@ def _directory_or_url(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.command("verify")
 @click.argument("root", callback=_directory_or_url)
 @click.option("--decode", is_flag=True, help="Also decode every image and label.")
-@click.option("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
+@storage_options_option
 def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
     """Recompute every checksum and count of a dataset (and decode every image).
 
@@ -72,7 +74,6 @@ def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
       cifar5m verify data/cifar10 --decode
       cifar5m verify http://127.0.0.1:8000/datasets/local/cifar10/resolve/main
     """
-    from cifar5m.commands.stream import parse_storage_options
     from shards.verify import verify_dataset
 
     report = verify_dataset(root, decode=decode, storage_options=parse_storage_options(storage_options))

@@ -34,6 +34,11 @@ def parse_storage_options(text: str | None) -> dict | None:
     return value
 
 
+# cifar5m stream and cifar5m verify: read a dataset at any fsspec URL.
+storage_options_option = click.option(
+    "--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
+
+
 @click.command("stream")
 @click.argument("source")
 @click.option("--world", type=click.Choice(["ideal", "real"]), default="ideal", show_default=True,
@@ -57,7 +62,7 @@ def parse_storage_options(text: str | None) -> dict | None:
 @click.option("--format", "fmt", type=click.Choice(["stats", "tar"]), default="stats", show_default=True,
               help="stats: throughput, counts and the exactly-once check; tar: WebDataset tar on stdout.")
 @click.option("--json", "as_json", is_flag=True, help="stats: print the result as JSON.")
-@click.option("--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
+@storage_options_option
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Resume from this state file if it exists; save the state there (atomically) "
                    "every --state-every batches, on SIGTERM and at the end.")

@@ -133,6 +133,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     from shards.reader import Dataset
 
     ds = Dataset(cfg.root)
+    index = ds.index  # read once: the split's catalog is built from it (no second read)
     split = ds.split(cfg.split)
     names = list(ds.manifest.class_names)
     out = Path(cfg.out)
@@ -142,7 +143,6 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     source = describe_source(ds.manifest.provenance)
     class_histogram(counts, names, out / "class_histogram.png",
                     f"{Path(cfg.root).name} / {cfg.split}: classes\n{source}")
-    index = ds.index
     conf_col = index["confidence"].filter(pc.equal(index["split"], cfg.split))
     conf = pc.drop_null(conf_col).to_numpy().astype(np.float64)
     summary: dict[str, Any] = {
