@@ -140,6 +140,9 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
     ``endpoint`` None means huggingface_hub's default (``HF_ENDPOINT`` or the Hub);
     ``local_dir`` None means the huggingface_hub cache.
     """
+    org, _, name = repo_id.partition("/")
+    if not org or not name or "/" in name:  # the Hub would answer a 404 about its API URL
+        raise DownloadError(f"{repo_id!r} is not a dataset id: use <org>/<name>, e.g. local/cifar10")
     fetch = _Fetch(repo_id, endpoint=endpoint, revision=revision, token=token, max_workers=max_workers)
     if local_dir is None:
         return verify_download(fetch(None), remember=False)

@@ -149,6 +149,11 @@ def test_a_repo_that_cannot_be_listed_is_an_error_even_after_another_download(ro
 
 def test_private_download_needs_the_token(root, tmp_path):
     with serving(create_app(root=root, tokens=tmp_path / "tokens.yaml")) as url:
+        for bad in ("nope", "lab/ds/x", "/ds"):  # not <org>/<name>: one line, nothing written
+            out = cli([bad, "--local-dir", "p0"], url, tmp_path)
+            assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+                f"Error: {bad!r} is not a dataset id: use <org>/<name>, e.g. local/cifar10"], out.stderr
+            assert not (tmp_path / "p0").exists()
         denied = cli(["lab/private", "--local-dir", "p1"], url, tmp_path)
         assert denied.returncode == 1 and "not found" in denied.stderr and "--token" in denied.stderr
         done = cli(["lab/private", "--local-dir", "p2", "--token", "s3cret"], url, tmp_path)
