@@ -9,10 +9,6 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/cifar5m
 COPY pyproject.toml README.md ./
 COPY cifar5m ./cifar5m
-COPY shards ./shards
-COPY generator ./generator
-COPY dataset_server ./dataset_server
-COPY train ./train
 # labelers: transformers and timm; timm needs torchvision built for the same torch, which
 # the base image ships (docs/labelers.md).
 RUN pip install ".[generate,train,serve,labelers]"

@@ -22,9 +22,9 @@ import torch
 def rate(*, dtype: torch.dtype, exact: bool, batch: int, steps: int) -> float:
     from diffusers.utils import logging as dlogging
 
-    from generator import model as model_mod
-    from generator.generation import cpu_determinism
-    from generator.sampler import Sampler
+    from cifar5m.generator import model as model_mod
+    from cifar5m.generator.generation import cpu_determinism
+    from cifar5m.generator.sampler import Sampler
 
     dlogging.set_verbosity_error()
     src = model_mod.resolve("builtin")

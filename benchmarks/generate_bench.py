@@ -6,7 +6,7 @@ depend on the weights; nothing is downloaded). Labeler: airbench-shaped, random.
     python benchmarks/generate_bench.py                 # CPU: tiny counts
     python benchmarks/gpu_generate.py                   # GPU: the H200 check (docs/generate.md)
 
-Ours = ``generator.pipeline.run`` (sample, label, PNG-encode, tar, index, manifest),
+Ours = ``cifar5m.generator.pipeline.run`` (sample, label, PNG-encode, tar, index, manifest),
 in steady state: after a one-batch warm-up run (compiles, fills caches), two fresh runs
 of N and 2N images, their difference timed (start-up cancels); the figure including
 start-up (with warm caches) is printed too.
@@ -41,8 +41,8 @@ def ddpm_cifar10_unet():
 def save_models(root: Path) -> tuple[Path, Path]:
     from diffusers import DDPMScheduler
 
-    from generator.labeler import AirbenchNet, save_labeler
-    from shards.format import CIFAR10_CLASSES
+    from cifar5m.generator.labeler import AirbenchNet, save_labeler
+    from cifar5m.shards.format import CIFAR10_CLASSES
 
     torch.manual_seed(0)
     ddpm_cifar10_unet().save_pretrained(root / "unet")
@@ -76,8 +76,8 @@ def bench_ours(unet_dir: Path, labeler: Path, out: Path, *, count: int, batch: i
     Two fresh runs, of ``count`` and ``2 * count`` images: their time difference is
     ``count`` images with model loading, hashing and compilation cancelled out.
     """
-    from generator.config import GenerateConfig
-    from generator.pipeline import run
+    from cifar5m.generator.config import GenerateConfig
+    from cifar5m.generator.pipeline import run
 
     def timed(n: int, where: Path) -> float:
         cfg = GenerateConfig(count=n, out=str(where), model=str(unet_dir), labeler=str(labeler),

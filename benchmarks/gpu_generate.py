@@ -39,8 +39,8 @@ def card_name() -> str:
 
 def bench_sampler_only(unet_dir: Path, *, batch: int, steps: int, sampler: str, device: str = "cuda",
                        repeats: int = 5) -> float:
-    from generator import model as model_mod
-    from generator.sampler import Sampler
+    from cifar5m.generator import model as model_mod
+    from cifar5m.generator.sampler import Sampler
 
     src = model_mod.resolve(str(unet_dir))
     s = Sampler(model_mod.load_unet(src), src.scheduler_config, sampler=sampler, steps=steps,
@@ -66,12 +66,12 @@ def stage_times(unet_dir: Path, labeler_dir: Path, *, batch: int, steps: int, sa
     index rows) and write (temp file + fsync + rename). ``copy`` is the device-to-host copy
     alone, to show its share of ``sample``.
     """
-    from generator import model as model_mod
-    from generator.labeler import load_labeler
-    from generator.producer import Producer
-    from generator.sampler import Sampler
-    from shards.atomic import atomic_write_bytes
-    from shards.shard import build_shard
+    from cifar5m.core.atomic import atomic_write_bytes
+    from cifar5m.generator import model as model_mod
+    from cifar5m.generator.labeler import load_labeler
+    from cifar5m.generator.producer import Producer
+    from cifar5m.generator.sampler import Sampler
+    from cifar5m.shards.shard import build_shard
 
     gpu = device.startswith("cuda")
     src = model_mod.resolve(str(unet_dir))

@@ -4,7 +4,7 @@
 
 Does labeling 6M images with a CIFAR-10 ViT-B/16 (the kind of model the Hub has, see
 docs/labelers.md) cost minutes or hours, and at what batch size? The ViT is saved with
-``save_pretrained`` and loaded through ``generator.hub_labeler`` (the real path:
+``save_pretrained`` and loaded through ``cifar5m.generator.hub_labeler`` (the real path:
 32x32 uint8 -> resize to 224 on the device -> ViT in bf16 autocast -> softmax in CIFAR-10
 order). The sampler's images/s (ddpm-cifar10-32 architecture, DDIM 20 steps) is
 measured in the same run, so the table says which of the two bounds ``generate``.
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shards.format import CIFAR10_CLASSES
+from cifar5m.shards.format import CIFAR10_CLASSES
 
 SAMPLES = 6_000_000
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --smoke on CPU")
     batches, repeats = ([4], 1) if args.smoke else (args.batches, args.repeats)
-    from generator.labeler import load_labeler
+    from cifar5m.generator.labeler import load_labeler
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-labelers-") as tmp:

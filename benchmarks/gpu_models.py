@@ -72,7 +72,7 @@ def import_dataset(src: str, dest: Path) -> Path:
 def train_labelers(work: Path, data: Path, deadline: Deadline, *, keep: float = 0.0,
                    smoke: bool = False) -> dict[str, dict]:
     """The sweep; a run starts only if it leaves ``keep`` seconds for the parts after it."""
-    from generator.training.labeler import LabelerTrainConfig, train_labeler
+    from cifar5m.generator.training.labeler_recipe import LabelerTrainConfig, train_labeler
 
     results: dict[str, dict] = {}
     for name, widths, epochs, need in LABELER_RUNS:
@@ -96,7 +96,7 @@ def train_labelers(work: Path, data: Path, deadline: Deadline, *, keep: float = 
 def train_small_generator(work: Path, data: Path, deadline: Deadline, *, reserve: float,
                           smoke: bool = False) -> dict:
     """Train the builtin-size UNet in chunks until ``reserve`` seconds before the deadline."""
-    from generator.training.unet import UNetTrainConfig, train_generator
+    from cifar5m.generator.training.unet import UNetTrainConfig, train_generator
 
     def cfg(steps: int) -> UNetTrainConfig:
         return UNetTrainConfig(data=str(data), out=str(work / "unet"), **GEN_ARCH, lr=8e-4,

@@ -63,8 +63,8 @@ def science(cifar10: Path | None, work: Path, dest: Path, *, left=lambda: float(
     """
     import time
 
-    from train.bootstrap import run_bootstrap
-    from train.config import BootstrapConfig, TrainConfig
+    from cifar5m.train.bootstrap import run_bootstrap
+    from cifar5m.train.config import BootstrapConfig, TrainConfig
 
     t0 = time.perf_counter()
     world = generate_world(work, smoke=smoke)
@@ -97,7 +97,7 @@ def science(cifar10: Path | None, work: Path, dest: Path, *, left=lambda: float(
 def log_generated(world: Path, seconds: float) -> None:
     from gpu_models import log
 
-    from shards.reader import Dataset
+    from cifar5m.shards.reader import Dataset
 
     ds = Dataset(world)
     log("science generate", {"train": len(ds.split("train")), "test": len(ds.split("test")),

@@ -1,8 +1,8 @@
 """The floor under ``cifar5m serve``: the least an aiohttp server does to send a file.
 
 One route (``/{name}``), no access rules, no scan, no ETag: open the file, apply a
-``Range`` (``dataset_server.ranges``) and send it with the same ``sendfile`` body as
-``cifar5m serve`` (``dataset_server.responses.FdResponse``), in ``WORKERS`` processes on
+``Range`` (``cifar5m.dataset_server.ranges``) and send it with the same ``sendfile`` body as
+``cifar5m serve`` (``cifar5m.dataset_server.responses.FdResponse``), in ``WORKERS`` processes on
 ``SO_REUSEPORT`` sockets with the same 4 MiB send buffer. ``serve_bench.py --servers
 "aiohttp floor"`` runs it under the same load as nginx and ``cifar5m serve``: the gap
 between this row and nginx is aiohttp's and asyncio's, the gap between this row and
@@ -26,8 +26,8 @@ import sys
 def serve(directory: str, port: int, use_uvloop: bool, file_response: bool) -> None:
     from aiohttp import web
 
-    from dataset_server.ranges import RangeNotSatisfiable, parse_range
-    from dataset_server.responses import FdResponse
+    from cifar5m.dataset_server.ranges import RangeNotSatisfiable, parse_range
+    from cifar5m.dataset_server.responses import FdResponse
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if file_response:  # aiohttp's own file path (Range, ETag, loop.sendfile) instead of ours

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from shards.importer import iter_items, resolve_config
-from shards.reader import Dataset
-from shards.writer import DatasetWriter, Sample
+from cifar5m.shards.importer import iter_items, resolve_config
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.writer import DatasetWriter, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 10_000

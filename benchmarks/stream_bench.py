@@ -1,4 +1,4 @@
-"""Streaming loader throughput: ours (train.stream) against webdataset, same shards, same run.
+"""Streaming loader throughput: ours (cifar5m.train.stream) against webdataset, same shards, same run.
 
     .venv/bin/python benchmarks/stream_bench.py                 # CIFAR-10 (JPEG re-encoded), 20k train
     .venv/bin/python benchmarks/stream_bench.py --samples 50000 --batch 256
@@ -121,7 +121,7 @@ def rate_ours(source: str, batch: int, workers: int, cache_dir: str | None = Non
               min_samples: int = 0, window: int | None = None, cpu: bool = False):
     """Ours over the split; fast paths run ``min_samples`` (wrapping into new epochs) so the
     measurement lasts long enough to mean something. ``cpu``: (wall, per CPU-second)."""
-    from train.stream import SampleStream, StreamConfig
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     extra = {} if window is None else {"window": window}
     stream = SampleStream(StreamConfig(source=source, batch_size=batch, num_workers=workers,
@@ -137,7 +137,7 @@ def rate_ours(source: str, batch: int, workers: int, cache_dir: str | None = Non
 def cpu_rate_ours(source: str, batch: int, cache_dir: str | None = None, *, min_samples: int = 0) -> float:
     """Images per CPU-second of ours in this process without threads (prefetch=0), i.e. what
     one dedicated core delivers, whatever else the shared machine runs."""
-    from train.stream import SampleStream, StreamConfig
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     steps = max(min_samples, 1) // batch or None
     stream = SampleStream(StreamConfig(source=source, batch_size=batch, cache_dir=cache_dir, prefetch=0,
@@ -158,7 +158,7 @@ class _Always:
 def pass_rates(source: str, batch: int, *, prefetch: int) -> tuple[float, float]:
     """(img per wall-second, img per CPU-second) over whole passes of fresh ideal-world
     streams, each after its first batch, for SECONDS in all."""
-    from train.stream import SampleStream, StreamConfig
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     n = wall = cpu = 0.0
     while wall < SECONDS:
@@ -252,16 +252,16 @@ class Table:
                     rep, lambda f=fmt, w=workers: rate_wds(roots[f], f, batch, w),
                     lambda f=fmt, w=workers: rate_ours(str(roots[f]), batch, w,
                                                        min_samples=self.fast(f))))
-        import shards.codec
+        import cifar5m.shards.codec
 
-        if shards.codec._spng is not None:  # the same row with Pillow, to show what libspng adds
-            spng, shards.codec._spng = shards.codec._spng, None
+        if cifar5m.shards.codec._spng is not None:  # the same row with Pillow, to show what libspng adds
+            spng, cifar5m.shards.codec._spng = cifar5m.shards.codec._spng, None
             try:
                 self.add("png shards, 1 process, ours with Pillow", "webdataset", *best_of(
                     rep, lambda: rate_wds(roots["png"], "png", batch, 0),
                     lambda: rate_ours(str(roots["png"]), batch, 0)))
             finally:
-                shards.codec._spng = spng
+                cifar5m.shards.codec._spng = spng
 
     def cache_rows(self) -> None:
         """Ours from the warm decoded cache against webdataset on PNG."""
@@ -305,7 +305,7 @@ class Table:
         stream (a process checks each group once, so later epochs of one stream would
         measure nothing); wall-clock img/s with the prefetch thread, and img/s per
         CPU-second of one thread (prefetch=0, steadier on a shared box)."""
-        import shards.checksum as checksum
+        import cifar5m.shards.checksum as checksum
 
         real = checksum.first_bad, checksum.first_bad_at, checksum.digest
 

@@ -20,7 +20,7 @@ once), the client's peak RSS (``wait4``) and the first batch timed from process 
 (the command's own figure where it has one, and in every case the moment its progress bar
 first counts images, seen from outside). Only the dataset's files are evicted between
 runs, so the libraries stay cached and the bytes counted are the dataset's. --batches 0
-runs the whole split (one full epoch). It also times ``shards.reader.Dataset(DIR)
+runs the whole split (one full epoch). It also times ``cifar5m.shards.reader.Dataset(DIR)
 .split("train")`` and the first ``get(key)`` in a child (peak RSS from wait4). --code runs
 another checkout of the project (its tree first on PYTHONPATH and as the working
 directory, this venv's packages) for a before/after table on the same dataset. Each row
@@ -248,7 +248,7 @@ def _children(pid: int | None) -> list[int]:
 SPLIT_PROBE = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from shards.reader import Dataset
+from cifar5m.shards.reader import Dataset
 t1 = time.perf_counter()
 rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 split = Dataset(sys.argv[1]).split("train")
@@ -300,7 +300,7 @@ def run(args) -> None:
         record({"row": "split", **r})
         print(f"Dataset(DIR).split('train') ({r.get('samples', 0):,} samples, cold): "
               f"{r.get('split_s', 0):.2f} s, peak RSS {r.get('split_peak_rss', 0) / 1e6:,.0f} MB "
-              f"({r.get('import_peak_rss', 0) / 1e6:,.0f} MB after the import of shards.reader); "
+              f"({r.get('import_peak_rss', 0) / 1e6:,.0f} MB after the import of cifar5m.shards.reader); "
               f"first get(key) {r.get('first_get_s', 0):.2f} s, peak RSS then "
               f"{r.get('get_peak_rss', 0) / 1e6:,.0f} MB")
     from tests.test_server_support import free_port

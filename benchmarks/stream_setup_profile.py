@@ -41,12 +41,12 @@ def main() -> None:
 
     import numpy as np  # noqa: F401
 
-    from shards.catalog import Catalog
-    from shards.source import open_source
-    from train.plan import Plan, choose_subset
-    from train.reader import SampleReader
-    from train.stream import SampleStream, StreamConfig  # noqa: F401
-    phase("imports (train.stream, torch)")
+    from cifar5m.shards.catalog import Catalog
+    from cifar5m.shards.source import open_source
+    from cifar5m.train.order import Plan, choose_subset
+    from cifar5m.train.sample_reader import SampleReader
+    from cifar5m.train.stream import SampleStream, StreamConfig  # noqa: F401
+    phase("imports (cifar5m.train.stream, torch)")
     source = open_source(args.source)
     phase("open_source")
     if args.trace:

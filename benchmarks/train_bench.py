@@ -1,11 +1,11 @@
 """Ideal-world training fed from shards vs the compute-only bound, ResNet-18.
 
-Both columns run the trainer's own SGD step (``train.trainer.Learner.step``: device
+Both columns run the trainer's own SGD step (``cifar5m.train.trainer.Learner.step``: device
 augmentation, bf16 autocast, channels_last) on the same model; they differ only in
 where the batch comes from:
 
 * compute-only: one batch already on the device, stepped on again and again;
-* from shards: ``train.batches.TrainData`` in the ideal world, i.e. ``SampleStream``
+* from shards: ``cifar5m.train.batches.TrainData`` in the ideal world, i.e. ``SampleStream``
   reading and decoding fresh samples from shards (``--num-workers`` processes), copied
   to the device one batch ahead.
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.writer import DatasetWriter, Sample
-from train.batches import TrainData
-from train.config import TrainConfig
-from train.distributed import Runtime
-from train.trainer import Learner
+from cifar5m.shards.writer import DatasetWriter, Sample
+from cifar5m.train.batches import TrainData
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.distributed import Runtime
+from cifar5m.train.trainer import Learner
 
 
 def synthetic_dataset(root: Path, n: int) -> Path:

@@ -3,9 +3,9 @@
 The stages live in top-level packages (``shards``, ``generator``, ``dataset_server``,
 ``train``); this package holds what they share: the CLI, the errors and the version, and
 for the two stages that train models (generator, train) their checkpoints
-(``cifar5m.checkpoint``) and which torchrun process this is (``cifar5m.ranks``).
+(``cifar5m.core.checkpoint``) and which torchrun process this is (``cifar5m.core.ranks``).
 """
 
-from cifar5m.version import __version__
+from cifar5m.core.version import __version__
 
 __all__ = ["__version__"]

@@ -1,3 +1,3 @@
-from cifar5m.cli import run
+from cifar5m.cli.main import run
 
 run()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.writer import DatasetWriter, Sample
+from cifar5m.shards.writer import DatasetWriter, Sample
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"

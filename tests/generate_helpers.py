@@ -26,13 +26,13 @@ def save_tiny_unet(path: Path, *, num_class_embeds: int | None = None, sample_si
 
 
 def save_tiny_labeler(path: Path, *, num_classes: int = 10, seed: int = 0) -> Path:
-    from generator.labeler import TinyNet, save_labeler
+    from cifar5m.generator.labeler import TinyNet, save_labeler
 
     torch.manual_seed(seed)
     net = TinyNet(width=4, num_classes=num_classes)
     names = [f"class{i}" for i in range(num_classes)]
     if num_classes == 10:
-        from shards.format import CIFAR10_CLASSES
+        from cifar5m.shards.format import CIFAR10_CLASSES
 
         names = list(CIFAR10_CLASSES)
     return save_labeler(net, path, arch="tiny", arch_kwargs={"width": 4, "num_classes": num_classes},
@@ -46,18 +46,18 @@ def dataset_digest(root: Path) -> dict[str, str]:
 
 
 def ranks_worker(rank_id: int, world: int, port: int, out_dir: str) -> None:
-    """One process of a gloo group: what ``generator.ranks`` shares and reports (rank 1 fails)."""
+    """One process of a gloo group: what ``cifar5m.generator.rendezvous`` shares and reports (rank 1 fails)."""
     import json
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from generator import ranks
+    from cifar5m.generator import rendezvous
 
-    rank = ranks.Rank(rank_id, world, rank_id)
-    ranks.init(rank)
+    rank = rendezvous.Rank(rank_id, world, rank_id)
+    rendezvous.init(rank)
     try:
-        got = ranks.share(rank, {"kept": ["test-000000.tar"]} if rank.is_main else None)
-        failed = ranks.failed_ranks(rank, rank_id != 1)
+        got = rendezvous.share(rank, {"kept": ["test-000000.tar"]} if rank.is_main else None)
+        failed = rendezvous.failed_ranks(rank, rank_id != 1)
         (Path(out_dir) / f"{rank_id}.json").write_text(json.dumps([got, failed]))
     finally:
-        ranks.close(rank)
+        rendezvous.close(rank)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from shards.format import CIFAR10_CLASSES
+from cifar5m.shards.format import CIFAR10_CLASSES
 
 
 def timm_usable() -> bool:

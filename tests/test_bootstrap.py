@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cifar5m.cli import cli
-from cifar5m.commands.train import split_archs
-from cifar5m.errors import NotEnoughSamplesError
-from train.bootstrap import run_bootstrap
-from train.config import BootstrapConfig, TrainConfig
-from train.gap import converged_at, format_gap, gap_row
-from train.trainer import Learner
+from cifar5m.cli.main import cli
+from cifar5m.cli.train import split_archs
+from cifar5m.core.errors import NotEnoughSamplesError
+from cifar5m.train.bootstrap import run_bootstrap
+from cifar5m.train.config import BootstrapConfig, TrainConfig
+from cifar5m.train.gap import converged_at, format_gap, gap_row
+from cifar5m.train.trainer import Learner
 
 torch.set_num_threads(1)
 TINY = dict(steps=4, batch_size=16, log_every=2, log_dense=(), test_limit=32)
@@ -126,18 +126,18 @@ def test_budgets_are_checked_before_any_training(make_dataset, tmp_path, built):
 def test_budgets_read_the_index_once(make_dataset, monkeypatch):
     """check_budgets reads (and checks) index.parquet once, not once for the pool, once for the
     test split and once more per stream (3 + len(N) reads before), and its streams still check."""
-    import shards.catalog
-    from train.bootstrap import check_budgets
-    from train.stream import SampleStream, StreamConfig
+    import cifar5m.shards.catalog
+    from cifar5m.train.bootstrap import check_budgets
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     reads: list[str] = []
-    original = shards.catalog.read_index_data
+    original = cifar5m.shards.catalog.read_index_data
 
     def counted(source, manifest):
         reads.append(source.url)
         return original(source, manifest)
 
-    monkeypatch.setattr(shards.catalog, "read_index_data", counted)
+    monkeypatch.setattr(cifar5m.shards.catalog, "read_index_data", counted)
     streams: list[tuple] = []  # (world, n, given a catalog) of every stream check_budgets builds
     init = SampleStream.__init__
 
@@ -211,7 +211,7 @@ def test_generated_world_end_to_end(tmp_path, built):
     evaluated on the generated world's own test split."""
     from generate_helpers import save_tiny_labeler, save_tiny_unet
 
-    from shards.reader import Dataset
+    from cifar5m.shards.reader import Dataset
 
     unet, labeler = save_tiny_unet(tmp_path / "unet"), save_tiny_labeler(tmp_path / "labeler")
     world = tmp_path / "world"

@@ -1,4 +1,4 @@
-"""shards.catalog: one catalog for Dataset/Split and the training stream; key lookups by
+"""cifar5m.shards.catalog: one catalog for Dataset/Split and the training stream; key lookups by
 binary search (no dict of every key); the index read batch by batch into position order."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cifar5m.errors import ManifestError, SampleNotFoundError
-from shards import catalog as catalog_module
-from shards.catalog import Catalog
-from shards.index import fixed_width
-from shards.manifest import load_manifest
-from shards.reader import Dataset
-from shards.source import open_source
-from shards.writer import DatasetWriter, Sample
+from cifar5m.core.errors import ManifestError, SampleNotFoundError
+from cifar5m.shards import catalog as catalog_module
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.index import fixed_width
+from cifar5m.shards.manifest import load_manifest
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.source import open_source
+from cifar5m.shards.writer import DatasetWriter, Sample
 from tests.conftest import synthetic_images
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from cifar5m.cli import COMMANDS, cli
+from cifar5m.cli.main import COMMANDS, cli
 from tests.conftest import synthetic_images
 
 
@@ -51,14 +51,14 @@ def test_every_command_has_help_with_an_example():
 
 
 def test_console_script_runs_without_importing_torch():
-    code = "import sys; from cifar5m.cli import main; sys.argv=['cifar5m','--help']\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = "import sys; from cifar5m.cli.main import main; sys.argv=['cifar5m','--help']\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
 
 
 def _run_cli(body: str, tmp_path) -> subprocess.CompletedProcess:
     """``cifar5m.cli.run`` with ``main`` replaced by ``body`` (Python source), in a child."""
-    code = ("import atexit, sys\nimport cifar5m.cli as cli\n"
+    code = ("import atexit, sys\nimport cifar5m.cli.main as cli\n"
             "def main():\n" + "".join(f"    {line}\n" for line in body.splitlines()) +
             "cli.main = main\ncli.run()\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

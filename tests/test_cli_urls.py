@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
+from cifar5m.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from cifar5m.commands import demo
+from cifar5m.cli import demo
 
 
 def test_demo_runs_a_bootstrap_and_ends_with_a_guide(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from dataset_server.app import create_app
+from cifar5m.dataset_server.app import create_app
 from tests.test_server_support import build_root, client_env, request, serving
 
 

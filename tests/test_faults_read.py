@@ -18,19 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import (
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import (
     ChecksumMismatchError,
     CorruptShardError,
     ManifestError,
     SampleChecksumError,
 )
-from shards import checksum
-from shards.reader import Dataset
-from shards.verify import verify_dataset
+from cifar5m.shards import checksum
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.verify import verify_dataset
+from cifar5m.train.stream import SampleStream, StreamConfig
 from tests.conftest import write_dataset
 from tests.test_server_support import serving
-from train.stream import SampleStream, StreamConfig
 
 KEY = "t000017"  # the sample whose pixels get a flipped byte (in train-000000.tar)
 

@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import GenerationError, OutputLockedError
-from shards.lock import LOCK_NAME, DirectoryLock, holder
-from shards.reader import Dataset
-from shards.verify import verify_dataset
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import GenerationError, OutputLockedError
+from cifar5m.shards.lock import LOCK_NAME, DirectoryLock, holder
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.verify import verify_dataset
 from tests.conftest import synthetic_images
 from tests.test_faults_read import error_line
 
 HOLD = """
 import sys
-from shards.writer import DatasetWriter, Sample
+from cifar5m.shards.writer import DatasetWriter, Sample
 from tests.test_faults_write import npz_fingerprint
 w = DatasetWriter(sys.argv[1], fingerprint=npz_fingerprint(sys.argv[2]), image_format="png", shard_size=50)
 print("holding", flush=True)
@@ -45,7 +45,7 @@ def npz_part(path: Path, n: int) -> Path:
 
 def npz_fingerprint(source: str) -> dict:
     """The fingerprint `cifar5m import SOURCE` uses (so the holder looks like that import)."""
-    from shards.importer import resolve_config
+    from cifar5m.shards.importer import resolve_config
 
     return resolve_config([source]).fingerprint()
 
@@ -102,25 +102,25 @@ def test_locks_of_the_trainer_download_and_generate(tmp_path, make_dataset):
                                           "--batch-size", "8", "--arch", "mlp", "--out", str(run)])
         assert result.exit_code == 1 and f"{run} is being written" in result.output, result.output
         assert f"PID {os.getpid()}" in result.output and not (run / "config.json").exists()
-    from train.bootstrap import run_bootstrap
-    from train.config import BootstrapConfig, TrainConfig
+    from cifar5m.train.bootstrap import run_bootstrap
+    from cifar5m.train.config import BootstrapConfig, TrainConfig
 
     boot = tmp_path / "boot"
     with DirectoryLock(boot), pytest.raises(OutputLockedError, match=rf"{boot} is being written by a bootstrap"):
         run_bootstrap(BootstrapConfig(TrainConfig(data=str(data), steps=1, batch_size=8), ns=(20,), archs=("mlp",)), out=boot)
     assert not (boot / "bootstrap.json").exists()
-    from dataset_server.download import download
+    from cifar5m.dataset_server.download import download
 
     local = tmp_path / "local"
     with DirectoryLock(local), pytest.raises(OutputLockedError, match=rf"{local} is being downloaded into"):
         download("lab/ds", endpoint="http://127.0.0.1:9", local_dir=local)  # refused before any request
-    from generator import pipeline, ranks
+    from cifar5m.generator import pipeline, rendezvous
 
     gen = tmp_path / "gen"
     with DirectoryLock(gen), pytest.raises(OutputLockedError, match=rf"{gen} is being generated"):
         pipeline.prepare(None, gen, {}, [], lock=DirectoryLock(gen, what="generated"))
     with DirectoryLock(gen), pytest.raises(GenerationError, match="not by rank 0 of this job"):
-        ranks.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
+        rendezvous.check_owner(gen, {"pid": -1, "host": "elsewhere"})  # ranks > 0 check the holder
 
 
 def test_a_missing_import_source_is_named_and_leaves_nothing(tmp_path):

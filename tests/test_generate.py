@@ -15,10 +15,10 @@ import pytest
 import torch
 from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
 
-from generator.config import GenerateConfig
-from generator.pipeline import run
-from shards.format import WORK_DIR
-from shards.reader import Dataset
+from cifar5m.generator.config import GenerateConfig
+from cifar5m.generator.pipeline import run
+from cifar5m.shards.format import WORK_DIR
+from cifar5m.shards.reader import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # The reference run: 200 samples (40 test) in shards of 48, 2 DDPM steps, exact CPU kernels
@@ -154,7 +154,7 @@ def test_extend_count_equals_direct_run(models, reference, tmp_path) -> None:
 
 
 def test_extend_killed_mid_way_resumes_to_the_direct_run(models, reference, tmp_path, monkeypatch) -> None:
-    from cifar5m.errors import DatasetNotFoundError
+    from cifar5m.core.errors import DatasetNotFoundError
 
     out = tmp_path / "ds"
     run(config(models, out, count=130), progress=False)  # train shards: 48, 42
@@ -200,9 +200,9 @@ def test_min_confidence_drops_and_balance_evens_classes(models, tmp_path) -> Non
 
 
 def test_filters_that_cannot_fill_a_shard_fail_clearly(models, tmp_path, monkeypatch) -> None:
-    from cifar5m.errors import GenerationError
+    from cifar5m.core.errors import GenerationError
 
-    monkeypatch.setattr("generator.pipeline.FILTER_STRIDE", 2)
+    monkeypatch.setattr("cifar5m.generator.pipeline.FILTER_STRIDE", 2)
     with pytest.raises(GenerationError, match="passed --min-confidence"):
         run(config(models, tmp_path / "a", min_confidence=0.99, count=12, test_count=2, shard_size=10,
                    steps=1), progress=False)
@@ -211,7 +211,7 @@ def test_filters_that_cannot_fill_a_shard_fail_clearly(models, tmp_path, monkeyp
 def test_fsspec_url_output_is_written_straight_to_the_store(models, tmp_path, monkeypatch) -> None:
     import fsspec
 
-    monkeypatch.setattr("generator.lease.SETTLE", 0.0)
+    monkeypatch.setattr("cifar5m.generator.lease.SETTLE", 0.0)
     url = f"memory://cifar5m-test/{tmp_path.name}/ds"
     run(config(models, url, count=30, test_count=10, shard_size=10, steps=1,
                staging=str(tmp_path / "scratch")), progress=False)
@@ -225,9 +225,9 @@ def test_fsspec_url_output_is_written_straight_to_the_store(models, tmp_path, mo
 
 
 def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, capsys, monkeypatch) -> None:
-    from cifar5m.errors import ConfigMismatchError
+    from cifar5m.core.errors import ConfigMismatchError
 
-    monkeypatch.setattr("generator.lease.SETTLE", 0.0)
+    monkeypatch.setattr("cifar5m.generator.lease.SETTLE", 0.0)
     url = f"memory://cifar5m-test/{tmp_path.name}/ds"
     kw = {"count": 30, "test_count": 10, "shard_size": 20, "steps": 1}
     first = run(config(models, url, **kw), progress=False)
@@ -242,7 +242,7 @@ def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, 
     # Extending needs no local copy: the finished shards stay in the store, the last one is redone.
     import sys
 
-    from generator.store import Store
+    from cifar5m.generator.store import Store
 
     listed, real_parts = [], Store.parts
     def counted_parts(self, **kw):
@@ -259,7 +259,7 @@ def test_remote_dataset_is_checked_before_anything_is_written(models, tmp_path, 
 
 def crash_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> list[str]:
     """Make the next run die (like Ctrl-C) when it starts shard number ``shards + 1``."""
-    from generator.producer import Producer
+    from cifar5m.generator.producer import Producer
 
     real_shard, calls = Producer.shard, []
 
@@ -294,15 +294,15 @@ def test_crash_then_damaged_or_deleted_shards_are_regenerated_on_resume(models, 
 
 
 def test_resume_hashes_each_kept_shard_once(models, tmp_path, monkeypatch) -> None:
-    import shards.shard
-    import shards.writer
+    import cifar5m.shards.shard
+    import cifar5m.shards.writer
 
     out, kw = tmp_path / "ds", {"count": 100, "test_count": 20, "shard_size": 20, "steps": 1}
     calls = crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(config(models, out, workers=1, **kw), progress=False)
     hashed: list[str] = []
-    for module in (shards.shard, shards.writer):
+    for module in (cifar5m.shards.shard, cifar5m.shards.writer):
         real = module.sha256_file
         monkeypatch.setattr(module, "sha256_file", lambda p, _real=real, **k: hashed.append(Path(p).name)
                             or _real(p, **k))
@@ -312,14 +312,14 @@ def test_resume_hashes_each_kept_shard_once(models, tmp_path, monkeypatch) -> No
 
 
 def test_a_failed_rank_stops_rank_0_before_the_manifest(models, tmp_path, monkeypatch) -> None:
-    from cifar5m.errors import GenerationError
-    from generator import ranks
+    from cifar5m.core.errors import GenerationError
+    from cifar5m.generator import rendezvous
 
-    monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(0, 2, 0))
-    monkeypatch.setattr(ranks, "init", lambda rank: None)
-    monkeypatch.setattr(ranks, "close", lambda rank: None)
-    monkeypatch.setattr(ranks, "share", lambda rank, value: value)
-    monkeypatch.setattr(ranks, "failed_ranks", lambda rank, ok: [1] if ok else [0, 1])
+    monkeypatch.setattr(rendezvous, "from_env", lambda: rendezvous.Rank(0, 2, 0))
+    monkeypatch.setattr(rendezvous, "init", lambda rank: None)
+    monkeypatch.setattr(rendezvous, "close", lambda rank: None)
+    monkeypatch.setattr(rendezvous, "share", lambda rank, value: value)
+    monkeypatch.setattr(rendezvous, "failed_ranks", lambda rank, ok: [1] if ok else [0, 1])
     out = tmp_path / "ds"
     kw = {"count": 60, "test_count": 20, "shard_size": 20, "steps": 1}
     with pytest.raises(GenerationError, match=r"rank\(s\) 1 of 2 failed; re-run the same command"):
@@ -329,20 +329,20 @@ def test_a_failed_rank_stops_rank_0_before_the_manifest(models, tmp_path, monkey
 
 
 def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_path, monkeypatch) -> None:
-    from cifar5m.errors import GenerationError
-    from generator import pipeline, ranks
+    from cifar5m.core.errors import GenerationError
+    from cifar5m.generator import pipeline, rendezvous
 
     def forbidden(*args, **kw):
         raise AssertionError("rank 1 looked at the output before rank 0 opened it")
 
-    monkeypatch.setattr(ranks, "from_env", lambda: ranks.Rank(1, 2, 1))
-    monkeypatch.setattr(ranks, "init", lambda rank: None)
-    monkeypatch.setattr(ranks, "close", lambda rank: None)
+    monkeypatch.setattr(rendezvous, "from_env", lambda: rendezvous.Rank(1, 2, 1))
+    monkeypatch.setattr(rendezvous, "init", lambda rank: None)
+    monkeypatch.setattr(rendezvous, "close", lambda rank: None)
     for name in ("check_existing", "previous_fingerprint", "existing_sizes", "open_output", "begin", "prepare"):
         monkeypatch.setattr(pipeline, name, forbidden)
     said: list = []
-    monkeypatch.setattr(ranks, "share", lambda rank, value: said.pop(0))
-    monkeypatch.setattr(ranks, "failed_ranks", lambda rank, ok: [] if ok else [1])
+    monkeypatch.setattr(rendezvous, "share", lambda rank, value: said.pop(0))
+    monkeypatch.setattr(rendezvous, "failed_ranks", lambda rank, ok: [] if ok else [1])
     kw = {"count": 60, "test_count": 20, "shard_size": 20, "steps": 1}
     said.append(("failed", "ConfigMismatchError: other settings"))
     with pytest.raises(GenerationError, match=r"rank 0 stopped before generating \(ConfigMismatchError"):
@@ -359,7 +359,7 @@ def test_other_ranks_read_nothing_before_rank_0_opened_the_output(models, tmp_pa
 def test_cli_help_explains_with_examples() -> None:
     from click.testing import CliRunner
 
-    from cifar5m.cli import cli as cli_group
+    from cifar5m.cli.main import cli as cli_group
 
     res = CliRunner().invoke(cli_group, ["generate", "--help"])
     assert res.exit_code == 0
@@ -370,7 +370,7 @@ def test_cli_help_explains_with_examples() -> None:
 
 def test_fast_cpu_mode_is_valid_and_repeatable_at_equal_batch_size(models, tmp_path) -> None:
     """--fast-cpu (oneDNN, bf16) writes a valid dataset; equal batch size gives equal bytes."""
-    from shards.verify import verify_dataset
+    from cifar5m.shards.verify import verify_dataset
 
     kw = {"sampler": "dpmsolver++", "steps": 2, "count": 40, "test_count": 8, "shard_size": 20,
           "exact_cpu": False, "dtype": "bf16", "batch_size": 16}

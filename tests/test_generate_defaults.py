@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from generate_helpers import save_tiny_labeler, save_tiny_unet
 
-from cifar5m.cli import cli
-from generator import defaults
-from generator.config import GenerateConfig
-from shards.reader import Dataset
+from cifar5m.cli.main import cli
+from cifar5m.generator import defaults
+from cifar5m.generator.config import GenerateConfig
+from cifar5m.shards.reader import Dataset
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,9 @@ def test_cli_on_cpu_prints_one_start_line_and_records_the_choices(models, tmp_pa
 
 
 def test_progress_bar_counts_image_steps(models, tmp_path, capsys) -> None:
-    from generator import model as model_mod
-    from generator.pipeline import run
-    from generator.sampler import Sampler
+    from cifar5m.generator import model as model_mod
+    from cifar5m.generator.pipeline import run
+    from cifar5m.generator.sampler import Sampler
 
     src = model_mod.resolve(str(models["unet"]))
     sampler = Sampler(model_mod.load_unet(src), src.scheduler_config, sampler="unipc", steps=3)
@@ -144,9 +144,9 @@ def test_dry_run_and_the_start_line_share_threads_and_time_estimate(models, tmp_
     """--dry-run's time and a run's start line come from one estimate (same threads, NFE, GFLOP)."""
     import re
 
-    from cifar5m.ranks import Rank
-    from generator.cost import dry_run
-    from generator.generation import Session
+    from cifar5m.core.ranks import Rank
+    from cifar5m.generator.cost import dry_run
+    from cifar5m.generator.generation import Session
 
     monkeypatch.setattr(defaults, "cpu_threads", lambda current: 3)  # one answer for both paths
     cfg = GenerateConfig(count=60_000, test_count=10, out=str(tmp_path / "x"), model=str(models["unet"]),

@@ -1,4 +1,4 @@
-"""One writer per object-store output: the lease (generator.lease) and the store's writes."""
+"""One writer per object-store output: the lease (cifar5m.generator.lease) and the store's writes."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
 
-from cifar5m.cli import cli
-from cifar5m.errors import LeaseHeldError
-from generator import lease as lease_mod
-from generator.lease import Lease
-from generator.store import Store
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import LeaseHeldError
+from cifar5m.generator import lease as lease_mod
+from cifar5m.generator.lease import Lease
+from cifar5m.generator.store import Store
 
 
 @pytest.fixture(autouse=True)

@@ -22,10 +22,10 @@ import torch
 from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
 from test_kill_resume import PARK
 
-from cifar5m.errors import ConfigMismatchError
-from generator.config import GenerateConfig
-from generator.pipeline import run
-from shards.verify import verify_dataset
+from cifar5m.core.errors import ConfigMismatchError
+from cifar5m.generator.config import GenerateConfig
+from cifar5m.generator.pipeline import run
+from cifar5m.shards.verify import verify_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 shards of 10 (test-000000, train-000000..2), 2 DDPM steps of the tiny UNet.
@@ -139,7 +139,7 @@ def test_rank_killed_mid_run_then_rerun_with_other_rank_count(models, reference,
                        MASTER_PORT=str(port))
         # Rank 1 owns train-000000 and train-000002; it parks uploading the part of the second,
         # after its shard: train-000000 is finished, train-000002 is not.
-        park = ["generator.store", "Store.put", "2", ".parquet", str(marker)] if rank == 1 else None
+        park = ["cifar5m.generator.store", "Store.put", "2", ".parquet", str(marker)] if rank == 1 else None
         cmd = ([sys.executable, "-c", PARK, *park] if park else [sys.executable, "-m", "cifar5m"])
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen([*cmd, *generate_args(models, url, options)], cwd=REPO, env=env,
@@ -165,11 +165,11 @@ def test_rank_killed_mid_run_then_rerun_with_other_rank_count(models, reference,
     data[1000] ^= 0xFF
     fs.pipe_file(f"{base}/train-000001.tar", bytes(data))  # a finished shard damaged in the store
 
-    from generator.producer import Producer
+    from cifar5m.generator.producer import Producer
 
     real, made = Producer.shard, []
     monkeypatch.setattr(Producer, "shard", lambda self, plan, **kw: made.append(plan.file) or real(self, plan, **kw))
-    monkeypatch.setattr("generator.lease.SETTLE", 0.0)
+    monkeypatch.setattr("cifar5m.generator.lease.SETTLE", 0.0)
     rerun = GenerateConfig(out=url, model=str(models["unet"]), labeler=str(models["labeler"]), **SMALL)
     with pytest.raises(ConfigMismatchError, match=rf"^{url} holds a dataset made with other settings \(seed"):
         run(replace(rerun, seed=1), progress=False, storage_options=options)  # checked against the store

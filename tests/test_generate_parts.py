@@ -16,13 +16,13 @@ import torch
 from click.testing import CliRunner
 from generate_helpers import ranks_worker, save_tiny_labeler, save_tiny_unet
 
-from cifar5m.cli import cli
-from cifar5m.errors import ConfigMismatchError, ModelError, OutputNotWritableError
-from generator import noise
-from generator.config import GenerateConfig
-from generator.model import resolve
-from generator.pipeline import run
-from generator.sampler import build_scheduler, ddpm_step, quadratic_timesteps
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import ConfigMismatchError, ModelError, OutputNotWritableError
+from cifar5m.generator import noise
+from cifar5m.generator.config import GenerateConfig
+from cifar5m.generator.model import resolve
+from cifar5m.generator.pipeline import run
+from cifar5m.generator.sampler import build_scheduler, ddpm_step, quadratic_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_noise_on_cuda_does_not_sync() -> None:
 
 
 def test_sampler_checks_ids_on_the_cpu_and_takes_class_labels_by_keyword(models) -> None:
-    from generator.model import load_unet
-    from generator.sampler import Sampler
+    from cifar5m.generator.model import load_unet
+    from cifar5m.generator.sampler import Sampler
 
     src = resolve(str(models["unet"]))
     sampler = Sampler(load_unet(src), src.scheduler_config, sampler="ddim", steps=1)
@@ -136,7 +136,7 @@ def test_model_from_hub_cache_offline(models, tmp_path, monkeypatch) -> None:
 def test_the_default_model_offline_and_not_cached_suggests_the_builtin_one(tmp_path, monkeypatch) -> None:
     from huggingface_hub import constants
 
-    from generator.model import DEFAULT_MODEL
+    from cifar5m.generator.model import DEFAULT_MODEL
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -259,7 +259,7 @@ def test_cli_unusable_device_is_one_error_line(models, tmp_path) -> None:
 def test_config_and_dry_run_of_the_default_model_do_not_import_torch(tmp_path) -> None:
     code = (
         "import sys\n"
-        "from cifar5m.cli import cli\n"
+        "from cifar5m.cli.main import cli\n"
         "cli.main(args=['generate', '--count', '1000', '--test-count', '10', '--out', 'x', '--dry-run',"
         " '--device', 'cuda'],"
         " standalone_mode=False)\n"
@@ -288,8 +288,8 @@ def test_ranks_share_from_rank_0_and_report_failed_ranks_over_gloo(tmp_path) -> 
 def test_the_previous_fingerprint_is_read_without_the_part_footers(tmp_path) -> None:
     """``generate`` reads an unfinished output's fingerprint (for its test split) from the
     state file alone: part footers are read only to check the count (check_existing)."""
-    from generator import pipeline
-    from shards.format import WORK_DIR
+    from cifar5m.generator import pipeline
+    from cifar5m.shards.format import WORK_DIR
 
     root = tmp_path / "ds"
     (root / WORK_DIR).mkdir(parents=True)

@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import ModelError
-from generator.labeler import load_labeler
-from shards.format import CIFAR10_CLASSES
-from shards.index import read_index
-from shards.manifest import load_manifest
-from shards.reader import Dataset
-from shards.verify import verify_dataset
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import ModelError
+from cifar5m.generator.labeler import load_labeler
+from cifar5m.shards.format import CIFAR10_CLASSES
+from cifar5m.shards.index import read_index
+from cifar5m.shards.manifest import load_manifest
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.verify import verify_dataset
 from tests.generate_helpers import save_tiny_unet
 from tests.labeler_models import save_tiny_timm, save_tiny_vit, timm_usable
 
@@ -48,7 +48,7 @@ def run(*args: str) -> str:
 def test_device_preprocessing_matches_the_image_processor() -> None:
     from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-    from generator.labeler_input import from_image_processor
+    from cifar5m.generator.labeler_input import from_image_processor
 
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     for proc in (ViTImageProcessor(size={"height": 48, "width": 48}),  # bilinear
@@ -211,7 +211,7 @@ def test_other_commands_never_import_transformers_or_timm(make_dataset, tmp_path
     from tests.generate_helpers import save_tiny_labeler
 
     save_tiny_labeler(lab)
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom cifar5m.cli import cli\n"
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom cifar5m.cli.main import cli\n"
             f"for args in (['verify', {str(root)!r}], ['info', {str(root)!r}],"
             f" ['eval-labeler', '--labeler', {str(lab)!r}, {str(root)!r}, '--device', 'cpu']):\n"
             "    r = CliRunner().invoke(cli, args)\n    assert r.exit_code == 0, r.output\n"
@@ -224,7 +224,7 @@ def test_other_commands_never_import_transformers_or_timm(make_dataset, tmp_path
 
 
 def test_label_resumes_from_saved_shard_probabilities(tmp_path: Path, make_dataset, monkeypatch) -> None:
-    from generator import relabel
+    from cifar5m.generator import relabel
 
     root = make_dataset(n_train=20, n_test=4, shard_size=8)
     model_dir = save_tiny_vit(tmp_path / "vit")
@@ -257,7 +257,7 @@ def test_timm_preprocessing_matches_timms_eval_transform() -> None:
     import timm
     from PIL import Image
 
-    from generator.labeler_input import from_timm_data_config
+    from cifar5m.generator.labeler_input import from_timm_data_config
 
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     for name in ("test_vit", "test_resnet"):  # bicubic, crop_pct 0.95 (odd crop margin: rounded)
@@ -270,7 +270,7 @@ def test_timm_preprocessing_matches_timms_eval_transform() -> None:
 
 def test_a_crash_between_index_and_manifest_is_finished_by_the_next_run(tmp_path, make_dataset,
                                                                         monkeypatch) -> None:
-    from shards import relabel as shards_relabel
+    from cifar5m.shards import label_columns
 
     root = make_dataset(n_train=12, n_test=4, shard_size=8)
     model_dir = save_tiny_vit(tmp_path / "vit")
@@ -278,8 +278,8 @@ def test_a_crash_between_index_and_manifest_is_finished_by_the_next_run(tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # after the index rename, before the manifest's
 
-    monkeypatch.setattr(shards_relabel, "write_manifest", killed)
-    from generator.relabel import label_dataset
+    monkeypatch.setattr(label_columns, "write_manifest", killed)
+    from cifar5m.generator.relabel import label_dataset
 
     with pytest.raises(KeyboardInterrupt):
         label_dataset(root, str(model_dir), keep_as="label_v1", progress=False)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar5m.errors import InvalidSourceError
-from shards.importer import import_dataset, iter_items, resolve_config
-from shards.reader import Dataset
-from shards.verify import verify_dataset
+from cifar5m.core.errors import InvalidSourceError
+from cifar5m.shards.importer import import_dataset, iter_items, resolve_config
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.verify import verify_dataset
 from tests.conftest import synthetic_images
 
 
@@ -135,7 +135,7 @@ def test_interrupted_import_finishes_identically(tmp_path, monkeypatch):
     config = resolve_config(sources, shard_size=8)
     import_dataset(tmp_path / "ref", config, progress=False)
 
-    import shards.importer as importer
+    import cifar5m.shards.importer as importer
 
     real = importer.iter_items
 
@@ -178,7 +178,7 @@ def test_iter_items_order_is_stable(tmp_path):
 
 KILLED_PARENT = """
 import os, sys, time
-from shards.writer import DatasetWriter
+from cifar5m.shards.writer import DatasetWriter
 w = DatasetWriter(sys.argv[1], fingerprint={"source": "kill-test"}, workers=2)
 list(w._pool.map(time.sleep, [0.5, 0.5]))  # both workers are up
 print("ready", flush=True)
@@ -245,7 +245,7 @@ def test_progress_counts_every_source_row_and_ends_at_its_total(tmp_path, capsys
 
 
 def test_planned_samples_apply_the_limit_per_split_as_the_import_does(tmp_path):
-    from shards.importer import planned_samples
+    from cifar5m.shards.importer import planned_samples
 
     for p in (0, 1, 5):
         write_part(tmp_path / f"cifar5m_part{p}.npz", 30, seed=p)

@@ -32,8 +32,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cifar5m.cli import cli
-from train.metrics import read_rows
+from cifar5m.cli.main import cli
+from cifar5m.train.metrics import read_rows
 
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1, --threads 1): same sums
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def parked(*args, **kwargs):
                 time.sleep(60)  # the test SIGKILLs this process here
     return original(*args, **kwargs)
 setattr(owner, attr, parked)
-from cifar5m.cli import main
+from cifar5m.cli.main import main
 main(sys.argv[6:])
 """
 
@@ -135,9 +135,9 @@ def labeler_args(data: Path, out: Path) -> list[str]:
 
 
 LABELER_KILLS = {  # park, checkpoint step left on disk
-    "mid-run": (("generator.training.labeler", "_Run.train_step", 6, ""), 4),  # step 5 lost
+    "mid-run": (("cifar5m.generator.training.labeler_recipe", "_Run.train_step", 6, ""), 4),  # step 5 lost
     "mid-save": (("os", "replace", 2, "checkpoint.pt"), 2),  # the save of step 4 cut
-    "before-output": (("generator.labeler", "replace_dir", 1, ""), 9),
+    "before-output": (("cifar5m.generator.labeler", "replace_dir", 1, ""), 9),
 }
 
 
@@ -171,9 +171,9 @@ def generator_args(data: Path, out: Path) -> list[str]:
 
 
 GENERATOR_KILLS = {
-    "mid-run": (("generator.training.unet", "_Trainer.train_step", 6, ""), 3),  # steps 4, 5 lost
+    "mid-run": (("cifar5m.generator.training.unet", "_Trainer.train_step", 6, ""), 3),  # steps 4, 5 lost
     "mid-save": (("os", "replace", 2, "checkpoint.pt"), 3),  # the save of step 6 cut
-    "before-output": (("generator.training.unet", "replace_dir", 1, ""), 7),
+    "before-output": (("cifar5m.generator.training.unet", "replace_dir", 1, ""), 7),
 }
 
 
@@ -209,7 +209,7 @@ def train_args(data: Path, out: Path) -> list[str]:
 
 
 TRAIN_KILLS = {
-    "mid-run": (("train.trainer", "Learner.step", 6, ""), 3),  # steps 4, 5 lost; row of step 4 logged
+    "mid-run": (("cifar5m.train.trainer", "Learner.step", 6, ""), 3),  # steps 4, 5 lost; row of step 4 logged
     "mid-save": (("os", "replace", 2, "checkpoint.pt"), 3),  # the save of step 6 cut
     "before-output": (("os", "replace", 1, "result.json"), 8),
 }

@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import ConfigMismatchError, ModelError
-from generator.labeler import ARCHS, BUILTIN_DIR, Labeler, load_labeler, save_labeler
-from generator.training.labeler import LabelerTrainConfig, augment, train_labeler
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import ConfigMismatchError, ModelError
+from cifar5m.generator.labeler import ARCHS, BUILTIN_DIR, Labeler, load_labeler, save_labeler
+from cifar5m.generator.training.labeler_recipe import LabelerTrainConfig, augment, train_labeler
 
 NAMES = [f"c{i}" for i in range(10)]
 

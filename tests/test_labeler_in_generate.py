@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from generator.labeler import load_labeler
-from generator.training.labeler import LabelerTrainConfig, train_labeler
-from generator.training.unet import UNetTrainConfig, train_generator
-from shards.reader import Dataset
+from cifar5m.cli.main import cli
+from cifar5m.generator.labeler import load_labeler
+from cifar5m.generator.training.labeler_recipe import LabelerTrainConfig, train_labeler
+from cifar5m.generator.training.unet import UNetTrainConfig, train_generator
+from cifar5m.shards.reader import Dataset
 
 
 def test_trained_models_drive_generate(make_dataset, tmp_path: Path) -> None:

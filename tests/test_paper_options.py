@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from cifar5m.errors import ModelError
-from train.augment import PAD, DeviceAugment
-from train.config import TrainConfig
-from train.models import build_model, count_parameters
-from train.trainer import lr_factor, train
+from cifar5m.core.errors import ModelError
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.device_augment import PAD, DeviceAugment
+from cifar5m.train.models import build_model, count_parameters
+from cifar5m.train.trainer import lr_factor, train
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -10,16 +10,16 @@ from pathlib import Path
 from click.testing import CliRunner
 from PIL import Image
 
-from cifar5m.cli import cli
-from generator.labeler import ARCHS, save_labeler
-from generator.report.figures import class_histogram_figure
-from generator.report.summary import (
+from cifar5m.cli.main import cli
+from cifar5m.generator.labeler import ARCHS, save_labeler
+from cifar5m.generator.report.figures import class_histogram_figure
+from cifar5m.generator.report.summary import (
     ReportConfig,
     labels_are_independent,
     make_report,
     render_text,
 )
-from shards.grid import describe_source
+from cifar5m.shards.grid import describe_source
 
 GENERATED = {"source": "cifar5m generate", "model": "builtin", "sampler": "dpmsolver++", "steps": 20,
              "labeler": "builtin", "conditional": False}

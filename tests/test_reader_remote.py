@@ -1,10 +1,10 @@
-"""shards.reader.Dataset over HTTP from a plain static server (no Range support)."""
+"""cifar5m.shards.reader.Dataset over HTTP from a plain static server (no Range support)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from shards.reader import Dataset
+from cifar5m.shards.reader import Dataset
 from tests.conftest import synthetic_images
 
 
@@ -18,7 +18,7 @@ def test_iterate_a_dataset_served_by_http_server(make_dataset, static_http):
 
 
 def test_a_dataset_on_s3_reads_through_the_fsspec_source(make_dataset, moto_s3):
-    from shards.source import FsspecSource
+    from cifar5m.shards.source import FsspecSource
 
     root = make_dataset("ds", n_train=40, n_test=10, shard_size=16, image_format="npy")
     ds = Dataset(moto_s3(root, "sets/ds"), storage_options=moto_s3.options)
@@ -36,11 +36,11 @@ def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, 
     import pytest
     from click.testing import CliRunner
 
-    from cifar5m.cli import cli
-    from cifar5m.errors import ChecksumMismatchError, ShardNotFoundError
-    from dataset_server.app import create_app
-    from shards.stats import describe
-    from shards.verify import verify_dataset
+    from cifar5m.cli.main import cli
+    from cifar5m.core.errors import ChecksumMismatchError, ShardNotFoundError
+    from cifar5m.dataset_server.app import create_app
+    from cifar5m.shards.stats import describe
+    from cifar5m.shards.verify import verify_dataset
     from tests.test_server_support import build_root, serving
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds", "lab/bad", "lab/gone"),
@@ -69,7 +69,7 @@ def test_verify_reads_through_the_same_source_over_http(make_dataset, tmp_path, 
 
 
 def test_verify_a_dataset_on_s3(make_dataset, moto_s3):
-    from shards.verify import verify_dataset
+    from cifar5m.shards.verify import verify_dataset
 
     root = make_dataset("ds", n_train=40, n_test=10, shard_size=16, image_format="npy")
     local = verify_dataset(root, decode=True, progress=False)
@@ -80,7 +80,7 @@ def test_verify_a_dataset_on_s3(make_dataset, moto_s3):
 def test_an_empty_range_is_no_request_and_keeps_range_reads(make_dataset, tmp_path):
     """``read_bytes(f, a, a)`` (or a start past the end) reads nothing: sent as ``bytes=a-(a-1)``
     the project's server answered the whole file, and the source then kept whole shards."""
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
     from tests.test_server_support import build_root, serving
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds",), n_train=10, n_test=0, shard_size=16)

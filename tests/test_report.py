@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from generator.labeler import ARCHS, save_labeler
-from generator.report.frechet import feature_stats, frechet_distance, frechet_distance_features
-from generator.report.summary import ReportConfig, make_report
+from cifar5m.cli.main import cli
+from cifar5m.generator.labeler import ARCHS, save_labeler
+from cifar5m.generator.report.frechet import (
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+)
+from cifar5m.generator.report.summary import ReportConfig, make_report
 
 
 def _reference_fd(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,7 +11,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from dataset_server.repo import DatasetRepo, HashCache, git_blob_sha1
+from cifar5m.dataset_server.repo import DatasetRepo, HashCache, git_blob_sha1
 from tests.test_server_support import build_root, request, served, serving
 
 __all__ = ["served"]  # the fixture, imported for pytest
@@ -147,7 +147,7 @@ def test_ranges_that_stop_before_the_end_are_read_without_read_ahead(served, mon
     # Cold page cache: the kernel's read-ahead (up to read_ahead_kb, 8 MB on some machines)
     # made many small ranges read several times the bytes asked for. Only the request's
     # own descriptor is advised, and only for a range that stops before the end.
-    import dataset_server.resolve as resolve_module
+    import cifar5m.dataset_server.resolve as resolve_module
 
     advised: list[tuple[int, int, int]] = []
 
@@ -237,7 +237,7 @@ def test_traversal_never_serves_outside_files(served, tmp_path):
 
 
 def test_private_dataset_needs_its_token_and_hides_its_existence(make_dataset, tmp_path):
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/private", "lab/gated", "lab/public"),
                       n_train=20, n_test=10, shard_size=10)

@@ -41,8 +41,8 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
 
 def test_serve_never_imports_torch():
     code = ("import sys\n"
-            "from cifar5m.cli import cli\n"
-            "import cifar5m.commands.serve, dataset_server.server, dataset_server.app, dataset_server.download\n"
+            "from cifar5m.cli.main import cli\n"
+            "import cifar5m.cli.serve, cifar5m.dataset_server.server, cifar5m.dataset_server.app, cifar5m.dataset_server.download\n"
             "from click.testing import CliRunner\n"
             "assert CliRunner().invoke(cli, ['serve', '--help']).exit_code == 0\n"
             "print('torch' in sys.modules)\n")

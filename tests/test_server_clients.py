@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.format import CIFAR10_CLASSES
+from cifar5m.shards.format import CIFAR10_CLASSES
 from tests.conftest import synthetic_images
 from tests.test_server_support import build_root, run_client, serving
 
@@ -98,7 +98,7 @@ def three_datasets(make_dataset, tmp_path) -> tuple[Path, Path]:
 
 
 def test_huggingface_hub_clients_get_identical_bytes_and_typed_errors(three_datasets, tmp_path):
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
 
     root, tokens = three_datasets
     ds = root / "lab/ds"
@@ -125,7 +125,7 @@ def test_huggingface_hub_clients_get_identical_bytes_and_typed_errors(three_data
 
 
 def test_datasets_streaming_and_webdataset_urls_give_the_right_samples(three_datasets, tmp_path):
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
 
     root, tokens = three_datasets
     with serving(create_app(root=root, tokens=tokens)) as url:
@@ -160,7 +160,7 @@ print(json.dumps(out))
 
 def test_datasets_opens_an_npy_dataset_from_its_card_and_returns_arrays(make_dataset, tmp_path):
     """The card declares Array3D + ClassLabel for npy: no shard is probed to infer them."""
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/npy",), n_train=12, n_test=6, shard_size=4,
                       image_format="npy")

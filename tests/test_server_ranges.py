@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataset_server.ranges import RangeNotSatisfiable, parse_range
+from cifar5m.dataset_server.ranges import RangeNotSatisfiable, parse_range
 
 
 @pytest.mark.parametrize(("header", "size", "want"), [

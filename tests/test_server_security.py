@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset_server.app import create_app
+from cifar5m.dataset_server.app import create_app
 from tests.test_server_support import build_root, request, served, serving
 
 __all__ = ["served"]  # the fixture, imported for pytest
@@ -108,9 +108,9 @@ def test_other_http_versions_get_505_in_an_http_1_1_status_line(served, line):
 
 
 def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tmp_path):
-    from cifar5m.errors import DownloadError
-    from shards.reader import Dataset
-    from shards.source import open_source
+    from cifar5m.core.errors import DownloadError
+    from cifar5m.shards.reader import Dataset
+    from cifar5m.shards.source import open_source
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds", "lab/new"), n_train=20, n_test=10, shard_size=10)
     manifest = root / "lab/new/manifest.json"
@@ -121,7 +121,7 @@ def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tm
         with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m") as info:
             source.read_file("manifest.json")
         assert str(Path(root)) not in str(info.value)  # the dataset's name, not the server's path
-        # shards.reader.Dataset reads through the same source: the reason, not a bare status.
+        # cifar5m.shards.reader.Dataset reads through the same source: the reason, not a bare status.
         with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m"):
             Dataset(f"{url}/datasets/lab/new/resolve/main")
         status, headers, _ = request(url, "GET", "/api/datasets/lab/new")
@@ -131,7 +131,7 @@ def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tm
 def test_a_root_that_is_one_dataset_serves_nothing_beside_it(make_dataset, tmp_path):
     """``cifar5m serve DIR`` serves DIR as local/<name> and nothing else of its parent folder,
     not even a <parent>/local/<name> dataset while DIR's manifest is briefly missing."""
-    from dataset_server.repo import Library
+    from cifar5m.dataset_server.repo import Library
 
     ds = make_dataset("ds", n_train=10, n_test=0)
     make_dataset("other", n_train=10, n_test=0)

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from dataset_server.app import create_app
-from dataset_server.repo import Library
+from cifar5m.dataset_server.app import create_app
+from cifar5m.dataset_server.repo import Library
 from tests.test_server_support import build_root, request, serving
 
 DS = "/datasets/lab/ds/resolve/main"
@@ -159,9 +159,9 @@ def test_dataset_checks_are_reused_only_within_max_age(make_dataset, tmp_path):
 
 
 def test_file_requests_join_the_scan_in_flight_and_api_calls_scan_afresh(make_dataset, tmp_path, monkeypatch):
-    from dataset_server.auth import AccessPolicy
-    from dataset_server.config import ServeConfig
-    from dataset_server.context import ServerContext, state_at
+    from cifar5m.dataset_server.auth import AccessPolicy
+    from cifar5m.dataset_server.config import ServeConfig
+    from cifar5m.dataset_server.context import ServerContext, state_at
 
     root = build_root(make_dataset, tmp_path / "root", n_train=10, n_test=0)
     library = Library(root)
@@ -196,7 +196,7 @@ def test_api_calls_re_check_every_file_inline_and_see_each_change_at_once(make_d
     import json
     import os
 
-    from dataset_server.repo import DatasetRepo
+    from cifar5m.dataset_server.repo import DatasetRepo
 
     root = build_root(make_dataset, tmp_path / "root", n_train=30, n_test=0, shard_size=10)
     ds = root / "lab/ds"

@@ -65,7 +65,7 @@ def serving(app, *, keep_alive_s: float = 30, access_log: bool = False) -> Itera
 
     from aiohttp import web
 
-    from dataset_server.app import runner_of
+    from cifar5m.dataset_server.app import runner_of
 
     loop = asyncio.new_event_loop()
     runner = runner_of(app, keep_alive_s=keep_alive_s, graceful_s=2, access_log=access_log)
@@ -86,7 +86,7 @@ def serving(app, *, keep_alive_s: float = 30, access_log: bool = False) -> Itera
 @pytest.fixture
 def served(make_dataset, tmp_path) -> Iterator[tuple[str, Path]]:
     """(base URL, root) of a server over ``root/lab/ds`` (200 train + 50 test PNG samples)."""
-    from dataset_server.app import create_app
+    from cifar5m.dataset_server.app import create_app
 
     root = build_root(make_dataset, tmp_path / "root")
     with serving(create_app(root=root, page_size=3, scan_max_age=0.0)) as url:

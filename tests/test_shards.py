@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from cifar5m.errors import (
+from cifar5m.core.errors import (
     ChecksumMismatchError,
     ConfigMismatchError,
     CorruptShardError,
@@ -19,10 +19,10 @@ from cifar5m.errors import (
     SampleNotFoundError,
     ShardNotFoundError,
 )
-from shards.index import balanced_subset, read_index
-from shards.reader import Dataset
-from shards.verify import verify_dataset
-from shards.writer import DatasetWriter, Sample
+from cifar5m.shards.index import balanced_subset, read_index
+from cifar5m.shards.reader import Dataset
+from cifar5m.shards.verify import verify_dataset
+from cifar5m.shards.writer import DatasetWriter, Sample
 from tests.conftest import synthetic_images
 
 
@@ -218,7 +218,7 @@ def test_crash_resumes_to_identical_dataset(tmp_path, make_dataset):
 
 
 def test_begin_drops_damaged_shards_only_when_asked(tmp_path):
-    from shards.writer import begin
+    from cifar5m.shards.writer import begin
 
     images = synthetic_images(48)
     root = tmp_path / "crashy"

@@ -1,4 +1,4 @@
-"""shards.source (local pread/mmap reads, HTTP without Range) and shards.connections (the
+"""cifar5m.shards.source (local pread/mmap reads, HTTP without Range) and cifar5m.shards.connections (the
 keep-alive GET client): the byte source every reader of a dataset reads through."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from shards.connections import Connections
-from shards.source import GAP, LocalSource, coalesce
+from cifar5m.shards.connections import Connections
+from cifar5m.shards.source import GAP, LocalSource, coalesce
 from tests.conftest import QuietHTTPHandler, write_dataset
 
 
@@ -84,7 +84,7 @@ def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_
 def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
     from collections import Counter
 
-    from shards.source import HttpSource
+    from cifar5m.shards.source import HttpSource
 
     gets: Counter = Counter()
 

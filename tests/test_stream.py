@@ -1,4 +1,4 @@
-"""train.stream: exactly-once delivery, equal per-rank counts, elastic resume, real world.
+"""cifar5m.train.stream: exactly-once delivery, equal per-rank counts, elastic resume, real world.
 
 Most examples simulate DataLoader workers by running ``WorkerDataset`` with a patched
 worker id and merging the way the DataLoader does (in-order round robin), which is the
@@ -19,18 +19,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cifar5m.errors import (
+from cifar5m.core.errors import (
     CorruptShardError,
     NotEnoughSamplesError,
     StreamConfigError,
     StreamStateError,
 )
-from shards.catalog import Catalog
-from shards.reader import Dataset
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.reader import Dataset
+from cifar5m.train.batch_producer import WorkerDataset, unpack
+from cifar5m.train.order import block_grid, block_order
+from cifar5m.train.stream import SampleStream, StreamConfig
 from tests.conftest import synthetic_images, write_dataset
-from train.plan import block_grid, block_order
-from train.producer import WorkerDataset, unpack
-from train.stream import SampleStream, StreamConfig
 
 _DATASETS: dict[tuple, Path] = {}
 
@@ -156,7 +156,7 @@ def test_block_order_is_a_seeded_permutation_that_keeps_blocks_within_shards():
 
 
 def test_prefetch_thread_keeps_order_stops_early_and_raises_in_place():
-    from train.prefetch import ahead
+    from cifar5m.train.prefetch import ahead
 
     assert list(ahead(lambda i: i * i, range(10), 3)) == [i * i for i in range(10)]
     gen = ahead(lambda i: i, range(1000), 2)
@@ -192,12 +192,12 @@ def test_images_labels_and_keys_match_the_dataset(dataset_dir):
 
 def test_pillow_fallback_decodes_the_same_and_damaged_png_names_the_offset(dataset_dir, tmp_path,
                                                                          monkeypatch):
-    import shards.codec
+    import cifar5m.shards.codec
 
     cfg = dict(batch_size=20, return_keys=True)
     root = str(dataset_dir(100, 30, "png"))
     fast = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
-    monkeypatch.setattr(shards.codec, "_spng", None)
+    monkeypatch.setattr(cifar5m.shards.codec, "_spng", None)
     slow = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     monkeypatch.undo()
@@ -425,7 +425,7 @@ def test_cache_removes_lock_files_and_serves_a_read_only_cache(dataset_dir, tmp_
     import errno
     import os
 
-    from train import cache as cache_module
+    from cifar5m.train import cache as cache_module
 
     base = dict(source=str(dataset_dir(50, 20)), batch_size=10, return_keys=True)
     ref = [(b.keys, b.images) for b in SampleStream(StreamConfig(**base, cache_dir=str(tmp_path)))]
@@ -453,9 +453,9 @@ def test_cache_removes_lock_files_and_serves_a_read_only_cache(dataset_dir, tmp_
 def test_an_index_whose_shard_rows_are_interleaved_is_refused(tmp_path):
     import pyarrow as pa
 
-    from cifar5m.errors import ManifestError
-    from shards.index import read_index
-    from shards.manifest import load_manifest
+    from cifar5m.core.errors import ManifestError
+    from cifar5m.shards.index import read_index
+    from cifar5m.shards.manifest import load_manifest
 
     root = write_dataset(tmp_path / "ds", n_train=40, n_test=0, shard_size=20)
     table = read_index(root / "index.parquet")
@@ -481,7 +481,7 @@ def test_the_catalog_gives_back_the_arrow_memory_its_load_freed(dataset_dir):
     pages (1.2 GB at 5M samples with the whole-table load) unless asked to give them back."""
     root = dataset_dir(100, 30, "npy")
     pool = mock.Mock(wraps=pa.default_memory_pool())
-    with mock.patch("shards.catalog.pa.default_memory_pool", return_value=pool):
+    with mock.patch("cifar5m.shards.catalog.pa.default_memory_pool", return_value=pool):
         stream = SampleStream(StreamConfig(source=str(root), batch_size=16))
     pool.release_unused.assert_called_once_with()
     assert len(stream.catalog) == 100

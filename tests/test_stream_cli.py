@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
+from cifar5m.cli.main import cli
+from cifar5m.train.stream import SampleStream, StreamConfig
 from tests.conftest import synthetic_images, write_dataset
-from train.stream import SampleStream, StreamConfig
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_stats_prints_counts_throughput_and_the_check(root):
 def test_the_check_counts_off_plan_repeated_and_unknown_keys(root, monkeypatch):
     """Distinct delivered samples are counted by split position (no set of every key): a
     batch off the plan that repeats earlier samples and names a key the split lacks."""
-    from train.stream_check import run_stats
+    from cifar5m.cli.stream_check import run_stats
 
     stream = SampleStream(StreamConfig(str(root), batch_size=10, steps=4, return_keys=True))
     first: list[str] = []

@@ -8,14 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifar5m.errors import CorruptShardError
-from shards.catalog import Catalog
-from shards.source import LocalSource
+from cifar5m.core.errors import CorruptShardError
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.source import LocalSource
+from cifar5m.train.blocks import BlockStore
+from cifar5m.train.sample_reader import SampleReader
+from cifar5m.train.stream import SampleStream, StreamConfig
 from tests.conftest import write_dataset
 from tests.test_stream_remote import serve_app
-from train.blocks import BlockStore
-from train.reader import SampleReader
-from train.stream import SampleStream, StreamConfig
 
 
 def static_files(root):

@@ -1,4 +1,4 @@
-"""train.stream over HTTP (two static servers on 127.0.0.1) and S3 (moto's server).
+"""cifar5m.train.stream over HTTP (two static servers on 127.0.0.1) and S3 (moto's server).
 
 Each must deliver exactly the batches (keys, pixels, labels) a local directory gives.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar5m.errors import CorruptShardError, DatasetNotFoundError, DownloadError
+from cifar5m.core.errors import CorruptShardError, DatasetNotFoundError, DownloadError
+from cifar5m.train.stream import SampleStream, StreamConfig
 from tests.conftest import write_dataset
 from tests.test_server_support import serving as serve_app
-from train.stream import SampleStream, StreamConfig
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def range_http(dataset):
 
 def test_cifar5m_serve_resolve_urls_deliver_the_local_batches(dataset, tmp_path):
     """`cifar5m serve` (dataset_server) exposes a dataset's files under .../resolve/main."""
-    app_module = pytest.importorskip("dataset_server.app")
+    app_module = pytest.importorskip("cifar5m.dataset_server.app")
     shutil.copytree(dataset, tmp_path / "lab" / "ds")
     with serve_app(app_module.create_app(root=tmp_path)) as url:
         assert_same(batches(f"{url}/datasets/lab/ds/resolve/main"), batches(str(dataset)))
@@ -106,7 +106,7 @@ def test_http_truncated_shard_and_missing_dataset(tmp_path, static_http):
 def test_s3_through_moto_delivers_the_local_batches(dataset, moto_s3):
     from click.testing import CliRunner
 
-    from cifar5m.cli import cli
+    from cifar5m.cli.main import cli
 
     url, options = moto_s3(dataset, "sets/ds"), moto_s3.options
     ref = batches(str(dataset))

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import ConfigMismatchError
-from train.config import TrainConfig
-from train.metrics import read_rows
-from train.models import MODELS
-from train.trainer import train
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import ConfigMismatchError
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.metrics import read_rows
+from cifar5m.train.models import MODELS
+from cifar5m.train.trainer import train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

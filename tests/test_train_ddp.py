@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import TrainConfig
-from train.metrics import read_rows
-from train.trainer import train
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.metrics import read_rows
+from cifar5m.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 5, 16
@@ -49,7 +49,7 @@ def test_two_process_torchrun_sees_the_same_samples_as_one_process(make_dataset,
         torch.set_num_threads(1)
         from pathlib import Path
         from test_train_ddp import config
-        from train.trainer import train
+        from cifar5m.train.trainer import train
         for world in ("real", "ideal"):
             train(config(Path({str(data)!r}), world), out=Path({str(tmp_path)!r}) / f"ddp-{{world}}",
                   progress=False)

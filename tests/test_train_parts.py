@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from cifar5m.errors import ModelError, TrainConfigError
-from train.augment import DeviceAugment, prepare
-from train.config import TrainConfig
-from train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
-from train.models import MODELS, build_model, count_parameters, register
-from train.trainer import lr_factor
+from cifar5m.core.errors import ModelError, TrainConfigError
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.device_augment import DeviceAugment, prepare
+from cifar5m.train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
+from cifar5m.train.models import MODELS, build_model, count_parameters, register
+from cifar5m.train.trainer import lr_factor
 
 CPU = torch.device("cpu")
 
@@ -132,7 +132,7 @@ def test_config_rejects_bad_values_with_the_reason():
 @pytest.mark.parametrize("padding", ["zeros", "reflect"])
 def test_crop_flip_is_a_window_of_the_padded_image(padding):
     """The shared gather (train's DeviceAugment and the labeler's augment) against F.pad."""
-    from cifar5m.augment import crop_flip
+    from cifar5m.core.augment import crop_flip
 
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     dy, dx = torch.tensor([[0], [1], [2], [3], [4], [2]]), torch.tensor([[4], [3], [2], [1], [0], [2]])

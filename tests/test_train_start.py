@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
+from cifar5m.cli.main import cli
 
 torch.set_num_threads(1)
 

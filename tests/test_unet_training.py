@@ -10,11 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cifar5m.cli import cli
-from cifar5m.errors import ConfigMismatchError, TrainConfigError
-from generator.training.unet import UNetTrainConfig, build_unet, sample_images, train_generator
+from cifar5m.cli.main import cli
+from cifar5m.core.errors import ConfigMismatchError, TrainConfigError
+from cifar5m.generator.training.unet import (
+    UNetTrainConfig,
+    build_unet,
+    sample_images,
+    train_generator,
+)
 
-BUILTIN_UNET = Path(__file__).resolve().parents[1] / "generator" / "builtin" / "unet"
+BUILTIN_UNET = Path(__file__).resolve().parents[1] / "cifar5m" / "generator" / "builtin" / "unet"
 
 
 def _cfg(data: Path, out: Path, **kw) -> UNetTrainConfig:
@@ -104,7 +109,7 @@ def test_builtin_unet_loads_offline_and_generates(monkeypatch) -> None:
 RECORD_RANK = """
 import atexit, os, sys
 import torch
-from generator.training import unet as ut
+from cifar5m.generator.training import unet as ut
 record, trainers, batches = sys.argv[1], [], []
 init, batch = ut._Trainer.__init__, ut._Trainer.batch
 def recording_init(self, *args, **kwargs):
@@ -121,7 +126,7 @@ def dump():
     torch.save({"batches": batches, "unet": tr.unet.state_dict(), "ema": dict(zip(names, tr.ema))},
                f"{record}/rank{os.environ['RANK']}.pt")
 atexit.register(dump)
-from cifar5m.cli import main
+from cifar5m.cli.main import main
 main(sys.argv[2:])
 """
 

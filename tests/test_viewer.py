@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_server.app import create_app
+from cifar5m.dataset_server.app import create_app
 from tests.conftest import synthetic_images
 from tests.test_server_support import build_root, request, serving
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cifar5m.commands.stream import parse_storage_options, storage_options_option
+from cifar5m.cli.streaming import parse_storage_options, storage_options_option
 
 
 @click.command("import")
@@ -40,8 +40,8 @@ def import_cmd(sources, out, fmt, image_format, shard_size, test_part, test_coun
       cifar5m import cifar5m_part{0,1,2,3,4,5}.npz --out data/cifar5m --workers 8
       cifar5m import cifar-10-batches-py --out data/cifar10-orig
     """
-    from shards.importer import import_dataset, resolve_config
-    from shards.stats import describe, format_description
+    from cifar5m.shards.importer import import_dataset, resolve_config
+    from cifar5m.shards.stats import describe, format_description
 
     config = resolve_config(
         list(sources), format=fmt, image_format=image_format, shard_size=shard_size,
@@ -74,7 +74,7 @@ def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
       cifar5m verify data/cifar10 --decode
       cifar5m verify http://127.0.0.1:8000/datasets/local/cifar10/resolve/main
     """
-    from shards.verify import verify_dataset
+    from cifar5m.shards.verify import verify_dataset
 
     report = verify_dataset(root, decode=decode, storage_options=parse_storage_options(storage_options))
     counts = ", ".join(f"{n:,} {split}" for split, n in report.samples.items())
@@ -93,7 +93,7 @@ def info_cmd(root: str, as_json: bool) -> None:
     Example:
       cifar5m info data/cifar10
     """
-    from shards.stats import describe, format_description
+    from cifar5m.shards.stats import describe, format_description
 
     info = describe(root)
     click.echo(json.dumps(info, indent=1) if as_json else format_description(info))
@@ -113,6 +113,6 @@ def grid_cmd(root: str, out: str, split: str, per_class: int, scale: int, seed: 
     Example:
       cifar5m grid data/cifar10 -o cifar10-grid.png
     """
-    from shards.grid import render_grid
+    from cifar5m.shards.grid import render_grid
 
     click.echo(f"wrote {render_grid(root, out, split=split, per_class=per_class, scale=scale, seed=seed)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-BUILTIN_UNET = Path(__file__).resolve().parents[2] / "generator" / "builtin" / "unet" / "config.json"
+BUILTIN_UNET = Path(__file__).resolve().parents[1] / "generator" / "builtin" / "unet" / "config.json"
 
 
 # The demo's Deep Bootstrap: an MLP on CIFAR-10, batch 128, T = 390 steps. The ideal world sees

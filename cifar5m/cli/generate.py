@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from generator.config import DEFAULT_MODEL, DEFAULT_STEPS, SAMPLERS
-from generator.defaults import CPU_SAMPLER, CPU_STEPS, CUDA_SAMPLER
-from shards.format import IMAGE_FORMATS
+from cifar5m.generator.config import DEFAULT_MODEL, DEFAULT_STEPS, SAMPLERS
+from cifar5m.generator.defaults import CPU_SAMPLER, CPU_STEPS, CUDA_SAMPLER
+from cifar5m.shards.format import IMAGE_FORMATS
 
 # Measured with benchmarks/cpu_kernels_bench.py (builtin UNet, DPM-Solver++, 2-core Xeon with AMX).
 FAST_CPU_CLAIM = ("measured 6.1x the image-steps/s of --exact-cpu fp32 in bf16 (551 vs 91) and 2.2x "
@@ -97,8 +97,8 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
           --count 6000000 --out s3://bucket/cifar5m-ddim --sampler ddim --steps 100 \\
           --labeler builtin
     """
-    from cifar5m.commands.stream import parse_storage_options
-    from generator.config import GenerateConfig
+    from cifar5m.cli.streaming import parse_storage_options
+    from cifar5m.generator.config import GenerateConfig
 
     try:
         cfg = GenerateConfig(
@@ -110,11 +110,11 @@ def generate_cmd(count, out, model, sampler, steps, labeler, seed, batch_size, s
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if dry_run:
-        from generator.cost import dry_run as plan_dry_run
+        from cifar5m.generator.cost import dry_run as plan_dry_run
 
         click.echo(plan_dry_run(cfg))
         return
-    from generator.pipeline import run
+    from cifar5m.generator.pipeline import run
 
     manifest = run(cfg, storage_options=parse_storage_options(storage_options), break_lease=break_lease)
     if manifest is not None:

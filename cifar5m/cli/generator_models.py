@@ -51,7 +51,7 @@ def train_labeler_cmd(data, out, arch, widths, epochs, batch_size, lr, label_smo
     """
     import torch
 
-    from generator.training.labeler import LabelerTrainConfig, train_labeler
+    from cifar5m.generator.training.labeler_recipe import LabelerTrainConfig, train_labeler
 
     if threads:
         torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def train_generator_cmd(data, out, channels, layers_per_block, attention_levels,
     """
     import torch
 
-    from generator.training.unet import UNetTrainConfig, train_generator
+    from cifar5m.generator.training.unet import UNetTrainConfig, train_generator
 
     if threads:
         torch.set_num_threads(threads)
@@ -130,10 +130,10 @@ def train_generator_cmd(data, out, channels, layers_per_block, attention_levels,
         ema_decay=ema_decay, ema_warmup=ema_warmup, steps=steps, checkpoint_every=checkpoint_every,
         sample_every=sample_every, sample_steps=sample_steps, precision=precision, compile=compile, max_train=max_train,
         work=work, seed=seed)
-    from generator import ranks
+    from cifar5m.generator import rendezvous
 
     metrics = train_generator(cfg)
-    if ranks.from_env().is_main:
+    if rendezvous.from_env().is_main:
         click.echo(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; wrote {out}")
 
 
@@ -163,7 +163,7 @@ def report_cmd(root, out, split, per_class, reference, labeler, max_samples, fid
     """
     from pathlib import Path
 
-    from generator.report.summary import ReportConfig, make_report, render_text
+    from cifar5m.generator.report.summary import ReportConfig, make_report, render_text
 
     cfg = ReportConfig(root=root, out=out or str(Path(root) / "report"), split=split, per_class=per_class,
                        reference=reference, labeler=labeler, max_samples=max_samples,

@@ -38,10 +38,10 @@ def label_cmd(root, labeler, keep_as, batch_size, device, plot) -> None:
       cifar5m label data/cifar5m --labeler aaraki/vit-base-patch16-224-in21k-finetuned-cifar10
       cifar5m label data/gen --labeler timm:resnet18:resnet18-cifar10.safetensors --keep-as label_builtin
     """
-    from generator.relabel import format_report, label_dataset, plot_confusion
-    from shards.format import INDEX_NAME
-    from shards.index import read_index
-    from shards.relabel import index_meta
+    from cifar5m.generator.relabel import format_report, label_dataset, plot_confusion
+    from cifar5m.shards.format import INDEX_NAME
+    from cifar5m.shards.index import read_index
+    from cifar5m.shards.label_columns import index_meta
 
     if keep_as is None:
         meta = index_meta(read_index(f"{root}/{INDEX_NAME}", columns=["key"]))
@@ -73,7 +73,7 @@ def eval_labeler_cmd(root, labeler, split, batch_size, limit, device) -> None:
     Example:
       cifar5m eval-labeler --labeler aaraki/vit-base-patch16-224-in21k-finetuned-cifar10 data/cifar10
     """
-    from generator.relabel import evaluate
+    from cifar5m.generator.relabel import evaluate
 
     dev = _device(device)
     ev = evaluate(root, labeler, split=split, device=dev, batch_size=batch_size, limit=limit)

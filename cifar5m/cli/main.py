@@ -16,31 +16,31 @@ import sys
 
 import click
 
-from cifar5m.errors import Cifar5mError
-from cifar5m.version import __version__
+from cifar5m.core.errors import Cifar5mError
+from cifar5m.core.version import __version__
 
 # name -> "module:attribute"; one line per command, grouped by stage.
 COMMANDS: dict[str, str] = {
     # shards/
-    "import": "cifar5m.commands.dataset:import_cmd",
-    "verify": "cifar5m.commands.dataset:verify_cmd",
-    "info": "cifar5m.commands.dataset:info_cmd",
-    "grid": "cifar5m.commands.dataset:grid_cmd",
-    "demo": "cifar5m.commands.demo:demo_cmd",
+    "import": "cifar5m.cli.dataset:import_cmd",
+    "verify": "cifar5m.cli.dataset:verify_cmd",
+    "info": "cifar5m.cli.dataset:info_cmd",
+    "grid": "cifar5m.cli.dataset:grid_cmd",
+    "demo": "cifar5m.cli.demo:demo_cmd",
     # generator/
-    "generate": "cifar5m.commands.generate:generate_cmd",
-    "train-labeler": "cifar5m.commands.models:train_labeler_cmd",
-    "train-generator": "cifar5m.commands.models:train_generator_cmd",
-    "report": "cifar5m.commands.models:report_cmd",
-    "label": "cifar5m.commands.label:label_cmd",
-    "eval-labeler": "cifar5m.commands.label:eval_labeler_cmd",
+    "generate": "cifar5m.cli.generate:generate_cmd",
+    "train-labeler": "cifar5m.cli.generator_models:train_labeler_cmd",
+    "train-generator": "cifar5m.cli.generator_models:train_generator_cmd",
+    "report": "cifar5m.cli.generator_models:report_cmd",
+    "label": "cifar5m.cli.label:label_cmd",
+    "eval-labeler": "cifar5m.cli.label:eval_labeler_cmd",
     # dataset_server/
-    "serve": "cifar5m.commands.serve:serve_cmd",
-    "download": "cifar5m.commands.serve:download_cmd",
+    "serve": "cifar5m.cli.serve:serve_cmd",
+    "download": "cifar5m.cli.serve:download_cmd",
     # train/
-    "train": "cifar5m.commands.train:train_cmd",
-    "bootstrap": "cifar5m.commands.train:bootstrap_cmd",
-    "stream": "cifar5m.commands.stream:stream_cmd",
+    "train": "cifar5m.cli.train:train_cmd",
+    "bootstrap": "cifar5m.cli.train:bootstrap_cmd",
+    "stream": "cifar5m.cli.streaming:stream_cmd",
 }
 
 

@@ -37,7 +37,7 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10
     """
-    from dataset_server.server import ServeConfig, run
+    from cifar5m.dataset_server.server import ServeConfig, run
 
     run(ServeConfig(root=root, host=host, port=port, tokens=tokens, workers=workers,
                     page_size=page_size, access_log=access_log))
@@ -63,7 +63,7 @@ def download_cmd(repo: str, endpoint: str | None, revision: str | None, local_di
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir data/cifar10
       cifar5m verify data/cifar10
     """
-    from dataset_server.download import download
+    from cifar5m.dataset_server.download import download
 
     result = download(repo, endpoint=endpoint, revision=revision, local_dir=local_dir, token=token,
                       max_workers=workers)

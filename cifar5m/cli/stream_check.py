@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from train.stream import SampleStream
-from train.tar_writer import TarStreamWriter
+from cifar5m.cli.stream_tar import TarStreamWriter
+from cifar5m.train.stream import SampleStream
 
 
 def _plan_check(stream: SampleStream, first: int, stop: int) -> dict[str, Any]:

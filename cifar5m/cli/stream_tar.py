@@ -1,6 +1,6 @@
 """Writing a stream as a WebDataset tar to a byte stream (``cifar5m stream --format tar``).
 
-Members are plain USTAR (``shards.ustar``): ``<key>.png`` or ``<key>.npy`` with the
+Members are plain USTAR (``cifar5m.shards.ustar``): ``<key>.png`` or ``<key>.npy`` with the
 image bytes exactly as stored in the shard (nothing is decoded or re-encoded) followed
 by ``<key>.cls``, so ``webdataset.WebDataset("pipe:cifar5m stream ... --format tar")``
 groups and decodes them like any shard.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from shards import codec, ustar
+from cifar5m.shards import codec, ustar
 
 
 class TarStreamWriter:

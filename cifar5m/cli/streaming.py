@@ -97,8 +97,8 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     """
     from pathlib import Path
 
-    from train.stream import SampleStream, StreamConfig
-    from train.stream_check import format_stats, run_stats, write_tar
+    from cifar5m.cli.stream_check import format_stats, run_stats, write_tar
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     config = StreamConfig(
         source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
@@ -112,7 +112,7 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
 
     def save() -> None:
         if state_file is not None:
-            from shards.atomic import atomic_write_bytes
+            from cifar5m.core.atomic import atomic_write_bytes
 
             atomic_write_bytes(state_file, json.dumps(stream.state_dict()).encode())
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-ARCHS = ("preresnet18", "mlp", "mcnn", "vit", "vgg11_bn")  # train.models.MODELS, listed without torch
+ARCHS = ("preresnet18", "mlp", "mcnn", "vit", "vgg11_bn")  # cifar5m.train.models.MODELS, listed without torch
 ARCH_HELP = f"Model: {', '.join(ARCHS)}, or an MLP with the given hidden widths: 'mlp[512,512,512]'."
 AUGMENT_HELP = ("On-device augmentation, identical in both worlds; the paper's --aug 0-3: none, flip, "
                 "crop-flip (zero-padded crop 32 of 40 + flip), reflect-crop-flip (mirror-padded).")
@@ -70,9 +70,9 @@ def _run_options(command: Callable) -> Callable:
 
 
 def _config(world: str, seed: int, opts: dict):
-    from cifar5m.commands.stream import parse_storage_options
-    from train.config import TrainConfig
-    from train.metrics import parse_dense
+    from cifar5m.cli.streaming import parse_storage_options
+    from cifar5m.train.config import TrainConfig
+    from cifar5m.train.metrics import parse_dense
 
     opts = dict(opts)
     opts["compile"] = opts.pop("compile_")
@@ -109,7 +109,7 @@ def train_cmd(world: str, seed: int, record_keys: bool, **opts) -> None:
       cifar5m train --data data/cifar5m --world ideal --out runs/ideal --augment crop-flip
       torchrun --nproc-per-node 8 -m cifar5m train --data data/cifar5m --world ideal --out runs/i8
     """
-    from train.trainer import train
+    from cifar5m.train.trainer import train
 
     config = _config(world, seed, {**opts, "record_keys": record_keys})
     if world == "ideal":
@@ -146,8 +146,8 @@ def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> 
       cifar5m bootstrap --data data/cifar5m --n 50000 --steps 39000 --lr-step-every 390 \\
           --augment crop-flip --precision fp32 --out runs/paper
     """
-    from train.bootstrap import run_bootstrap
-    from train.config import BootstrapConfig
+    from cifar5m.train.bootstrap import run_bootstrap
+    from cifar5m.train.config import BootstrapConfig
 
     models = split_archs(archs)
     config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": models[0]}),

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cifar5m.errors import DiskFullError
+from cifar5m.core.errors import DiskFullError
 
 
 def _umask() -> int:

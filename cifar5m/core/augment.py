@@ -1,5 +1,5 @@
-"""The batched random crop + horizontal flip both trainers use (``train.augment`` for the
-classifiers of the Deep Bootstrap, ``generator.training.labeler`` for the labeler): one gather
+"""The batched random crop + horizontal flip both trainers use (``cifar5m.train.device_augment`` for the
+classifiers of the Deep Bootstrap, ``cifar5m.generator.training.labeler_recipe`` for the labeler): one gather
 over the whole batch on its device, no per-sample Python. The callers draw the offsets and
 flips from their own generators, so each keeps its own random stream."""
 

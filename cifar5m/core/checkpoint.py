@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar5m.errors import ConfigMismatchError
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import ConfigMismatchError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -1,5 +1,5 @@
 """Which process am I: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, read in one place for the
-generator (``generator.ranks``) and the trainer and stream (``train``). Imports no torch."""
+generator (``cifar5m.generator.rendezvous``) and the trainer and stream (``train``). Imports no torch."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from dataset_server.context import ServerContext, lookup, state_at, visible
-from dataset_server.repo import RepoFile, RepoState, lfs_pointer
-from dataset_server.responses import REPO_COMMIT, Denied, hub_error
+from cifar5m.dataset_server.context import ServerContext, lookup, state_at, visible
+from cifar5m.dataset_server.repo import RepoFile, RepoState, lfs_pointer
+from cifar5m.dataset_server.responses import REPO_COMMIT, Denied, hub_error
 
 # Pagination cursors are plain offsets into the listing (sorted, stable per commit).
 # A dataset is flat, so `recursive=true|false` (or True/False from 0.x clients) lists

@@ -24,13 +24,13 @@ from urllib.parse import unquote
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
 
-from dataset_server import api, viewer
-from dataset_server.auth import AccessPolicy
-from dataset_server.config import ServeConfig
-from dataset_server.context import MAIN, ServerContext
-from dataset_server.repo import HashCache, Library
-from dataset_server.resolve import resolve
-from dataset_server.responses import Denied, FdResponse, hub_error, printable
+from cifar5m.dataset_server import api, viewer
+from cifar5m.dataset_server.auth import AccessPolicy
+from cifar5m.dataset_server.config import ServeConfig
+from cifar5m.dataset_server.context import MAIN, ServerContext
+from cifar5m.dataset_server.repo import HashCache, Library
+from cifar5m.dataset_server.resolve import resolve
+from cifar5m.dataset_server.responses import Denied, FdResponse, hub_error, printable
 
 CTX = web.AppKey("ctx", ServerContext)
 # huggingface_hub asks for this once per process; an empty answer is cached for 24 h.

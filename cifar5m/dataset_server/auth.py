@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar5m.errors import ServerConfigError
+from cifar5m.core.errors import ServerConfigError
 
 
 class Access(Enum):

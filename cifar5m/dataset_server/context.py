@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from dataset_server.auth import Access, AccessPolicy
-from dataset_server.config import ServeConfig
-from dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
-from dataset_server.responses import Denied, hub_error, printable, repo_not_found
+from cifar5m.dataset_server.auth import Access, AccessPolicy
+from cifar5m.dataset_server.config import ServeConfig
+from cifar5m.dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
+from cifar5m.dataset_server.responses import Denied, hub_error, printable, repo_not_found
 
 MAIN = "main"
 

@@ -10,7 +10,7 @@ fetches only what is missing; a file cut off mid-way is fetched again from its s
 checked against the manifest's sha256, and only then renamed into place, the manifest
 last. A file whose bytes do not match is an error naming the server's copy; the local
 copy, if any, stays as it was. The folder is locked while a download writes it
-(``shards.lock``). Verified hashes are remembered by (size, mtime) in
+(``cifar5m.shards.lock``). Verified hashes are remembered by (size, mtime) in
 ``<dir>/.cache/cifar5m/verified.json``, so a re-run does not re-read 37 GB.
 
 Without ``--local-dir`` the files go to the huggingface_hub cache, which stores each
@@ -28,12 +28,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar5m.errors import DownloadError, ManifestError
-from shards.atomic import atomic_write_bytes
-from shards.format import MANIFEST_NAME
-from shards.lock import DirectoryLock
-from shards.manifest import FileInfo, load_manifest
-from shards.shard import sha256_file
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import DownloadError, ManifestError
+from cifar5m.shards.format import MANIFEST_NAME
+from cifar5m.shards.lock import DirectoryLock
+from cifar5m.shards.manifest import FileInfo, load_manifest
+from cifar5m.shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a commit sha, as huggingface_hub tells one from a branch

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from shards.atomic import atomic_write_bytes
-from shards.format import CARD_NAME, MANIFEST_NAME
-from shards.manifest import Manifest
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.shards.format import CARD_NAME, MANIFEST_NAME
+from cifar5m.shards.manifest import Manifest
 
 # Hub repo-name rules: letters, digits, '-', '_', '.', no leading/trailing punctuation,
 # no '..' (so a name can never be a parent reference), at most 96 characters.

@@ -26,10 +26,10 @@ from email.utils import formatdate
 
 from aiohttp import web
 
-from dataset_server.context import ServerContext, lookup, state_at
-from dataset_server.ranges import RangeNotSatisfiable, parse_range
-from dataset_server.repo import DatasetRepo, RepoFile, RepoState
-from dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
+from cifar5m.dataset_server.context import ServerContext, lookup, state_at
+from cifar5m.dataset_server.ranges import RangeNotSatisfiable, parse_range
+from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
+from cifar5m.dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
 
 _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}

@@ -13,12 +13,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-from cifar5m.errors import ServerConfigError
-from dataset_server.auth import AccessPolicy
-from dataset_server.config import ServeConfig, configure_logging
-from dataset_server.repo import SINGLE_ORG, Library, valid_name
-from dataset_server.workers import run_workers
-from shards.format import MANIFEST_NAME
+from cifar5m.core.errors import ServerConfigError
+from cifar5m.dataset_server.auth import AccessPolicy
+from cifar5m.dataset_server.config import ServeConfig, configure_logging
+from cifar5m.dataset_server.repo import SINGLE_ORG, Library, valid_name
+from cifar5m.dataset_server.workers import run_workers
+from cifar5m.shards.format import MANIFEST_NAME
 
 log = logging.getLogger("dataset_server")
 __all__ = ["ServeConfig", "check_config", "prewarm", "run"]

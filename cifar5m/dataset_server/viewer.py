@@ -25,13 +25,13 @@ import pyarrow.compute as pc
 from aiohttp import web
 from PIL import Image
 
-from dataset_server.auth import Access
-from dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at, visible
-from dataset_server.repo import Library, RepoState
-from dataset_server.responses import Denied, hub_error
-from shards.codec import decode_image
-from shards.format import INDEX_NAME
-from shards.index import read_index
+from cifar5m.dataset_server.auth import Access
+from cifar5m.dataset_server.context import MAIN, ServerContext, access_of, lookup, state_at, visible
+from cifar5m.dataset_server.repo import Library, RepoState
+from cifar5m.dataset_server.responses import Denied, hub_error
+from cifar5m.shards.codec import decode_image
+from cifar5m.shards.format import INDEX_NAME
+from cifar5m.shards.index import read_index
 
 log = logging.getLogger("dataset_server")
 PER_CLASS = 8  # samples per class in the grid

@@ -33,8 +33,8 @@ import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
-from cifar5m.errors import ServerConfigError
-from dataset_server.config import ServeConfig, configure_logging
+from cifar5m.core.errors import ServerConfigError
+from cifar5m.dataset_server.config import ServeConfig, configure_logging
 
 log = logging.getLogger("dataset_server")
 START_S = 60.0  # seconds a worker may take to build the app and listen
@@ -162,8 +162,8 @@ def serve_worker(config_json: str, ready: Event, sock: socket.socket) -> None:
 async def _serve(config: ServeConfig, ready: Event, sock: socket.socket) -> None:
     from aiohttp import web
 
-    from dataset_server import viewer
-    from dataset_server.app import CTX, create_app, runner_of
+    from cifar5m.dataset_server import viewer
+    from cifar5m.dataset_server.app import CTX, create_app, runner_of
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

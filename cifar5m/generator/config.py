@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from generator.model import DEFAULT_MODEL
-from shards.format import IMAGE_FORMATS
+from cifar5m.generator.model import DEFAULT_MODEL
+from cifar5m.shards.format import IMAGE_FORMATS
 
-# Here, not in generator.sampler, so that checking a config (and --dry-run of the
-# default model) never imports torch: generator.sampler imports it at the top.
+# Here, not in cifar5m.generator.sampler, so that checking a config (and --dry-run of the
+# default model) never imports torch: cifar5m.generator.sampler imports it at the top.
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmsolver++": 20, "unipc": 20}
 
-NOISE_SCHEME = "lowbias32-boxmuller-v1"  # generator.noise; bump if its output changes
+NOISE_SCHEME = "lowbias32-boxmuller-v1"  # cifar5m.generator.noise; bump if its output changes
 CONFIG_NAME = "generate_config.json"
 
 
@@ -24,7 +24,7 @@ class GenerateConfig:
     count: int
     out: str
     model: str = DEFAULT_MODEL
-    # None / "auto" fields are chosen by the device (generator.defaults.for_device): on CPU
+    # None / "auto" fields are chosen by the device (cifar5m.generator.defaults.for_device): on CPU
     # DPM-Solver++ in bf16 with oneDNN, on CUDA the CIFAR-5m setting (DDPM 1000 steps, bf16,
     # compiled). The resolved values are what generate_config.json and the manifest record.
     sampler: str | None = None
@@ -42,7 +42,7 @@ class GenerateConfig:
     compile: bool | None = None  # None: on for CUDA
     # CPU only. True: native conv kernels, so every image's bytes are independent of the
     # batch size and rank. False: oneDNN, much faster (bf16 on AMX/AVX512-BF16 CPUs), but
-    # bit-exact only for the same batch size. None: False on CPU (see generator.defaults).
+    # bit-exact only for the same batch size. None: False on CPU (see cifar5m.generator.defaults).
     exact_cpu: bool | None = None
     workers: int = 2  # background shard writers (PNG encoding + tar + sha256)
     staging: str | None = None  # URL outputs: rank 0's scratch dir for the index; default: temp
@@ -74,7 +74,7 @@ class GenerateConfig:
     def num_steps(self) -> int:
         if self.sampler is None:
             raise ValueError("the sampler is chosen by the device: resolve the config first "
-                             "(generator.defaults.for_device)")
+                             "(cifar5m.generator.defaults.for_device)")
         return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
 
     @property

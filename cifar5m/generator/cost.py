@@ -1,18 +1,18 @@
 """What a run will cost: FLOPs per UNet call, the total, and the ``--dry-run`` report.
 
 The time estimate itself (sampler throughput, threads, the start line of a run) is in
-``generator.defaults``, so that ``--dry-run`` and a run's start line give the same number.
+``cifar5m.generator.defaults``, so that ``--dry-run`` and a run's start line give the same number.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from generator.plan import FILTER_STRIDE, plan_shards
+from cifar5m.generator.plan import FILTER_STRIDE, plan_shards
 
 if TYPE_CHECKING:
-    from generator.config import GenerateConfig
-    from generator.model import ModelSource
+    from cifar5m.generator.config import GenerateConfig
+    from cifar5m.generator.model import ModelSource
 
 # Per image per UNet call: torch.utils.flop_counter on the google/ddpm-cifar10-32 config
 # (``measure_gflop``) plus the attention that FlopCounterMode does not see on CPU (0.34).
@@ -57,7 +57,7 @@ def gflop_per_call(config: dict) -> tuple[float, str]:
 def sampling_cost(cfg: GenerateConfig, source: ModelSource) -> tuple[int, float, str]:
     """UNet calls per image (NFE) of a resolved ``cfg`` with the model ``source``, the GFLOP of
     one call and where that number comes from: what the start line and ``--dry-run`` report."""
-    from generator.sampler import build_scheduler  # imports torch
+    from cifar5m.generator.sampler import build_scheduler  # imports torch
 
     nfe = len(build_scheduler(cfg.sampler, source.scheduler_config, cfg.num_steps).timesteps)
     return (nfe, *gflop_per_call(source.config))
@@ -97,8 +97,8 @@ def dry_run(cfg: GenerateConfig) -> str:
     """The plan of ``cfg`` on the device it would run on, without loading weights: the default
     model needs no download. torch is imported only to find the device (--device auto), whether
     a CPU runs bf16 natively, and how many threads it would sample with."""
-    from generator import defaults
-    from generator.model import DEFAULT_MODEL, resolve
+    from cifar5m.generator import defaults
+    from cifar5m.generator.model import DEFAULT_MODEL, resolve
 
     device = defaults.device_type(cfg.device)
     given = defaults.with_test_count(cfg, None)

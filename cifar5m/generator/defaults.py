@@ -21,7 +21,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from generator.config import DEFAULT_STEPS, GenerateConfig
+from cifar5m.generator.config import DEFAULT_STEPS, GenerateConfig
 
 PAPER_TEST_COUNT = 10_000
 CPU_SAMPLER, CPU_STEPS = "dpmsolver++", 20

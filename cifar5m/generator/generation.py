@@ -2,7 +2,7 @@
 left to it, resolves the UNet and opens the labeler, samples and labels its shards while
 threads write them, and on rank 0 finishes the dataset with the manifest's provenance.
 What runs before and around it (checking the output, the ranks meeting) is in
-``generator.pipeline``; the sampler itself in ``generator.sampler``."""
+``cifar5m.generator.pipeline``; the sampler itself in ``cifar5m.generator.sampler``."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from cifar5m.errors import GenerationError, ModelError
-from cifar5m.version import __version__
-from generator import defaults
-from generator import model as model_mod
-from generator.config import CONFIG_NAME, GenerateConfig
-from generator.plan import ShardPlan
-from generator.ranks import Rank
-from shards.atomic import atomic_write_bytes
-from shards.format import CIFAR10_CLASSES
-from shards.manifest import Manifest
-from shards.writer import ShardRecord, finalize
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import GenerationError, ModelError
+from cifar5m.core.version import __version__
+from cifar5m.generator import defaults
+from cifar5m.generator import model as model_mod
+from cifar5m.generator.config import CONFIG_NAME, GenerateConfig
+from cifar5m.generator.plan import ShardPlan
+from cifar5m.generator.rendezvous import Rank
+from cifar5m.shards.format import CIFAR10_CLASSES
+from cifar5m.shards.manifest import Manifest
+from cifar5m.shards.writer import ShardRecord, finalize
 
 NUM_CLASSES = len(CIFAR10_CLASSES)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -41,7 +41,7 @@ def open_labeler(cfg: GenerateConfig, conditional: bool, device: Any) -> Any | N
         if cfg.filtered:
             raise ModelError("--min-confidence and --balance need a --labeler")
         return None
-    from generator.labeler import load_labeler
+    from cifar5m.generator.labeler import load_labeler
 
     lab = load_labeler(cfg.labeler_path, device=device)
     if lab.num_classes != NUM_CLASSES:
@@ -100,7 +100,7 @@ class Session:
         import torch
         from diffusers.utils import logging as dlogging
 
-        from generator.sampler import Sampler
+        from cifar5m.generator.sampler import Sampler
 
         dlogging.set_verbosity_error()  # from_config warns about every DDPM-only key
         if self.device.type == "cuda":
@@ -114,7 +114,7 @@ class Session:
 
     def start_line(self, images: int) -> str:
         """What runs where, what the device chose, and the estimated time of ``images``."""
-        from generator.cost import sampling_cost
+        from cifar5m.generator.cost import sampling_cost
 
         nfe, gflop, _ = sampling_cost(self.cfg, self.source)
         return defaults.start_line(self.cfg, self.device.type, self.chosen, images=images, nfe=nfe,
@@ -142,7 +142,7 @@ class Session:
                  progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        from generator.producer import Producer
+        from cifar5m.generator.producer import Producer
 
         sampler = self.make_sampler()
         producer = Producer(sampler, self.labeler, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
@@ -187,7 +187,7 @@ class Session:
         import diffusers
         import torch
 
-        from generator.sampler import build_scheduler
+        from cifar5m.generator.sampler import build_scheduler
 
         cfg, src = self.cfg, self.source
         sched = build_scheduler(cfg.sampler, src.scheduler_config, cfg.num_steps)

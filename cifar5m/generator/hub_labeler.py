@@ -12,7 +12,7 @@
 
 The model's class names (``id2label`` / ``label_names``) are mapped to the dataset's
 CIFAR-10 order; a model without all of them is refused, naming the missing ones.
-Images are resized and normalised on the device (``generator.labeler_input``).
+Images are resized and normalised on the device (``cifar5m.generator.labeler_input``).
 transformers and timm (the ``labelers`` extra) are imported only here, only when
 such a labeler is asked for.
 """
@@ -29,10 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar5m.errors import ModelError
-from generator.labeler_input import Preprocessing, from_image_processor, from_timm_data_config
-from generator.model import download_snapshot, sha256_files
-from shards.format import CIFAR10_CLASSES
+from cifar5m.core.errors import ModelError
+from cifar5m.generator.labeler_input import (
+    Preprocessing,
+    from_image_processor,
+    from_timm_data_config,
+)
+from cifar5m.generator.model import download_snapshot, sha256_files
+from cifar5m.shards.format import CIFAR10_CLASSES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHTS = ("*.safetensors", "*.bin")

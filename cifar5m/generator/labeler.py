@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar5m.errors import ModelError
-from generator.hub_labeler import is_external, load_external
-from generator.training import replace_dir
-from shards.shard import sha256_file
+from cifar5m.core.errors import ModelError
+from cifar5m.generator.hub_labeler import is_external, load_external
+from cifar5m.generator.training import replace_dir
+from cifar5m.shards.shard import sha256_file
 
 FORMAT_NAME = "cifar5m-labeler"
 FORMAT_VERSION = 1
@@ -292,14 +292,14 @@ def load_labeler(path: str | Path = "builtin", *, device: str | torch.device = "
     """Load a labeler directory (or ``"builtin"``) in eval mode on ``device``.
 
     A transformers model (directory or Hub id) or ``timm:NAME:CHECKPOINT`` gives a
-    ``generator.hub_labeler.ExternalLabeler`` instead, its outputs in ``class_names``'
+    ``cifar5m.generator.hub_labeler.ExternalLabeler`` instead, its outputs in ``class_names``'
     order (default CIFAR-10's).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if str(path) != "builtin" and is_external(str(path)):
-        from shards.format import CIFAR10_CLASSES
+        from cifar5m.shards.format import CIFAR10_CLASSES
 
         return load_external(str(path), class_names=class_names or CIFAR10_CLASSES, device=device)
     root = resolve_labeler_path(path)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cifar5m.errors import ModelError
+from cifar5m.core.errors import ModelError
 
 # PIL.Image.Resampling values, as image processors store ``resample``.
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}

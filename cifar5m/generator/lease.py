@@ -37,7 +37,7 @@ import time
 import uuid
 from typing import Any
 
-from cifar5m.errors import LeaseHeldError
+from cifar5m.core.errors import LeaseHeldError
 
 LEASE_NAME = "lease.json"
 TTL = 300.0  # seconds without a heartbeat after which a lease is free

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import ModelError
+from cifar5m.core.errors import ModelError
 
 DEFAULT_MODEL = "google/ddpm-cifar10-32"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin" / "unet"

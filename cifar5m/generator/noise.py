@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from cifar5m.errors import ModelError
+from cifar5m.core.errors import ModelError
 
 _MASK32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers

@@ -5,7 +5,7 @@ Order of work (nothing is written before step 3):
 1. every rank checks the config, the model files and the labeler; loads the UNet;
 2. rank 0 alone checks the output and any dataset already there (settings must
    match; count may only grow);
-3. rank 0 opens the output (``shards.writer.begin``: keeps finished shards after
+3. rank 0 opens the output (``cifar5m.shards.writer.begin``: keeps finished shards after
    checking their sha256; damaged ones are deleted and regenerated) and tells the
    other ranks which shards are kept (before that they read nothing: rank 0 may be
    deleting damaged shards);
@@ -16,7 +16,7 @@ Order of work (nothing is written before step 3):
 
 An fsspec URL output (``--out s3://...``) follows the same steps with no local
 output directory: each rank uploads its own shards and rank 0 holds a lease on the
-prefix (``generator.store``).
+prefix (``cifar5m.generator.store``).
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cifar5m.errors import (
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import (
     OutputNotWritableError,
 )
-from generator import defaults, ranks
-from generator.config import CONFIG_NAME, GenerateConfig, fingerprint
-from generator.generation import Session
-from generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
-from generator.ranks import produce_on_all_ranks, shared_from_main
-from generator.resume import fitting, refuse_other_settings
-from generator.store import is_url, run_to_store
-from shards.atomic import atomic_write_bytes
-from shards.format import MANIFEST_NAME, WORK_DIR
-from shards.lock import DirectoryLock
-from shards.manifest import Manifest, load_manifest
-from shards.writer import (
+from cifar5m.generator import defaults, rendezvous
+from cifar5m.generator.config import CONFIG_NAME, GenerateConfig, fingerprint
+from cifar5m.generator.generation import Session
+from cifar5m.generator.plan import FILTER_STRIDE, ShardPlan, plan_shards
+from cifar5m.generator.rendezvous import produce_on_all_ranks, shared_from_main
+from cifar5m.generator.resume import fitting, refuse_other_settings
+from cifar5m.generator.store import is_url, run_to_store
+from cifar5m.shards.format import MANIFEST_NAME, WORK_DIR
+from cifar5m.shards.lock import DirectoryLock
+from cifar5m.shards.manifest import Manifest, load_manifest
+from cifar5m.shards.writer import (
     STATE_NAME,
     ShardRecord,
     begin,
@@ -138,7 +138,7 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
     ``storage_options`` (fsspec) and ``break_lease`` apply to URL outputs only.
     """
 
-    rank = ranks.from_env()
+    rank = rendezvous.from_env()
     url = is_url(cfg.out)
     # Extending keeps the split of the local dataset there (one process: under torchrun each
     # node may see another local root, so the ranks could disagree; they take the default).
@@ -151,15 +151,15 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
     plan = plan_shards(count=cfg.count, test_count=cfg.test_count, shard_size=cfg.shard_size,
                        stride=FILTER_STRIDE if cfg.filtered else 1)
     if url:
-        ranks.init(rank)
+        rendezvous.init(rank)
         try:
             return run_to_store(cfg, session, rank, fp, plan, progress=progress,
                                 storage_options=storage_options, break_lease=break_lease)
         finally:
-            ranks.close(rank)
+            rendezvous.close(rank)
     root = local_root(cfg)
     check_writable(root)
-    ranks.init(rank)
+    rendezvous.init(rank)
     lock = DirectoryLock(root, what="generated")  # rank 0 holds it for the whole job
     try:
         keep, done = shared_from_main(rank, functools.partial(prepare, cfg, root, fp, plan, lock=lock),
@@ -175,7 +175,7 @@ def run(cfg: GenerateConfig, *, progress: bool = True, storage_options: dict[str
         return session.finish(root, plan, fp, records)
     finally:
         lock.release()
-        ranks.close(rank)
+        rendezvous.close(rank)
 
 
 def write_local(root: Path, image_format: str, plan: ShardPlan, samples: list) -> ShardRecord:

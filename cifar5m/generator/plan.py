@@ -1,4 +1,4 @@
-"""Which samples go in which shard (what a run will cost: ``generator.cost``).
+"""Which samples go in which shard (what a run will cost: ``cifar5m.generator.cost``).
 
 Sample indices run over the whole dataset in generation order: the test split is
 samples ``[0, test_count)``, the train split ``[test_count, count)``; each split is
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.format import shard_name
+from cifar5m.shards.format import shard_name
 
 FILTER_STRIDE = 64  # candidates per kept sample before a shard gives up (acceptance >= 1/64)
 

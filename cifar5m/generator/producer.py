@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from cifar5m.errors import GenerationError
-from generator.plan import ShardPlan, key_of
-from generator.sampler import Sampler
-from shards.index import class_quotas
-from shards.writer import Sample
+from cifar5m.core.errors import GenerationError
+from cifar5m.generator.plan import ShardPlan, key_of
+from cifar5m.generator.sampler import Sampler
+from cifar5m.shards.index import class_quotas
+from cifar5m.shards.writer import Sample
 
 CHUNK = 2048  # candidates per labeller call; also caps the sampler batch
 

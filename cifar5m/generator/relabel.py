@@ -2,7 +2,7 @@
 
 ``label_dataset`` runs the labeler over every shard (decoded in the index's row order)
 and saves each shard's probabilities under ``_label_work/<labeler sha256>/`` as it goes,
-so a killed run resumes; then ``shards.relabel.write_labels`` writes the new index
+so a killed run resumes; then ``cifar5m.shards.label_columns.write_labels`` writes the new index
 version and the work directory is removed. ``evaluate`` measures a labeler's accuracy
 against the labels of a split (CIFAR-10's test split is the usual reference).
 """
@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from cifar5m.errors import ModelError
-from generator.report.figures import save_fig
-from shards.format import INDEX_NAME
-from shards.index import shard_runs
-from shards.reader import Dataset, Split
+from cifar5m.core.errors import ModelError
+from cifar5m.generator.report.figures import save_fig
+from cifar5m.shards.format import INDEX_NAME
+from cifar5m.shards.index import shard_runs
+from cifar5m.shards.reader import Dataset, Split
 
 WORK = "_label_work"
 
 
 def open_for(spec: str, dataset: Dataset, *, device: Any, batch_size: int | None = None) -> Any:
     """Load labeler ``spec`` with its outputs in the dataset's class order."""
-    from generator.labeler import load_labeler
+    from cifar5m.generator.labeler import load_labeler
 
     names = list(dataset.manifest.class_names)
     lab = load_labeler(spec, device=device, class_names=names)
@@ -61,7 +61,7 @@ def label_dataset(root: str | Path, spec: str, *, keep_as: str, device: Any = "c
     """Relabel the local dataset ``root`` with ``spec``; returns the report (agreement, ...)."""
     from tqdm.auto import tqdm
 
-    from shards.relabel import finish_pending, write_labels
+    from cifar5m.shards.label_columns import finish_pending, write_labels
 
     root = Path(root)
     finished = finish_pending(root)  # a run killed between the index and manifest renames

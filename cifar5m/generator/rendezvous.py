@@ -1,6 +1,6 @@
 """torchrun integration: which process am I, and the two times all ranks meet.
 
-Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (``cifar5m.ranks``). Ranks meet
+Ranks come from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (``cifar5m.core.ranks``). Ranks meet
 twice: after rank 0 opened the output (``shared_from_main``: rank 0 tells the others which
 shards are kept, or that it failed) and before rank 0 finalises (``produce_on_all_ranks``
 ends with ``failed_ranks``). Both carry a few
@@ -16,12 +16,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import GenerationError
-from cifar5m.ranks import Rank, from_env  # noqa: F401 (from_env: this module's API)
-from generator.plan import ShardPlan
-from shards.lock import holder
-from shards.manifest import Manifest
-from shards.writer import ShardRecord
+from cifar5m.core.errors import GenerationError
+from cifar5m.core.ranks import Rank, from_env  # noqa: F401 (from_env: this module's API)
+from cifar5m.generator.plan import ShardPlan
+from cifar5m.shards.lock import holder
+from cifar5m.shards.manifest import Manifest
+from cifar5m.shards.writer import ShardRecord
 
 GROUP_TIMEOUT = timedelta(days=7)
 

@@ -1,14 +1,14 @@
 """What an output already holds, checked against this run: the same settings, and a count that
-only grows. Used for local outputs (``generator.pipeline``) and URL outputs (``generator.store``)."""
+only grows. Used for local outputs (``cifar5m.generator.pipeline``) and URL outputs (``cifar5m.generator.store``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from cifar5m.errors import ConfigMismatchError
-from generator.plan import ShardPlan
-from shards.writer import check_fingerprint
+from cifar5m.core.errors import ConfigMismatchError
+from cifar5m.generator.plan import ShardPlan
+from cifar5m.shards.writer import check_fingerprint
 
 
 def refuse_other_settings(where: str, old_fp: dict[str, Any] | None, fp: dict[str, Any]) -> None:

@@ -2,14 +2,14 @@
 
 Why our own loop: the batch stays on the device as float32 latents while the UNet
 runs in bf16 + channels_last (and optionally ``torch.compile``d); noise comes from
-``generator.noise`` per sample and the CPU runs fixed micro-batches, so results do not depend on batch composition.
+``cifar5m.generator.noise`` per sample and the CPU runs fixed micro-batches, so results do not depend on batch composition.
 
 Samplers (all 1 UNet evaluation per step; UniPC's corrector reuses the next call):
 
 * ``ddpm``: ancestral DDPM with the model's variance (``fixed_large`` for
   google/ddpm-cifar10-32, sigma_t^2 = beta_t), x0 clipped as the scheduler config says.
   Written here (same formulas as ``DDPMScheduler.step``) because diffusers draws the
-  step noise itself; ours comes from stream ``1 + step`` of ``generator.noise``.
+  step noise itself; ours comes from stream ``1 + step`` of ``cifar5m.generator.noise``.
 * ``ddim``: eta = 0 with the DDIM paper's quadratic timestep skip, run as
   ``DPMSolverMultistepScheduler(solver_order=1, dpmsolver++)`` (first-order
   DPM-Solver++ is exactly DDIM) with explicit timesteps. ``DDIMScheduler`` is not used:
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar5m.errors import ModelError
-from generator import noise
-from generator.config import SAMPLERS
+from cifar5m.core.errors import ModelError
+from cifar5m.generator import noise
+from cifar5m.generator.config import SAMPLERS
 
 IMAGE_CHW = (3, 32, 32)
 CPU_CHUNK = 16  # UNet micro-batch on the CPU (see Sampler.__init__)

@@ -7,7 +7,7 @@ prefix holds:
 - ``_work/{split}-{index:06d}.parquet``: the shard's index part (its rows, size and
   sha256), uploaded after the shard: a shard without its part is unfinished;
 - ``_work/state.json``: the fingerprint of the run, written by rank 0 at the start;
-- ``_work/lease.json``: the lease of the job writing (``generator.lease``).
+- ``_work/lease.json``: the lease of the job writing (``cifar5m.generator.lease``).
 
 Each object is put whole: on stores whose put is atomic (S3, GCS, Azure, memory) an
 object is either absent or complete; elsewhere it is written under a temp name and
@@ -34,17 +34,24 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cifar5m.errors import GenerationError, OutputNotWritableError
-from generator import ranks
-from generator.config import GenerateConfig
-from generator.lease import LEASE_NAME, Lease
-from generator.plan import ShardPlan
-from generator.ranks import produce_on_all_ranks, shared_from_main
-from generator.resume import fitting, refuse_other_settings
-from shards.format import INDEX_NAME, MANIFEST_NAME, WORK_DIR
-from shards.manifest import Manifest, read_manifest_text
-from shards.shard import ShardInfo, ShardRecord, build_shard, part_bytes, part_info, part_path
-from shards.writer import STATE_NAME, records_from_dataset
+from cifar5m.core.errors import GenerationError, OutputNotWritableError
+from cifar5m.generator import rendezvous
+from cifar5m.generator.config import GenerateConfig
+from cifar5m.generator.lease import LEASE_NAME, Lease
+from cifar5m.generator.plan import ShardPlan
+from cifar5m.generator.rendezvous import produce_on_all_ranks, shared_from_main
+from cifar5m.generator.resume import fitting, refuse_other_settings
+from cifar5m.shards.format import INDEX_NAME, MANIFEST_NAME, WORK_DIR
+from cifar5m.shards.manifest import Manifest, read_manifest_text
+from cifar5m.shards.shard import (
+    ShardInfo,
+    ShardRecord,
+    build_shard,
+    part_bytes,
+    part_info,
+    part_path,
+)
+from cifar5m.shards.writer import STATE_NAME, records_from_dataset
 
 # Protocols whose put makes an object appear whole or not at all.
 ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
@@ -251,7 +258,7 @@ def _scratch(scratch: str | None) -> str | None:
     return str(path)
 
 
-def run_to_store(cfg: GenerateConfig, session: Any, rank: ranks.Rank, fp: dict[str, Any],
+def run_to_store(cfg: GenerateConfig, session: Any, rank: rendezvous.Rank, fp: dict[str, Any],
                  plan: list[ShardPlan], *, progress: bool, storage_options: dict[str, Any] | None,
                  break_lease: bool) -> Manifest | None:
     store = Store(cfg.out, storage_options=storage_options)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import yaml
 
-from shards.format import IMAGE_SHAPE, SHARD_GLOB
-from shards.manifest import Manifest
+from cifar5m.shards.format import IMAGE_SHAPE, SHARD_GLOB
+from cifar5m.shards.manifest import Manifest
 
 
 def size_category(n: int) -> str:

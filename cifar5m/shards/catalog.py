@@ -1,8 +1,8 @@
 """A split's index as flat numpy arrays: where every sample's bytes lie, its label and key.
 
-The one catalog of the format: ``shards.reader.Split`` (evaluation sets, labeler
+The one catalog of the format: ``cifar5m.shards.reader.Split`` (evaluation sets, labeler
 training, the report, grids) and the training stream both read a split through it,
-and the manifest and index through a ``shards.source.Source`` (one byte transport).
+and the manifest and index through a ``cifar5m.shards.source.Source`` (one byte transport).
 Built from ``index.parquet`` batch by batch into arrays of the split's size (a row
 lands at its ``position``: no sort, no copy of the whole table), so a 5M-sample split
 costs its arrays (~300 MB) rather than the Arrow table, its filtered copy and 5M
@@ -24,18 +24,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifar5m.errors import (
+from cifar5m.core.errors import (
     ChecksumMismatchError,
     DatasetNotFoundError,
     ManifestError,
     SampleNotFoundError,
     ShardNotFoundError,
 )
-from shards import checksum
-from shards.format import INDEX_NAME, MANIFEST_NAME
-from shards.index import arrow_numpy, fixed_width, index_batches, value_codes
-from shards.manifest import FileInfo, Manifest, load_manifest, read_manifest_text
-from shards.source import Source
+from cifar5m.shards import checksum
+from cifar5m.shards.format import INDEX_NAME, MANIFEST_NAME
+from cifar5m.shards.index import arrow_numpy, fixed_width, index_batches, value_codes
+from cifar5m.shards.manifest import FileInfo, Manifest, load_manifest, read_manifest_text
+from cifar5m.shards.source import Source
 
 _COLUMNS = ("split", "shard", "position", "key", "image_offset", "image_size", "label", checksum.COLUMN,
             checksum.GROUP_COLUMN)

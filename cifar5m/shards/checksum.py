@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
-from cifar5m.errors import SampleChecksumError
+from cifar5m.core.errors import SampleChecksumError
 
 COLUMN = "image_xxh3"
 GROUP_COLUMN = "group_xxh3"

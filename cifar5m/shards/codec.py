@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shards.format import IMAGE_BYTES, IMAGE_SHAPE
+from cifar5m.shards.format import IMAGE_BYTES, IMAGE_SHAPE
 
 try:  # libspng decodes a CIFAR PNG in ~40% of Pillow's time, same pixels (PNG is lossless)
     from imagecodecs import spng_decode as _spng
@@ -115,7 +115,7 @@ def decode_npy_batch(buffer: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
     ``buffer`` is the shard's bytes as a uint8 array, ``offsets`` the data offsets of
     the members (from the index); returns (len(offsets), 32, 32, 3) uint8 (a copy).
-    Members written by ``shards.writer`` sit at a constant stride, so the common case
+    Members written by ``cifar5m.shards.writer`` sit at a constant stride, so the common case
     is one strided view and one memcpy-like copy.
     """
     starts = np.asarray(offsets, np.int64) + NPY_HEADER_SIZE

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
-from cifar5m.errors import DownloadError
+from cifar5m.core.errors import DownloadError
 
 RETRIES = 3  # a keep-alive connection the server closed, or a reset: reconnect and retry
 BACKOFF = 0.2  # seconds, doubled per retry

@@ -8,7 +8,7 @@ A dataset is a directory::
     train-000000.tar ...     WebDataset shards, plain USTAR headers
     test-000000.tar ...
 
-The writer (``shards.writer``) and the reader (``shards.reader``) mirror each other
+The writer (``cifar5m.shards.writer``) and the reader (``cifar5m.shards.reader``) mirror each other
 around these names; nothing else in the project hard-codes them.
 """
 

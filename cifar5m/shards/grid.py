@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shards.atomic import atomic_write_bytes
-from shards.reader import Dataset
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.shards.reader import Dataset
 
 LABEL_WIDTH = 90  # pixels of class-name column at scale 1
 TITLE_HEIGHT = 18  # pixels of the title band above a grid

@@ -29,8 +29,8 @@ import numpy as np
 from numpy.lib import format as npformat
 from PIL import Image
 
-from cifar5m.errors import InvalidSourceError
-from shards.format import CIFAR10_CLASSES, IMAGE_BYTES, IMAGE_SHAPE
+from cifar5m.core.errors import InvalidSourceError
+from cifar5m.shards.format import CIFAR10_CLASSES, IMAGE_BYTES, IMAGE_SHAPE
 
 FORMATS = ("cifar5m-npz", "cifar10-jpeg", "cifar10-python")
 NPZ_CHUNK = 4096  # rows per read: 12 MB of pixels, so memory stays flat on 1M-row parts

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cifar5m.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
-from cifar5m.version import __version__
-from shards.atomic import megabytes
-from shards.format import DEFAULT_SHARD_SIZE, IMAGE_BYTES
-from shards.import_formats import (
+from cifar5m.core.atomic import megabytes
+from cifar5m.core.errors import DiskFullError, InvalidSourceError, SourceNotFoundError
+from cifar5m.core.version import __version__
+from cifar5m.shards.format import DEFAULT_SHARD_SIZE, IMAGE_BYTES
+from cifar5m.shards.import_formats import (
     FORMATS,
     Item,
     detect_format,
@@ -21,8 +21,8 @@ from shards.import_formats import (
     iter_npz,
     part_number,
 )
-from shards.manifest import Manifest
-from shards.writer import DatasetWriter, Sample
+from cifar5m.shards.manifest import Manifest
+from cifar5m.shards.writer import DatasetWriter, Sample
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def import_dataset(out: str | Path, config: ImportConfig, *, progress: bool = Tr
 
 def _space_needed(out: str | Path, config: ImportConfig) -> str:
     """How much the whole import needs, from the shards written so far (a full disk)."""
-    from shards.shard import load_records
+    from cifar5m.shards.shard import load_records
 
     try:
         records = load_records(out, check=False).values()

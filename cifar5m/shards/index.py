@@ -6,7 +6,7 @@ split), the data offset and size of the image and label members inside the shard
 generator columns: ``confidence`` and ``probs`` (labeler softmax), ``seed`` (the
 noise seed of the sample) and ``cond_label`` (class a conditional model was given);
 ``image_xxh3``, the XXH3-64 digest of the image member's bytes, and ``group_xxh3``, that
-of a group of 64 consecutive members (``shards.checksum``), null in indexes written
+of a group of 64 consecutive members (``cifar5m.shards.checksum``), null in indexes written
 before they existed.
 """
 
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from cifar5m.errors import ManifestError
+from cifar5m.core.errors import ManifestError
 
 SCHEMA = pa.schema(
     [

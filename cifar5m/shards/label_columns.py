@@ -9,7 +9,7 @@ it is, which column still equals the ``.cls`` members inside the shards (what
     {"version": 2, "shard_labels": "label_v1", "parent_sha256": "<previous index>",
      "labels": {"label": {...labeler...}, "label_v1": {...}}}
 
-Every reader that takes labels from the index (``shards.reader``, the streaming
+Every reader that takes labels from the index (``cifar5m.shards.reader``, the streaming
 loader, ``stream --format tar``) sees the new labels; a reader of the raw tars (the
 ``datasets`` webdataset builder) sees the shards' own. Write order: the new index
 goes to a temp file, is fsynced and renamed over the old one, then the manifest
@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cifar5m.errors import ConfigMismatchError, ManifestError
-from shards.format import INDEX_NAME
-from shards.index import SCHEMA, read_index, write_table
-from shards.manifest import Manifest, load_manifest, write_manifest
-from shards.shard import sha256_file
-from shards.writer import with_files
+from cifar5m.core.errors import ConfigMismatchError, ManifestError
+from cifar5m.shards.format import INDEX_NAME
+from cifar5m.shards.index import SCHEMA, read_index, write_table
+from cifar5m.shards.manifest import Manifest, load_manifest, write_manifest
+from cifar5m.shards.shard import sha256_file
+from cifar5m.shards.writer import with_files
 
 META_KEY = b"cifar5m.index"
 

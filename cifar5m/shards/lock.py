@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifar5m.errors import OutputLockedError, OutputNotWritableError
+from cifar5m.core.errors import OutputLockedError, OutputNotWritableError
 
 LOCK_NAME = ".cifar5m.lock"
 _ATTEMPTS = 20  # re-opens when the file was replaced under us (a holder released meanwhile)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifar5m.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
-from shards.atomic import atomic_write_bytes
-from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
+from cifar5m.shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
 
 
 @dataclass(frozen=True)

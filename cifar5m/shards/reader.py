@@ -1,7 +1,7 @@
 """Reading datasets: iterate a split, or read any sample by key or position.
 
 Works on a local directory and on any http(s) or fsspec URL (``s3://``, ...) through the
-same byte source (``shards.source``) and catalog (``shards.catalog``) as the training
+same byte source (``cifar5m.shards.source``) and catalog (``cifar5m.shards.catalog``) as the training
 stream: single samples cost one byte-range request through the index, and a server's
 reason for refusing (an ``X-Error-Message``) reaches the error. Every error names the
 shard and, where it applies, the offset.
@@ -20,13 +20,13 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from cifar5m.errors import CorruptShardError, SampleNotFoundError
-from shards import checksum, codec
-from shards.catalog import Catalog, IndexData, index_input, read_index_data, read_manifest
-from shards.format import INDEX_NAME
-from shards.index import read_index
-from shards.manifest import Manifest, ShardInfo
-from shards.source import Source, open_source
+from cifar5m.core.errors import CorruptShardError, SampleNotFoundError
+from cifar5m.shards import checksum, codec
+from cifar5m.shards.catalog import Catalog, IndexData, index_input, read_index_data, read_manifest
+from cifar5m.shards.format import INDEX_NAME
+from cifar5m.shards.index import read_index
+from cifar5m.shards.manifest import Manifest, ShardInfo
+from cifar5m.shards.source import Source, open_source
 
 __all__ = ["Batch", "Dataset", "Sample", "Split"]
 
@@ -45,7 +45,7 @@ class Batch(NamedTuple):
 
 class Dataset:
     """A dataset directory, local or remote (http(s) or any fsspec URL), read through one
-    ``shards.source.Source`` and one ``shards.catalog.Catalog`` per split, as the training
+    ``cifar5m.shards.source.Source`` and one ``cifar5m.shards.catalog.Catalog`` per split, as the training
     stream reads it."""
 
     def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None) -> None:

@@ -19,12 +19,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar5m.errors import ChecksumMismatchError, InvalidImageError, ShardNotFoundError
-from shards import checksum, codec, ustar
-from shards.atomic import atomic_write_bytes
-from shards.format import IMAGE_FORMATS, LABEL_EXT, TAR_BLOCK, WORK_DIR, check_key, shard_name
-from shards.index import SCHEMA, rows_to_table
-from shards.manifest import FileInfo, ShardInfo
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import ChecksumMismatchError, InvalidImageError, ShardNotFoundError
+from cifar5m.shards import checksum, codec, ustar
+from cifar5m.shards.format import (
+    IMAGE_FORMATS,
+    LABEL_EXT,
+    TAR_BLOCK,
+    WORK_DIR,
+    check_key,
+    shard_name,
+)
+from cifar5m.shards.index import SCHEMA, rows_to_table
+from cifar5m.shards.manifest import FileInfo, ShardInfo
 
 _SHARD_META = b"cifar5m.shard"
 

@@ -6,7 +6,7 @@ headers, so a 256-sample block is one ~1 MB request instead of 256). Sources ret
 what the file holds: a range past the end comes back short, and the caller turns that
 into a ``CorruptShardError`` naming the sample and offset.
 
-HTTP is done with ``shards.connections`` (``http.client``, one keep-alive connection per
+HTTP is done with ``cifar5m.shards.connections`` (``http.client``, one keep-alive connection per
 pool thread, bodies received with ``readinto`` into one buffer) rather than fsspec's
 aiohttp layer: it works in forked DataLoader workers without event-loop juggling and
 copies nothing after the socket; a static server that ignores ``Range``
@@ -29,8 +29,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from cifar5m.errors import DownloadError, ShardNotFoundError
-from shards.connections import Connections, Parts
+from cifar5m.core.errors import DownloadError, ShardNotFoundError
+from cifar5m.shards.connections import Connections, Parts
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 PAGE = 4096  # ...but skip no more than the range being added, or a page the disk reads anyway

@@ -1,5 +1,5 @@
 """``cifar5m info``: what a dataset holds, from its manifest and index alone (read through
-the dataset's byte source, ``shards.source.open_source``, as every reader of the format)."""
+the dataset's byte source, ``cifar5m.shards.source.open_source``, as every reader of the format)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from shards.catalog import index_input, read_manifest
-from shards.format import INDEX_NAME
-from shards.index import read_index
-from shards.source import open_source
+from cifar5m.shards.catalog import index_input, read_manifest
+from cifar5m.shards.format import INDEX_NAME
+from cifar5m.shards.index import read_index
+from cifar5m.shards.source import open_source
 
 
 def describe(root: str | Path) -> dict[str, Any]:

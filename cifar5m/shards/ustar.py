@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from shards.format import (
+from cifar5m.shards.format import (
     TAR_BLOCK,
     TAR_GID,
     TAR_GNAME,

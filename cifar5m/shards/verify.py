@@ -1,6 +1,6 @@
 """``cifar5m verify``: recompute checksums and counts; optionally decode every image.
 
-Files are read through the dataset's byte source (``shards.source.open_source``), as every
+Files are read through the dataset's byte source (``cifar5m.shards.source.open_source``), as every
 other reader of the format reads them: a local directory, an http(s) URL (the project's
 server or any static one) or another fsspec URL. One whole file is in memory at a time
 (a local shard is read into a buffer of its own, not kept mapped by the source).
@@ -15,19 +15,19 @@ from pathlib import Path
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from cifar5m.errors import (
+from cifar5m.core.errors import (
     ChecksumMismatchError,
     CorruptShardError,
     ManifestError,
     ShardNotFoundError,
 )
-from shards import checksum, codec, ustar
-from shards.catalog import index_input, read_manifest
-from shards.format import INDEX_NAME, LABEL_EXT
-from shards.index import read_index, shard_runs
-from shards.manifest import ShardInfo
-from shards.relabel import shard_label_column
-from shards.source import Source, open_source
+from cifar5m.shards import checksum, codec, ustar
+from cifar5m.shards.catalog import index_input, read_manifest
+from cifar5m.shards.format import INDEX_NAME, LABEL_EXT
+from cifar5m.shards.index import read_index, shard_runs
+from cifar5m.shards.label_columns import shard_label_column
+from cifar5m.shards.manifest import ShardInfo
+from cifar5m.shards.source import Source, open_source
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _check_digests(data: bytes, rows, *, where: str | Path) -> None:
 def _decode_all(data: bytes, rows, *, image_format: str, where: str | Path, classes: int,
                 shard_labels: str = "label") -> int:
     """Decode every member; ``shard_labels`` is the index column the ``.cls`` members hold
-    (``label`` unless the dataset was relabelled: see ``shards.relabel``)."""
+    (``label`` unless the dataset was relabelled: see ``cifar5m.shards.label_columns``)."""
     view = memoryview(data)
     labels = rows[shard_labels].to_pylist()
     current = rows["label"].to_numpy()
@@ -115,7 +115,7 @@ def verify_dataset(root: str | Path, *, decode: bool = False, progress: bool = T
                    storage_options: dict | None = None) -> VerifyReport:
     """Check every file against the manifest and every shard against the index.
 
-    ``root`` is a dataset directory or URL (``storage_options`` as for ``shards.reader.Dataset``).
+    ``root`` is a dataset directory or URL (``storage_options`` as for ``cifar5m.shards.reader.Dataset``).
     Raises the first problem found as a typed error naming the file (and offset).
     """
     source = open_source(str(root), storage_options=storage_options)

@@ -9,7 +9,7 @@ Write order is what makes a crash harmless:
 3. ``finalize`` streams all parts into ``index.parquet``, writes ``README.md`` and
    finally ``manifest.json``, then removes ``_work/``.
 
-``shards.shard.write_shard`` is usable on its own, so several processes (torchrun
+``cifar5m.shards.shard.write_shard`` is usable on its own, so several processes (torchrun
 ranks) can write disjoint shards of one dataset and one of them finalises.
 """
 
@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifar5m.errors import ConfigMismatchError, DatasetExistsError
-from shards import checksum
-from shards.atomic import atomic_write_bytes, disk_full
-from shards.card import render_card
-from shards.format import (
+from cifar5m.core.atomic import atomic_write_bytes, disk_full
+from cifar5m.core.errors import ConfigMismatchError, DatasetExistsError
+from cifar5m.shards import checksum
+from cifar5m.shards.card import render_card
+from cifar5m.shards.format import (
     CARD_NAME,
     CIFAR10_CLASSES,
     DEFAULT_SHARD_SIZE,
@@ -43,12 +43,12 @@ from shards.format import (
     SPLITS,
     WORK_DIR,
 )
-from shards.index import SCHEMA, read_index, shard_runs
-from shards.lock import DirectoryLock
-from shards.manifest import Manifest, load_manifest, write_manifest
+from cifar5m.shards.index import SCHEMA, read_index, shard_runs
+from cifar5m.shards.lock import DirectoryLock
+from cifar5m.shards.manifest import Manifest, load_manifest, write_manifest
 
-# Re-exported: callers write `from shards.writer import Sample, write_shard, ...`.
-from shards.shard import (
+# Re-exported: callers write `from cifar5m.shards.writer import Sample, write_shard, ...`.
+from cifar5m.shards.shard import (
     Sample,
     ShardRecord,
     encode_shard,
@@ -273,7 +273,7 @@ class DatasetWriter:
         # when asked, at most 2 per worker in flight so memory stays bounded.
         self._pool = None
         if workers > 0:
-            from shards.workers import process_pool
+            from cifar5m.shards.worker_pool import process_pool
 
             self._pool = process_pool(workers)  # its workers die with this process
         self._workers = workers

@@ -1,7 +1,7 @@
 """Producing one rank's batches: in the main process, in a thread, or in DataLoader workers.
 
-A producer turns global batch indices into decoded batches of its rank (``train.plan``
-says which positions, ``train.reader`` reads them). DataLoader workers send runs of
+A producer turns global batch indices into decoded batches of its rank (``cifar5m.train.order``
+says which positions, ``cifar5m.train.sample_reader`` reads them). DataLoader workers send runs of
 consecutive batches as one message (``Packed``) that the main process splits again,
 in stream order.
 """
@@ -14,8 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from train.plan import Plan
-from train.reader import SampleReader
+from cifar5m.train.order import Plan
+from cifar5m.train.sample_reader import SampleReader
 
 # Remote blocks are fetched for the next batch and the one 4 ahead: the batches between
 # were "4 ahead" earlier, so every block is asked for ~4 decodes before it is needed.

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shards.atomic import atomic_write_bytes
-from train.config import TrainConfig
-from train.distributed import Runtime
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.distributed import Runtime
 
 if TYPE_CHECKING:
-    from train.stream import SampleStream
+    from cifar5m.train.stream import SampleStream
 
 class TrainData:
     """The training batches of one rank, as uint8 ``(B, 3, 32, 32)`` + int64 on the device."""
@@ -41,7 +41,7 @@ class TrainData:
     @classmethod
     def open(cls, config: TrainConfig, rt: Runtime, *,
              keys_path: str | os.PathLike | None = None) -> TrainData:
-        from train.stream import SampleStream, StreamConfig
+        from cifar5m.train.stream import SampleStream, StreamConfig
 
         cfg = StreamConfig(
             source=config.data, world=config.world, n=config.n if config.world == "real" else None,

@@ -1,6 +1,6 @@
 """Whole plan blocks of remote shards: fetched concurrently, kept LRU, fetched ahead.
 
-The ideal-world order is block-shuffled (``train.plan``): a window of the order touches
+The ideal-world order is block-shuffled (``cifar5m.train.order``): a window of the order touches
 ``window / block`` blocks of ``block`` consecutive samples, and the first batch of a
 window touches nearly all of them. Fetching whole blocks (~1 MB of PNG, ~1.2 MB of npy
 each) turns ~256 sample reads into one request. Blocks of batches ahead are fetched by
@@ -30,10 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shards import checksum, codec
-from shards.catalog import Catalog
-from shards.source import Source
-from train.plan import block_grid
+from cifar5m.shards import checksum, codec
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.source import Source
+from cifar5m.train.order import block_grid
 
 Key = int  # global block number: the blocks of shard 0, then those of shard 1, ...
 

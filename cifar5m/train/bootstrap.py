@@ -7,8 +7,8 @@ fail), then trains under ``out``, per model (``out/<model>/``):
 * ``real-n{N}-seed{s}``: the real world for every N.
 
 Each is a normal, resumable ``train`` run; a finished one is reused as it is, so adding an
-N to the command trains only that N. Then ``train.gap`` writes the gap table and the
-curves, and ``train.plots`` the figure in the paper's layout.
+N to the command trains only that N. Then ``cifar5m.train.gap`` writes the gap table and the
+curves, and ``cifar5m.train.plots`` the figure in the paper's layout.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cifar5m.errors import Cifar5mError, NotEnoughSamplesError
-from cifar5m.ranks import from_env
-from shards.atomic import atomic_write_bytes
-from shards.lock import DirectoryLock
-from train.config import BootstrapConfig
-from train.gap import Report, write_report
-from train.trainer import RESULT_NAME, train
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import Cifar5mError, NotEnoughSamplesError
+from cifar5m.core.ranks import from_env
+from cifar5m.shards.lock import DirectoryLock
+from cifar5m.train.config import BootstrapConfig
+from cifar5m.train.gap import Report, write_report
+from cifar5m.train.trainer import RESULT_NAME, train
 
 
 @dataclass
@@ -48,9 +48,9 @@ class Budget:
 
 def check_budgets(config: BootstrapConfig) -> Budget:
     """Every run's samples, checked before any training: raises one error listing all problems."""
-    from shards.catalog import Catalog
-    from shards.source import open_source
-    from train.stream import SampleStream, StreamConfig
+    from cifar5m.shards.catalog import Catalog
+    from cifar5m.shards.source import open_source
+    from cifar5m.train.stream import SampleStream, StreamConfig
 
     t = config.template
     source = open_source(t.data, storage_options=t.storage_options)
@@ -92,7 +92,7 @@ def run_bootstrap(config: BootstrapConfig, *, out: str | Path, progress: bool = 
     out = Path(out)
     budget = check_budgets(config)
     # One bootstrap per directory. Under torchrun each run directory is locked by its
-    # rank 0 (train.trainer), which refuses a second job at its first run.
+    # rank 0 (cifar5m.train.trainer), which refuses a second job at its first run.
     single = from_env().world == 1
     with DirectoryLock(out, what="written by a bootstrap") if single else contextlib.nullcontext():
         return _run_all(config, out, budget, progress=progress)

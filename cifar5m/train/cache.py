@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import checksum
-from shards.atomic import atomic_write_bytes
-from shards.format import IMAGE_BYTES as SAMPLE_BYTES
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.shards import checksum
+from cifar5m.shards.format import IMAGE_BYTES as SAMPLE_BYTES
 
 log = logging.getLogger("cifar5m.stream")
 SUFFIX = ".chw.u8"

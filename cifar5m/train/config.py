@@ -9,10 +9,10 @@ import json
 import re
 from dataclasses import dataclass
 
-from cifar5m.errors import TrainConfigError
-from train.augment import AUGMENTATIONS
-from train.metrics import PAPER_DENSE
-from train.models import check_model, parse_widths
+from cifar5m.core.errors import TrainConfigError
+from cifar5m.train.device_augment import AUGMENTATIONS
+from cifar5m.train.metrics import PAPER_DENSE
+from cifar5m.train.models import check_model, parse_widths
 
 # Fields that may change between a run and its resume without changing the curve.
 RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile",

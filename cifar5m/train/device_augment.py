@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from cifar5m.augment import crop_flip
-from cifar5m.errors import TrainConfigError
+from cifar5m.core.augment import crop_flip
+from cifar5m.core.errors import TrainConfigError
 
 # The paper's `--aug 0-3`: none, flips, crop (zero padding 4) + flip, reflect-padded crop + flip.
 AUGMENTATIONS = ("none", "flip", "crop-flip", "reflect-crop-flip")

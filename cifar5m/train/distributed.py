@@ -2,7 +2,7 @@
 
 ``Runtime`` hides single-process vs DDP under torchrun (``RANK``/``WORLD_SIZE`` in
 the environment; NCCL on CUDA, gloo on CPU). The batches a rank trains on are in
-``train.batches``, its evaluation sets in ``train.evaluation``.
+``cifar5m.train.batches``, its evaluation sets in ``cifar5m.train.evaluation``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifar5m.errors import TrainConfigError
-from cifar5m.ranks import from_env
+from cifar5m.core.errors import TrainConfigError
+from cifar5m.core.ranks import from_env
 
 
 def _destroy_group() -> None:

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar5m.errors import TrainConfigError
-from shards.reader import Dataset
-from train.augment import prepare
-from train.batches import TrainData
-from train.config import TrainConfig
-from train.distributed import Runtime
-from train.metrics import evaluate
+from cifar5m.core.errors import TrainConfigError
+from cifar5m.shards.reader import Dataset
+from cifar5m.train.batches import TrainData
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.device_augment import prepare
+from cifar5m.train.distributed import Runtime
+from cifar5m.train.metrics import evaluate
 
 
 @dataclass

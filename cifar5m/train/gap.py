@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from shards.atomic import atomic_write_bytes
-from train.config import BootstrapConfig, run_name
-from train.plots import by_step, plot_sweep
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.train.config import BootstrapConfig, run_name
+from cifar5m.train.plots import by_step, plot_sweep
 
 GAP_COLUMNS = ("model", "n", "seeds", "converged", "conv_step", "conv_step_min", "conv_step_max",
                "real_test_soft_error_conv", "ideal_test_soft_error_conv", "gap_conv", "gap_conv_sd",

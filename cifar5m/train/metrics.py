@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
 
 # The paper's schedule: (below this step, log every this many steps), then every `every`.
 PAPER_DENSE: tuple[tuple[int, int], ...] = ((1024, 4), (2048, 8))

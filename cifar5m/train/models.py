@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar5m.errors import ModelError
+from cifar5m.core.errors import ModelError
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}

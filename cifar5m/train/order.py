@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cifar5m.errors import NotEnoughSamplesError, StreamConfigError
+from cifar5m.core.errors import NotEnoughSamplesError, StreamConfigError
 
 # 256 samples of PNG are ~1 MB of a shard: one range read amortises request latency.
 DEFAULT_BLOCK = 256
@@ -88,7 +88,7 @@ def choose_subset(labels: np.ndarray, n: int, *, seed: int, class_balanced: bool
             f"the real world asked for a subset of n={n} samples but {where} holds {len(labels)}; "
             f"use n <= {len(labels)}")
     if class_balanced:
-        from shards.index import balanced_subset
+        from cifar5m.shards.index import balanced_subset
 
         return balanced_subset(labels, n, seed=seed, num_classes=num_classes)
     rng = np.random.default_rng([seed, 0, _SUBSET])

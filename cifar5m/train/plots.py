@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
 
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # steps, mean, lo, hi
 IDEAL_COLOR = "black"

@@ -14,13 +14,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cifar5m.errors import CorruptShardError
-from shards import checksum, codec
-from shards.catalog import Catalog
-from shards.format import IMAGE_SHAPE
-from shards.source import Source
-from train.blocks import BlockStore
-from train.cache import DecodedCache
+from cifar5m.core.errors import CorruptShardError
+from cifar5m.shards import checksum, codec
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.format import IMAGE_SHAPE
+from cifar5m.shards.source import Source
+from cifar5m.train.blocks import BlockStore
+from cifar5m.train.cache import DecodedCache
 
 
 def group_by_shard(shard_ids: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -1,12 +1,12 @@
 """The training loader: exactly-once fresh samples (ideal world) or a reused subset (real world).
 
-    from train.stream import StreamConfig, SampleStream
+    from cifar5m.train.stream import StreamConfig, SampleStream
     stream = SampleStream(StreamConfig(source="data/cifar5m", world="ideal", batch_size=512))
     for batch in stream:            # StreamBatch(images uint8 NCHW, labels int64, keys, step)
         ...
     state = stream.state_dict()     # resume later, also with another world size / workers
 
-The order is a pure function of (seed, the split's shards), see ``train.plan``; the
+The order is a pure function of (seed, the split's shards), see ``cifar5m.train.order``; the
 state is the number of global batches consumed, so a restore is exact whatever the
 world size or number of DataLoader workers on either side, as long as the global batch
 size is the same. Workers produce batches ``start + w, start + w + W, ...``; the
@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar5m.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
-from cifar5m.ranks import from_env
-from shards.catalog import Catalog
-from shards.source import open_source
-from train.cache import DecodedCache
-from train.plan import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
-from train.prefetch import ahead
-from train.producer import Producer, StreamBatch, WorkerDataset, unpack
-from train.reader import SampleReader
+from cifar5m.core.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
+from cifar5m.core.ranks import from_env
+from cifar5m.shards.catalog import Catalog
+from cifar5m.shards.source import open_source
+from cifar5m.train.batch_producer import Producer, StreamBatch, WorkerDataset, unpack
+from cifar5m.train.cache import DecodedCache
+from cifar5m.train.order import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
+from cifar5m.train.prefetch import ahead
+from cifar5m.train.sample_reader import SampleReader
 
 __all__ = ["SampleStream", "StreamBatch", "StreamConfig", "resolve_rank"]
 log = logging.getLogger("cifar5m.stream")

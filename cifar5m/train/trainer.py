@@ -2,7 +2,7 @@
 
 Real world: T SGD steps on N samples reused (epochs). Ideal world: the same T steps
 where every batch is fresh. ``train`` is the same code for both; the only place the
-world matters is the sample stream (``train.stream``) and, in the real world, the
+world matters is the sample stream (``cifar5m.train.stream``) and, in the real world, the
 extra train-soft-error metric on its N samples. Defaults follow the paper's code
 (preetum/deep-bootstrap-code, ``inftrain/train.py`` and ``sample_sweep.json``):
 batch 128, SGD lr 0.1 without momentum or weight decay, cosine over T = 39,000 steps.
@@ -19,23 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar5m.checkpoint import (
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from cifar5m.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
-from shards.atomic import atomic_write_bytes
-from shards.lock import DirectoryLock
-from train.augment import DeviceAugment, prepare
-from train.batches import TrainData
-from train.config import TrainConfig
-from train.distributed import Runtime
-from train.evaluation import Evaluator
-from train.metrics import MetricsLog, log_points, read_rows
-from train.models import build_model, count_parameters
+from cifar5m.core.errors import ConfigMismatchError, OutputLockedError, TrainConfigError
+from cifar5m.shards.lock import DirectoryLock
+from cifar5m.train.batches import TrainData
+from cifar5m.train.config import TrainConfig
+from cifar5m.train.device_augment import DeviceAugment, prepare
+from cifar5m.train.distributed import Runtime
+from cifar5m.train.evaluation import Evaluator
+from cifar5m.train.metrics import MetricsLog, log_points, read_rows
+from cifar5m.train.models import build_model, count_parameters
 
 CONFIG_NAME, RESULT_NAME = "config.json", "result.json"
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
 
 
 def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2,
@@ -17,7 +17,7 @@ def write_grid(images: np.ndarray, path: Path, *, ncol: int = 8, scale: int = 2,
     under ``title`` (drawn, and the PNG's Title text chunk) if given."""
     from PIL import Image
 
-    from shards.grid import titled_png
+    from cifar5m.shards.grid import titled_png
 
     nrow = max(1, -(-len(images) // ncol))
     canvas = np.full((nrow * 34, ncol * 34, 3), 255, np.uint8)

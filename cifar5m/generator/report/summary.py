@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from generator.report.figures import class_histogram, confidence_histogram, write_grid
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.generator.report.figures import class_histogram, confidence_histogram, write_grid
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _subset_images(split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_samples(cfg: ReportConfig, split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(our images, their stored labels, reference test images), both sides drawn by ``cfg.seed``."""
-    from shards.reader import Dataset
+    from cifar5m.shards.reader import Dataset
 
     ours, our_labels = _subset_images(split, cfg.max_samples, cfg.seed)
     ref, _ = _subset_images(Dataset(cfg.reference).split("test"), cfg.max_samples, cfg.seed)
@@ -69,7 +69,7 @@ def labeler_distance(cfg: ReportConfig, lab, ours: np.ndarray, our_labels: np.nd
                      ref: np.ndarray, *, agreement: bool = True) -> dict[str, Any]:
     """Frechet distance in the labeler's feature space, and (``agreement``) its agreement
     with the stored labels."""
-    from generator.report.frechet import frechet_distance_features
+    from cifar5m.generator.report.frechet import frechet_distance_features
 
     feats_a, feats_b = lab.features(ours), lab.features(ref)
     out = {"labeler_frechet_distance": frechet_distance_features(feats_a, feats_b),
@@ -129,8 +129,8 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     """Write the report files for ``cfg.root`` into ``cfg.out``; return the summary."""
     import pyarrow.compute as pc
 
-    from shards.grid import describe_source, pick_positions
-    from shards.reader import Dataset
+    from cifar5m.shards.grid import describe_source, pick_positions
+    from cifar5m.shards.reader import Dataset
 
     ds = Dataset(cfg.root)
     index = ds.index  # read once: the split's catalog is built from it (no second read)
@@ -170,7 +170,7 @@ def make_report(cfg: ReportConfig) -> dict[str, Any]:
     summary["grids"] = grids
     samples = None
     if cfg.reference is not None:
-        from generator.labeler import load_labeler
+        from cifar5m.generator.labeler import load_labeler
 
         lab = load_labeler(cfg.labeler)  # first, as before: a bad --labeler fails before any decoding
         samples = reference_samples(cfg, split)  # one draw for both distances

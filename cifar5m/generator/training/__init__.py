@@ -1,5 +1,5 @@
 """What the labeler and generator trainers share: the autocast of a ``--precision`` and the atomic
-swap of a finished model directory into place (their checkpoints: ``cifar5m.checkpoint``)."""
+swap of a finished model directory into place (their checkpoints: ``cifar5m.core.checkpoint``)."""
 
 from __future__ import annotations
 

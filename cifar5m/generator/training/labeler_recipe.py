@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cifar5m.augment import crop_flip
-from cifar5m.checkpoint import load_checkpoint, save_checkpoint
-from generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
-from generator.training import training_autocast
-from shards.atomic import atomic_write_bytes
+from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.augment import crop_flip
+from cifar5m.core.checkpoint import load_checkpoint, save_checkpoint
+from cifar5m.generator.labeler import CIFAR10_MEAN, CIFAR10_STD, Labeler, build_net, save_labeler
+from cifar5m.generator.training import training_autocast
 
 CONFIG_NAME = "train_config.json"
 
@@ -74,8 +74,8 @@ def load_tensors(data: str, split: str, limit: int | None) -> tuple[torch.Tensor
 
     ``limit`` takes a class-balanced subset (datasets are often stored class by class).
     """
-    from shards.index import balanced_subset
-    from shards.reader import Dataset
+    from cifar5m.shards.index import balanced_subset
+    from cifar5m.shards.reader import Dataset
 
     ds = Dataset(data)
     _, images, labels = ds.split(split).load()

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cifar5m.checkpoint import load_checkpoint, save_checkpoint
-from cifar5m.errors import TrainConfigError
-from generator import ranks
-from generator.training import replace_dir, training_autocast
+from cifar5m.core.checkpoint import load_checkpoint, save_checkpoint
+from cifar5m.core.errors import TrainConfigError
+from cifar5m.generator import rendezvous
+from cifar5m.generator.training import replace_dir, training_autocast
 
 CONFIG_NAME = "train_config.json"
 
@@ -130,10 +130,10 @@ def sample_images(unet, scheduler_config: dict, *, count: int, steps: int, seed:
 
 class _Trainer:
     def __init__(self, cfg: UNetTrainConfig, device: torch.device) -> None:
-        from generator.training.labeler import load_tensors
+        from cifar5m.generator.training.labeler_recipe import load_tensors
 
         self.cfg, self.device = cfg, device
-        env = ranks.from_env()
+        env = rendezvous.from_env()
         self.rank, self.world = env.rank, env.world
         torch.manual_seed(cfg.seed)
         x, _, _ = load_tensors(cfg.data, "train", cfg.max_train)
@@ -219,7 +219,7 @@ class _Trainer:
     def grid(self, path: Path) -> Path:
         images = sample_images(self.ema_unet(), dict(self.scheduler.config), count=self.cfg.sample_count,
                                steps=self.cfg.sample_steps, seed=self.cfg.seed, device=self.device)
-        from generator.report.figures import write_grid
+        from cifar5m.generator.report.figures import write_grid
 
         return write_grid(images, path)
 
@@ -240,7 +240,7 @@ def save_generator(trainer: _Trainer, out: Path, metrics: dict[str, Any]) -> Pat
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        local = ranks.from_env().local_rank
+        local = rendezvous.from_env().local_rank
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -253,7 +253,7 @@ def train_generator(cfg: UNetTrainConfig, *, device: str | None = None, stop_aft
     ``stop_after`` ends the run after that many total steps with only a checkpoint
     written, as a crash would (the resume tests use it).
     """
-    env = ranks.from_env()
+    env = rendezvous.from_env()
     rank, world = env.rank, env.world
     if cfg.batch_size % world:  # else each rank took batch // world: a smaller batch than asked
         raise TrainConfigError(f"--batch-size {cfg.batch_size} does not split evenly over {world} torchrun "
