@@ -60,8 +60,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from serve_load import REPO, box_busy_s, children_cpu_s, client_proc, tree_cpu_s, wait_idle  # noqa: E402
 
-from tests.conftest import write_dataset  # noqa: E402
-from tests.test_server_support import free_port, wait_http  # noqa: E402
+from cifar5m.dataset_server.launcher import free_port, wait_http  # noqa: E402
+from cifar5m.shards.synthetic import write_synthetic_dataset  # noqa: E402
 
 MIXES = {"mix": (0.5, 1024 * 1024), "whole": (0.0, 1024 * 1024), "small": (1.0, 4096)}
 NGINX_CONF = """user root;
@@ -190,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)
         # Raw npy samples: fast to write, ~3.8 KB per sample in the tar.
-        ds = write_dataset(root / REPO, n_train=args.shards * args.per_shard, n_test=0,
+        ds = write_synthetic_dataset(root / REPO, n_train=args.shards * args.per_shard, n_test=0,
                            shard_size=args.per_shard, image_format="npy")
         files = {p.name: p.read_bytes() for p in ds.iterdir() if p.name.endswith(".tar")}
         size = sum(map(len, files.values())) / 1e6

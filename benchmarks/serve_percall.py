@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from serve_bench import start_server  # noqa: E402
 from serve_load import REPO, tree_cpu_s, wait_idle  # noqa: E402
 
-from tests.conftest import write_dataset  # noqa: E402
+from cifar5m.shards.synthetic import write_synthetic_dataset  # noqa: E402
 
 KINDS = ("info", "tree", "paths-info", "HEAD", "range")
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-percall-") as tmp:
         root = Path(tmp)
-        ds = write_dataset(root / REPO, n_train=args.shards * 100, n_test=0, shard_size=100, image_format="npy")
+        ds = write_synthetic_dataset(root / REPO, n_train=args.shards * 100, n_test=0, shard_size=100, image_format="npy")
         names = sorted(p.name for p in ds.iterdir() if p.name.endswith(".tar"))
         kind = "aiohttp floor" if args.floor else "cifar5m serve"
         proc, port, prefix = start_server(kind, root, 1, root)  # waits until it answers

@@ -37,8 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import CIFAR10_JPEG as CIFAR10  # noqa: E402
-from tests.test_server_support import free_port, wait_http  # noqa: E402
+from cifar5m.dataset_server.launcher import free_port, wait_http  # noqa: E402
 
 HTTP_WINDOW = 4096  # HTTP rows: see Table.http_rows
 GPU_RATE = 46_000  # img/s, the sizing anchor for a bf16 ResNet-18 on an H200; our H200 run measured
@@ -62,9 +61,9 @@ def prepare(work: Path, samples: int, fmt: str, cifar10: Path) -> tuple[Path, st
                "--image-format", fmt, "--shard-size", "2000", "--limit", str(samples)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
-        from tests.conftest import write_dataset
+        from cifar5m.shards.synthetic import write_synthetic_dataset
 
-        write_dataset(out, n_train=samples, n_test=10, shard_size=2000, image_format=fmt)
+        write_synthetic_dataset(out, n_train=samples, n_test=10, shard_size=2000, image_format=fmt)
     return out, _data_name(cifar10)
 
 
@@ -200,7 +199,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cifar5m-stream-bench")
-    ap.add_argument("--cifar10", type=Path, default=CIFAR10)
+    ap.add_argument("--cifar10", type=Path, default=Path(os.environ.get("CIFAR10", "")),
+                    help="CIFAR-10 as a JPEG tarball (default: $CIFAR10); synthetic images without it.")
     ap.add_argument("--repeat", type=int, default=2, help="Interleaved runs per row (best kept).")
     ap.add_argument("--seconds", type=float, default=SECONDS, help="Time limit of one run.")
     ap.add_argument("--http-servers", nargs="+", default=["static", "cifar5m"],

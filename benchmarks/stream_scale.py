@@ -303,14 +303,14 @@ def run(args) -> None:
               f"({r.get('import_peak_rss', 0) / 1e6:,.0f} MB after the import of cifar5m.shards.reader); "
               f"first get(key) {r.get('first_get_s', 0):.2f} s, peak RSS then "
               f"{r.get('get_peak_rss', 0) / 1e6:,.0f} MB")
-    from tests.test_server_support import free_port
+    from cifar5m.dataset_server.launcher import free_port
 
     port = free_port()
     home = root.resolve()  # served from <root>/local/<name> (see served)
     url = f"http://127.0.0.1:{port}/datasets/local/{home.name}/resolve/main"
     server = None
     if any(row.startswith("http") for row in args.rows):
-        from tests.test_server_support import wait_http
+        from cifar5m.dataset_server.launcher import wait_http
 
         server = subprocess.Popen([*CLI, "serve", str(home.parent.parent), "--port", str(port)],
                                   stderr=subprocess.DEVNULL,

@@ -55,7 +55,7 @@ def measure(config: TrainConfig, rt: Runtime, *, warmup: int, steps: int, block:
     data = TrainData.open(config, rt)
     x = torch.randint(0, 256, (config.batch_size, 3, 32, 32), dtype=torch.uint8, device=rt.device)
     y = torch.randint(0, 10, (config.batch_size,), device=rt.device)
-    sources = {"compute": lambda: (x, y), "shards": lambda: data.next_batch(ahead=True)}
+    sources = {"compute": lambda: (x, y), "shards": lambda: data.next_batch(copy_next=True)}
     for _ in range(warmup):
         for get in sources.values():
             learner.step(*get())

@@ -11,12 +11,18 @@ import argparse
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.test_server_support import free_port, request, wait_http  # noqa: E402
+from cifar5m.dataset_server.launcher import free_port, wait_http  # noqa: E402
+
+
+def get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return reply.status, reply.read()
 
 
 def main() -> None:
@@ -34,11 +40,11 @@ def main() -> None:
         time.sleep(args.wait)
         for run in range(3):
             t0 = time.perf_counter()
-            status, _, body = request(url, "GET", f"/datasets/{args.repo}")
+            status, body = get(f"{url}/datasets/{args.repo}")
             page = time.perf_counter() - t0
             assert status == 200, status
             for k in range(body.decode().count("/samples/")):
-                assert request(url, "GET", f"/datasets/{args.repo}/samples/{k}.png")[0] == 200
+                assert get(f"{url}/datasets/{args.repo}/samples/{k}.png")[0] == 200
             print(f"run {run}: page {page * 1e3:.1f} ms ({len(body):,} bytes), "
                   f"page + sample PNGs {(time.perf_counter() - t0) * 1e3:.1f} ms")
     finally:

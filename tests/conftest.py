@@ -3,49 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from cifar5m.shards.writer import DatasetWriter, Sample
+from cifar5m.shards.synthetic import write_synthetic_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR10_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"
-
-
-def synthetic_images(n: int, *, seed: int = 0) -> np.ndarray:
-    """Smooth-ish random 32x32 RGB images (compress like photos, unlike pure noise)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
-
-
-def write_dataset(
-    root: Path,
-    *,
-    n_train: int = 200,
-    n_test: int = 50,
-    shard_size: int = 64,
-    image_format: str = "png",
-    seed: int = 0,
-) -> Path:
-    """Write a dataset whose train keys are ``t000000..`` and test keys ``v000000..``.
-
-    Image i of train is ``synthetic_images(n_train + n_test, seed)[i]``, label ``i % 10``;
-    test images follow the train ones in the same array.
-    """
-    images = synthetic_images(n_train + n_test, seed=seed)
-    with DatasetWriter(root, fingerprint={"test": seed}, image_format=image_format,
-                       shard_size=shard_size, provenance={"source": "synthetic test data"}) as w:
-        for i in range(n_train):
-            w.add("train", Sample(f"t{i:06d}", images[i], i % 10, confidence=0.9, seed=i))
-        for j in range(n_test):
-            w.add("test", Sample(f"v{j:06d}", images[n_train + j], j % 10))
-    return root
+# CIFAR-10 as a JPEG tarball, passed in by CIFAR10=PATH (.ci/run does); tests that need it skip
+# without it.
+CIFAR10_JPEG = Path(os.environ["CIFAR10"]) if os.environ.get("CIFAR10") else None
 
 
 @pytest.fixture
@@ -53,15 +23,15 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     """``make_dataset(name="ds", **write_dataset_kwargs)`` -> path of a finished dataset."""
 
     def make(name: str = "ds", **kwargs) -> Path:
-        return write_dataset(tmp_path / name, **kwargs)
+        return write_synthetic_dataset(tmp_path / name, **kwargs)
 
     return make
 
 
 @pytest.fixture(scope="session")
 def cifar10_jpeg() -> Path:
-    if not CIFAR10_JPEG.is_file():
-        pytest.skip(f"{CIFAR10_JPEG} not found (the shared CIFAR-10 copy)")
+    if CIFAR10_JPEG is None or not CIFAR10_JPEG.is_file():
+        pytest.skip(f"CIFAR-10 not given ({CIFAR10_JPEG or 'set CIFAR10=path/to/cifar10-jpeg.tar.gz'})")
     return CIFAR10_JPEG
 
 

@@ -15,8 +15,8 @@ from cifar5m.shards.index import fixed_width
 from cifar5m.shards.manifest import load_manifest
 from cifar5m.shards.reader import Dataset
 from cifar5m.shards.source import open_source
+from cifar5m.shards.synthetic import synthetic_images
 from cifar5m.shards.writer import DatasetWriter, Sample
-from tests.conftest import synthetic_images
 
 
 def no_big_dict(*objects: object, size: int) -> bool:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cifar5m.cli.main import COMMANDS, cli
-from tests.conftest import synthetic_images
+from cifar5m.shards.synthetic import synthetic_images
 
 
 def test_import_info_verify_grid(tmp_path):

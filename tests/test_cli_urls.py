@@ -13,14 +13,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cifar5m.cli.main import cli
+from cifar5m.dataset_server.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, *, timeout: float = 120) -> None:
@@ -36,7 +32,7 @@ def wait_listening(port: int, proc: subprocess.Popen, *, timeout: float = 120) -
 
 
 def test_stream_help_url_example_works_against_cifar5m_serve(tmp_path) -> None:
-    from conftest import write_dataset
+    from cifar5m.shards.synthetic import write_synthetic_dataset
 
     help_text = CliRunner().invoke(cli, ["stream", "--help"]).output
     serve_line = re.search(r"cifar5m serve (\S+) --port (\d+)", help_text)
@@ -44,7 +40,7 @@ def test_stream_help_url_example_works_against_cifar5m_serve(tmp_path) -> None:
     assert serve_line and url, help_text
     # The example's layout: ROOT/lab/cifar5m is served as lab/cifar5m.
     data_root = tmp_path / serve_line.group(1)
-    write_dataset(data_root / "lab" / "cifar5m", n_train=64, n_test=16, shard_size=32)
+    write_synthetic_dataset(data_root / "lab" / "cifar5m", n_train=64, n_test=16, shard_size=32)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cifar5m", "serve", str(data_root), "--port", str(port),
                              "--workers", "1", "--no-access-log"], cwd=ROOT, stdout=subprocess.PIPE,

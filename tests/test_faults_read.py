@@ -21,15 +21,14 @@ from click.testing import CliRunner
 from cifar5m.cli.main import cli
 from cifar5m.core.errors import (
     ChecksumMismatchError,
-    CorruptShardError,
     ManifestError,
     SampleChecksumError,
 )
 from cifar5m.shards import checksum
 from cifar5m.shards.reader import Dataset
+from cifar5m.shards.synthetic import write_synthetic_dataset
 from cifar5m.shards.verify import verify_dataset
 from cifar5m.train.stream import SampleStream, StreamConfig
-from tests.conftest import write_dataset
 from tests.test_server_support import serving
 
 KEY = "t000017"  # the sample whose pixels get a flipped byte (in train-000000.tar)
@@ -59,7 +58,7 @@ def stream_all(source: str, **kw) -> list:
 
 @pytest.fixture(params=["npy", "png"])
 def damaged(request, tmp_path) -> tuple[Path, str, int]:
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30,
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30,
                          image_format=request.param)
     return (root, *flip(root))
 
@@ -107,7 +106,7 @@ def test_a_flipped_byte_is_caught_over_http_and_by_the_stream_command(damaged, s
 
 
 def test_a_flipped_byte_is_caught_from_s3(tmp_path, moto_s3):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
     shard, offset = flip(root)
     url = moto_s3(root, "flipped")
     with pytest.raises(SampleChecksumError, match=rf"{shard} at byte offset {offset} \(sample '{KEY}'\)"):
@@ -115,7 +114,7 @@ def test_a_flipped_byte_is_caught_from_s3(tmp_path, moto_s3):
 
 
 def test_a_damaged_decoded_cache_file_is_decoded_again_not_served(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
     cache = tmp_path / "cache"
     good = stream_all(str(root), cache_dir=str(cache))
     files = sorted(cache.glob("*.chw.u8"))
@@ -129,32 +128,42 @@ def test_a_damaged_decoded_cache_file_is_decoded_again_not_served(tmp_path):
     assert files[0].read_bytes() != bytes(data)  # rewritten from the shard
 
 
-def test_an_index_without_the_checksum_column_still_reads_and_is_checked_by_sha256(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
+def test_an_index_without_the_checksum_column_is_refused_until_upgraded(tmp_path):
+    """Version 2 requires the column (its absence is damage); version 1 written before it is
+    refused with the command that adds it, and after `cifar5m upgrade` every read checks it."""
+    import hashlib
+
+    from cifar5m.core.errors import ManifestError, ManifestVersionError
+    from cifar5m.shards.upgrade import upgrade_dataset
+
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
     reference = stream_all(str(root))
     table = pq.read_table(root / "index.parquet")
     pq.write_table(table.drop_columns([checksum.COLUMN]), root / "index.parquet")
-    manifest = json.loads((root / "manifest.json").read_text())  # as an older cifar5m wrote it
+    manifest = json.loads((root / "manifest.json").read_text())
     for f in manifest["files"]:
         if f["file"] == "index.parquet":
             f["bytes"] = (root / "index.parquet").stat().st_size
-            import hashlib
-
             f["sha256"] = hashlib.sha256((root / "index.parquet").read_bytes()).hexdigest()
     (root / "manifest.json").write_text(json.dumps(manifest))
-    old = stream_all(str(root))
-    assert [b.keys for b in old] == [b.keys for b in reference]
+    with pytest.raises(ManifestError, match="lacks the checksum columns"):
+        stream_all(str(root))
+    (root / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))  # as an older cifar5m wrote it
+    with pytest.raises(ManifestVersionError, match=f"cifar5m upgrade {root}"):
+        stream_all(str(root))
+    with pytest.raises(ManifestVersionError, match="cifar5m upgrade"):
+        Dataset(root).split("train")
+    upgrade_dataset(root)
+    assert [b.keys for b in stream_all(str(root))] == [b.keys for b in reference]
     assert Dataset(root).split("train").get(KEY).key == KEY
     verify_dataset(root, progress=False)
     flip(root)
-    with pytest.raises(CorruptShardError, match=r"train-000000\.tar does not match its sha256"):
+    with pytest.raises(SampleChecksumError, match=r"train-000000\.tar"):
         stream_all(str(root))
-    with pytest.raises(CorruptShardError, match=r"train-000000\.tar does not match its sha256"):
-        list(Dataset(root).split("train"))
 
 
 def test_a_corrupt_index_is_one_named_error(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=10, shard_size=20)
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=10, shard_size=20)
     (root / "index.parquet").write_bytes(np.random.default_rng(0).bytes(5000))
     done = subprocess.run([sys.executable, "-m", "cifar5m", "stream", str(root), "--batch-size", "10"],
                           capture_output=True, text=True, timeout=120)
@@ -170,7 +179,7 @@ def test_a_corrupt_index_is_one_named_error(tmp_path):
 
 
 def test_grid_on_a_damaged_shard_names_the_shard_not_a_python_object(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=10, shard_size=20)
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=10, shard_size=20)
     shard = root / "train-000000.tar"
     shard.write_bytes(b"\0" * shard.stat().st_size)  # zeroed: no PNG left in it
     result = CliRunner().invoke(cli, ["grid", str(root), "-o", str(tmp_path / "g.png"), "--per-class", "2"])
@@ -185,7 +194,7 @@ def test_stream_state_after_sigkill_loses_at_most_state_every_batches(tmp_path):
     import signal
     import time
 
-    root = write_dataset(tmp_path / "ds", n_train=300, n_test=10, shard_size=100, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=300, n_test=10, shard_size=100, image_format="npy")
     base = [sys.executable, "-m", "cifar5m", "stream", str(root), "--batch-size", "10", "--wrap",
             "--steps", "1000000", "--state-every", "3"]
     state = tmp_path / "tar.json"
@@ -212,7 +221,7 @@ def test_stream_state_after_sigkill_loses_at_most_state_every_batches(tmp_path):
 def test_a_flipped_byte_between_image_members_is_caught_by_its_group(tmp_path):
     """The ideal world checks 64 consecutive members with one digest (group_xxh3), which
     also covers the tar headers and label members between them."""
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=10, shard_size=30, image_format="npy")
     row = pq.read_table(root / "index.parquet").to_pandas().set_index("key").loc[KEY]
     shard = root / row["shard"]
     data = bytearray(shard.read_bytes())

@@ -24,8 +24,8 @@ from cifar5m.cli.main import cli
 from cifar5m.core.errors import GenerationError, OutputLockedError
 from cifar5m.shards.lock import LOCK_NAME, DirectoryLock, holder
 from cifar5m.shards.reader import Dataset
+from cifar5m.shards.synthetic import synthetic_images
 from cifar5m.shards.verify import verify_dataset
-from tests.conftest import synthetic_images
 from tests.test_faults_read import error_line
 
 HOLD = """

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from generate_helpers import dataset_digest, save_tiny_labeler, save_tiny_unet
 from test_kill_resume import PARK
 
 from cifar5m.core.errors import ConfigMismatchError
+from cifar5m.dataset_server.launcher import free_port
 from cifar5m.generator.config import GenerateConfig
 from cifar5m.generator.pipeline import run
 from cifar5m.shards.verify import verify_dataset
@@ -62,11 +62,6 @@ def node_env(node: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "HOME": str(node / "home"), "TMPDIR": str(node / "tmp"),
             "OMP_NUM_THREADS": "1", **extra}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def download(url: str, options: dict, dest: Path) -> Path:

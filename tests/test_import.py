@@ -18,8 +18,8 @@ from PIL import Image
 from cifar5m.core.errors import InvalidSourceError
 from cifar5m.shards.importer import import_dataset, iter_items, resolve_config
 from cifar5m.shards.reader import Dataset
+from cifar5m.shards.synthetic import synthetic_images
 from cifar5m.shards.verify import verify_dataset
-from tests.conftest import synthetic_images
 
 
 def write_part(path, n, *, seed, x=None, y=None, compressed=False):

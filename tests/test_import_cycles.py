@@ -137,3 +137,14 @@ def test_only_one_top_level_package_is_shipped():
     loose = [p.name for p in REPO_ROOT.iterdir()
              if p.is_dir() and (p / "__init__.py").is_file() and p.name not in ("cifar5m", "tests")]
     assert loose == []
+
+
+def test_benchmarks_import_only_the_package():
+    """benchmarks/ share helpers with the tests through the package, never by importing tests/."""
+    wrong = []
+    for path in sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("tests", "conftest")]
+    assert wrong == []

@@ -121,9 +121,9 @@ def without(d: dict, *keys: str) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from conftest import write_dataset
+    from cifar5m.shards.synthetic import write_synthetic_dataset
 
-    return write_dataset(tmp_path_factory.mktemp("d") / "ds", n_train=100, n_test=40)
+    return write_synthetic_dataset(tmp_path_factory.mktemp("d") / "ds", n_train=100, n_test=40)
 
 
 # --- train-labeler: 100 images, batch 32 -> 3 steps an epoch, 9 steps, checkpoints at 2, 4, 6, 8, 9.

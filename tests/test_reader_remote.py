@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cifar5m.shards.reader import Dataset
-from tests.conftest import synthetic_images
+from cifar5m.shards.synthetic import synthetic_images
 
 
 def test_iterate_a_dataset_served_by_http_server(make_dataset, static_http):

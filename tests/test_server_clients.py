@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cifar5m.shards.format import CIFAR10_CLASSES
-from tests.conftest import synthetic_images
+from cifar5m.shards.synthetic import synthetic_images
 from tests.test_server_support import build_root, run_client, serving
 
 HUB_SCRIPT = r"""

@@ -109,20 +109,21 @@ def test_other_http_versions_get_505_in_an_http_1_1_status_line(served, line):
 
 def test_a_newer_manifest_reaches_the_http_reader_as_its_reason(make_dataset, tmp_path):
     from cifar5m.core.errors import DownloadError
+    from cifar5m.shards.format import FORMAT_VERSION
     from cifar5m.shards.reader import Dataset
     from cifar5m.shards.source import open_source
 
     root = build_root(make_dataset, tmp_path / "root", ("lab/ds", "lab/new"), n_train=20, n_test=10, shard_size=10)
     manifest = root / "lab/new/manifest.json"
     doc = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**doc, "version": 2}))
+    manifest.write_text(json.dumps({**doc, "version": FORMAT_VERSION + 1}))
     with serving(create_app(root=root)) as url:
         source = open_source(f"{url}/datasets/lab/new/resolve/main")
-        with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m") as info:
+        with pytest.raises(DownloadError, match=f"answered HTTP 501: .*format version {FORMAT_VERSION + 1}.*upgrade cifar5m") as info:
             source.read_file("manifest.json")
         assert str(Path(root)) not in str(info.value)  # the dataset's name, not the server's path
         # cifar5m.shards.reader.Dataset reads through the same source: the reason, not a bare status.
-        with pytest.raises(DownloadError, match="answered HTTP 501: .*format version 2.*upgrade cifar5m"):
+        with pytest.raises(DownloadError, match=f"answered HTTP 501: .*format version {FORMAT_VERSION + 1}.*upgrade cifar5m"):
             Dataset(f"{url}/datasets/lab/new/resolve/main")
         status, headers, _ = request(url, "GET", "/api/datasets/lab/new")
         assert (status, headers["x-error-code"]) == (501, "DatasetUnreadable")

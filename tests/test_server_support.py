@@ -9,16 +9,16 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from cifar5m.dataset_server.launcher import free_port, wait_http  # noqa: F401 (re-exported to the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,30 +31,6 @@ def build_root(make_dataset: Callable[..., Path], root: Path, repo_ids=("lab/ds"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dest))
     return root
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a server started in another process)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    """Until ``url`` answers 200 (a loaded 2-core box can take a while to start a server);
-    ``proc`` is terminated and RuntimeError raised if it dies or the time runs out."""
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"the server behind {url} did not start")
 
 
 @contextmanager

@@ -21,9 +21,9 @@ from cifar5m.core.errors import (
 )
 from cifar5m.shards.index import balanced_subset, read_index
 from cifar5m.shards.reader import Dataset
+from cifar5m.shards.synthetic import synthetic_images
 from cifar5m.shards.verify import verify_dataset
 from cifar5m.shards.writer import DatasetWriter, Sample
-from tests.conftest import synthetic_images
 
 
 @pytest.mark.parametrize("image_format", ["png", "npy"])

@@ -14,12 +14,13 @@ import pytest
 
 from cifar5m.shards.connections import Connections
 from cifar5m.shards.source import GAP, LocalSource, coalesce
-from tests.conftest import QuietHTTPHandler, write_dataset
+from cifar5m.shards.synthetic import write_synthetic_dataset
+from tests.conftest import QuietHTTPHandler
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
+    return write_synthetic_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
                          shard_size=40, image_format="png")
 
 
@@ -71,7 +72,7 @@ def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
 
 
 def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
     source = LocalSource(root)
     data = (root / "train-000000.tar").read_bytes()
     out = memoryview(bytearray(1000))

@@ -27,10 +27,10 @@ from cifar5m.core.errors import (
 )
 from cifar5m.shards.catalog import Catalog
 from cifar5m.shards.reader import Dataset
+from cifar5m.shards.synthetic import synthetic_images, write_synthetic_dataset
 from cifar5m.train.batch_producer import WorkerDataset, unpack
 from cifar5m.train.order import block_grid, block_order
 from cifar5m.train.stream import SampleStream, StreamConfig
-from tests.conftest import synthetic_images, write_dataset
 
 _DATASETS: dict[tuple, Path] = {}
 
@@ -43,7 +43,7 @@ def dataset_dir(tmp_path_factory):
     def get(n: int, shard_size: int, fmt: str = "npy") -> Path:
         key = (n, shard_size, fmt)
         if key not in _DATASETS or not _DATASETS[key].exists():
-            _DATASETS[key] = write_dataset(base / f"d{n}_{shard_size}_{fmt}", n_train=n, n_test=3,
+            _DATASETS[key] = write_synthetic_dataset(base / f"d{n}_{shard_size}_{fmt}", n_train=n, n_test=3,
                                            shard_size=shard_size, image_format=fmt)
         return _DATASETS[key]
 
@@ -156,10 +156,10 @@ def test_block_order_is_a_seeded_permutation_that_keeps_blocks_within_shards():
 
 
 def test_prefetch_thread_keeps_order_stops_early_and_raises_in_place():
-    from cifar5m.train.prefetch import ahead
+    from cifar5m.train.prefetch import prefetched
 
-    assert list(ahead(lambda i: i * i, range(10), 3)) == [i * i for i in range(10)]
-    gen = ahead(lambda i: i, range(1000), 2)
+    assert list(prefetched(lambda i: i * i, range(10), 3)) == [i * i for i in range(10)]
+    gen = prefetched(lambda i: i, range(1000), 2)
     assert [next(gen) for _ in range(3)] == [0, 1, 2]
     gen.close()  # stops the thread (joins it)
 
@@ -170,7 +170,7 @@ def test_prefetch_thread_keeps_order_stops_early_and_raises_in_place():
 
     got = []
     with pytest.raises(ValueError, match="bad 4"):
-        for x in ahead(fail, range(10), 2):
+        for x in prefetched(fail, range(10), 2):
             got.append(x)
     assert got == [0, 1, 2, 3]
 
@@ -201,7 +201,7 @@ def test_pillow_fallback_decodes_the_same_and_damaged_png_names_the_offset(datas
     slow = [b.images for b in SampleStream(StreamConfig(source=root, **cfg))]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     monkeypatch.undo()
-    damaged = write_dataset(tmp_path / "bad", n_train=40, n_test=3, shard_size=40, image_format="png")
+    damaged = write_synthetic_dataset(tmp_path / "bad", n_train=40, n_test=3, shard_size=40, image_format="png")
     row = Dataset(damaged).split("train")
     offset, size = int(row.image_offset[7]), int(row.image_size[7])
     shard = damaged / "train-000000.tar"
@@ -246,7 +246,7 @@ def test_rank_and_world_size_come_from_the_environment(dataset_dir, monkeypatch)
 
 
 def test_truncated_shard_names_shard_and_offset(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
     shard = root / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     stream = SampleStream(StreamConfig(source=str(root), batch_size=60, block=60))
@@ -457,7 +457,7 @@ def test_an_index_whose_shard_rows_are_interleaved_is_refused(tmp_path):
     from cifar5m.shards.index import read_index
     from cifar5m.shards.manifest import load_manifest
 
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=0, shard_size=20)
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=0, shard_size=20)
     table = read_index(root / "index.parquet")
     shard = table["shard"].to_pylist()
     shard[0], shard[39] = shard[39], shard[0]  # position 0 now claims the second shard

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from cifar5m.cli.main import cli
+from cifar5m.shards.synthetic import synthetic_images, write_synthetic_dataset
 from cifar5m.train.stream import SampleStream, StreamConfig
-from tests.conftest import synthetic_images, write_dataset
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("cli") / "ds", n_train=120, n_test=10,
+    return write_synthetic_dataset(tmp_path_factory.mktemp("cli") / "ds", n_train=120, n_test=10,
                          shard_size=32, image_format="png")
 
 

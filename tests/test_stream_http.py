@@ -11,10 +11,10 @@ import torch
 from cifar5m.core.errors import CorruptShardError
 from cifar5m.shards.catalog import Catalog
 from cifar5m.shards.source import LocalSource
+from cifar5m.shards.synthetic import write_synthetic_dataset
 from cifar5m.train.blocks import BlockStore
 from cifar5m.train.sample_reader import SampleReader
 from cifar5m.train.stream import SampleStream, StreamConfig
-from tests.conftest import write_dataset
 from tests.test_stream_remote import serve_app
 
 
@@ -39,7 +39,7 @@ def assert_same(got: list, ref: list) -> None:
 
 
 def test_npy_over_http_equals_local_also_when_blocks_are_evicted(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=170, n_test=5, shard_size=50, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=170, n_test=5, shard_size=50, image_format="npy")
     with static_files(root) as url:
         assert_same(batches(url), batches(str(root)))
         # 4-sample blocks, 16 kept (24 arena slots) of 44: slots are freed and reused
@@ -50,7 +50,7 @@ def test_npy_over_http_equals_local_also_when_blocks_are_evicted(tmp_path):
 
 
 def test_npy_over_http_truncated_or_bad_member_names_shard_and_offset(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="npy")
     index = pq.read_table(root / "index.parquet").to_pandas()
     shard = root / "train-000001.tar"
     data = bytearray(shard.read_bytes())
@@ -76,7 +76,7 @@ class _RemoteDir(LocalSource):
 
 
 def test_a_full_arena_hands_the_oldest_unpinned_slot_to_a_new_block(tmp_path):
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
     catalog = Catalog.load(LocalSource(root), "train")
     store = BlockStore(catalog, _RemoteDir(root), block=4, keep=2)  # 3 arena slots
     local = SampleReader(catalog, LocalSource(root))
@@ -92,7 +92,7 @@ def test_a_full_arena_hands_the_oldest_unpinned_slot_to_a_new_block(tmp_path):
 def test_local_blocks_are_preads_into_the_arena_not_reads_of_a_map(tmp_path):
     """The ideal world reads local shards as the remote ones: a block per os.pread into its
     arena slot (mapped shards read up to read_ahead_kb around every fault)."""
-    root = write_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=40, n_test=2, shard_size=20, image_format="npy")
     source = LocalSource(root)
     catalog = Catalog.load(source, "train")
     blocks = SampleReader(catalog, source, block=8)

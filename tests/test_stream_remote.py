@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from cifar5m.core.errors import CorruptShardError, DatasetNotFoundError, DownloadError
+from cifar5m.shards.synthetic import write_synthetic_dataset
 from cifar5m.train.stream import SampleStream, StreamConfig
-from tests.conftest import write_dataset
 from tests.test_server_support import serving as serve_app
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
+    return write_synthetic_dataset(tmp_path_factory.mktemp("remote") / "ds", n_train=150, n_test=10,
                          shard_size=40, image_format="png")
 
 
@@ -79,7 +79,7 @@ def test_plain_http_server_without_range_support_works(dataset, static_http):
 
 
 def test_http_truncated_shard_and_missing_dataset(tmp_path, static_http):
-    root = write_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
+    root = write_synthetic_dataset(tmp_path / "ds", n_train=60, n_test=3, shard_size=30, image_format="png")
     shard = root / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     url = static_http(root)

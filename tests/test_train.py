@@ -39,9 +39,9 @@ def curve(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from conftest import write_dataset
+    from cifar5m.shards.synthetic import write_synthetic_dataset
 
-    return write_dataset(tmp_path_factory.mktemp("d") / "ds")
+    return write_synthetic_dataset(tmp_path_factory.mktemp("d") / "ds")
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))

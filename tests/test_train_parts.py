@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from cifar5m.core.errors import ModelError, TrainConfigError
-from cifar5m.train.config import TrainConfig
+from cifar5m.train.config import TrainConfig, parse_dense
 from cifar5m.train.device_augment import DeviceAugment, prepare
-from cifar5m.train.metrics import MetricsLog, evaluate, log_points, parse_dense, read_rows
+from cifar5m.train.metrics import MetricsLog, evaluate, log_points, read_rows
 from cifar5m.train.models import MODELS, build_model, count_parameters, register
 from cifar5m.train.trainer import lr_factor
 

@@ -17,9 +17,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from conftest import write_dataset
+    from cifar5m.shards.synthetic import write_synthetic_dataset
 
-    return write_dataset(tmp_path_factory.mktemp("d") / "ds")
+    return write_synthetic_dataset(tmp_path_factory.mktemp("d") / "ds")
 
 
 def args(data: Path | str, out: Path, *extra: str) -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cifar5m.dataset_server.app import create_app
-from tests.conftest import synthetic_images
+from cifar5m.shards.synthetic import synthetic_images
 from tests.test_server_support import build_root, request, serving
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

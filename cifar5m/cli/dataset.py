@@ -6,7 +6,9 @@ import json
 
 import click
 
-from cifar5m.cli.streaming import parse_storage_options, storage_options_option
+from cifar5m.cli.options import config_option, storage_options_option
+from cifar5m.shards.format import IMAGE_FORMATS
+from cifar5m.shards.importer import ImportConfig
 
 
 @click.command("import")
@@ -14,21 +16,20 @@ from cifar5m.cli.streaming import parse_storage_options, storage_options_option
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
 @click.option("--format", "fmt", type=click.Choice(["cifar5m-npz", "cifar10-jpeg", "cifar10-python"]),
               help="Source format (detected when not given).")
-@click.option("--image-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+@config_option(ImportConfig, "image_format", type=click.Choice(IMAGE_FORMATS),
               help="png: lossless, Hub-viewable; npy: raw uint8, ~20x faster to read.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+@config_option(ImportConfig, "shard_size", type=click.IntRange(min=1),
               help="Samples per shard.")
-@click.option("--test-part", type=int, default=5, show_default=True,
+@config_option(ImportConfig, "test_part", type=int, callback=lambda _c, _p, v: None if v is not None and v < 0 else v,
               help="cifar5m-npz: the part whose first --test-count images form the test split (-1: none).")
-@click.option("--test-count", type=click.IntRange(min=0), default=10_000, show_default=True,
+@config_option(ImportConfig, "test_count", type=click.IntRange(min=0),
               help="cifar5m-npz: test images taken from --test-part.")
-@click.option("--rest-of-test-part", type=click.Choice(["drop", "train"]), default="drop", show_default=True,
+@config_option(ImportConfig, "rest_of_test_part", type=click.Choice(["drop", "train"]),
               help="cifar5m-npz: what happens to the rest of the test part (the paper drops it).")
-@click.option("--limit", type=click.IntRange(min=1), help="Import at most this many samples per split.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@config_option(ImportConfig, "limit", type=click.IntRange(min=1), help="Import at most this many samples per split.")
+@config_option(ImportConfig, "workers", type=click.IntRange(min=0),
               help="Processes encoding shards in parallel (0: in this process).")
-def import_cmd(sources, out, fmt, image_format, shard_size, test_part, test_count, rest_of_test_part,
-               limit, workers) -> None:
+def import_cmd(sources: tuple[str, ...], out: str, fmt: str | None, **fields) -> None:
     """Convert CIFAR-5m npz parts or CIFAR-10 into a cifar5m dataset.
 
     SOURCES are local paths or URLs (npz parts are read in chunks, so memory stays
@@ -43,11 +44,7 @@ def import_cmd(sources, out, fmt, image_format, shard_size, test_part, test_coun
     from cifar5m.shards.importer import import_dataset, resolve_config
     from cifar5m.shards.stats import describe, format_description
 
-    config = resolve_config(
-        list(sources), format=fmt, image_format=image_format, shard_size=shard_size,
-        test_part=None if test_part < 0 else test_part, test_count=test_count,
-        rest_of_test_part=rest_of_test_part, limit=limit, workers=workers,
-    )
+    config = resolve_config(list(sources), format=fmt, **fields)
     import_dataset(out, config)
     click.echo(format_description(describe(out)))
 
@@ -62,8 +59,8 @@ def _directory_or_url(ctx: click.Context, param: click.Parameter, value: str) ->
 @click.command("verify")
 @click.argument("root", callback=_directory_or_url)
 @click.option("--decode", is_flag=True, help="Also decode every image and label.")
-@storage_options_option
-def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
+@storage_options_option()
+def verify_cmd(root: str, decode: bool, storage_options: dict | None) -> None:
     """Recompute every checksum and count of a dataset (and decode every image).
 
     ROOT is a dataset directory or URL (http(s), s3://, ...). Exits 1 with one line
@@ -76,7 +73,7 @@ def verify_cmd(root: str, decode: bool, storage_options: str | None) -> None:
     """
     from cifar5m.shards.verify import verify_dataset
 
-    report = verify_dataset(root, decode=decode, storage_options=parse_storage_options(storage_options))
+    report = verify_dataset(root, decode=decode, storage_options=storage_options)
     counts = ", ".join(f"{n:,} {split}" for split, n in report.samples.items())
     decoded = f", {report.decoded:,} images decoded" if decode else ""
     click.echo(f"OK: {report.shards} shards, {counts} samples, {report.bytes / 1e6:,.1f} MB{decoded}")
@@ -116,3 +113,27 @@ def grid_cmd(root: str, out: str, split: str, per_class: int, scale: int, seed: 
     from cifar5m.shards.grid import render_grid
 
     click.echo(f"wrote {render_grid(root, out, split=split, per_class=per_class, scale=scale, seed=seed)}")
+
+
+@click.command("upgrade")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+def upgrade_cmd(root: str) -> None:
+    """Upgrade the dataset directory ROOT to the current format version, in place.
+
+    Version 2 adds per-member checksums to the index (read from the shards, each checked
+    against its sha256 first); the shards are not changed. Safe to interrupt: running it
+    again finishes the upgrade.
+
+    \b
+    Example:
+      cifar5m upgrade data/cifar10
+    """
+    from cifar5m.shards.format import FORMAT_VERSION
+    from cifar5m.shards.upgrade import upgrade_dataset
+
+    before, manifest = upgrade_dataset(root)
+    if before >= FORMAT_VERSION:
+        click.echo(f"{root} is already format version {before}; nothing to do")
+    else:
+        click.echo(f"{root}: format version {before} -> {manifest.version} "
+                   f"({sum(s.samples for s in manifest.shards):,} samples checked)")

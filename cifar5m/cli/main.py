@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "verify": "cifar5m.cli.dataset:verify_cmd",
     "info": "cifar5m.cli.dataset:info_cmd",
     "grid": "cifar5m.cli.dataset:grid_cmd",
+    "upgrade": "cifar5m.cli.dataset:upgrade_cmd",
     "demo": "cifar5m.cli.demo:demo_cmd",
     # generator/
     "generate": "cifar5m.cli.generate:generate_cmd",

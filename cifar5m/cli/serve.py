@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import click
 
+from cifar5m.cli.options import config_option
+from cifar5m.dataset_server.config import ServeConfig
+
 
 @click.command("serve")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--tokens", type=click.Path(exists=True, dir_okay=False),
-              help="YAML/JSON file of bearer tokens per private or gated dataset (see docs/serving.md).")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Server processes, about one per free core.")
-@click.option("--page-size", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Entries per page of tree listings (the Hub's is 1000).")
-@click.option("--access-log/--no-access-log", default=True, show_default=True,
-              help="Log one line per request to stderr.")
-def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int, page_size: int,
-              access_log: bool) -> None:
+@config_option(ServeConfig, "host", help="Address to listen on (0.0.0.0: every interface).")
+@config_option(ServeConfig, "port", type=click.IntRange(0, 65535))
+@config_option(ServeConfig, "tokens", type=click.Path(exists=True, dir_okay=False),
+               help="YAML/JSON file of bearer tokens per private or gated dataset (see docs/serving.md).")
+@config_option(ServeConfig, "workers", type=click.IntRange(min=1),
+               help="Server processes, about one per free core.")
+@config_option(ServeConfig, "page_size", type=click.IntRange(min=1),
+               help="Entries per page of tree listings (the Hub's is 1000).")
+@config_option(ServeConfig, "access_log", "--access-log/--no-access-log", show_default=True,
+               help="Log one line per request to stderr.")
+def serve_cmd(root: str, **fields) -> None:
     """Serve every dataset ROOT/<org>/<name>/ as a Hugging Face Hub dataset repo.
 
     A dataset folder right under ROOT (ROOT/<name>/manifest.json, as `make demo` writes)
@@ -37,10 +38,9 @@ def serve_cmd(root: str, host: str, port: int, tokens: str | None, workers: int,
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10
     """
-    from cifar5m.dataset_server.server import ServeConfig, run
+    from cifar5m.dataset_server.server import run
 
-    run(ServeConfig(root=root, host=host, port=port, tokens=tokens, workers=workers,
-                    page_size=page_size, access_log=access_log))
+    run(ServeConfig(root=root, **fields))
 
 
 @click.command("download")

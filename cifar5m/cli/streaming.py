@@ -8,70 +8,46 @@ import sys
 
 import click
 
-
-def _size(value: str | None) -> int | None:
-    """'500M', '2G', '123' -> bytes."""
-    if value is None:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = value.strip().upper().rstrip("B")
-    try:
-        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
-    except (ValueError, IndexError):
-        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
-
-
-def parse_storage_options(text: str | None) -> dict | None:
-    """``--storage-options`` JSON -> a dict (also used by ``cifar5m train``)."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"--storage-options is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise click.BadParameter("--storage-options must be a JSON object")
-    return value
-
-
-# cifar5m stream and cifar5m verify: read a dataset at any fsspec URL.
-storage_options_option = click.option(
-    "--storage-options", help='fsspec options as JSON, e.g. \'{"anon": true}\' for s3://.')
+from cifar5m.cli.options import config_option, parse_size, storage_options_option
+from cifar5m.train.config import StreamConfig
 
 
 @click.command("stream")
 @click.argument("source")
-@click.option("--world", type=click.Choice(["ideal", "real"]), default="ideal", show_default=True,
-              help="ideal: every sample at most once; real: epochs over a fixed subset of --n.")
-@click.option("--n", type=click.IntRange(min=1), help="Real world: subset size.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="GLOBAL batch size (all ranks together).")
-@click.option("--steps", type=click.IntRange(min=0),
-              help="Global batches of the run (default: ideal = all the split allows, real = 1 epoch).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--split", default="train", show_default=True)
-@click.option("--rank", type=click.IntRange(min=0), help="Default: torch.distributed, $RANK, else 0.")
-@click.option("--world-size", type=click.IntRange(min=1), help="Default: torch.distributed, $WORLD_SIZE, else 1.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader worker processes (stats mode).")
-@click.option("--class-balanced", is_flag=True, help="Real world: equal samples per class.")
-@click.option("--wrap", is_flag=True, help="Ideal world: repeat the split instead of failing.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Decoded-shard cache directory.")
-@click.option("--cache-bytes", help="Size cap of --cache-dir, e.g. 20G (LRU eviction).")
+@config_option(StreamConfig, "world", type=click.Choice(["ideal", "real"]),
+               help="ideal: every sample at most once; real: epochs over a fixed subset of --n.")
+@config_option(StreamConfig, "n", type=click.IntRange(min=1), help="Real world: subset size.")
+@config_option(StreamConfig, "batch_size", type=click.IntRange(min=1),
+               help="GLOBAL batch size (all ranks together).")
+@config_option(StreamConfig, "steps", type=click.IntRange(min=0),
+               help="Global batches of the run (default: ideal = all the split allows, real = 1 epoch).")
+@config_option(StreamConfig, "seed", type=click.IntRange(min=0))
+@config_option(StreamConfig, "split")
+@config_option(StreamConfig, "rank", type=click.IntRange(min=0),
+               help="Default: torch.distributed, $RANK, else 0.")
+@config_option(StreamConfig, "world_size", type=click.IntRange(min=1),
+               help="Default: torch.distributed, $WORLD_SIZE, else 1.")
+@config_option(StreamConfig, "num_workers", "--workers", type=click.IntRange(min=0),
+               help="DataLoader worker processes (stats mode).")
+@config_option(StreamConfig, "class_balanced", is_flag=True, help="Real world: equal samples per class.")
+@config_option(StreamConfig, "wrap", is_flag=True, help="Ideal world: repeat the split instead of failing.")
+@config_option(StreamConfig, "cache_dir", type=click.Path(file_okay=False),
+               help="Decoded-shard cache directory.")
+@click.option("--cache-bytes", "cache_bytes", callback=lambda _c, _p, v: parse_size(v),
+              help="Size cap of --cache-dir, e.g. 20G (LRU eviction).")
 @click.option("--limit", type=click.IntRange(min=0), help="Stop after this many batches of this rank.")
 @click.option("--format", "fmt", type=click.Choice(["stats", "tar"]), default="stats", show_default=True,
               help="stats: throughput, counts and the exactly-once check; tar: WebDataset tar on stdout.")
 @click.option("--json", "as_json", is_flag=True, help="stats: print the result as JSON.")
-@storage_options_option
+@storage_options_option()
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Resume from this state file if it exists; save the state there (atomically) "
                    "every --state-every batches, on SIGTERM and at the end.")
 @click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Save --state after every this many delivered batches: after a SIGKILL at "
                    "most this many batches of this rank are delivered again.")
-def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_size, workers,
-               class_balanced, wrap, cache_dir, cache_bytes, limit, fmt, as_json, storage_options,
-               state_path, state_every) -> None:
+def stream_cmd(source: str, limit: int | None, fmt: str, as_json: bool, state_path: str | None,
+               state_every: int, **fields) -> None:
     """Stream the training batches of a dataset exactly once per rank (what training sees).
 
     SOURCE is a dataset directory, an http(s) URL of one (any static server or
@@ -98,13 +74,11 @@ def stream_cmd(source, world, n, batch_size, steps, seed, split, rank, world_siz
     from pathlib import Path
 
     from cifar5m.cli.stream_check import format_stats, run_stats, write_tar
-    from cifar5m.train.stream import SampleStream, StreamConfig
+    from cifar5m.train.stream import SampleStream
 
-    config = StreamConfig(
-        source=source, world=world, n=n, batch_size=batch_size, steps=steps, seed=seed, split=split,
-        rank=rank, world_size=world_size, num_workers=workers if fmt == "stats" else 0,
-        class_balanced=class_balanced, wrap=wrap, return_keys=True, cache_dir=cache_dir,
-        cache_bytes=_size(cache_bytes), storage_options=parse_storage_options(storage_options))
+    if fmt != "stats":
+        fields["num_workers"] = 0
+    config = StreamConfig(source=source, return_keys=True, **fields)
     stream = SampleStream(config)
     state_file = Path(state_path) if state_path else None
     if state_file is not None and state_file.is_file():

@@ -6,61 +6,67 @@ from collections.abc import Callable
 
 import click
 
-ARCHS = ("preresnet18", "mlp", "mcnn", "vit", "vgg11_bn")  # cifar5m.train.models.MODELS, listed without torch
+from cifar5m.cli.options import config_option, field_default, storage_options_option
+from cifar5m.train.config import (
+    ARCHS,
+    AUGMENTATIONS,
+    BootstrapConfig,
+    TrainConfig,
+    format_dense,
+    parse_dense,
+)
+
 ARCH_HELP = f"Model: {', '.join(ARCHS)}, or an MLP with the given hidden widths: 'mlp[512,512,512]'."
 AUGMENT_HELP = ("On-device augmentation, identical in both worlds; the paper's --aug 0-3: none, flip, "
                 "crop-flip (zero-padded crop 32 of 40 + flip), reflect-crop-flip (mirror-padded).")
 
 
 def _run_options(command: Callable) -> Callable:
-    """The options `train` and `bootstrap` share (every TrainConfig field)."""
+    """The options `train` and `bootstrap` share (every TrainConfig field), defaults from it."""
+    T = TrainConfig
     options = [
-        click.option("--data", required=True, help="Dataset directory or URL (its train split is streamed)."),
-        click.option("--width", type=click.IntRange(min=1), help="Model width (default: the paper's)."),
-        click.option("--steps", type=click.IntRange(min=1), default=39_000, show_default=True,
-                     help="SGD steps T (39,000 = 100 epochs of 50K at batch 128)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Global batch size (over all ranks)."),
-        click.option("--lr", type=float, default=0.1, show_default=True),
-        click.option("--momentum", type=float, default=0.0, show_default=True),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine",
-                     show_default=True, help="LR schedule over the T steps."),
-        click.option("--lr-step-every", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Cosine: change the rate every K batches (the paper's code: 390, with "
-                          "T // K levels; at T <= K the rate stays constant)."),
-        click.option("--augment", type=click.Choice(["none", "flip", "crop-flip", "reflect-crop-flip"]),
-                     default="none", show_default=True, help=AUGMENT_HELP),
-        click.option("--class-balanced", is_flag=True, help="Real world: a class-balanced subset."),
-        click.option("--wrap", is_flag=True,
-                     help="Ideal world: allow more steps than one pass over the train split; samples "
-                          "then repeat (recorded in config.json and result.json, marked on the plot)."),
-        click.option("--log-every", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Evaluate every this many steps..."),
-        click.option("--log-dense", default="1024:4,2048:8", show_default=True,
+        config_option(T, "data", required=True, help="Dataset directory or URL (its train split is streamed)."),
+        config_option(T, "width", type=click.IntRange(min=1), help="Model width (default: the paper's)."),
+        config_option(T, "steps", type=click.IntRange(min=1),
+                      help="SGD steps T (39,000 = 100 epochs of 50K at batch 128)."),
+        config_option(T, "batch_size", type=click.IntRange(min=1), help="Global batch size (over all ranks)."),
+        config_option(T, "lr", type=float),
+        config_option(T, "momentum", type=float),
+        config_option(T, "weight_decay", type=float),
+        config_option(T, "schedule", type=click.Choice(["cosine", "constant"]), help="LR schedule over the T steps."),
+        config_option(T, "lr_step_every", type=click.IntRange(min=1),
+                      help="Cosine: change the rate every K batches (the paper's code: 390, with "
+                           "T // K levels; at T <= K the rate stays constant)."),
+        config_option(T, "augment", type=click.Choice(AUGMENTATIONS), help=AUGMENT_HELP),
+        config_option(T, "class_balanced", is_flag=True, help="Real world: a class-balanced subset."),
+        config_option(T, "wrap", is_flag=True,
+                      help="Ideal world: allow more steps than one pass over the train split; samples "
+                           "then repeat (recorded in config.json and result.json, marked on the plot)."),
+        config_option(T, "log_every", type=click.IntRange(min=1), help="Evaluate every this many steps..."),
+        click.option("--log-dense", "log_dense", show_default=True,
+                     default=format_dense(field_default(T, "log_dense")),
+                     callback=_dense,
                      help="...and more often early: 'below:every,...' ('none' to disable)."),
-        click.option("--test-split", default="test", show_default=True),
-        click.option("--test-limit", type=click.IntRange(min=1), default=10_000, show_default=True,
-                     help="Evaluate on the first this many test samples."),
-        click.option("--cifar10-test", type=click.Path(exists=True, file_okay=False),
-                     help="A dataset dir (`cifar5m import` of CIFAR-10) whose test split is also evaluated."),
-        click.option("--train-eval-limit", type=click.IntRange(min=1),
-                     help="Real world: train soft error on this many of the N (default: all)."),
-        click.option("--eval-batch-size", type=click.IntRange(min=1), default=1000, show_default=True),
-        click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True),
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
-                     show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 "
-                                             "everywhere as the paper's code."),
-        click.option("--channels-last/--no-channels-last", default=True, show_default=True),
-        click.option("--compile", "compile_", is_flag=True, help="torch.compile the model."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
-        click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Loader processes reading and decoding shards."),
-        click.option("--stop-after", type=click.IntRange(min=1),
-                     help="Stop after this many steps (checkpointed; rerun to continue)."),
-        click.option("--storage-options",
-                     help='fsspec options for --data as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
-                          '"http://127.0.0.1:9000"}}\' for s3:// (not saved: may hold credentials).'),
+        config_option(T, "test_split"),
+        config_option(T, "test_limit", type=click.IntRange(min=1),
+                      help="Evaluate on the first this many test samples."),
+        config_option(T, "cifar10_test", type=click.Path(exists=True, file_okay=False),
+                      help="A dataset dir (`cifar5m import` of CIFAR-10) whose test split is also evaluated."),
+        config_option(T, "train_eval_limit", type=click.IntRange(min=1),
+                      help="Real world: train soft error on this many of the N (default: all)."),
+        config_option(T, "eval_batch_size", type=click.IntRange(min=1)),
+        config_option(T, "checkpoint_every", type=click.IntRange(min=1)),
+        config_option(T, "precision", type=click.Choice(["auto", "bf16", "fp32"]),
+                      help="auto: bf16 autocast on CUDA, fp32 on CPU; fp32 everywhere as the paper's code."),
+        config_option(T, "channels_last", "--channels-last/--no-channels-last", show_default=True),
+        config_option(T, "compile", is_flag=True, help="torch.compile the model."),
+        config_option(T, "device", help="auto, cpu, cuda, cuda:1, ..."),
+        config_option(T, "num_workers", type=click.IntRange(min=0),
+                      help="Loader processes reading and decoding shards."),
+        config_option(T, "stop_after", type=click.IntRange(min=1),
+                      help="Stop after this many steps (checkpointed; rerun to continue)."),
+        storage_options_option('fsspec options for --data as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
+                               '"http://127.0.0.1:9000"}}\' for s3:// (not saved: may hold credentials).'),
         click.option("--out", required=True, type=click.Path(file_okay=False),
                      help="Run directory (config.json, metrics.jsonl/csv, checkpoint.pt)."),
     ]
@@ -69,17 +75,11 @@ def _run_options(command: Callable) -> Callable:
     return command
 
 
-def _config(world: str, seed: int, opts: dict):
-    from cifar5m.cli.streaming import parse_storage_options
-    from cifar5m.train.config import TrainConfig
-    from cifar5m.train.metrics import parse_dense
-
-    opts = dict(opts)
-    opts["compile"] = opts.pop("compile_")
-    opts["log_dense"] = parse_dense(opts["log_dense"])
-    opts.pop("out")
-    opts["storage_options"] = parse_storage_options(opts.get("storage_options"))
-    return TrainConfig(world=world, seed=seed, **opts)
+def _dense(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return parse_dense(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'below:every,...' such as 1024:4,2048:8, got {value!r}") from None
 
 
 def _note_wrap(config) -> None:
@@ -89,14 +89,15 @@ def _note_wrap(config) -> None:
 
 
 @click.command("train")
-@click.option("--world", type=click.Choice(["real", "ideal"]), required=True,
-              help="real: N samples reused; ideal: every batch fresh.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--record-keys", is_flag=True, help="Write the keys of every batch (keys-rank*.txt).")
-@click.option("--n", type=click.IntRange(min=1), help="Real world: samples reused (N).")
-@click.option("--arch", default="preresnet18", show_default=True, help=ARCH_HELP)
+@config_option(TrainConfig, "world", type=click.Choice(["real", "ideal"]), required=True,
+               help="real: N samples reused; ideal: every batch fresh.")
+@config_option(TrainConfig, "seed", type=int)
+@config_option(TrainConfig, "record_keys", is_flag=True,
+               help="Write the keys of every batch (keys-rank*.txt).")
+@config_option(TrainConfig, "n", type=click.IntRange(min=1), help="Real world: samples reused (N).")
+@config_option(TrainConfig, "arch", help=ARCH_HELP)
 @_run_options
-def train_cmd(world: str, seed: int, record_keys: bool, **opts) -> None:
+def train_cmd(out: str, **fields) -> None:
     """Train a classifier in the real or the ideal world; resumes when rerun.
 
     Metrics (test soft error, error, loss; real world: train soft error) are written
@@ -111,22 +112,22 @@ def train_cmd(world: str, seed: int, record_keys: bool, **opts) -> None:
     """
     from cifar5m.train.trainer import train
 
-    config = _config(world, seed, {**opts, "record_keys": record_keys})
-    if world == "ideal":
+    config = TrainConfig(**fields)
+    if config.world == "ideal":
         _note_wrap(config)
-    result = train(config, out=opts["out"])
-    _echo_final(result.rows, result.finished, opts["out"])
+    result = train(config, out=out)
+    _echo_final(result.rows, result.finished, out)
 
 
 @click.command("bootstrap")
 @click.option("--n", "ns", required=True, help="Real world sizes, comma-separated: 5000,10000,50000.")
-@click.option("--arch", "archs", default="preresnet18", show_default=True,
+@click.option("--arch", "archs", default=field_default(TrainConfig, "arch"), show_default=True,
               help="Models, comma-separated: preresnet18,mlp[512,512,512],mcnn. " + ARCH_HELP)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
-              show_default=True, help="A real world has converged once its train soft error is below this.")
+@config_option(BootstrapConfig, "threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+               help="A real world has converged once its train soft error is below this.")
 @_run_options
-def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> None:
+def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, out: str, **fields) -> None:
     """The Deep Bootstrap figure: the ideal world and the real world at every N, per model and seed.
 
     Every run's sample budget is checked before any training. The ideal world runs once
@@ -147,14 +148,13 @@ def bootstrap_cmd(ns: str, archs: str, seeds: str, threshold: float, **opts) -> 
           --augment crop-flip --precision fp32 --out runs/paper
     """
     from cifar5m.train.bootstrap import run_bootstrap
-    from cifar5m.train.config import BootstrapConfig
 
     models = split_archs(archs)
-    config = BootstrapConfig(_config("ideal", 0, {**opts, "n": None, "arch": models[0]}),
+    config = BootstrapConfig(TrainConfig(world="ideal", arch=models[0], **fields),
                              ns=_ints(ns, "--n"), archs=models,
                              seeds=_ints(seeds, "--seeds"), threshold=threshold)
     _note_wrap(config.template)
-    result = run_bootstrap(config, out=opts["out"])
+    result = run_bootstrap(config, out=out)
     click.echo((result.out / "gap.md").read_text())
     click.echo(f"Trained {len(result.trained)} runs, reused {len(result.reused)} finished ones.")
     click.echo(f"Figure: {result.plot}")

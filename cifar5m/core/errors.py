@@ -41,7 +41,8 @@ class ManifestError(Cifar5mError, ValueError):
 
 
 class ManifestVersionError(ManifestError):
-    """The manifest was written by a newer format version than this cifar5m reads."""
+    """The manifest was written by a newer format version than this cifar5m reads, or by an
+    older one that needs ``cifar5m upgrade`` first."""
 
 
 class InvalidImageError(Cifar5mError, ValueError):

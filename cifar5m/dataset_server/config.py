@@ -15,7 +15,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     tokens: str | None = None
-    workers: int = 1
+    workers: int = 2  # processes, about one per free core
     page_size: int = 1000
     access_log: bool = True
     # Request bounds: body of POST /paths-info, header count, request line + headers

@@ -28,6 +28,7 @@ from cifar5m.core.errors import (
     ChecksumMismatchError,
     DatasetNotFoundError,
     ManifestError,
+    ManifestVersionError,
     SampleNotFoundError,
     ShardNotFoundError,
 )
@@ -114,10 +115,10 @@ class Catalog:
     image_size: np.ndarray  # int32 (the index's type; sums with offsets are int64)
     labels: np.ndarray  # int64
     keys: np.ndarray  # fixed-width bytes
-    digests: np.ndarray | None = None  # uint64 XXH3 of each image member; None: an older index
+    digests: np.ndarray  # uint64 XXH3 of each image member
     # uint64 XXH3 of each group of checksum.GROUP rows of a shard, shard after shard (group_of);
     # the index repeats it on every row of the group, this keeps it once
-    group_digests: np.ndarray | None = None
+    group_digests: np.ndarray
 
     @classmethod
     def load(cls, source: Source, split: str) -> Catalog:
@@ -193,13 +194,20 @@ class Catalog:
         if not np.array_equal(arrays["shard_id"], np.repeat(order, count[order])):
             raise ManifestError(f"{where}: index rows are not grouped by shard; re-create the dataset")
         pa.default_memory_pool().release_unused()  # the batches' buffers, kept by the allocator
+        if not all(complete.values()):
+            if manifest.version >= 2:
+                raise ManifestError(f"{where} lacks the checksum columns format version 2 requires; "
+                                    f"re-create or re-download the dataset")
+            raise ManifestVersionError(  # written before format version 2 added them
+                f"{where} has no per-member checksums (format version 1); run "
+                f"`cifar5m upgrade {url}` once to add them")
         return cls(
             url=url, split=split, image_format=manifest.image_format,
             class_names=tuple(manifest.class_names), shards=names,
             shard_bytes=np.array([s.bytes for s in infos], np.int64), shard_sha=[s.sha256 for s in infos],
             shard_start=first, shard_count=count, shard_id=arrays["shard_id"],
             image_offset=arrays["image_offset"], image_size=arrays["image_size"], labels=arrays["labels"],
-            keys=keys, **{name: arrays[name] if ok else None for name, ok in complete.items()})
+            keys=keys, digests=arrays["digests"], group_digests=arrays["group_digests"])
 
     @cached_property
     def group_base(self) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 FORMAT_NAME = "cifar5m-shards"
 # Bump on any change a reader of the previous version cannot handle.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the index always has the image_xxh3 and group_xxh3 columns
 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.parquet"

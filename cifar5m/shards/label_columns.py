@@ -52,7 +52,8 @@ def shard_label_column(table: pa.Table) -> str:
 
 
 def finish_pending(root: str | Path) -> bool:
-    """Finish a relabel whose index was replaced but whose manifest was not; True if done."""
+    """Finish a relabel or upgrade whose index was replaced but whose manifest was not; True if
+    done."""
     root = Path(root)
     manifest = load_manifest(root)
     listed = manifest.file_info(INDEX_NAME)
@@ -61,7 +62,7 @@ def finish_pending(root: str | Path) -> bool:
     meta = index_meta(read_index(root / INDEX_NAME, columns=["key"]))
     if meta.get("parent_sha256") != listed.sha256 or "pending_provenance" not in meta:
         raise ManifestError(f"{root / INDEX_NAME} does not match the manifest's sha256 and is not a "
-                            f"relabel of it; restore the index or re-create the dataset")
+                            f"relabel or upgrade of it; restore the index or re-create the dataset")
     write_manifest(root, with_files(root, manifest, meta["pending_provenance"]))
     return True
 
@@ -101,14 +102,21 @@ def write_labels(root: str | Path, labels: np.ndarray, confidence: np.ndarray, p
                 "parent_sha256": listed.sha256 if listed else None,
                 "labels": {**meta["labels"], "label": labeler, keep_as: before},
                 "pending_provenance": provenance}
+    return replace_index(root, manifest, table, new_meta)
+
+
+def replace_index(root: Path, manifest: Manifest, table: pa.Table, meta: dict[str, Any]) -> Manifest:
+    """Write ``table`` as the new index (``meta`` with its ``parent_sha256`` and
+    ``pending_provenance``), then the manifest listing it; ``finish_pending`` completes a
+    crash between the two."""
     tmp = root / f".{INDEX_NAME}.relabel.tmp"
     try:
-        write_table(tmp, table, metadata={META_KEY: json.dumps(new_meta)})
+        write_table(tmp, table, metadata={META_KEY: json.dumps(meta)})
         with open(tmp, "rb+") as f:  # durable before it replaces the old index
             os.fsync(f.fileno())
         tmp.replace(root / INDEX_NAME)
     finally:
         tmp.unlink(missing_ok=True)
-    out = with_files(root, manifest, provenance)
+    out = with_files(root, manifest, meta["pending_provenance"])
     write_manifest(root, out)
     return out

@@ -10,7 +10,6 @@ shard and, where it applies, the offset.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -26,15 +25,10 @@ from cifar5m.shards.catalog import Catalog, IndexData, index_input, read_index_d
 from cifar5m.shards.format import INDEX_NAME
 from cifar5m.shards.index import read_index
 from cifar5m.shards.manifest import Manifest, ShardInfo
+from cifar5m.shards.shard import Sample
 from cifar5m.shards.source import Source, open_source
 
 __all__ = ["Batch", "Dataset", "Sample", "Split"]
-
-
-class Sample(NamedTuple):
-    key: str
-    image: np.ndarray  # (32, 32, 3) uint8
-    label: int
 
 
 class Batch(NamedTuple):
@@ -92,9 +86,9 @@ class Dataset:
         assert end is not None, "read_bytes: a start needs an end"
         return self.source.fetch([(file, start, end)])[0]
 
-    def read_shard(self, file: str, *, sha256: bool = False) -> bytes | memoryview:
-        """A whole shard, checked for truncation against the manifest's size (and its
-        sha256 with ``sha256``: datasets without per-member digests)."""
+    def read_shard(self, file: str) -> bytes | memoryview:
+        """A whole shard, checked for truncation against the manifest's size (its members are
+        checked against their digests by the caller)."""
         data = self.read_bytes(file)
         expected = self.shards[file].bytes
         if len(data) != expected:
@@ -102,10 +96,6 @@ class Dataset:
                 f"{self.location(file)} is truncated or altered: {len(data)} bytes, the manifest "
                 f"says {expected}; re-download it or run `cifar5m verify`"
             )
-        if sha256 and hashlib.sha256(data).hexdigest() != self.shards[file].sha256:
-            raise CorruptShardError(
-                f"{self.location(file)} does not match its sha256 in the manifest (corrupted); "
-                f"run `cifar5m verify`, then re-download or re-create it")
         return data
 
 
@@ -157,9 +147,7 @@ class Split:
         self.keys = Keys(cat.keys)
         self.shard_of = ShardNames(cat)
         self.image_offset, self.image_size = cat.image_offset, cat.image_size
-        # Per-member digests (None: an index written before them; whole shards are then
-        # checked by their sha256 instead).
-        self.digests = cat.digests
+        self.digests = cat.digests  # per member, checked on every read
         self.labels = cat.labels
         self.format = cat.image_format
         self.shard_files = cat.shards
@@ -181,7 +169,7 @@ class Split:
         i = position % len(self)
         start = int(self.image_offset[i])
         data = self.dataset.read_bytes(self.shard_of[i], start, start + int(self.image_size[i]))
-        if self.digests is not None and checksum.digest(data) != int(self.digests[i]):
+        if checksum.digest(data) != int(self.digests[i]):
             raise checksum.mismatch(self.dataset.location(self.shard_of[i]), self.keys[i], start)
         return Sample(self.keys[i], self._decode(data, self.shard_of[i], start), int(self.labels[i]))
 
@@ -206,13 +194,12 @@ class Split:
     def decode_shard(self, shard: str) -> Batch:
         """Every sample of one shard, decoded (npy shards in one vectorised gather)."""
         rows = self.rows(shard)
-        data = self.dataset.read_shard(shard, sha256=self.digests is None)
-        if self.digests is not None:
-            bad = checksum.first_bad_at(data, self.image_offset[rows], self.image_size[rows],
-                                        self.digests[rows])
-            if bad >= 0:
-                raise checksum.mismatch(self.dataset.location(shard), self.keys[rows.start + bad],
-                                        int(self.image_offset[rows.start + bad]))
+        data = self.dataset.read_shard(shard)
+        bad = checksum.first_bad_at(data, self.image_offset[rows], self.image_size[rows],
+                                    self.digests[rows])
+        if bad >= 0:
+            raise checksum.mismatch(self.dataset.location(shard), self.keys[rows.start + bad],
+                                    int(self.image_offset[rows.start + bad]))
         buffer = np.frombuffer(data, np.uint8)
         if self.format == "npy":
             try:

@@ -37,6 +37,7 @@ from cifar5m.shards.format import (
     CARD_NAME,
     CIFAR10_CLASSES,
     DEFAULT_SHARD_SIZE,
+    FORMAT_VERSION,
     IMAGE_FORMATS,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -162,7 +163,7 @@ def finalize(
 def with_files(root: Path, manifest: Manifest, provenance: dict[str, Any]) -> Manifest:
     """``manifest`` with ``provenance``, its card (re)written and fresh index/card checksums
     (other listed files kept, in their order); used by ``finalize`` and by a relabel."""
-    draft = dataclasses.replace(manifest, provenance=provenance)
+    draft = dataclasses.replace(manifest, provenance=provenance, version=FORMAT_VERSION)
     atomic_write_bytes(root / CARD_NAME, render_card(draft).encode())
     fresh = {INDEX_NAME: file_info(root, INDEX_NAME), CARD_NAME: file_info(root, CARD_NAME)}
     files = tuple(fresh.pop(f.file, f) for f in manifest.files) + tuple(fresh.values())

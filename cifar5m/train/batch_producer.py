@@ -17,9 +17,9 @@ import torch
 from cifar5m.train.order import Plan
 from cifar5m.train.sample_reader import SampleReader
 
-# Remote blocks are fetched for the next batch and the one 4 ahead: the batches between
-# were "4 ahead" earlier, so every block is asked for ~4 decodes before it is needed.
-AHEAD = 4
+# Remote blocks are fetched for the next batch and the one FETCH_DISTANCE on: the batches between
+# were that far on earlier, so every block is asked for ~4 decodes before it is needed.
+FETCH_DISTANCE = 4
 
 
 class StreamBatch(NamedTuple):
@@ -29,7 +29,7 @@ class StreamBatch(NamedTuple):
     step: int  # global batch index
 
 
-class Producer:
+class BatchProducer:
     """Builds the batches of one rank; lives in the main process or in a worker."""
 
     def __init__(self, plan: Plan, rank: int, reader: SampleReader, subset: np.ndarray | None,
@@ -56,10 +56,10 @@ class Producer:
 
     def batch(self, b: int, *, next_b: int | None = None) -> StreamBatch:
         positions = self.positions(b)
-        if next_b is not None:  # the next batch's blocks, and those AHEAD batches on (a window
-            for ahead in sorted({next_b, next_b + AHEAD - 1}):  # start needs ~64 blocks at once)
-                if ahead < self.plan.total_batches:
-                    self.reader.lookahead(self.positions(ahead))
+        if next_b is not None:  # the next batch's blocks, and those FETCH_DISTANCE batches on
+            for later in sorted({next_b, next_b + FETCH_DISTANCE - 1}):  # (a window start needs
+                if later < self.plan.total_batches:  # ~64 blocks at once)
+                    self.reader.lookahead(self.positions(later))
         return StreamBatch(*self._decode(positions), b)
 
 
@@ -84,7 +84,7 @@ def unpack(packed: Packed) -> Iterator[StreamBatch]:
 
 
 class WorkerDataset(torch.utils.data.IterableDataset):
-    def __init__(self, producer: Producer, start: int, group: int) -> None:
+    def __init__(self, producer: BatchProducer, start: int, group: int) -> None:
         self.producer, self.start, self.group = producer, start, group
 
     def __iter__(self) -> Iterator[Packed]:

@@ -7,6 +7,7 @@ batch ahead on a side CUDA stream.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ class TrainData:
         self.stream, self.config, self.rt, self.keys_path = stream, config, rt, keys_path
         self.real = config.world == "real"
         self.keys_file = None
-        self._ahead = None
+        self._next = None
         self._iter = None
         self._side = None  # CUDA stream that copies the next ideal-world batch
         if self.real:
@@ -43,15 +44,17 @@ class TrainData:
              keys_path: str | os.PathLike | None = None) -> TrainData:
         from cifar5m.train.stream import SampleStream, StreamConfig
 
-        cfg = StreamConfig(
-            source=config.data, world=config.world, n=config.n if config.world == "real" else None,
-            batch_size=config.batch_size, steps=config.steps, seed=config.seed,
+        # The fields both configs have (world, n, batch_size, steps, seed, num_workers, ...) are
+        # taken by name; the rest says how this rank reads.
+        shared = {f.name for f in dataclasses.fields(StreamConfig)} & {
+            f.name for f in dataclasses.fields(config)}
+        cfg = StreamConfig(source=config.data, **{k: getattr(config, k) for k in shared} | dict(
+            n=config.n if config.world == "real" else None,
             rank=rt.rank if rt.world_size > 1 else None,
             world_size=rt.world_size if rt.world_size > 1 else None,
-            num_workers=config.num_workers, class_balanced=config.class_balanced,
             wrap=config.wrap and config.world == "ideal",
             return_keys=config.record_keys and config.world == "ideal",
-            pin_memory=rt.device.type == "cuda", storage_options=config.storage_options)
+            pin_memory=rt.device.type == "cuda"))
         return cls(SampleStream(cfg), config, rt, keys_path)
 
     def _source(self) -> Iterator[Any]:
@@ -78,18 +81,18 @@ class TrainData:
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
         return x, y, item.keys, side
 
-    def next_batch(self, *, ahead: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch; with ``ahead`` the one after starts copying (not before a checkpoint,
+    def next_batch(self, *, copy_next: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; with ``copy_next`` the one after starts copying (not before a checkpoint,
         so the stream's state counts exactly the batches trained on)."""
-        item = self._ahead if self._ahead is not None else self._fetch()
-        self._ahead = None
+        item = self._next if self._next is not None else self._fetch()
+        self._next = None
         if len(item) == 4:  # wait for the side-stream copy, and keep its memory alive
             torch.cuda.current_stream(self.rt.device).wait_stream(item[3])
             item[0].record_stream(torch.cuda.current_stream(self.rt.device))
             item[1].record_stream(torch.cuda.current_stream(self.rt.device))
-        if ahead:
+        if copy_next:
             with contextlib.suppress(StopIteration):
-                self._ahead = self._fetch()
+                self._next = self._fetch()
         if self.config.record_keys:
             self._record(item[2])
         return item[0], item[1]
@@ -123,4 +126,4 @@ class TrainData:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
-        self._iter, self._ahead = None, None
+        self._iter, self._next = None, None

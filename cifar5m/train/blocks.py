@@ -103,9 +103,7 @@ class BlockStore:
         """The block's members against the index: one digest per group of 64 members when
         blocks are whole groups (block % 64 == 0, as by default), else one per member."""
         cat = self.catalog
-        if cat.digests is None:
-            return True
-        if cat.group_digests is None or self.block % checksum.GROUP:
+        if self.block % checksum.GROUP:
             return checksum.first_bad_at(data, offsets, sizes, cat.digests[rows.start:rows.stop]) < 0
         # Blocks start on group boundaries here, so the block's groups are the shard's.
         got = checksum.group_digests(data, offsets.tolist(), sizes.tolist())[:: checksum.GROUP]

@@ -1,18 +1,101 @@
-"""The configs of the train stage: one training run (``TrainConfig``, saved as ``config.json``
-next to its metrics) and a Deep Bootstrap sweep of runs (``BootstrapConfig``, saved as
-``bootstrap.json``), with the directory names of a sweep's runs."""
+"""The configs of the train stage: a stream of batches (``StreamConfig``), one training run
+(``TrainConfig``, saved as ``config.json`` next to its metrics) and a Deep Bootstrap sweep of
+runs (``BootstrapConfig``, saved as ``bootstrap.json``), with the directory names of a sweep's
+runs. Imports no torch, so the CLI reads its defaults from here."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 
-from cifar5m.core.errors import TrainConfigError
-from cifar5m.train.device_augment import AUGMENTATIONS
-from cifar5m.train.metrics import PAPER_DENSE
-from cifar5m.train.models import check_model, parse_widths
+from cifar5m.core.errors import ModelError, TrainConfigError
+from cifar5m.train.order import DEFAULT_BLOCK, DEFAULT_WINDOW
+
+# The paper's `--aug 0-3`: none, flips, crop (zero padding 4) + flip, reflect-padded crop + flip.
+AUGMENTATIONS = ("none", "flip", "crop-flip", "reflect-crop-flip")
+# The paper's schedule: (below this step, log every this many steps), then every `every`.
+PAPER_DENSE: tuple[tuple[int, int], ...] = ((1024, 4), (2048, 8))
+
+
+# The models of cifar5m.train.models (its registry, MODELS, is checked against this list).
+ARCHS = ("preresnet18", "mlp", "mcnn", "vit", "vgg11_bn")
+
+
+def check_model(name: str) -> None:
+    """Raise ``ModelError`` now for a name ``build_model`` would refuse (no model built)."""
+    if parse_widths(name) is None and name not in ARCHS:
+        raise ModelError(f"unknown model {name!r}; choose one of {sorted(ARCHS)} or mlp[w1,w2,...]")
+
+
+def parse_widths(name: str) -> tuple[int, ...] | None:
+    """``"mlp[512,512]"`` -> (512, 512); None for a plain registry name."""
+    if not (name.startswith("mlp[") and name.endswith("]")):
+        return None
+    try:
+        widths = tuple(int(w) for w in name[4:-1].split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise ModelError(f"bad MLP widths in {name!r}; write e.g. mlp[2048,2048,2048]")
+    return widths
+
+
+def parse_dense(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1024:4,2048:8"`` -> ((1024, 4), (2048, 8)); ``"none"`` or ``""`` -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    pairs = []
+    for part in text.split(","):
+        below, _, stride = part.partition(":")
+        pairs.append((int(below), int(stride)))
+    return tuple(pairs)
+
+
+def format_dense(dense: tuple[tuple[int, int], ...]) -> str:
+    """((1024, 4), (2048, 8)) -> ``"1024:4,2048:8"`` (``"none"`` for ())."""
+    return ",".join(f"{below}:{every}" for below, every in dense) or "none"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything that defines a stream; saved as JSON next to a run (``to_json``)."""
+
+    source: str
+    world: str = "ideal"  # "ideal": fresh samples; "real": epochs over a fixed subset of n
+    n: int | None = None  # real-world subset size
+    batch_size: int = 128  # GLOBAL batch (all ranks together)
+    steps: int | None = None  # global batches; None: ideal = all the split allows, real = 1 epoch
+    seed: int = 0
+    split: str = "train"
+    rank: int | None = None  # None: torch.distributed, else $RANK, else 0
+    world_size: int | None = None  # None: torch.distributed, else $WORLD_SIZE, else 1
+    num_workers: int = 0
+    class_balanced: bool = False
+    wrap: bool = False  # ideal world: start a new permutation instead of raising
+    return_keys: bool = False
+    pin_memory: bool = False
+    prefetch: int = 2  # batches prepared ahead (per worker; without workers: in a thread)
+    cache_dir: str | None = None  # decoded-shard cache (ideal) / decoded subset (real)
+    cache_bytes: int | None = None  # size cap of cache_dir (LRU eviction)
+    storage_options: dict | None = None  # for fsspec URLs, e.g. {"endpoint_url": ...}
+    block: int = DEFAULT_BLOCK
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", os.fspath(self.source))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> StreamConfig:
+        return cls(**json.loads(text))
+
 
 # Fields that may change between a run and its resume without changing the curve.
 RESUMABLE_FIELDS = {"stop_after", "device", "num_workers", "checkpoint_every", "compile",

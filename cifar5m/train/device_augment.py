@@ -12,9 +12,8 @@ import torch
 
 from cifar5m.core.augment import crop_flip
 from cifar5m.core.errors import TrainConfigError
+from cifar5m.train.config import AUGMENTATIONS
 
-# The paper's `--aug 0-3`: none, flips, crop (zero padding 4) + flip, reflect-padded crop + flip.
-AUGMENTATIONS = ("none", "flip", "crop-flip", "reflect-crop-flip")
 PAD = 4  # random crop 32 from 40 (padding 4), the paper's `--aug 2` and `--aug 3`
 
 

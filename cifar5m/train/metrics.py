@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar5m.core.atomic import atomic_write_bytes
-
-# The paper's schedule: (below this step, log every this many steps), then every `every`.
-PAPER_DENSE: tuple[tuple[int, int], ...] = ((1024, 4), (2048, 8))
+from cifar5m.train.config import PAPER_DENSE
 
 
 def log_points(total_steps: int, *, every: int = 64,
@@ -35,17 +33,6 @@ def log_points(total_steps: int, *, every: int = 64,
         if step % every == 0 or any(step < below and step % stride == 0 for below, stride in dense):
             points.add(step)
     return sorted(points)
-
-
-def parse_dense(text: str) -> tuple[tuple[int, int], ...]:
-    """``"1024:4,2048:8"`` -> ((1024, 4), (2048, 8)); ``"none"`` or ``""`` -> ()."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    pairs = []
-    for part in text.split(","):
-        below, _, stride = part.partition(":")
-        pairs.append((int(below), int(stride)))
-    return tuple(pairs)
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar5m.core.errors import ModelError
+from cifar5m.train.config import ARCHS, parse_widths
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
@@ -55,26 +56,6 @@ def build_model(name: str, *, num_classes: int = 10, width: int | None = None) -
     if width is not None and width < 1:
         raise ModelError(f"model width must be a positive integer, got {width}")
     return builder(num_classes=num_classes, width=width)
-
-
-def parse_widths(name: str) -> tuple[int, ...] | None:
-    """``"mlp[512,512]"`` -> (512, 512); None for a plain registry name."""
-    if not (name.startswith("mlp[") and name.endswith("]")):
-        return None
-    try:
-        widths = tuple(int(w) for w in name[4:-1].split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise ModelError(f"bad MLP widths in {name!r}; write e.g. mlp[2048,2048,2048]")
-    return widths
-
-
-def check_model(name: str) -> None:
-    """Raise ``ModelError`` now for a name ``build_model`` would refuse (no model built)."""
-    if parse_widths(name) is None and name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)} "
-                         "or mlp[w1,w2,...]")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -211,3 +192,7 @@ def vgg11_bn(*, num_classes: int = 10, width: int | None = None) -> nn.Module:
             cin = item
     layers += [nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
+
+
+if set(MODELS) != set(ARCHS):  # the list the CLI and the configs check names against, without torch
+    raise ImportError(f"cifar5m.train.config.ARCHS {ARCHS} does not list the registered models {sorted(MODELS)}")

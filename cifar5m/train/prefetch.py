@@ -17,7 +17,7 @@ T = TypeVar("T")
 _END = object()
 
 
-def ahead(fn: Callable[[int], T], items: Iterable[int], depth: int) -> Iterator[T]:
+def prefetched(fn: Callable[[int], T], items: Iterable[int], depth: int) -> Iterator[T]:
     """``fn(i) for i in items``, computed up to ``depth`` items ahead in one thread."""
     if depth <= 0:
         yield from (fn(i) for i in items)

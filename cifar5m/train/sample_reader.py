@@ -9,7 +9,6 @@ memory map. Labels come from the index, so ``.cls`` members are never read.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import numpy as np
@@ -45,16 +44,14 @@ class SampleReader:
         self.source = source
         self.cache = cache
         # Blocks serve reads without a decoded cache (the cache reads whole shards): remote
-        # ones, and local ones (one os.pread per block, each byte read once) where the index
-        # has member digests (BlockStore checks them; an index without them is checked by
-        # whole-shard sha256 on the mapped path below).
-        use_blocks = block and cache is None and (not source.local or catalog.digests is not None)
+        # ones, and local ones (one os.pread per block, each byte read once; BlockStore checks
+        # the member digests).
+        use_blocks = block and cache is None
         self.blocks = BlockStore(catalog, source, block=block, keep=keep_blocks) if use_blocks else None
         # Checked views of the last shards, as many as the source keeps mapped: a view holds
         # its map, so an unbounded dict would keep every shard of a pass mapped.
         self._views: OrderedDict[int, tuple[np.ndarray, int] | None] = OrderedDict()
         self._keep_views = getattr(source, "keep", 64)
-        self._sha_ok: set[int] = set()  # shards checked whole (indexes without digests)
         # Ideal world: reads run through blocks of consecutive samples, so local npy members
         # are checked by groups (_check_groups); _checked marks the positions done.
         self.sequential = block is not None
@@ -135,10 +132,7 @@ class SampleReader:
         offsets, sizes = cat.image_offset[rows], cat.image_size[rows]
         ranges = list(zip(offsets.tolist(), (offsets + sizes).tolist(), strict=True))
         if datas is None and whole:
-            data = self.source.read_file(file)
-            if cat.digests is None:
-                self._check_sha256(shard, data)
-            view = memoryview(data)
+            view = memoryview(self.source.read_file(file))
             datas = [view[a:b] for a, b in ranges]
         elif datas is None and self.blocks is not None:
             datas = self.blocks.slices(rows, ranges)
@@ -147,10 +141,7 @@ class SampleReader:
         for data, (a, b), row in zip(datas, ranges, rows.tolist(), strict=True):
             if len(data) != b - a:
                 raise self._truncated(shard, row, a, b)
-        if cat.digests is not None:
-            self._raise_bad(shard, rows, checksum.first_bad(datas, cat.digests[rows]))
-        elif self.source.local:  # an index without digests: the whole shard, once
-            self._check_sha256(shard, self.source.read_file(file))
+        self._raise_bad(shard, rows, checksum.first_bad(datas, cat.digests[rows]))
         return datas
 
     def _check_groups(self, shard: int, rows: np.ndarray, buf: np.ndarray) -> None:
@@ -183,17 +174,6 @@ class SampleReader:
             row = int(rows[bad])
             raise checksum.mismatch(f"{self.source.url}/{self.catalog.shards[shard]}",
                                     self.catalog.keys[row].decode(), int(self.catalog.image_offset[row]))
-
-    def _check_sha256(self, shard: int, data) -> None:
-        """For an index without digests: the whole shard against its sha256 (once per
-        process and shard; remote shards only when read whole, as a cache fill does)."""
-        if shard in self._sha_ok:
-            return
-        if hashlib.sha256(data).hexdigest() != self.catalog.shard_sha[shard]:
-            raise CorruptShardError(
-                f"{self.source.url}/{self.catalog.shards[shard]} does not match its sha256 in the "
-                f"manifest (corrupted); run `cifar5m verify`, then re-download or re-create it")
-        self._sha_ok.add(shard)
 
     def _npy_view(self, shard: int, whole: bool) -> tuple[np.ndarray, int, np.ndarray] | None:
         """``(windows, good, buffer)`` of an npy shard: ``windows[o]`` is the 3072 image bytes
@@ -241,13 +221,11 @@ class SampleReader:
             self.source.will_read(cat.shards[shard], cat.image_offset[rows], cat.image_size[rows])
         if not codec.npy_headers_ok(buf, cat.image_offset[rows]):
             return None  # a foreign header: the per-sample path names the sample
-        if cat.digests is not None and cat.group_digests is not None and (whole or self.sequential):
+        if whole or self.sequential:
             self._check_groups(shard, rows, buf)
-        elif cat.digests is not None:  # every member handed out is checked, right here
+        else:  # every member handed out is checked, right here
             self._raise_bad(shard, rows, checksum.first_bad_at(
                 buf, cat.image_offset[rows], cat.image_size[rows], cat.digests[rows]))
-        elif whole or self.source.local:
-            self._check_sha256(shard, buf)
         return windows[cat.image_offset[rows]].reshape(len(rows), *IMAGE_SHAPE)
 
     def decode(self, shard: int, rows: np.ndarray, *, whole: bool = False,

@@ -15,14 +15,10 @@ DataLoader's in-order round robin hands them out as ``start, start + 1, ...``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,10 +28,11 @@ from cifar5m.core.errors import NotEnoughSamplesError, StreamConfigError, Stream
 from cifar5m.core.ranks import from_env
 from cifar5m.shards.catalog import Catalog
 from cifar5m.shards.source import open_source
-from cifar5m.train.batch_producer import Producer, StreamBatch, WorkerDataset, unpack
+from cifar5m.train.batch_producer import BatchProducer, StreamBatch, WorkerDataset, unpack
 from cifar5m.train.cache import DecodedCache
-from cifar5m.train.order import DEFAULT_BLOCK, DEFAULT_WINDOW, Plan, choose_subset
-from cifar5m.train.prefetch import ahead
+from cifar5m.train.config import StreamConfig
+from cifar5m.train.order import Plan, choose_subset
+from cifar5m.train.prefetch import prefetched
 from cifar5m.train.sample_reader import SampleReader
 
 __all__ = ["SampleStream", "StreamBatch", "StreamConfig", "resolve_rank"]
@@ -45,44 +42,6 @@ GROUP_IMAGES = 1024  # images per worker message (whole batches, at least one)
 # Fields a saved state must agree on: they define the order. world_size, num_workers,
 # steps and the source URL (same data behind another transport) may change.
 _STATE_KEYS = ("world", "n", "batch_size", "seed", "split", "class_balanced", "block", "window")
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """Everything that defines a stream; saved as JSON next to a run (``to_json``)."""
-
-    source: str
-    world: str = "ideal"  # "ideal": fresh samples; "real": epochs over a fixed subset of n
-    n: int | None = None  # real-world subset size
-    batch_size: int = 128  # GLOBAL batch (all ranks together)
-    steps: int | None = None  # global batches; None: ideal = all the split allows, real = 1 epoch
-    seed: int = 0
-    split: str = "train"
-    rank: int | None = None  # None: torch.distributed, else $RANK, else 0
-    world_size: int | None = None  # None: torch.distributed, else $WORLD_SIZE, else 1
-    num_workers: int = 0
-    class_balanced: bool = False
-    wrap: bool = False  # ideal world: start a new permutation instead of raising
-    return_keys: bool = False
-    pin_memory: bool = False
-    prefetch: int = 2  # batches prepared ahead (per worker; without workers: in a thread)
-    cache_dir: str | None = None  # decoded-shard cache (ideal) / decoded subset (real)
-    cache_bytes: int | None = None  # size cap of cache_dir (LRU eviction)
-    storage_options: dict | None = None  # for fsspec URLs, e.g. {"endpoint_url": ...}
-    block: int = DEFAULT_BLOCK
-    window: int = DEFAULT_WINDOW
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "source", os.fspath(self.source))
-        if self.cache_dir is not None:
-            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> StreamConfig:
-        return cls(**json.loads(text))
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -168,8 +127,8 @@ class SampleStream:
     def __len__(self) -> int:
         return self.plan.total_batches - self.next_batch
 
-    def _producer(self) -> Producer:
-        return Producer(self.plan, self.rank, self.reader, self.subset, self.config.return_keys)
+    def _producer(self) -> BatchProducer:
+        return BatchProducer(self.plan, self.rank, self.reader, self.subset, self.config.return_keys)
 
     def _pin(self) -> bool:
         return self.config.pin_memory and torch.cuda.is_available()
@@ -188,7 +147,7 @@ class SampleStream:
                 batch = producer.batch(b, next_b=b + 1)
                 return _pinned(batch) if pin else batch
 
-            yield from ahead(make, range(start, self.plan.total_batches), c.prefetch)
+            yield from prefetched(make, range(start, self.plan.total_batches), c.prefetch)
         else:
             group = max(1, GROUP_IMAGES // self.plan.per_rank)
             loader = torch.utils.data.DataLoader(

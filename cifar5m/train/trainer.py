@@ -186,7 +186,7 @@ def _run(out: Path, rt: Runtime, learner: Learner, data: TrainData, evaluator: E
     since, start = step, time.perf_counter()
     while step < stop:
         saves = (step + 1) % config.checkpoint_every == 0 or step + 1 == stop
-        images, labels = data.next_batch(ahead=not saves)
+        images, labels = data.next_batch(copy_next=not saves)
         loss = learner.step(images, labels)
         step += 1
         bar.update(config.batch_size)
