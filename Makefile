@@ -10,7 +10,9 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
-SHARED ?= ../shared
+# A local CIFAR-10 archive (python or JPEG tar.gz); empty: the demo fetches the official one
+# when online and otherwise runs on generated data alone.
+CIFAR10 ?=
 
 .PHONY: install test lint demo bench clean timm-install test-timm
 
@@ -49,7 +51,7 @@ test-timm: timm-install
 	$(TIMM_VENV)/bin/python -m pytest -q tests/test_hub_labeler.py
 
 demo: install
-	$(VENV)/bin/cifar5m demo --out $(DEMO_DIR) --cifar10 $(SHARED)/data/cifar10-jpeg.tar.gz
+	$(VENV)/bin/cifar5m demo --out $(DEMO_DIR) $(if $(CIFAR10),--cifar10 $(CIFAR10))
 
 clean:
 	rm -rf $(VENV) $(TIMM_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

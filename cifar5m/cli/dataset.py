@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -33,10 +34,13 @@ def import_cmd(sources: tuple[str, ...], out: str, fmt: str | None, **fields) ->
     """Convert CIFAR-5m npz parts or CIFAR-10 into a cifar5m dataset.
 
     SOURCES are local paths or URLs (npz parts are read in chunks, so memory stays
-    flat). An interrupted import resumes when the same command is run again.
+    flat), or the word cifar10: the official CIFAR-10 archive, downloaded once into the
+    user cache (~/.cache/cifar5m), resumed after a break and checked against its
+    published MD5. An interrupted import resumes when the same command is run again.
 
     \b
     Examples:
+      cifar5m import cifar10 --out data/cifar10
       cifar5m import cifar10-jpeg.tar.gz --out data/cifar10
       cifar5m import cifar5m_part{0,1,2,3,4,5}.npz --out data/cifar5m --workers 8
       cifar5m import cifar-10-batches-py --out data/cifar10-orig
@@ -44,6 +48,10 @@ def import_cmd(sources: tuple[str, ...], out: str, fmt: str | None, **fields) ->
     from cifar5m.shards.importer import import_dataset, resolve_config
     from cifar5m.shards.stats import describe, format_description
 
+    if sources == ("cifar10",) and not Path("cifar10").exists():  # the official archive, cached
+        from cifar5m.shards.cifar10_archive import fetch_cifar10
+
+        sources, fmt = (str(fetch_cifar10()),), fmt or "cifar10-python"
     config = resolve_config(list(sources), format=fmt, **fields)
     import_dataset(out, config)
     click.echo(format_description(describe(out)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -45,6 +46,37 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# What a command needs beyond the base install: (the extra that brings it, its modules). The
+# check runs before the command, so a missing extra is one line, not a traceback from a worker.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "generate": ("generate", ("torch", "diffusers")),
+    "train-labeler": ("generate", ("torch",)),
+    "train-generator": ("generate", ("torch", "diffusers")),
+    "report": ("generate", ("torch",)),
+    "label": ("generate", ("torch",)),
+    "eval-labeler": ("generate", ("torch",)),
+    "serve": ("serve", ("aiohttp",)),
+    "download": ("serve", ("huggingface_hub",)),
+    "train": ("train", ("torch",)),
+    "bootstrap": ("train", ("torch",)),
+    "stream": ("train", ("torch",)),
+    "demo": ("all", ("torch", "diffusers", "aiohttp")),
+}
+
+
+def missing_extra(name: str) -> str | None:
+    """The one-line error for command ``name`` when a module of its extra is not installed."""
+    extra, modules = EXTRAS.get(name, ("", ()))
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            found = False
+        if not found:
+            return f"cifar5m {name} needs the {extra} extra ({module} is not installed): pip install 'cifar5m[{extra}]'"
+    return None
+
+
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command runs."""
 
@@ -57,6 +89,13 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        problem = None if {"-h", "--help"} & set(rest) else missing_extra(name or "")
+        if problem:
+            raise click.ClickException(problem)
+        return name, command, rest
 
     def invoke(self, ctx: click.Context) -> object:
         # The one place where project errors become `Error: ...` and exit status 1

@@ -113,6 +113,10 @@ class DownloadError(Cifar5mError, OSError):
     """A downloaded file does not match the manifest, or the download failed."""
 
 
+class OfflineError(DownloadError, ConnectionError):
+    """A download's host could not be reached at all (no network): callers may go on without."""
+
+
 # --- generation (generator/) ------------------------------------------------------------
 
 

@@ -113,4 +113,5 @@ def _run_all(config: BootstrapConfig, out: Path, budget: Budget, *, progress: bo
                        + (" (finished, reused)" if done else ""))
         rows[name] = train(run, out=out / name, progress=progress).rows
         (reused if done else trained).append(name)
-    return BootstrapResult(out, write_report(config, rows, out=out, wrapped=budget.wrapped), trained, reused)
+    return BootstrapResult(out, write_report(config, rows, out=out, wrapped=budget.wrapped,
+                                                    pool=budget.pool), trained, reused)

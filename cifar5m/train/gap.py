@@ -149,7 +149,7 @@ def curve_rows(config: BootstrapConfig, curves: dict[str, list[dict]]) -> list[d
 
 
 def write_report(config: BootstrapConfig, curves: dict[str, list[dict]], *, out: Path,
-                 wrapped: bool = False) -> Report:
+                 wrapped: bool = False, pool: int | None = None) -> Report:
     """``gap.csv``, ``gap.md``, ``curves.csv`` and ``bootstrap.png`` under ``out``."""
     table = gap_rows(config, curves)
     atomic_write_bytes(out / "gap.csv", _csv(table, GAP_COLUMNS))
@@ -160,12 +160,12 @@ def write_report(config: BootstrapConfig, curves: dict[str, list[dict]], *, out:
               for arch in config.archs}
     markers = {(r["model"], r["n"]): r["conv_step"] for r in table if r["conv_step"] is not None}
     plot = plot_sweep(panels, out / "bootstrap.png", markers=markers, threshold=config.threshold,
-                      title=sweep_title(config, wrapped=wrapped))
+                      title=sweep_title(config, wrapped=wrapped, pool=pool))
     return Report(table, plot, curves)
 
 
-def sweep_title(config: BootstrapConfig, *, wrapped: bool) -> str:
-    """The figure's title: every setting that shapes the curves."""
+def sweep_title(config: BootstrapConfig, *, wrapped: bool, pool: int | None = None) -> str:
+    """The figure's title: every setting that shapes the curves, and what the worlds are."""
     t = config.template
     lr = f"lr {t.lr:g} {t.schedule}" + (f" stepped every {t.lr_step_every}" if t.schedule == "cosine"
                                          and t.lr_step_every > 1 else "")
@@ -176,6 +176,11 @@ def sweep_title(config: BootstrapConfig, *, wrapped: bool) -> str:
     extra += [f"wd {t.weight_decay:g}"] if t.weight_decay else []
     title = (f"Deep Bootstrap on {Path(t.data).name}: T={t.steps:,} steps, batch {t.batch_size}, "
              + ", ".join([lr, *extra, f"aug {t.augment}", precision]))
+    fresh = t.steps * t.batch_size
+    title += (f"\nideal world: {fresh:,} fresh samples, each seen once"
+              + (f", from a pool of {pool:,}" if pool else "")
+              + f"; real worlds: N = {', '.join(f'{n:,}' for n in config.ns)} samples, each reused "
+              + ", ".join(f"~{fresh / n:.0f}x" for n in config.ns))
     if wrapped:
         title += "\nIDEAL WORLD WRAPPED (--wrap): past one pass over the data its samples repeat"
     return title
