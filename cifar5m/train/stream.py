@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -62,13 +62,20 @@ def _pinned(batch: StreamBatch) -> StreamBatch:
     return batch._replace(images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
 
 
-class SampleStream:
-    """An iterable of this rank's batches; see the module docstring."""
+class SampleStream(torch.utils.data.IterableDataset):
+    """An iterable of this rank's batches; see the module docstring. Also a PyTorch
+    ``IterableDataset``: under ``DataLoader(stream, batch_size=None, num_workers=k)`` worker w
+    makes global batches ``next + w, next + w + k, ...`` and the loader's in-order round robin
+    hands them out in the stream's order (docs/streaming.md, "DataLoader")."""
 
-    def __init__(self, config: StreamConfig, *, catalog: Catalog | None = None) -> None:
+    def __init__(self, config: StreamConfig, *, catalog: Catalog | None = None,
+                 transform: Callable[[StreamBatch], Any] | None = None) -> None:
         """``catalog``: ``config.split`` of ``config.source`` already loaded (``Catalog.load``),
-        so several streams over one dataset read its index once; by default it is loaded here."""
+        so several streams over one dataset read its index once; by default it is loaded here.
+        ``transform(batch)`` runs on every batch where it is made: in the DataLoader worker,
+        the prefetch thread, or (with ``config.num_workers``) as the batch arrives."""
         self.config = c = config
+        self.transform = transform
         if c.world not in ("ideal", "real"):
             raise StreamConfigError(f"world must be 'ideal' or 'real', got {c.world!r}")
         self.rank, self.world_size = resolve_rank(c.rank, c.world_size)
@@ -122,6 +129,13 @@ class SampleStream:
         self._delivered = 0
         self._subset_data: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
         self._live = threading.Lock()  # held by the one running iterator (see _exclusive)
+        self._worker: tuple[int, int, int] | None = None  # in a DataLoader worker: (id, of, next)
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader's spawned workers get a copy
+        return {k: v for k, v in self.__dict__.items() if k != "_live"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _live=threading.Lock())
 
     # --- iteration --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -133,28 +147,35 @@ class SampleStream:
     def _pin(self) -> bool:
         return self.config.pin_memory and torch.cuda.is_available()
 
-    def _batches(self) -> Iterator[StreamBatch]:
-        c, start = self.config, self.next_batch
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """``(global batch, batch after the transform)`` of this rank from ``next_batch`` on."""
+        c, start, pin = self.config, self.next_batch, self._pin()
         if self.subset is not None:
-            images, labels, keys = self.real_subset()
-            for b, idx in self._rank_indices(start):
-                yield StreamBatch(images[idx], labels[idx],
-                                  [keys[i] for i in idx.tolist()] if c.return_keys else None, b)
+            for b in range(start, self.plan.total_batches):
+                batch = self._real_batch(b)
+                yield b, self._transformed(_pinned(batch) if pin else batch)
         elif c.num_workers == 0:
-            producer, pin = self._producer(), self._pin()
+            producer = self._producer()
 
-            def make(b: int) -> StreamBatch:  # runs in the prefetch thread, pinning included
+            def make(b: int) -> tuple[int, Any]:  # runs in the prefetch thread, pinning included
                 batch = producer.batch(b, next_b=b + 1)
-                return _pinned(batch) if pin else batch
+                return b, self._transformed(_pinned(batch) if pin else batch)
 
             yield from prefetched(make, range(start, self.plan.total_batches), c.prefetch)
         else:
             group = max(1, GROUP_IMAGES // self.plan.per_rank)
             loader = torch.utils.data.DataLoader(
                 WorkerDataset(self._producer(), start, group), batch_size=None,
-                num_workers=c.num_workers, pin_memory=self._pin(), prefetch_factor=max(1, c.prefetch))
+                num_workers=c.num_workers, pin_memory=pin, prefetch_factor=max(1, c.prefetch))
             for packed in loader:
-                yield from unpack(packed)
+                yield from ((batch.step, self._transformed(batch)) for batch in unpack(packed))
+
+    def _real_batch(self, b: int) -> StreamBatch:
+        """Real world: global batch ``b`` of this rank, gathered from ``real_subset()``."""
+        images, labels, keys = self.real_subset()
+        idx = torch.from_numpy(self.plan.rank_batch(b, self.rank))
+        return StreamBatch(images[idx], labels[idx],
+                           [keys[i] for i in idx.tolist()] if self.config.return_keys else None, b)
 
     def _rank_indices(self, start: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Real world: ``(b, this rank's positions into real_subset())`` from batch ``start`` on."""
@@ -174,14 +195,41 @@ class SampleStream:
             self._live.release()
 
     def __iter__(self) -> Iterator[StreamBatch]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None:  # this copy runs in a DataLoader worker
+            return self._worker_batches(info.id, info.num_workers)
         return self._exclusive(self._iterate())
 
-    def _iterate(self) -> Iterator[StreamBatch]:
-        pin = self._pin() and self.subset is not None  # workers and the thread pin their own
-        for batch in self._batches():
-            if pin:
-                batch = _pinned(batch)
-            self.next_batch = batch.step + 1  # counted when handed over: prefetch is not consumed
+    def _transformed(self, batch: StreamBatch) -> Any:
+        return batch if self.transform is None else self.transform(batch)
+
+    def _worker_batches(self, worker: int, workers: int) -> Iterator[Any]:
+        """DataLoader worker ``worker`` of ``workers``: every ``workers``-th global batch from
+        this worker's next one; ``next_batch`` is what the stream has consumed once the loader
+        has handed this worker's batch over (in order, so all batches before it too)."""
+        if self.config.num_workers:
+            raise StreamConfigError(
+                f"StreamConfig(num_workers={self.config.num_workers}) inside a DataLoader worker: "
+                f"use the DataLoader's workers or the stream's, not both (num_workers=0 here)")
+        first = self.next_batch + worker
+        if self._worker is not None:  # restored from this worker's own state
+            if self._worker[:2] != (worker, workers):
+                raise StreamStateError(
+                    f"this state is DataLoader worker {self._worker[0]} of {self._worker[1]}, the "
+                    f"loader now runs {workers}: load the loader's whole state_dict() into the "
+                    f"stream (stream.load_state_dict) and make a new loader instead")
+            first = self._worker[2]
+        producer = None if self.subset is not None else self._producer()
+        for b in range(first, self.plan.total_batches, workers):
+            self._worker = (worker, workers, b + workers)
+            batch = self._real_batch(b) if producer is None else producer.batch(b, next_b=b + workers)
+            self.next_batch = b + 1
+            self._delivered += 1
+            yield self._transformed(batch)
+
+    def _iterate(self) -> Iterator[Any]:
+        for b, batch in self._batches():
+            self.next_batch = b + 1  # counted when handed over: prefetch is not consumed
             self._delivered += 1
             yield batch
 
@@ -250,13 +298,24 @@ class SampleStream:
 
     # --- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The state: global batches consumed, and what the order depends on. In a DataLoader
+        worker it also says which worker it is and its next batch (torchdata's
+        StatefulDataLoader keeps one per worker and gives each back to its worker)."""
         c = self.config
-        return {"version": STATE_VERSION, "next_batch": self.next_batch,
-                **{k: getattr(c, k) for k in _STATE_KEYS},
-                "dataset": self.catalog.fingerprint(), "total_batches": self.plan.total_batches,
-                "world_size": self.world_size, "num_workers": c.num_workers}
+        state = {"version": STATE_VERSION, "next_batch": self.next_batch,
+                 **{k: getattr(c, k) for k in _STATE_KEYS},
+                 "dataset": self.catalog.fingerprint(), "total_batches": self.plan.total_batches,
+                 "world_size": self.world_size, "num_workers": c.num_workers}
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            _, _, after = self._worker or (0, 0, self.next_batch + info.id)
+            state["loader_worker"] = [info.id, info.num_workers, after]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``, or from a torchdata ``StatefulDataLoader``'s whole
+        ``state_dict()`` (then a new loader over this stream may run any number of workers)."""
+        state = loader_stream_state(state)
         mine = self.state_dict()
         for key in (*_STATE_KEYS, "dataset"):
             if state.get(key) != mine[key]:
@@ -268,6 +327,12 @@ class SampleStream:
                 f"the saved state is at batch {state['next_batch']} but this stream has only "
                 f"{self.plan.total_batches} batches; raise steps")
         self.next_batch = self._resumed_from = int(state["next_batch"])
+        worker = state.get("loader_worker")
+        if worker is not None and torch.utils.data.get_worker_info() is None:
+            raise StreamStateError(
+                "this is one DataLoader worker's state; load the loader's whole state_dict() "
+                "(StatefulDataLoader.state_dict()) into the stream instead")
+        self._worker = tuple(worker) if worker is not None else None
 
     def report(self) -> dict[str, Any]:
         p, c = self.plan, self.config
@@ -283,3 +348,23 @@ class SampleStream:
             "epochs": asked / p.pool_size if p.pool_size else 0.0,
             "wrapped": c.world == "ideal" and asked > p.pool_size,
         }
+
+
+def loader_stream_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A stream state from a torchdata ``StatefulDataLoader.state_dict()`` (the state itself
+    when it is one). With workers the loader keeps each worker's state as of the last batch it
+    handed over from that worker; batches are handed over in order, so the furthest worker's
+    ``next_batch`` is what was consumed."""
+    if "next_batch" in state:
+        return state
+    snapshot = state.get("_snapshot")
+    if snapshot is None:  # num_workers=0: the dataset's own state
+        found = [state.get("dataset_state")]
+    else:
+        found = [w.get("dataset_state") for w in snapshot.get("_worker_snapshots", {}).values()]
+    found = [s for s in found if isinstance(s, dict) and "next_batch" in s]
+    if not found:
+        raise StreamStateError("this state holds no stream state: pass stream.state_dict() or a "
+                               "StatefulDataLoader's state_dict() over a SampleStream")
+    best = max(found, key=lambda s: s["next_batch"])
+    return {k: v for k, v in best.items() if k != "loader_worker"}
