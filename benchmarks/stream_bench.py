@@ -116,6 +116,16 @@ def rate_wds(root: Path, fmt: str, batch: int, workers: int) -> float:
     return steady_rate(images for images, _ in loader)
 
 
+def rate_torch_loader(source: str, batch: int, workers: int, *, min_samples: int = 0) -> float:
+    """The stream as an IterableDataset under a plain torch DataLoader with ``workers`` workers."""
+    from cifar5m.train.stream import SampleStream, StreamConfig
+
+    stream = SampleStream(StreamConfig(source=source, batch_size=batch, wrap=True,
+                                       steps=max(min_samples, 1) // batch or None))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return steady_rate(b.images for b in loader)
+
+
 def rate_ours(source: str, batch: int, workers: int, cache_dir: str | None = None, *,
               min_samples: int = 0, window: int | None = None, cpu: bool = False):
     """Ours over the split; fast paths run ``min_samples`` (wrapping into new epochs) so the
@@ -206,6 +216,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--http-servers", nargs="+", default=["static", "cifar5m"],
                     choices=["static", "cifar5m"], help="Static servers of the HTTP rows.")
     ap.add_argument("--only-http", action="store_true", help="Only the HTTP table.")
+    ap.add_argument("--only-dataloader", action="store_true",
+                    help="Only the rows of the stream under a torch DataLoader against its own workers.")
     ap.add_argument("--only-checksums", action="store_true",
                     help="Only the cost of the per-member checksums (ours with and without them).")
     ap.add_argument("--min-samples", type=int, default=200_000,
@@ -262,6 +274,15 @@ class Table:
                     lambda: rate_ours(str(roots["png"]), batch, 0)))
             finally:
                 cifar5m.shards.codec._spng = spng
+
+    def dataloader_rows(self) -> None:
+        """The stream under a torch DataLoader's 2 workers against its own 2 workers."""
+        roots, batch, rep = self.roots, self.args.batch, self.args.repeat
+        for fmt in ("png", "npy"):
+            self.add(f"{fmt} shards, 2 workers: torch DataLoader over the stream vs its own",
+                     "ours, StreamConfig(num_workers=2)", *best_of(
+                         rep, lambda f=fmt: rate_ours(str(roots[f]), batch, 2, min_samples=self.fast(f)),
+                         lambda f=fmt: rate_torch_loader(str(roots[f]), batch, 2, min_samples=self.fast(f))))
 
     def cache_rows(self) -> None:
         """Ours from the warm decoded cache against webdataset on PNG."""
@@ -408,8 +429,12 @@ def main() -> None:
               f"average {os.getloadavg()[0]:.1f} at the end")
         table.print_checksums()
         return
+    if args.only_dataloader:
+        table.dataloader_rows()
+        return table.print(data)
     if not args.only_http:
         table.shard_rows()
+        table.dataloader_rows()
         table.cache_rows()
     table.http_rows()
     if not args.only_http:

@@ -46,3 +46,20 @@ def test_train_stream_trains_and_resumes_exactly(tmp_path, project, world) -> No
     second = run(script, args, project)
     assert first == [1, 2, 3, 4] and second == [5, 6]  # resumed at the saved stream state
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize(("script", "module", "steps_flag"), [
+    ("lightning_datamodule.py", "lightning", "--max-steps"),
+    ("accelerate_loop.py", "accelerate", "--steps"),
+])
+@pytest.mark.parametrize("world", ["ideal", "real"])
+def test_framework_examples_train_in_both_worlds(tmp_path, project, script, module, steps_flag, world):
+    pytest.importorskip(module)
+    data = write_synthetic_dataset(tmp_path / "ds", n_train=256, n_test=16, shard_size=64)
+    args = ["--data", str(data), "--world", world, steps_flag, "4", "--batch-size", "32", "--workers", "2"]
+    if world == "real":
+        args += ["--n", "64"]
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=project, capture_output=True,
+                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained 4 steps in the {world} world" in done.stdout

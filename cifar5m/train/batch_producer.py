@@ -9,6 +9,7 @@ in stream order.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import NamedTuple
 
 import numpy as np
@@ -27,6 +28,28 @@ class StreamBatch(NamedTuple):
     labels: torch.Tensor  # (B,) int64
     keys: list[str] | None
     step: int  # global batch index
+
+
+def _reduce_batch(batch: StreamBatch):
+    """Between processes (a DataLoader's workers), images and labels travel as one shared
+    tensor: torch passes each tensor's shared memory as its own file descriptor, ~0.5 ms each
+    on a 2-core VM, and the main process receiving them capped a plain DataLoader at ~156k img/s
+    with two tensors per 256-image batch against ~217k with one (benchmarks/results)."""
+    images, labels = batch.images, batch.labels
+    if images.dtype != torch.uint8 or labels.dtype != torch.int64 or images.is_cuda or labels.is_cuda:
+        return StreamBatch, tuple(batch)
+    flat = torch.empty(images.numel() + 8 * labels.numel(), dtype=torch.uint8)
+    flat[: images.numel()].view(images.shape).copy_(images)
+    flat[images.numel():].view(torch.int64).copy_(labels)
+    return _rebuild_batch, (flat, tuple(images.shape), batch.keys, batch.step)
+
+
+def _rebuild_batch(flat: torch.Tensor, shape: tuple[int, ...], keys: list[str] | None, step: int) -> StreamBatch:
+    n = int(np.prod(shape))
+    return StreamBatch(flat[:n].view(shape), flat[n:].view(torch.int64), keys, step)
+
+
+ForkingPickler.register(StreamBatch, _reduce_batch)
 
 
 class BatchProducer:

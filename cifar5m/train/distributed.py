@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from cifar5m.core.errors import TrainConfigError
+from cifar5m.core.errors import StreamConfigError, TrainConfigError
 from cifar5m.core.ranks import from_env
 
 
@@ -97,3 +97,16 @@ class Runtime:
     def progress(self, *, total: int, initial: int, unit_scale: int, enabled: bool) -> tqdm:
         return tqdm(total=total * unit_scale, initial=initial * unit_scale, unit="img",
                     unit_scale=True, disable=not enabled or self.rank != 0, dynamic_ncols=True)
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size: explicit values, else torch.distributed, else the env, else 0/1."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    env = from_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StreamConfigError(f"rank {rank} is not valid for world size {world_size}")
+    return rank, world_size

@@ -25,38 +25,20 @@ import numpy as np
 import torch
 
 from cifar5m.core.errors import NotEnoughSamplesError, StreamConfigError, StreamStateError
-from cifar5m.core.ranks import from_env
 from cifar5m.shards.catalog import Catalog
 from cifar5m.shards.source import open_source
 from cifar5m.train.batch_producer import BatchProducer, StreamBatch, WorkerDataset, unpack
 from cifar5m.train.cache import DecodedCache
 from cifar5m.train.config import StreamConfig
+from cifar5m.train.distributed import resolve_rank
 from cifar5m.train.order import Plan, choose_subset
 from cifar5m.train.prefetch import prefetched
 from cifar5m.train.sample_reader import SampleReader
+from cifar5m.train.stream_state import STATE_KEYS, STATE_VERSION, checked_state, loader_stream_state
 
-__all__ = ["SampleStream", "StreamBatch", "StreamConfig", "resolve_rank"]
+__all__ = ["SampleStream", "StreamBatch", "StreamConfig"]
 log = logging.getLogger("cifar5m.stream")
-STATE_VERSION = 1
 GROUP_IMAGES = 1024  # images per worker message (whole batches, at least one)
-# Fields a saved state must agree on: they define the order. world_size, num_workers,
-# steps and the source URL (same data behind another transport) may change.
-_STATE_KEYS = ("world", "n", "batch_size", "seed", "split", "class_balanced", "block", "window")
-
-
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size: explicit values, else torch.distributed, else the env, else 0/1."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank() if rank is None else rank
-        world_size = dist.get_world_size() if world_size is None else world_size
-    env = from_env()
-    rank = env.rank if rank is None else rank
-    world_size = env.world if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise StreamConfigError(f"rank {rank} is not valid for world size {world_size}")
-    return rank, world_size
-
 
 def _pinned(batch: StreamBatch) -> StreamBatch:
     return batch._replace(images=batch.images.pin_memory(), labels=batch.labels.pin_memory())
@@ -303,7 +285,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         StatefulDataLoader keeps one per worker and gives each back to its worker)."""
         c = self.config
         state = {"version": STATE_VERSION, "next_batch": self.next_batch,
-                 **{k: getattr(c, k) for k in _STATE_KEYS},
+                 **{k: getattr(c, k) for k in STATE_KEYS},
                  "dataset": self.catalog.fingerprint(), "total_batches": self.plan.total_batches,
                  "world_size": self.world_size, "num_workers": c.num_workers}
         info = torch.utils.data.get_worker_info()
@@ -315,17 +297,7 @@ class SampleStream(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``, or from a torchdata ``StatefulDataLoader``'s whole
         ``state_dict()`` (then a new loader over this stream may run any number of workers)."""
-        state = loader_stream_state(state)
-        mine = self.state_dict()
-        for key in (*_STATE_KEYS, "dataset"):
-            if state.get(key) != mine[key]:
-                raise StreamStateError(
-                    f"the saved stream state has {key}={state.get(key)!r} but this stream has "
-                    f"{key}={mine[key]!r}; resume with the same {key}")
-        if not 0 <= state["next_batch"] <= self.plan.total_batches:
-            raise StreamStateError(
-                f"the saved state is at batch {state['next_batch']} but this stream has only "
-                f"{self.plan.total_batches} batches; raise steps")
+        state = checked_state(loader_stream_state(state), self.state_dict())
         self.next_batch = self._resumed_from = int(state["next_batch"])
         worker = state.get("loader_worker")
         if worker is not None and torch.utils.data.get_worker_info() is None:
@@ -349,22 +321,3 @@ class SampleStream(torch.utils.data.IterableDataset):
             "wrapped": c.world == "ideal" and asked > p.pool_size,
         }
 
-
-def loader_stream_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A stream state from a torchdata ``StatefulDataLoader.state_dict()`` (the state itself
-    when it is one). With workers the loader keeps each worker's state as of the last batch it
-    handed over from that worker; batches are handed over in order, so the furthest worker's
-    ``next_batch`` is what was consumed."""
-    if "next_batch" in state:
-        return state
-    snapshot = state.get("_snapshot")
-    if snapshot is None:  # num_workers=0: the dataset's own state
-        found = [state.get("dataset_state")]
-    else:
-        found = [w.get("dataset_state") for w in snapshot.get("_worker_snapshots", {}).values()]
-    found = [s for s in found if isinstance(s, dict) and "next_batch" in s]
-    if not found:
-        raise StreamStateError("this state holds no stream state: pass stream.state_dict() or a "
-                               "StatefulDataLoader's state_dict() over a SampleStream")
-    best = max(found, key=lambda s: s["next_batch"])
-    return {k: v for k, v in best.items() if k != "loader_worker"}
