@@ -49,9 +49,14 @@ def import_cmd(sources: tuple[str, ...], out: str, fmt: str | None, **fields) ->
     from cifar5m.shards.stats import describe, format_description
 
     if sources == ("cifar10",) and not Path("cifar10").exists():  # the official archive, cached
+        from cifar5m.core.errors import OfflineError
         from cifar5m.shards.cifar10_archive import fetch_cifar10
 
-        sources, fmt = (str(fetch_cifar10()),), fmt or "cifar10-python"
+        try:
+            sources, fmt = (str(fetch_cifar10()),), fmt or "cifar10-python"
+        except OfflineError as exc:
+            raise OfflineError(f"{exc}; offline, import a copy of the archive instead: "
+                               f"cifar5m import PATH/cifar-10-python.tar.gz --out {out}") from None
     config = resolve_config(list(sources), format=fmt, **fields)
     import_dataset(out, config)
     click.echo(format_description(describe(out)))
