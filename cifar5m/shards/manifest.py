@@ -9,13 +9,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cifar5m.core.atomic import atomic_write_bytes
 from cifar5m.core.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
-from cifar5m.shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
+from cifar5m.shards.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_FORMATS,
+    MANIFEST_NAME,
+    SPLITS,
+    WORK_DIR,
+)
+
+# A file of a dataset: one plain name (no folder, no leading dot: temp files are '.x.tmp').
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_path(root: str | os.PathLike | None, name: object, *, where: str) -> Path:
+    """``root / name`` for a file name taken from a manifest or a listing (``where`` names it
+    in the error), if it stays inside ``root``: one plain name (never absolute, no '..', no
+    folder, no leading dot) and, when ``root`` is given, no symlink leading out of it.
+    Anything else is a ManifestError naming the entry; nothing is opened."""
+    shown = repr(name)[:100]
+    if not isinstance(name, str) or _FILE.fullmatch(name) is None:
+        raise ManifestError(f"{where} lists the file {shown}, which is not a plain file name inside the "
+                            f"dataset folder (letters, digits, '.', '_', '-'); refusing to touch it")
+    if root is None:
+        return Path(name)
+    path, real_root = Path(root) / name, os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+        raise ManifestError(f"{where} lists {shown}, a symlink leading out of {root}; refusing to follow it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -103,17 +134,45 @@ class Manifest:
                 f"version {FORMAT_VERSION}; upgrade cifar5m (pip install -U cifar5m)"
             )
         try:
-            return cls(
+            manifest = cls(
                 image_format=doc["image_format"],
                 class_names=tuple(doc["class_names"]),
-                shards=tuple(ShardInfo(**s) for s in doc["shards"]),
-                files=tuple(FileInfo(**f) for f in doc.get("files", [])),
+                shards=tuple(_entry(ShardInfo, s) for s in doc["shards"]),
+                files=tuple(_entry(FileInfo, f) for f in doc.get("files", [])),
                 provenance=doc.get("provenance", {}),
                 format=doc["format"],
                 version=version,
             )
         except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from exc
+            raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from None
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        """The types and ranges a reader relies on (``where`` names the manifest)."""
+        problems = [f"image_format {self.image_format!r} (not one of {', '.join(IMAGE_FORMATS)})"
+                    ] if self.image_format not in IMAGE_FORMATS else []
+        if not all(isinstance(c, str) for c in self.class_names) or not isinstance(self.provenance, dict):
+            problems.append("class_names that are not all strings, or provenance that is not an object")
+        for info in (*self.shards, *self.files):
+            safe_path(None, info.file, where=where)
+            if _SHA256.fullmatch(str(info.sha256)) is None:
+                problems.append(f"{info.file}: sha256 {str(info.sha256)[:80]!r} (not 64 hex digits)")
+        if problems:
+            raise ManifestError(f"{where} has a malformed field: {problems[0]}; re-create the dataset")
+
+
+def _entry(cls: type, doc: object) -> ShardInfo | FileInfo:
+    """A ``files`` or ``shards`` entry, its fields of the types the dataclass declares."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"an entry is {type(doc).__name__}, not an object")
+    entry = cls(**doc)
+    for f in dataclasses.fields(cls):
+        value, kind = getattr(entry, f.name), int if f.type == "int" else str
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise TypeError(f"{f.name} of {str(doc.get('file'))[:100]!r} is {str(value)[:100]!r}, not a "
+                            f"{'count' if kind is int else 'string'}")
+    return entry
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
