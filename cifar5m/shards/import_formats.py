@@ -200,7 +200,7 @@ def _load_batch(data: bytes, *, where: str) -> tuple[np.ndarray, np.ndarray]:
         batch = _BatchUnpickler(data, where=where).load()
     except InvalidSourceError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # whatever a damaged pickle raises (it built only data): one line
         raise InvalidSourceError(f"{where} is not a CIFAR-10 batch ({type(exc).__name__}: {str(exc)[:200]})") from None
     images = batch.get(b"data") if isinstance(batch, dict) else None
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
