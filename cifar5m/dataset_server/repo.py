@@ -248,7 +248,7 @@ class DatasetRepo:
         known = state.files.get(MANIFEST_NAME) if state is not None else None
         if state is not None and known is not None and known.path == path and known.matches(st):
             return state.manifest
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return Manifest.from_json(f.read(), where=path)
 
     def _entry(self, real_dir: str, name: str, trusted: tuple[int, str] | None,

@@ -120,15 +120,18 @@ class Manifest:
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, *, where: str) -> Manifest:
+    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where} is not valid JSON ({exc}); re-create the dataset") from exc
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
+            raise ManifestError(f"{where} is not valid JSON ({str(exc)[:200]}); re-create the dataset") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ManifestError(f"{where} is not a {FORMAT_NAME} manifest (no 'format' field)")
         version = doc.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version < 1:
+            raise ManifestError(f"{where} has no format version (its 'version' is {str(version)[:40]!r}); "
+                                f"re-create the dataset")
+        if version > FORMAT_VERSION:
             raise ManifestVersionError(
                 f"{where} has format version {version!r} but this cifar5m reads up to "
                 f"version {FORMAT_VERSION}; upgrade cifar5m (pip install -U cifar5m)"
@@ -154,10 +157,14 @@ class Manifest:
                     ] if self.image_format not in IMAGE_FORMATS else []
         if not all(isinstance(c, str) for c in self.class_names) or not isinstance(self.provenance, dict):
             problems.append("class_names that are not all strings, or provenance that is not an object")
+        seen: set[str] = set()
         for info in (*self.shards, *self.files):
             safe_path(None, info.file, where=where)
             if _SHA256.fullmatch(str(info.sha256)) is None:
                 problems.append(f"{info.file}: sha256 {str(info.sha256)[:80]!r} (not 64 hex digits)")
+            if info.file in seen:
+                problems.append(f"{info.file} listed twice")
+            seen.add(info.file)
         if problems:
             raise ManifestError(f"{where} has a malformed field: {problems[0]}; re-create the dataset")
 
@@ -182,7 +189,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest_text(text: str, *, where: str) -> Manifest:
+def read_manifest_text(text: str | bytes, *, where: str) -> Manifest:
     """Parse manifest text fetched from anywhere (a URL, an fsspec file)."""
     return Manifest.from_json(text, where=where)
 
@@ -197,4 +204,4 @@ def load_manifest(root: str | Path) -> Manifest:
             else ""
         )
         raise DatasetNotFoundError(f"{root} is not a cifar5m dataset: no {MANIFEST_NAME}{hint}")
-    return Manifest.from_json(path.read_text(), where=str(path))
+    return Manifest.from_json(path.read_bytes(), where=str(path))
