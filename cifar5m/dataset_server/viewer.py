@@ -2,11 +2,13 @@
 
 Plain HTML and CSS from this server (no script, no CDN): the card's text, counts per
 split, a class histogram, real samples per class, provenance, the files with sizes and
-sha256, and copy-paste snippets with this server's URL. The token rules are those of
-the API: a private dataset is not found without its token, a gated one shows its
-description but not its samples. Samples are read through the index (a handful of
-byte ranges, not whole shards) and drawn server-side as one PNG per class, kept per
-commit; the page of a 60k dataset renders in tens of milliseconds.
+sha256, and copy-paste snippets with this server's URL. Every page is built by ``html()``,
+which escapes every value it fills in: no text of a manifest or card is markup. The token
+rules are those of the API: a private dataset is not found without its token, a gated one
+shows its description but neither its class counts nor its samples. Samples are read
+through the index (a handful of byte ranges, not whole shards) and drawn server-side as one
+PNG per class, kept per commit (so is a dataset's failure to give them: logged once); the
+page of a 60k dataset renders in tens of milliseconds.
 """
 
 from __future__ import annotations

@@ -153,20 +153,21 @@ class Manifest:
 
     def _check(self, where: str) -> None:
         """The types and ranges a reader relies on (``where`` names the manifest)."""
-        problems = [f"image_format {self.image_format!r} (not one of {', '.join(IMAGE_FORMATS)})"
-                    ] if self.image_format not in IMAGE_FORMATS else []
-        if not all(isinstance(c, str) for c in self.class_names) or not isinstance(self.provenance, dict):
-            problems.append("class_names that are not all strings, or provenance that is not an object")
+        problem = None
+        if self.image_format not in IMAGE_FORMATS:
+            problem = f"image_format {self.image_format!r:.80} (not one of {', '.join(IMAGE_FORMATS)})"
+        elif not all(isinstance(c, str) for c in self.class_names) or not isinstance(self.provenance, dict):
+            problem = "class_names that are not all strings, or provenance that is not an object"
         seen: set[str] = set()
         for info in (*self.shards, *self.files):
             safe_path(None, info.file, where=where)
-            if _SHA256.fullmatch(str(info.sha256)) is None:
-                problems.append(f"{info.file}: sha256 {str(info.sha256)[:80]!r} (not 64 hex digits)")
-            if info.file in seen:
-                problems.append(f"{info.file} listed twice")
+            if _SHA256.fullmatch(info.sha256) is None:
+                problem = problem or f"{info.file}: sha256 {info.sha256!r:.80} (not 64 hex digits)"
+            elif info.file in seen:
+                problem = problem or f"{info.file} listed twice"
             seen.add(info.file)
-        if problems:
-            raise ManifestError(f"{where} has a malformed field: {problems[0]}; re-create the dataset")
+        if problem:
+            raise ManifestError(f"{where} has a malformed field: {problem}; re-create the dataset")
 
 
 def _entry(cls: type, doc: object) -> ShardInfo | FileInfo:
@@ -177,7 +178,7 @@ def _entry(cls: type, doc: object) -> ShardInfo | FileInfo:
     for f in dataclasses.fields(cls):
         value, kind = getattr(entry, f.name), int if f.type == "int" else str
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-            raise TypeError(f"{f.name} of {str(doc.get('file'))[:100]!r} is {str(value)[:100]!r}, not a "
+            raise TypeError(f"{f.name} of {doc.get('file')!r:.100} is {value!r:.100}, not a "
                             f"{'count' if kind is int else 'string'}")
     return entry
 
