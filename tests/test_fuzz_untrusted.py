@@ -207,8 +207,13 @@ segments = st.one_of(
     st.sampled_from(["datasets", "lab", "ds", "resolve", "main", "api", "tree", "samples", "0.png", "revision",
                      "paths-info", "manifest.json", "train-000000.tar", "..", ".", "%2e%2e", "%00", "%C2%B2.png",
                      "%ff", "1" * 5000 + ".png", "refs%2Fpr%2F1", "healthz"]),
-    st.text(max_size=8).map(lambda t: quote(t, safe="")))
-paths = st.lists(segments, max_size=7).map(lambda p: "/" + "/".join(p))
+    st.text(max_size=8).map(lambda t: quote(t, safe="")),
+    st.from_regex(r"[0-9\u00b2\u00b3\u0660\uff10]{1,6}\.png", fullmatch=True).map(quote))
+ROUTES = ["/datasets/lab/ds/samples/{}", "/datasets/lab/ds/resolve/{}/{}", "/api/datasets/lab/ds/tree/{}/{}",
+          "/datasets/{}/{}", "/api/datasets/{}/{}/revision/{}", "/api/datasets/lab/ds/paths-info/{}",
+          "/datasets/lab/ds/resolve/main/{}?{}", "/datasets/lab/gated/{}/{}/{}"]
+paths = st.one_of(st.lists(segments, max_size=7).map(lambda p: "/" + "/".join(p)),
+                  *[st.lists(segments, min_size=3, max_size=3).map(lambda t, r=r: r.format(*t)) for r in ROUTES])
 header_values = st.one_of(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
                           st.sampled_from(["bytes=0-9", "bytes=-5", "bytes=5-", "bytes=9-0", "bytes=0-0,2-3",
                                            '"x"', "*", "W/\"x\"", "Bearer s3cret", "Thu, 01 Jan 1970 00:00:00 GMT",
@@ -222,11 +227,12 @@ def test_the_server_answers_generated_requests_and_manifests_without_a_500(zone,
     folder = zone / "root/lab/ds"
     base = json.loads((folder / "manifest.json").read_text())
     tokens = zone / "tokens.yaml"
-    tokens.write_text("datasets:\n  lab/ds: {gated: true, tokens: [s3cret]}\n")
+    shutil.copytree(folder, zone / "root/lab/gated")
+    tokens.write_text("datasets:\n  lab/gated: {gated: true, tokens: [s3cret]}\n")
     with caplog.at_level(logging.WARNING), \
             serving(create_app(root=zone / "root", tokens=tokens, scan_max_age=0.0)) as url:
 
-        @FUZZ
+        @settings(FUZZ, max_examples=600)  # ~1 ms a request
         @given(st.one_of(st.none(), manifests(base)), paths, st.sampled_from(["GET", "HEAD", "POST"]), headers)
         def check(manifest: bytes | None, path: str, method: str, sent: dict) -> None:
             (folder / "manifest.json").write_bytes(json.dumps(base).encode() if manifest is None else manifest)

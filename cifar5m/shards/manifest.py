@@ -156,8 +156,10 @@ class Manifest:
         problem = None
         if self.image_format not in IMAGE_FORMATS:
             problem = f"image_format {self.image_format!r:.80} (not one of {', '.join(IMAGE_FORMATS)})"
-        elif not all(isinstance(c, str) for c in self.class_names) or not isinstance(self.provenance, dict):
-            problem = "class_names that are not all strings, or provenance that is not an object"
+        elif not self.class_names or not all(isinstance(c, str) for c in self.class_names):
+            problem = f"class_names {list(self.class_names)!r:.80} (not a list of one or more names)"
+        elif not isinstance(self.provenance, dict):
+            problem = f"provenance {self.provenance!r:.80} (not an object)"
         seen: set[str] = set()
         for info in (*self.shards, *self.files):
             safe_path(None, info.file, where=where)
