@@ -147,3 +147,16 @@ def test_builtin_labeler_loads_offline() -> None:
     assert (BUILTIN_DIR / "model.safetensors").stat().st_size <= 5 * 2**20
     probs = lab.predict(_images(4))
     assert probs.shape == (4, 10) and np.all(np.isfinite(probs))
+
+
+def test_label_holds_the_dataset_lock(make_dataset) -> None:
+    from cifar5m.shards.lock import DirectoryLock
+
+    root = make_dataset(n_train=10, n_test=0, shard_size=10)
+    index = (root / "index.parquet").read_bytes()
+    with DirectoryLock(root, what="labelled"):  # another `cifar5m label` of it, still running
+        result = CliRunner().invoke(cli, ["label", str(root), "--labeler", "builtin", "--device", "cpu"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {root} is being labelled in another process"), lines
+    assert not (root / "_label_work").exists() and (root / "index.parquet").read_bytes() == index

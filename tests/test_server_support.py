@@ -5,6 +5,7 @@ No tests here; test_server*.py and test_download*.py import these.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from cifar5m.dataset_server.launcher import free_port, wait_http  # noqa: F401 (re-exported to the tests)
 
@@ -111,3 +113,46 @@ def run_client(script: str, url: str, home: Path, *, timeout: float = 120) -> di
     if proc.returncode != 0:
         raise AssertionError(f"client failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Lying:
+    """A middleware making ``app`` a hostile server: ``manifest`` (bytes) is served in place of
+    every dataset's manifest.json, and ``extra[name]`` bytes follow the real body of file ``name``
+    (sent chunked, as a server that does not say how long its body is); ``sent[name]`` counts
+    the bytes of the body that went out."""
+
+    def __init__(self, app) -> None:
+        self.manifest: bytes | None = None
+        self.extra: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        app.middlewares.append(self.middleware)
+
+    @web.middleware
+    async def middleware(self, request, handler):
+        name = request.path.rsplit("/", 1)[-1]
+        response = await handler(request)
+        if "/resolve/" not in request.path or response.status not in (200, 206):
+            return response
+        if name == "manifest.json" and self.manifest is not None:
+            if hasattr(response, "fd"):
+                os.close(response.fd)
+            headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "etag")}
+            return web.Response(body=self.manifest, headers={
+                **headers, "ETag": f'"{hashlib.sha256(self.manifest).hexdigest()}"'})
+        if name not in self.extra or request.method != "GET":
+            return response
+        data = os.pread(response.fd, response.end - response.start, response.start)
+        os.close(response.fd)
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        lying = web.StreamResponse(status=response.status, headers=headers)
+        lying.enable_chunked_encoding()
+        await lying.prepare(request)
+        self.sent[name] = 0
+        try:
+            for piece in [data, *[b"\0" * (1 << 20)] * (self.extra[name] >> 20)]:
+                await lying.write(piece)
+                self.sent[name] += len(piece)
+            await lying.write_eof()
+        except (ConnectionError, RuntimeError):  # the client stopped reading and hung up
+            pass
+        return lying

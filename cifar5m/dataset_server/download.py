@@ -1,8 +1,12 @@
 """``cifar5m download``: fetch a dataset repo with huggingface_hub, then check every byte.
 
-The transfer is ``huggingface_hub.snapshot_download`` (so the Hub itself, a mirror or
-``cifar5m serve`` all work). With ``--local-dir`` nothing the server sends replaces a
-file before it is checked: the manifest is fetched first into a staging folder
+The transfer is ``huggingface_hub.hf_hub_download``, file by file (so the Hub itself, a
+mirror or ``cifar5m serve`` all work), each stopped once the server sends more bytes than
+the manifest lists for it (the manifest itself: ``MAX_MANIFEST_BYTES``). Every name the
+manifest lists is a plain file name inside the output (``shards.manifest.safe_path``):
+anything else is refused before a byte is written.
+
+With ``--local-dir`` nothing the server sends replaces a file before it is checked: the manifest is fetched first into a staging folder
 (``<dir>/.cache/cifar5m/incoming``); files already in ``<dir>`` that match it (size and
 sha256) are kept and not fetched again; the others are fetched into staging
 (huggingface_hub skips what is complete there, so a re-run after an interruption
@@ -23,20 +27,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from cifar5m.core.atomic import atomic_write_bytes
 from cifar5m.core.errors import DownloadError, ManifestError
+from cifar5m.dataset_server.hub_fetch import Fetch
 from cifar5m.shards.format import MANIFEST_NAME
 from cifar5m.shards.lock import DirectoryLock
-from cifar5m.shards.manifest import FileInfo, load_manifest
+from cifar5m.shards.manifest import FileInfo, load_manifest, safe_path
 from cifar5m.shards.shard import sha256_file
 
 VERIFIED_CACHE = Path(".cache") / "cifar5m" / "verified.json"
-_COMMIT = re.compile(r"[0-9a-f]{40}")  # a commit sha, as huggingface_hub tells one from a branch
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest of 100,000 shards is ~25 MB
 STAGING = Path(".cache") / "cifar5m" / "incoming"
 STAGING_OWNER = ".repo"  # in STAGING: the repo id its files belong to
 
@@ -51,10 +55,13 @@ class DownloadResult:
 
 
 def _listed(folder: Path, where: str) -> list[FileInfo]:
-    """Every file the manifest in ``folder`` lists (``where``: how to name it in an error)."""
+    """Every file the manifest in ``folder`` lists (``where``: how to name it in an error);
+    each a plain name (``Manifest.from_json`` checks them)."""
     try:
         manifest = load_manifest(folder)
-    except (OSError, ManifestError) as exc:
+    except ManifestError as exc:  # a bad entry, a newer format (says to upgrade cifar5m), ...
+        raise DownloadError(str(exc).replace(str(folder / MANIFEST_NAME), where)) from None
+    except OSError as exc:
         raise DownloadError(f"{where}: cannot read it ({exc}); is this a cifar5m dataset?") from exc
     return [FileInfo(s.file, s.bytes, s.sha256) for s in manifest.shards] + list(manifest.files)
 
@@ -117,21 +124,6 @@ def _save(path: Path, cache: dict) -> None:
     atomic_write_bytes(path, json.dumps(cache).encode())
 
 
-def _unreachable(exc: BaseException) -> str | None:
-    """'connection refused' (or the connect error) when ``exc`` comes from not reaching the
-    server at all; huggingface_hub wraps it in two lines about the Hub and local snapshots."""
-    chain: list[BaseException] = []
-    while exc is not None and len(chain) < 20:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return "connection refused"
-    # huggingface_hub's HTTP client (httpx or its fork) is not ours to import: match its
-    # connect error by name.
-    connect = next((e for e in chain if type(e).__name__ == "ConnectError"), None)
-    return None if connect is None else f"cannot connect ({connect})"
-
-
 def download(repo_id: str, *, endpoint: str | None = None, revision: str | None = None,
              local_dir: str | Path | None = None, token: str | None = None,
              max_workers: int = 8) -> DownloadResult:
@@ -143,9 +135,11 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
     org, _, name = repo_id.partition("/")
     if not org or not name or "/" in name:  # the Hub would answer a 404 about its API URL
         raise DownloadError(f"{repo_id!r} is not a dataset id: use <org>/<name>, e.g. local/cifar10")
-    fetch = _Fetch(repo_id, endpoint=endpoint, revision=revision, token=token, max_workers=max_workers)
+    fetch = Fetch(repo_id, endpoint=endpoint, revision=revision, token=token, max_workers=max_workers)
     if local_dir is None:
-        return verify_download(fetch(None), remember=False)
+        folder = fetch(None, {MANIFEST_NAME: MAX_MANIFEST_BYTES})
+        fetch(None, {info.file: info.bytes for info in _listed(folder, fetch.url(MANIFEST_NAME))})
+        return verify_download(folder, remember=False)
     root = Path(local_dir)
     with DirectoryLock(root, what="downloaded into"):
         # The partial files of a killed download: ours (we hold the lock), fetched again whole.
@@ -155,23 +149,26 @@ def download(repo_id: str, *, endpoint: str | None = None, revision: str | None 
         return _download_checked(fetch, root)
 
 
-def _download_checked(fetch: _Fetch, root: Path) -> DownloadResult:
+def _download_checked(fetch: Fetch, root: Path) -> DownloadResult:
     """Fetch what ``root`` lacks into staging, check it, then move it in (manifest last)."""
     staging = root / STAGING
     owner = staging / STAGING_OWNER
     if staging.exists() and (not owner.is_file() or owner.read_text() != fetch.repo_id):
-        # another repo's staging: nothing to resume, and snapshot_download hands a non-empty
-        # local_dir back as it is when the repo asked for cannot be listed (not found,
-        # private, server down): its files were then "verified" under the wrong name
+        # another repo's staging: nothing to resume, and huggingface_hub hands back a file
+        # local_dir holds when the repo asked for cannot be looked up (not found, private,
+        # server down): its files were then "verified" under the wrong name
         shutil.rmtree(staging)
-    fetch(staging, [MANIFEST_NAME])
+    fetch(staging, {MANIFEST_NAME: MAX_MANIFEST_BYTES})
     owner.write_text(fetch.repo_id)
     expected = _listed(staging, fetch.url(MANIFEST_NAME))
+    for info in expected:  # nothing written through a symlink leading out of either folder
+        safe_path(root, info.file, where=str(root))
+        safe_path(staging, info.file, where=str(staging))
     cache_path = root / VERIFIED_CACHE
     cache = _load(cache_path)
     need = [info for info in expected if not _matches(root / info.file, info, cache)]
     if need:
-        fetch(staging, [info.file for info in need])
+        fetch(staging, {info.file: info.bytes for info in need})
     for info in need:  # every new byte is checked before it replaces anything
         path = staging / info.file
         if not _matches(path, info, {}):  # always hashed: nothing is remembered of staging
@@ -203,54 +200,3 @@ def _matches(path: Path, info: FileInfo, cache: dict) -> bool:
             return False
         cache[info.file] = _stamp(st, info)
     return True
-
-
-class _Fetch:
-    """``snapshot_download`` of one repo, its errors turned into one-line DownloadErrors."""
-
-    def __init__(self, repo_id: str, *, endpoint: str | None, revision: str | None,
-                 token: str | None, max_workers: int) -> None:
-        self.repo_id, self.endpoint, self.revision = repo_id, endpoint, revision
-        self.token, self.max_workers = token, max_workers
-
-    def url(self, file: str) -> str:
-        base = (self.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-        return f"{base}/datasets/{self.repo_id}/resolve/{self.revision or 'main'}/{file}"
-
-    def __call__(self, local_dir: Path | None, files: list[str] | None = None) -> Path:
-        import huggingface_hub
-        from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub import errors as hf_errors
-
-        # huggingface_hub re-exports its HTTP client's base error (httpx2.HTTPError) as
-        # errors.HTTPError; HfHubHTTPError alone where a version does not.
-        http_errors = (hf_errors.HfHubHTTPError, getattr(hf_errors, "HTTPError", hf_errors.HfHubHTTPError))
-        repo, where = self.repo_id, self.endpoint or "the default endpoint (HF_ENDPOINT or huggingface.co)"
-        try:
-            # snapshot_download answers a repo it cannot list (a wrong token, the server down)
-            # with whatever local_dir or the cache holds (huggingface_hub's offline mode): a
-            # download would then "verify" that copy. Asking for the repo first raises instead;
-            # not for a commit sha (its copy cannot be stale, and a server may keep only its
-            # newest commit) nor where offline mode was asked for (HF_HUB_OFFLINE=1).
-            offline = getattr(huggingface_hub, "is_offline_mode", lambda: huggingface_hub.constants.HF_HUB_OFFLINE)
-            if not (offline() or _COMMIT.fullmatch(self.revision or "")):
-                HfApi(endpoint=self.endpoint, token=self.token).repo_info(repo, repo_type="dataset",
-                                                                          revision=self.revision)
-            return Path(snapshot_download(
-                repo, repo_type="dataset", revision=self.revision, endpoint=self.endpoint,
-                local_dir=local_dir, token=self.token, max_workers=self.max_workers,
-                allow_patterns=files))
-        except hf_errors.GatedRepoError as exc:
-            raise DownloadError(f"dataset {repo} at {where} is gated: pass --token with access") from exc
-        except hf_errors.RepositoryNotFoundError as exc:
-            raise DownloadError(f"dataset {repo} not found at {where}, or it is private: check the "
-                                "name and pass --token") from exc
-        except hf_errors.RevisionNotFoundError as exc:
-            raise DownloadError(f"dataset {repo} has no revision {self.revision!r} at {where}: use "
-                                "'main' or the current commit sha") from exc
-        except (*http_errors, hf_errors.LocalEntryNotFoundError, OSError) as exc:
-            if (unreachable := _unreachable(exc)) is not None:
-                raise DownloadError(f"{unreachable} at {where}: is the server "
-                                    "running and --endpoint right?") from exc
-            raise DownloadError(f"downloading {repo} from {where} failed ({exc}); re-run the same "
-                                "command to resume (complete files are kept)") from exc

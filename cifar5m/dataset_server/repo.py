@@ -29,14 +29,13 @@ from pathlib import Path
 import yaml
 
 from cifar5m.core.atomic import atomic_write_bytes
+from cifar5m.core.errors import ManifestError
 from cifar5m.shards.format import CARD_NAME, MANIFEST_NAME
-from cifar5m.shards.manifest import Manifest
+from cifar5m.shards.manifest import Manifest, safe_path
 
 # Hub repo-name rules: letters, digits, '-', '_', '.', no leading/trailing punctuation,
 # no '..' (so a name can never be a parent reference), at most 96 characters.
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
-# Served file names: one path component, no leading dot (temp files are '.x.tmp').
-_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 # Files at most this big with a text suffix are plain git files; the rest are LFS, as
 # the Hub's default .gitattributes does for *.tar and *.parquet.
 _TEXT_SUFFIXES = {".md", ".json", ".txt", ".yaml", ".yml"}
@@ -224,7 +223,8 @@ class DatasetRepo:
             self._seen = {}
             self._checks = []
             real_dir = os.path.realpath(self.dir)
-            manifest_path = os.path.join(real_dir, MANIFEST_NAME)
+            # (a manifest.json symlinked to another dataset's would show that one's page)
+            manifest_path = str(safe_path(real_dir, MANIFEST_NAME, where=real_dir))
             manifest_st = os.stat(manifest_path)
             manifest = self._manifest(manifest_path, manifest_st)
             files: dict[str, RepoFile | None] = {
@@ -248,15 +248,13 @@ class DatasetRepo:
         known = state.files.get(MANIFEST_NAME) if state is not None else None
         if state is not None and known is not None and known.path == path and known.matches(st):
             return state.manifest
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return Manifest.from_json(f.read(), where=path)
 
     def _entry(self, real_dir: str, name: str, trusted: tuple[int, str] | None,
                manifest_mtime_ns: int) -> RepoFile | None:
         """The served entry for ``name``, or None if it is missing, unsafe or not a file."""
-        if _FILE.fullmatch(name) is None:
-            return None
-        path = os.path.join(real_dir, name)
+        path = os.path.join(real_dir, name)  # a plain name: Manifest.from_json checked it
         try:
             st = os.lstat(path)  # one syscall per file: API calls re-scan 600 shards
             if self._checks is not None:
@@ -266,10 +264,10 @@ class DatasetRepo:
                     self._checks = None  # a symlink or not a file: only a scan may re-check it
             if stat.S_ISLNK(st.st_mode):
                 # A symlink may point anywhere: serve it only if it stays inside the dataset.
-                path = os.path.realpath(path)
-                if os.path.dirname(path) != real_dir:
-                    return None
+                path = os.path.realpath(safe_path(real_dir, name, where=real_dir))
                 st = os.stat(path)
+        except ManifestError:
+            return None
         except OSError:
             if self._checks is not None and not os.path.lexists(path):
                 self._checks.append((path, None))  # missing: revalidated while it stays so

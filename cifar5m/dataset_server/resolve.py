@@ -6,7 +6,8 @@ cache) and the real ``Content-Length`` (a HEAD with length 0 would make the clie
 keep an empty file). Bodies are never compressed: sizes and ranges are of the file.
 
 Conditional requests follow RFC 9110 section 13: ``If-Match`` (strong comparison, 412
-when no tag matches) before ``If-None-Match`` (weak comparison, 304), and ``If-Range``
+when no tag matches) or, without it, ``If-Unmodified-Since`` (412 for a file modified after
+that date), before ``If-None-Match`` (weak comparison, 304), and ``If-Range``
 (an entity tag compared strongly, or the exact ``Last-Modified`` date) makes a ``Range``
 apply only to the same file: otherwise the whole current file is sent (200).
 
@@ -20,9 +21,8 @@ Whole files and ranges to the end (resumed downloads) keep the sequential read-a
 from __future__ import annotations
 
 import functools
-import mimetypes
 import os
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 
 from aiohttp import web
 
@@ -31,8 +31,12 @@ from cifar5m.dataset_server.ranges import RangeNotSatisfiable, parse_range
 from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
 from cifar5m.dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
 
+# The types files go out as: these, and application/octet-stream for anything else, which a
+# browser then saves instead of rendering (an x.html or x.svg a manifest lists is no page of
+# this server's origin).
 _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
+_DOWNLOAD = "application/octet-stream"
 # O_NOFOLLOW: a file swapped for a symlink after the last scan is refused, not followed.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _FADVISE = getattr(os, "posix_fadvise", None)  # Linux, BSD; not macOS or Windows
@@ -40,8 +44,7 @@ _FADVISE = getattr(os, "posix_fadvise", None)  # Linux, BSD; not macOS or Window
 
 @functools.lru_cache(maxsize=8192)  # per file name: the same few names are asked for again and again
 def _content_type(name: str) -> str:
-    suffix = os.path.splitext(name)[1]
-    return _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return _TYPES.get(os.path.splitext(name)[1], _DOWNLOAD)
 
 
 @functools.lru_cache(maxsize=8192)  # per file version; formatdate is ~4 us of a ~24 us HEAD
@@ -50,7 +53,7 @@ def _http_date(mtime_ns: int) -> str:
 
 
 def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
-    return {
+    headers = {
         REPO_COMMIT: state.sha,
         # Quoted like the Hub's; the client strips quotes and a W/ prefix.
         "ETag": f'"{f.sha256}"',
@@ -60,6 +63,19 @@ def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
         # "main" moves, a commit sha does not: only the latter may be cached for long.
         "Cache-Control": "no-cache",
     }
+    if headers["Content-Type"] == _DOWNLOAD:
+        headers["Content-Disposition"] = "attachment"
+    return headers
+
+
+def _modified_since(request: web.BaseRequest, f: RepoFile) -> bool:
+    """Whether ``If-Unmodified-Since`` (a valid date; anything else is ignored) is older than
+    ``f``'s Last-Modified, in whole seconds as that header states it."""
+    try:
+        date = parsedate_to_datetime(request.headers.get("If-Unmodified-Since", ""))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    return date.tzinfo is not None and f.mtime_ns // 1_000_000_000 > date.timestamp()
 
 
 async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str
@@ -119,6 +135,10 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
         os.close(fd)
         return hub_error(412, None, f"{path} has ETag {etag}, not the one of If-Match",
                          headers={REPO_COMMIT: state.sha, "ETag": etag})
+    if if_match is None and _modified_since(request, entry):  # RFC 9110 13.1.4: only without If-Match
+        os.close(fd)
+        return hub_error(412, None, f"{path} was modified at {headers['Last-Modified']}, after "
+                         "If-Unmodified-Since", headers={REPO_COMMIT: state.sha, "ETag": etag})
     inm = request.headers.get("If-None-Match")
     if inm is not None and _weak_match(inm, etag):
         os.close(fd)

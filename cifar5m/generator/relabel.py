@@ -3,7 +3,8 @@
 ``label_dataset`` runs the labeler over every shard (decoded in the index's row order)
 and saves each shard's probabilities under ``_label_work/<labeler sha256>/`` as it goes,
 so a killed run resumes; then ``cifar5m.shards.label_columns.write_labels`` writes the new index
-version and the work directory is removed. ``evaluate`` measures a labeler's accuracy
+version and the work directory is removed. One relabel of a dataset at a time: it holds the
+dataset's lock. ``evaluate`` measures a labeler's accuracy
 against the labels of a split (CIFAR-10's test split is the usual reference).
 """
 
@@ -21,6 +22,7 @@ from cifar5m.core.errors import ModelError
 from cifar5m.generator.report.figures import save_fig
 from cifar5m.shards.format import INDEX_NAME
 from cifar5m.shards.index import shard_runs
+from cifar5m.shards.lock import DirectoryLock
 from cifar5m.shards.reader import Dataset, Split
 
 WORK = "_label_work"
@@ -58,12 +60,21 @@ def _shard_probs(lab: Any, split: Split, shard: str, work: Path) -> np.ndarray:
 
 def label_dataset(root: str | Path, spec: str, *, keep_as: str, device: Any = "cpu",
                   batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Relabel the local dataset ``root`` with ``spec``; returns the report (agreement, ...)."""
+    """Relabel the local dataset ``root`` with ``spec``; returns the report (agreement, ...).
+
+    Holds the dataset's lock (``cifar5m.shards.lock``) throughout: a second relabel (or an
+    upgrade) of it at the same time is refused at once, naming the process that runs."""
+    with DirectoryLock(root, what="labelled"):
+        return _label_locked(Path(root), spec, keep_as=keep_as, device=device, batch_size=batch_size,
+                             progress=progress)
+
+
+def _label_locked(root: Path, spec: str, *, keep_as: str, device: Any, batch_size: int | None,
+                  progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cifar5m.shards.label_columns import finish_pending, write_labels
 
-    root = Path(root)
     finished = finish_pending(root)  # a run killed between the index and manifest renames
     dataset = Dataset(root)
     lab = open_for(spec, dataset, device=device, batch_size=batch_size)

@@ -130,7 +130,7 @@ class Store:
 
     def manifest(self) -> Manifest | None:
         data = self.cat(MANIFEST_NAME)
-        return None if data is None else read_manifest_text(data.decode(), where=f"{self.url}/{MANIFEST_NAME}")
+        return None if data is None else read_manifest_text(data, where=f"{self.url}/{MANIFEST_NAME}")
 
     def state(self) -> dict[str, Any] | None:
         data = self.cat(f"{WORK_DIR}/{STATE_NAME}")

@@ -61,7 +61,7 @@ def read_manifest(source: Source) -> Manifest:
     if source.local:
         return load_manifest(source.url)  # names an unfinished write
     try:
-        text = bytes(source.read_file(MANIFEST_NAME)).decode()
+        text = bytes(source.read_file(MANIFEST_NAME))
     except ShardNotFoundError:
         raise DatasetNotFoundError(f"{source.url} is not a cifar5m dataset: no {MANIFEST_NAME}") from None
     return read_manifest_text(text, where=f"{source.url}/{MANIFEST_NAME}")

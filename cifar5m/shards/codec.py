@@ -8,6 +8,7 @@ Python work), which is what the fast readers rely on.
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +28,7 @@ NPY_HEADER_SIZE = len(NPY_HEADER)
 NPY_SIZE = NPY_HEADER_SIZE + IMAGE_BYTES
 del _NPY_BUF
 _NPY_HEADER_U8 = np.frombuffer(NPY_HEADER, np.uint8)
+_PNG_IHDR = b"IHDR" + struct.pack(">II", 32, 32)  # bytes 12..24 of a 32x32 PNG
 
 
 def check_image(image: np.ndarray, *, where: str) -> np.ndarray:
@@ -59,6 +61,9 @@ def decode_image(data: bytes | memoryview, image_format: str) -> np.ndarray:
         if len(data) != NPY_SIZE or bytes(data[:NPY_HEADER_SIZE]) != NPY_HEADER:
             raise ValueError(f"not a 32x32x3 uint8 .npy member ({len(data)} bytes)")
         return np.frombuffer(data, np.uint8, IMAGE_BYTES, NPY_HEADER_SIZE).reshape(IMAGE_SHAPE)
+    ihdr = bytes(data[12:24])
+    if ihdr[:4] == b"IHDR" and ihdr != _PNG_IHDR:  # from the header, before any decoder allocates
+        raise ValueError("PNG is {}x{}, not RGB 32x32".format(*struct.unpack(">II", ihdr[4:])))
     if _spng is not None:
         try:
             image = _spng(data)

@@ -4,13 +4,17 @@ Each reader yields ``Item``s in a fixed order; an item decodes its image only wh
 asked, so resuming an interrupted import skips finished samples without decoding
 them. Formats:
 
-- ``cifar5m-npz``: the CIFAR-5m parts (``X`` uint8 (N,32,32,3), ``Y`` labels), local
-  or any fsspec URL, read in chunks straight out of the zip (a part is 3 GB
-  uncompressed, so it is never loaded whole).
+- ``cifar5m-npz``: the CIFAR-5m parts (``cifar5m.shards.import_npz``).
 - ``cifar10-jpeg``: ``train/<class>/NNNN.jpg`` and ``test/...`` as a .tar.gz or a
   directory (e.g. a JPEG re-encoded copy of CIFAR-10); classes are interleaved
   (airplane 0000, automobile 0000, ...) so any prefix of the split is balanced.
-- ``cifar10-python``: the original ``cifar-10-batches-py`` pickles (directory or .tar.gz).
+- ``cifar10-python``: the original ``cifar-10-batches-py`` pickles (directory or .tar.gz),
+  loaded by an unpickler that builds only what a CIFAR-10 batch holds (dicts, lists, bytes,
+  numbers and uint8 arrays): a pickle asking for anything else is refused, never run.
+
+Sizes are checked before bytes are read: an archive member or file over ``MAX_IMAGE_BYTES``
+(an image) or ``MAX_BATCH_BYTES`` (a batch) is refused unread, and an image's dimensions
+are checked from its header before it is decoded.
 """
 
 from __future__ import annotations
@@ -19,21 +23,25 @@ import io
 import pickle
 import re
 import tarfile
-import zipfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import fsspec
 import numpy as np
-from numpy.lib import format as npformat
 from PIL import Image
 
 from cifar5m.core.errors import InvalidSourceError
 from cifar5m.shards.format import CIFAR10_CLASSES, IMAGE_BYTES, IMAGE_SHAPE
 
 FORMATS = ("cifar5m-npz", "cifar10-jpeg", "cifar10-python")
-NPZ_CHUNK = 4096  # rows per read: 12 MB of pixels, so memory stays flat on 1M-row parts
+MAX_IMAGE_BYTES = 1 << 20  # a 32x32 JPEG or PNG is a few KB
+MAX_BATCH_BYTES = 64 << 20  # a CIFAR-10 batch is 31 MB
+_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# What pickles of numpy arrays name (numpy 1 and 2, protocols 2 to 5), and nothing else.
+_ARRAY_GLOBALS = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                            ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                            ("numpy._core.numeric", "_frombuffer")})
 
 
 class Item(NamedTuple):
@@ -68,87 +76,23 @@ def detect_format(source: str) -> str:
     )
 
 
-# --- CIFAR-5m npz parts -------------------------------------------------------------
+# --- sizes first ------------------------------------------------------------------------
 
 
-def part_number(source: str, default: int) -> int:
-    """The part number in a CIFAR-5m file name (``cifar5m_part3.npz`` -> 3)."""
-    match = re.search(r"part(\d+)", source.rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else default
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, *, limit: int, where: str) -> bytes:
+    """The bytes of ``member``, refused unread when it says it has more than ``limit``."""
+    if member.size > limit:
+        raise InvalidSourceError(f"{where}: {member.name} has {member.size:,} bytes, more than the "
+                                 f"{limit:,} such a file can have; is this the right archive?")
+    return tar.extractfile(member).read()
 
 
-def _npy_header(stream, *, where: str, member: str) -> tuple[tuple[int, ...], np.dtype]:
-    try:
-        version = npformat.read_magic(stream)
-        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-        shape, fortran, dtype = read(stream)
-    except ValueError as exc:
-        raise InvalidSourceError(f"{where}: {member} is not a .npy array ({exc})") from None
-    if fortran:
-        raise InvalidSourceError(f"{where}: {member} is Fortran-ordered; re-save it with np.savez")
-    return shape, dtype
-
-
-def read_npz_labels(zf: zipfile.ZipFile, *, where: str) -> np.ndarray:
-    with zf.open("Y.npy") as f:
-        y = np.load(f, allow_pickle=False)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise InvalidSourceError(f"{where}: Y must be a 1-D integer array, got {y.dtype} {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() >= len(CIFAR10_CLASSES)):
-        raise InvalidSourceError(f"{where}: labels must be in 0..9, found {y.min()}..{y.max()}")
-    return y.astype(np.int64)
-
-
-def iter_npz(
-    source: str, *, part: int, split_of: Callable[[int], str | None],
-    on_dropped: Callable[[int], object] | None = None,
-) -> Iterator[Item]:
-    """Items of one CIFAR-5m part; ``split_of(row)`` assigns a split (None drops the row,
-    and ``on_dropped(n)`` hears of each chunk's dropped rows, so progress counts them)."""
-    with fsspec.open(source, "rb") as raw, _open_zip(raw, source) as zf:
-        names = {n.removesuffix(".npy") for n in zf.namelist()}
-        if not {"X", "Y"} <= names:
-            raise InvalidSourceError(
-                f"{source}: expected arrays 'X' (images) and 'Y' (labels), found {sorted(names)}"
-            )
-        labels = read_npz_labels(zf, where=source)
-        with zf.open("X.npy") as xs:
-            shape, dtype = _npy_header(xs, where=source, member="X")
-            if dtype != np.uint8 or tuple(shape[1:]) != IMAGE_SHAPE:
-                raise InvalidSourceError(
-                    f"{source}: X has shape {shape} and dtype {dtype}; expected (N, 32, 32, 3) uint8"
-                )
-            if shape[0] != len(labels):
-                raise InvalidSourceError(f"{source}: X has {shape[0]} images but Y {len(labels)} labels")
-            yield from _npz_rows(xs, labels, part=part, split_of=split_of, where=source,
-                                 on_dropped=on_dropped)
-
-
-def _open_zip(raw, source: str) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(raw)
-    except zipfile.BadZipFile as exc:
-        raise InvalidSourceError(f"{source} is not an npz (zip) file: {exc}") from None
-
-
-def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str, on_dropped) -> Iterator[Item]:
-    row_bytes = IMAGE_BYTES
-    for start in range(0, len(labels), NPZ_CHUNK):
-        count = min(NPZ_CHUNK, len(labels) - start)
-        data = xs.read(count * row_bytes)
-        if len(data) != count * row_bytes:
-            raise InvalidSourceError(f"{where}: X ends after {start + len(data) // row_bytes} images")
-        chunk = np.frombuffer(data, np.uint8).reshape(count, *IMAGE_SHAPE)
-        dropped = 0
-        for j in range(count):
-            split = split_of(start + j)
-            if split is not None:
-                yield Item(split, f"p{part}_{start + j:07d}", int(labels[start + j]),
-                           lambda c=chunk, j=j: c[j])
-            else:
-                dropped += 1
-        if dropped and on_dropped is not None:
-            on_dropped(dropped)
+def _read_file(path: Path, *, limit: int, where: str) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise InvalidSourceError(f"{where}: {path.name} has {size:,} bytes, more than the {limit:,} "
+                                 f"such a file can have; is this the right folder?")
+    return path.read_bytes()
 
 
 # --- CIFAR-10 JPEG tree ----------------------------------------------------------------
@@ -156,9 +100,16 @@ def _npz_rows(xs, labels: np.ndarray, *, part: int, split_of, where: str, on_dro
 
 def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        # Pillow warns of (and past twice that, refuses) huge images when it opens them: an error
+        # here, like any size other than 32x32, which is checked before the pixels are decoded.
+        with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning), \
+                Image.open(io.BytesIO(data)) as img:
+            if img.size != IMAGE_SHAPE[1::-1]:
+                raise InvalidSourceError(f"{where}: image is {img.size[0]}x{img.size[1]}, not 32x32 RGB")
             array = np.asarray(img.convert("RGB"))
-    except OSError as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidSourceError(f"{where}: image is far larger than 32x32 ({exc})") from None
+    except (OSError, SyntaxError) as exc:
         raise InvalidSourceError(f"{where}: not a decodable image ({exc})") from None
     if array.shape != IMAGE_SHAPE:
         raise InvalidSourceError(f"{where}: image is {array.shape[1]}x{array.shape[0]}, not 32x32 RGB")
@@ -181,7 +132,7 @@ def _jpeg_files(source: str) -> dict[str, bytes | Path]:
             for member in tar:
                 m = pattern.search(member.name)
                 if m and member.isfile():
-                    files["/".join(m.groups())] = tar.extractfile(member).read()
+                    files["/".join(m.groups())] = _read_member(tar, member, limit=MAX_IMAGE_BYTES, where=source)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise InvalidSourceError(f"{source}: unreadable tar archive ({exc})") from None
     return files
@@ -211,29 +162,76 @@ def _jpeg_item(split: str, label: int, name: str, blob: bytes | Path, source: st
     key = f"{split}_{CIFAR10_CLASSES[label]}_{stem}"
     where = f"{source}: {name}"
     if isinstance(blob, Path):
-        return Item(split, key, label, lambda: _decode_jpeg(blob.read_bytes(), where))
+        return Item(split, key, label,
+                    lambda: _decode_jpeg(_read_file(blob, limit=MAX_IMAGE_BYTES, where=source), where))
     return Item(split, key, label, lambda: _decode_jpeg(blob, where))
 
 
 # --- CIFAR-10 python pickles -----------------------------------------------------------
 
 
-def _python_batches(source: str) -> dict[str, dict]:
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds: numpy arrays (and their dtypes) besides the
+    dicts, lists, bytes, strings and numbers pickle makes itself. Any other global a pickle
+    names (``os.system``, ``builtins.eval``, ...) is an error before it is looked up."""
+
+    def __init__(self, data: bytes, *, where: str) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 pickles bytes at protocol 2
+            return _latin1
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise InvalidSourceError(f"{self.where} is not a CIFAR-10 batch: its pickle asks for "
+                                 f"{module[:100]}.{name[:100]}, which a batch never holds; refusing to load it")
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}")
+    return text.encode("latin1")
+
+
+def _load_batch(data: bytes, *, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (N, 32, 32, 3) images and N labels of one pickled batch; InvalidSourceError otherwise."""
+    try:
+        batch = _BatchUnpickler(data, where=where).load()
+    except InvalidSourceError:
+        raise
+    except Exception as exc:  # whatever a damaged pickle raises (it built only data): one line
+        raise InvalidSourceError(f"{where} is not a CIFAR-10 batch ({type(exc).__name__}: {str(exc)[:200]})") from None
+    images = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
+            and images.shape[1] == IMAGE_BYTES and isinstance(labels, list) and len(labels) == len(images)
+            and all(type(v) is int and 0 <= v < len(CIFAR10_CLASSES) for v in labels)):
+        raise InvalidSourceError(f"{where} is not a CIFAR-10 batch: expected b'data' uint8 (N, 3072) "
+                                 f"and b'labels' N integers in 0..9")
+    return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(labels, np.int64)
+
+
+def _python_batches(source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     path = Path(source)
-    wanted = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    found: dict[str, dict] = {}
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if path.is_dir():
         base = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        for name in wanted:
+        for name in _BATCHES:
             if (base / name).is_file():
-                found[name] = pickle.loads((base / name).read_bytes(), encoding="bytes")
+                data = _read_file(base / name, limit=MAX_BATCH_BYTES, where=source)
+                found[name] = _load_batch(data, where=str(base / name))
     else:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                name = member.name.rsplit("/", 1)[-1]
-                if name in wanted and member.isfile():
-                    found[name] = pickle.loads(tar.extractfile(member).read(), encoding="bytes")
-    missing = [n for n in wanted if n not in found]
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    name = member.name.rsplit("/", 1)[-1]
+                    if name in _BATCHES and member.isfile():
+                        data = _read_member(tar, member, limit=MAX_BATCH_BYTES, where=source)
+                        found[name] = _load_batch(data, where=f"{source}: {member.name}")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise InvalidSourceError(f"{source}: unreadable tar archive ({exc})") from None
+    missing = [n for n in _BATCHES if n not in found]
     if missing:
         raise InvalidSourceError(f"{source}: missing CIFAR-10 batches {missing}")
     return found
@@ -243,14 +241,9 @@ def iter_cifar10_python(source: str) -> Iterator[Item]:
     """Items of the original pickled batches in their own order (train, then test)."""
     batches = _python_batches(source)
     counters = {"train": 0, "test": 0}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in _BATCHES:
         split = "test" if name == "test_batch" else "train"
-        batch = batches[name]
-        try:
-            data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            labels = np.asarray(batch[b"labels"], np.int64)
-        except (KeyError, ValueError) as exc:
-            raise InvalidSourceError(f"{source}: {name} is not a CIFAR-10 batch ({exc})") from None
-        for image, label in zip(data, labels.tolist(), strict=True):
+        images, labels = batches[name]
+        for image, label in zip(images, labels.tolist(), strict=True):
             yield Item(split, f"{split}_{counters[split]:05d}", label, lambda im=image: im)
             counters[split] += 1

@@ -18,9 +18,8 @@ from cifar5m.shards.import_formats import (
     detect_format,
     iter_cifar10_jpeg,
     iter_cifar10_python,
-    iter_npz,
-    part_number,
 )
+from cifar5m.shards.import_npz import iter_npz, part_number
 from cifar5m.shards.manifest import Manifest
 from cifar5m.shards.writer import DatasetWriter, Sample
 

@@ -9,13 +9,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cifar5m.core.atomic import atomic_write_bytes
 from cifar5m.core.errors import DatasetNotFoundError, ManifestError, ManifestVersionError
-from cifar5m.shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SPLITS, WORK_DIR
+from cifar5m.shards.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_FORMATS,
+    MANIFEST_NAME,
+    SPLITS,
+    WORK_DIR,
+)
+
+# A file of a dataset: one plain name (no folder, no leading dot: temp files are '.x.tmp').
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_path(root: str | os.PathLike | None, name: object, *, where: str) -> Path:
+    """``root / name`` for a file name taken from a manifest or a listing (``where`` names it
+    in the error), if it stays inside ``root``: one plain name (never absolute, no '..', no
+    folder, no leading dot) and, when ``root`` is given, no symlink leading out of it.
+    Anything else is a ManifestError naming the entry; nothing is opened."""
+    shown = repr(name)[:100]
+    if not isinstance(name, str) or _FILE.fullmatch(name) is None:
+        raise ManifestError(f"{where} lists the file {shown}, which is not a plain file name inside the "
+                            f"dataset folder (letters, digits, '.', '_', '-'); refusing to touch it")
+    if root is None:
+        return Path(name)
+    path, real_root = Path(root) / name, os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+        raise ManifestError(f"{where} lists {shown}, a symlink leading out of {root}; refusing to follow it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -89,31 +120,69 @@ class Manifest:
         return json.dumps(doc, indent=1, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, *, where: str) -> Manifest:
+    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where} is not valid JSON ({exc}); re-create the dataset") from exc
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
+            raise ManifestError(f"{where} is not valid JSON ({str(exc)[:200]}); re-create the dataset") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ManifestError(f"{where} is not a {FORMAT_NAME} manifest (no 'format' field)")
         version = doc.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version < 1:
+            raise ManifestError(f"{where} has no format version (its 'version' is {str(version)[:40]!r}); "
+                                f"re-create the dataset")
+        if version > FORMAT_VERSION:
             raise ManifestVersionError(
                 f"{where} has format version {version!r} but this cifar5m reads up to "
                 f"version {FORMAT_VERSION}; upgrade cifar5m (pip install -U cifar5m)"
             )
         try:
-            return cls(
+            manifest = cls(
                 image_format=doc["image_format"],
                 class_names=tuple(doc["class_names"]),
-                shards=tuple(ShardInfo(**s) for s in doc["shards"]),
-                files=tuple(FileInfo(**f) for f in doc.get("files", [])),
+                shards=tuple(_entry(ShardInfo, s) for s in doc["shards"]),
+                files=tuple(_entry(FileInfo, f) for f in doc.get("files", [])),
                 provenance=doc.get("provenance", {}),
                 format=doc["format"],
                 version=version,
             )
         except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from exc
+            raise ManifestError(f"{where} is missing or has a malformed field: {exc}") from None
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        """The types and ranges a reader relies on (``where`` names the manifest)."""
+        problem = None
+        if self.image_format not in IMAGE_FORMATS:
+            problem = f"image_format {self.image_format!r:.80} (not one of {', '.join(IMAGE_FORMATS)})"
+        elif not self.class_names or not all(isinstance(c, str) for c in self.class_names):
+            problem = f"class_names {list(self.class_names)!r:.80} (not a list of one or more names)"
+        elif not isinstance(self.provenance, dict):
+            problem = f"provenance {self.provenance!r:.80} (not an object)"
+        seen: set[str] = set()
+        for info in (*self.shards, *self.files):
+            safe_path(None, info.file, where=where)
+            if _SHA256.fullmatch(info.sha256) is None:
+                problem = problem or f"{info.file}: sha256 {info.sha256!r:.80} (not 64 hex digits)"
+            elif info.file in seen:
+                problem = problem or f"{info.file} listed twice"
+            seen.add(info.file)
+        if problem:
+            raise ManifestError(f"{where} has a malformed field: {problem}; re-create the dataset")
+
+
+def _entry(cls: type, doc: object) -> ShardInfo | FileInfo:
+    """A ``files`` or ``shards`` entry, its fields of the types the dataclass declares."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"an entry is {type(doc).__name__}, not an object")
+    entry = cls(**doc)
+    for f in dataclasses.fields(cls):
+        value, kind = getattr(entry, f.name), int if f.type == "int" else str
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise TypeError(f"{f.name} of {doc.get('file')!r:.100} is {value!r:.100}, not a "
+                            f"{'count' if kind is int else 'string'}")
+    return entry
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
@@ -123,7 +192,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest_text(text: str, *, where: str) -> Manifest:
+def read_manifest_text(text: str | bytes, *, where: str) -> Manifest:
     """Parse manifest text fetched from anywhere (a URL, an fsspec file)."""
     return Manifest.from_json(text, where=where)
 
@@ -138,4 +207,4 @@ def load_manifest(root: str | Path) -> Manifest:
             else ""
         )
         raise DatasetNotFoundError(f"{root} is not a cifar5m dataset: no {MANIFEST_NAME}{hint}")
-    return Manifest.from_json(path.read_text(), where=str(path))
+    return Manifest.from_json(path.read_bytes(), where=str(path))

@@ -31,6 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.core.errors import DownloadError, ShardNotFoundError
 from cifar5m.shards.connections import Connections, Parts
+from cifar5m.shards.format import MANIFEST_NAME
+from cifar5m.shards.manifest import safe_path
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 PAGE = 4096  # ...but skip no more than the range being added, or a page the disk reads anyway
@@ -151,6 +153,10 @@ class LocalSource(Source):
         self.__dict__.update(state)
         self._lock, self._pid = threading.Lock(), os.getpid()
 
+    def _path(self, file: str) -> Path:
+        """Where ``file`` (a name from the manifest) is: inside the folder, or a ManifestError."""
+        return safe_path(self.root, file, where=str(self.root / MANIFEST_NAME))
+
     def _missing(self, path: Path) -> ShardNotFoundError:
         return ShardNotFoundError(
             f"{path} is missing; the manifest lists it (re-download or re-create the dataset)")
@@ -158,7 +164,7 @@ class LocalSource(Source):
     def _map(self, file: str) -> memoryview:
         view = self._maps.get(file)
         if view is None:
-            path = self.root / file
+            path = self._path(file)
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
@@ -190,7 +196,7 @@ class LocalSource(Source):
         fd = self._fds.get(file)
         if fd is None:
             try:
-                fd = self._fds[file] = os.open(self.root / file, os.O_RDONLY)
+                fd = self._fds[file] = os.open(self._path(file), os.O_RDONLY)
             except FileNotFoundError:
                 raise self._missing(self.root / file) from None
             while len(self._fds) > self.keep:
@@ -237,7 +243,7 @@ class LocalSource(Source):
     def open_file(self, file: str) -> BinaryIO:
         """``file`` opened for reading (a large file read in pieces, never mapped whole)."""
         try:
-            return open(self.root / file, "rb")
+            return open(self._path(file), "rb")
         except FileNotFoundError:
             raise self._missing(self.root / file) from None
 
