@@ -19,6 +19,7 @@ Whole files and ranges to the end (resumed downloads) keep the sequential read-a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import mimetypes
 import os
@@ -27,9 +28,10 @@ from email.utils import formatdate
 from aiohttp import web
 
 from cifar5m.dataset_server.context import ServerContext, lookup, state_at
-from cifar5m.dataset_server.ranges import RangeNotSatisfiable, parse_range
+from cifar5m.dataset_server.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
 from cifar5m.dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
+from cifar5m.dataset_server.store import StoreRepo
 
 _TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
           ".md": "text/markdown; charset=utf-8", ".json": "application/json"}
@@ -104,35 +106,97 @@ def _range_applies(request: web.BaseRequest, headers: dict[str, str]) -> bool:
     return if_range == headers["Last-Modified"]
 
 
-async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, revision: str,
-                  path: str) -> web.StreamResponse:
-    repo = lookup(ctx, request, org, name, files=True)
-    state, entry, fd = await _open(ctx, repo, revision, path)
-    if entry is None or fd is None:
-        return hub_error(404, "EntryNotFound",
-                         f"{path} does not exist in dataset {repo.repo_id} at {state.sha}",
-                         commit=state.sha)
-    headers = file_headers(state, entry)
+def conditions(request: web.BaseRequest, path: str, f: RepoFile,
+               headers: dict[str, str]) -> web.Response | ByteRange | None:
+    """What the request's preconditions and range call for: a 412, 304 or 416 answer, else
+    the range to send (None: the whole file)."""
     etag = headers["ETag"]
     if_match = request.headers.get("If-Match")
     if if_match is not None and not _strong_match(if_match, etag):
-        os.close(fd)
         return hub_error(412, None, f"{path} has ETag {etag}, not the one of If-Match",
-                         headers={REPO_COMMIT: state.sha, "ETag": etag})
+                         headers={REPO_COMMIT: headers[REPO_COMMIT], "ETag": etag})
     inm = request.headers.get("If-None-Match")
     if inm is not None and _weak_match(inm, etag):
-        os.close(fd)
         return web.Response(status=304, headers=headers)
     try:
-        rng = parse_range(request.headers.get("Range"), entry.size) if _range_applies(request, headers) else None
+        return parse_range(request.headers.get("Range"), f.size) if _range_applies(request, headers) else None
     except RangeNotSatisfiable as exc:
-        os.close(fd)
         keep = {k: headers[k] for k in (REPO_COMMIT, "ETag", "Accept-Ranges")}
-        return hub_error(416, None, f"range not satisfiable: {path} has {entry.size} bytes",
+        return hub_error(416, None, f"range not satisfiable: {path} has {f.size} bytes",
                          headers={**keep, "Content-Range": exc.content_range})
-    if rng is None:
+
+
+def missing(repo_id: str, state: RepoState, path: str) -> web.Response:
+    return hub_error(404, "EntryNotFound", f"{path} does not exist in dataset {repo_id} at {state.sha}",
+                     commit=state.sha)
+
+
+async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, revision: str,
+                  path: str) -> web.StreamResponse:
+    repo = lookup(ctx, request, org, name, files=True)
+    if isinstance(repo, StoreRepo):
+        return await store_file(ctx, request, repo, revision, path)
+    state, entry, fd = await _open(ctx, repo, revision, path)
+    if entry is None or fd is None:
+        return missing(repo.repo_id, state, path)
+    headers = file_headers(state, entry)
+    answer = conditions(request, path, entry, headers)
+    if isinstance(answer, web.Response):
+        os.close(fd)
+        return answer
+    if ctx.config.accel_redirect is not None and request.method == "GET" and nginx_may_answer(request):
+        os.close(fd)  # nginx opens the same path next; see docs/serving.md for the instant between
+        return accel_redirect(ctx.config.accel_redirect, ctx.library.real_root, entry, headers)
+    if answer is None:
         return FdResponse(fd, 0, entry.size, status=200, headers=headers)
-    headers["Content-Range"] = rng.content_range
-    if rng.end < entry.size and _FADVISE is not None:
+    headers["Content-Range"] = answer.content_range
+    if answer.end < entry.size and _FADVISE is not None:
         _FADVISE(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only this descriptor: no read-ahead past the range
-    return FdResponse(fd, rng.start, rng.end, status=206, headers=headers)
+    return FdResponse(fd, answer.start, answer.end, status=206, headers=headers)
+
+
+def nginx_may_answer(request: web.BaseRequest) -> bool:
+    """Whether nginx, sending the file, would answer as this server does: it checks
+    ``If-Match`` and ``If-Unmodified-Since`` against its own ETag and date (not the sha256),
+    so those rare requests are answered here."""
+    return "If-Match" not in request.headers and "If-Unmodified-Since" not in request.headers
+
+
+@functools.lru_cache(maxsize=8192)  # per file path: the same few are asked for again and again
+def _under(root: str, path: str) -> str:
+    return os.path.relpath(path, root)
+
+
+def accel_redirect(prefix: str, root: str, f: RepoFile, headers: dict[str, str]) -> web.Response:
+    """The answer that has nginx send ``f`` (its path under ``root``, behind ``prefix``), with
+    the headers nginx does not set itself (docs/serving.md: its internal location)."""
+    return web.Response(status=200, headers={**headers, "X-Accel-Redirect": prefix + _under(root, f.path)})
+
+
+async def store_file(ctx: ServerContext, request: web.BaseRequest, repo: StoreRepo, revision: str,
+                     path: str) -> web.StreamResponse:
+    """A file of an object-store dataset: small git files from memory, the others by a
+    redirect to a signed URL of the very object version the commit was made from (as the
+    Hub sends LFS files to its CDN); a dataset changed meanwhile is scanned again."""
+    for attempt in range(2):
+        state = await state_at(repo, revision, max_age=ctx.config.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
+        entry = state.files.get(path)
+        if entry is None:
+            break
+        headers = file_headers(state, entry)
+        answer = conditions(request, path, entry, headers)
+        if isinstance(answer, web.Response):
+            return answer
+        if not entry.lfs:
+            body = repo.body(entry)
+            if body is None:
+                continue  # read again by a scan since: look again
+            if answer is None:
+                return web.Response(body=body, headers=headers)
+            return web.Response(body=body[answer.start:answer.end], status=206,
+                                headers={**headers, "Content-Range": answer.content_range})
+        url = await asyncio.to_thread(repo.signed_url, entry, ctx.config.url_expiry_s)
+        if url is not None:
+            return web.Response(status=302, headers={
+                **headers, "Location": url, "X-Linked-Etag": headers["ETag"], "X-Linked-Size": str(entry.size)})
+    return missing(repo.repo_id, state, path)

@@ -199,7 +199,7 @@ def _make_view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
     if INDEX_NAME not in state.files:
         return {}, [_png(blank) for _ in manifest.class_names]
     path = state.files[INDEX_NAME].path
-    table = read_index(path, columns=_INDEX_COLUMNS, where=str(path))
+    table = read_index(path, columns=_INDEX_COLUMNS, filesystem=state.fs, where=f"{state.repo_id}/{INDEX_NAME}")
     n = len(manifest.class_names)  # per split in the manifest's order (train first), one per class
     counts = {s: np.bincount(table.filter(pc.equal(table["split"], s))["label"].to_numpy(),
                              minlength=n)[:n] for s in manifest.splits}
@@ -212,11 +212,18 @@ def _make_view(state: RepoState) -> tuple[dict[str, np.ndarray], list[bytes]]:
         for j, i in enumerate(np.flatnonzero(labels == k)[:PER_CLASS].tolist()):
             shard = state.files.get(rows["shard"][i].as_py())  # only files the scan let through
             if shard is not None:
-                with open(shard.path, "rb") as f:
-                    data = os.pread(f.fileno(), rows["image_size"][i].as_py(), rows["image_offset"][i].as_py())
+                data = _read(state, shard.path, rows["image_offset"][i].as_py(), rows["image_size"][i].as_py())
                 canvas[:, j * 33:j * 33 + 32] = decode_image(data, manifest.image_format)
         strips.append(_png(canvas))
     return counts, strips
+
+
+def _read(state: RepoState, path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a served file, from this machine's disk or the store."""
+    if state.fs is not None:
+        return state.fs.cat_file(path, start=offset, end=offset + size)
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), size, offset)
 
 
 def _png(pixels: np.ndarray) -> bytes:
