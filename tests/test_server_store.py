@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server_support import REPO_ROOT, build_root, client_env, request, run_client, serving
+from tests.test_server_support import (
+    REPO_ROOT,
+    build_root,
+    client_env,
+    request,
+    run_client,
+    serving,
+)
 
 pytest.importorskip("s3fs")
 DS = "/datasets/lab/ds/resolve"

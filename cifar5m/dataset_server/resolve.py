@@ -23,6 +23,7 @@ import asyncio
 import functools
 import mimetypes
 import os
+import stat
 from email.utils import formatdate
 
 from aiohttp import web
@@ -64,21 +65,24 @@ def file_headers(state: RepoState, f: RepoFile) -> dict[str, str]:
     }
 
 
-async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str
+async def _open(ctx: ServerContext, repo: DatasetRepo, revision: str, path: str, *, fd: bool = True
                 ) -> tuple[RepoState, RepoFile | None, int | None]:
-    """State, entry and an open fd whose file is exactly the entry (re-scanning once)."""
+    """State, entry and an open fd whose file is exactly the entry (re-scanning once); with
+    ``fd`` False the file is only checked (lstat: nginx opens it) and no fd comes back."""
     for attempt in range(2):
         state = await state_at(repo, revision, max_age=ctx.config.scan_max_age if attempt == 0 else 0.0, ctx=ctx)
         entry = state.files.get(path)
         if entry is None:
             return state, None, None
         try:
-            fd = os.open(entry.path, _OPEN_FLAGS)
+            opened = os.open(entry.path, _OPEN_FLAGS) if fd else -1
+            st = os.fstat(opened) if fd else os.lstat(entry.path)
         except OSError:
             continue  # gone or replaced since the scan: look again
-        if entry.matches(os.fstat(fd)):
-            return state, entry, fd
-        os.close(fd)  # changed since the scan: re-scan, so ETag and commit are of these bytes
+        if entry.matches(st) and stat.S_ISREG(st.st_mode):
+            return state, entry, opened if fd else None
+        if fd:
+            os.close(opened)  # changed since the scan: re-scan, so ETag and commit are of these bytes
     return state, None, None
 
 
@@ -136,17 +140,18 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
     repo = lookup(ctx, request, org, name, files=True)
     if isinstance(repo, StoreRepo):
         return await store_file(ctx, request, repo, revision, path)
-    state, entry, fd = await _open(ctx, repo, revision, path)
-    if entry is None or fd is None:
+    accel = ctx.config.accel_redirect is not None and request.method == "GET" and nginx_may_answer(request)
+    state, entry, fd = await _open(ctx, repo, revision, path, fd=not accel)
+    if entry is None:
         return missing(repo.repo_id, state, path)
     headers = file_headers(state, entry)
     answer = conditions(request, path, entry, headers)
+    if fd is None:  # nginx opens the same path next (docs/serving.md: the instant between)
+        return answer if isinstance(answer, web.Response) else \
+            accel_redirect(ctx.config.accel_redirect, str(ctx.config.root), entry, headers)
     if isinstance(answer, web.Response):
         os.close(fd)
         return answer
-    if ctx.config.accel_redirect is not None and request.method == "GET" and nginx_may_answer(request):
-        os.close(fd)  # nginx opens the same path next; see docs/serving.md for the instant between
-        return accel_redirect(ctx.config.accel_redirect, ctx.library.real_root, entry, headers)
     if answer is None:
         return FdResponse(fd, 0, entry.size, status=200, headers=headers)
     headers["Content-Range"] = answer.content_range
@@ -164,13 +169,16 @@ def nginx_may_answer(request: web.BaseRequest) -> bool:
 
 @functools.lru_cache(maxsize=8192)  # per file path: the same few are asked for again and again
 def _under(root: str, path: str) -> str:
-    return os.path.relpath(path, root)
+    """``path`` relative to the serve root as given (a dataset folder itself, or the folder of
+    several): what nginx's location aliases."""
+    return os.path.relpath(path, os.path.realpath(root))
 
 
 def accel_redirect(prefix: str, root: str, f: RepoFile, headers: dict[str, str]) -> web.Response:
-    """The answer that has nginx send ``f`` (its path under ``root``, behind ``prefix``), with
-    the headers nginx does not set itself (docs/serving.md: its internal location)."""
-    return web.Response(status=200, headers={**headers, "X-Accel-Redirect": prefix + _under(root, f.path)})
+    """The answer that has nginx send ``f`` (its path under serve root ``root``, behind
+    ``prefix``), with the headers nginx does not set itself (docs/serving.md)."""
+    sent = {k: v for k, v in headers.items() if k != "Accept-Ranges"}  # nginx says it itself
+    return web.Response(status=200, headers={**sent, "X-Accel-Redirect": prefix + _under(root, f.path)})
 
 
 async def store_file(ctx: ServerContext, request: web.BaseRequest, repo: StoreRepo, revision: str,
