@@ -15,6 +15,10 @@ A range that stops before the end of its file is read without the kernel's read-
 cache, read-ahead (``read_ahead_kb``, 8 MB on some machines) made the streaming client's
 many small ranges cost 2.4x (ideal world) and 10x (real world) the bytes they asked for.
 Whole files and ranges to the end (resumed downloads) keep the sequential read-ahead.
+
+Two other ways send the bytes (docs/serving.md), after the same checks: with
+``--accel-redirect`` a GET is answered with ``X-Accel-Redirect`` for nginx to send the file,
+and a root on an object store answers with a redirect to a signed URL of the object.
 """
 
 from __future__ import annotations
