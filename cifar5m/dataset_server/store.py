@@ -122,36 +122,46 @@ class StoreRepo:
     def scan(self) -> RepoState:
         """List the folder, read what changed, and return the state (blocking: a thread's job).
         FileNotFoundError when the folder has no manifest any more."""
-        fs = self.library.fs
         with self._lock:
-            _store_call(f"listing {self.dir}", fs.invalidate_cache, self.dir)
-            infos = _store_call(f"listing {self.dir}", fs.ls, self.dir, detail=True)
-            listing = {i["name"].rsplit("/", 1)[-1]: i for i in infos if i.get("type") == "file"}
-            if MANIFEST_NAME not in listing:
-                raise FileNotFoundError(f"{self.repo_id} has no {MANIFEST_NAME} any more")
+            listing = self._listing()
             prev = self._state.files if self._state is not None else {}
-            bodies: dict[tuple[str, str], bytes] = {}
+            bodies: dict[tuple[str, str], bytes] = {}  # of this scan's small files
             top = self._entry(MANIFEST_NAME, listing[MANIFEST_NAME], prev, bodies)
             manifest = self._manifest(top, bodies)
-            listed = {s.file for s in manifest.shards} | {f.file for f in manifest.files}
-            names = sorted((n for n in listed & listing.keys() if served_name(n)), key=lambda n: (n.endswith(".tar"), n))
-            files = {MANIFEST_NAME: top}
-            todo = []
-            for name in names:
-                entry = self._entry(name, listing[name], prev, bodies)
-                files[name] = entry
-                if entry.sha256 == "":
-                    todo.append(entry)
-            for entry in self._hashed(todo):
-                if entry.sha256:
-                    files[entry.name] = entry
-                else:
-                    del files[entry.name]
+            files = {MANIFEST_NAME: top, **self._listed(manifest, listing, prev, bodies)}
             self._bodies = bodies
             self._state = commit_state(self.repo_id, files, manifest, self._state,
-                                       lambda f: bodies.get((f.name, f.version), b"").decode("utf-8"), fs=fs)
+                                       lambda f: bodies.get((f.name, f.version), b"").decode("utf-8"),
+                                       fs=self.library.fs)
             self._checked_at = time.monotonic()
             return self._state
+
+    def _listing(self) -> dict[str, dict]:
+        """What one listing of the folder says of each object, by file name."""
+        fs = self.library.fs
+        _store_call(f"listing {self.dir}", fs.invalidate_cache, self.dir)
+        infos = _store_call(f"listing {self.dir}", fs.ls, self.dir, detail=True)
+        listing = {i["name"].rsplit("/", 1)[-1]: i for i in infos if i.get("type") == "file"}
+        if MANIFEST_NAME not in listing:
+            raise FileNotFoundError(f"{self.repo_id} has no {MANIFEST_NAME} any more")
+        return listing
+
+    def _listed(self, manifest: Manifest, listing: dict[str, dict], prev: dict[str, RepoFile],
+                bodies: dict[tuple[str, str], bytes]) -> dict[str, RepoFile]:
+        """The entries of the files the manifest lists that are there, new objects hashed (in
+        threads); one that changed while it was hashed is left out."""
+        listed = {s.file for s in manifest.shards} | {f.file for f in manifest.files}
+        names = sorted((n for n in listed & listing.keys() if served_name(n)), key=lambda n: (n.endswith(".tar"), n))
+        files = {name: self._entry(name, listing[name], prev, bodies) for name in names}
+        todo = [f for f in files.values() if not f.sha256]
+        if todo:
+            with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
+                for entry in pool.map(self._hash, todo):
+                    if entry.sha256:
+                        files[entry.name] = entry
+                    else:
+                        del files[entry.name]
+        return files
 
     def _entry(self, name: str, info: dict, prev: dict[str, RepoFile],
                bodies: dict[tuple[str, str], bytes]) -> RepoFile:
@@ -179,13 +189,6 @@ class StoreRepo:
             return state.manifest
         return Manifest.from_json(bodies[MANIFEST_NAME, top.version].decode("utf-8"),
                                   where=f"{self.repo_id}/{MANIFEST_NAME}")
-
-    def _hashed(self, todo: list[RepoFile]) -> list[RepoFile]:
-        """``todo`` with their sha256s (read, in threads); "" for an object that changed meanwhile."""
-        if not todo:
-            return []
-        with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
-            return list(pool.map(self._hash, todo))
 
     def _hash(self, f: RepoFile) -> RepoFile:
         fs = self.library.fs
