@@ -110,6 +110,23 @@ def test_files_are_redirects_to_signed_urls_carrying_what_the_hub_clients_read(s
         assert status == 302 and fetch(headers["location"])[1] == (root / "lab/private/train-000000.tar").read_bytes()
 
 
+def test_a_store_that_does_not_answer_is_a_503_not_a_traceback(store, monkeypatch):
+    from cifar5m.core.errors import StoreError
+    from cifar5m.dataset_server.app import create_app
+    from cifar5m.dataset_server.store import StoreRepo
+
+    def down(*_):
+        raise StoreError("the store is down")
+
+    _, s3_url, options = store
+    with serving(create_app(root=s3_url, **options)) as url:
+        monkeypatch.setattr(StoreRepo, "signed_url", down)
+        status, headers, _ = request(url, "GET", f"{DS}/main/train-000000.tar")
+        assert status == 503 and "retry later" in headers["x-error-message"] and "location" not in headers
+        monkeypatch.setattr(StoreRepo, "_listing", down)
+        assert request(url, "GET", "/api/datasets/lab/ds")[0] == 503
+
+
 def test_a_replaced_object_is_never_signed_for_the_commit_it_is_not_part_of(store, moto_s3, make_dataset):
     from cifar5m.dataset_server.app import create_app
 

@@ -32,6 +32,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 
+from cifar5m.core.errors import StoreError
 from cifar5m.dataset_server.context import ServerContext, lookup, state_at
 from cifar5m.dataset_server.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
@@ -207,7 +208,10 @@ async def store_file(ctx: ServerContext, request: web.BaseRequest, repo: StoreRe
                 return web.Response(body=body, headers=headers)
             return web.Response(body=body[answer.start:answer.end], status=206,
                                 headers={**headers, "Content-Range": answer.content_range})
-        url = await asyncio.to_thread(repo.signed_url, entry, ctx.config.url_expiry_s)
+        try:
+            url = await asyncio.to_thread(repo.signed_url, entry, ctx.config.url_expiry_s)
+        except StoreError:
+            return hub_error(503, None, f"dataset {repo.repo_id}: its store did not answer; retry later")
         if url is not None:
             return web.Response(status=302, headers={
                 **headers, "Location": url, "X-Linked-Etag": headers["ETag"], "X-Linked-Size": str(entry.size)})
