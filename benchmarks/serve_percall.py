@@ -65,7 +65,7 @@ def main() -> None:
         ds = write_synthetic_dataset(root / REPO, n_train=args.shards * 100, n_test=0, shard_size=100, image_format="npy")
         names = sorted(p.name for p in ds.iterdir() if p.name.endswith(".tar"))
         kind = "aiohttp floor" if args.floor else "cifar5m serve"
-        proc, port, prefix = start_server(kind, root, 1, root)  # waits until it answers
+        (proc,), port, prefix = start_server(kind, root, 1, root)  # waits until it answers
         kinds = ("HEAD", "range") if args.floor else KINDS
         try:
             wait_idle(proc.pid)

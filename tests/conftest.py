@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -63,7 +64,8 @@ def moto_s3():
     """moto's S3 server on 127.0.0.1 with an empty bucket ``bucket``.
 
     Yields ``upload(root, prefix) -> url`` (copies a dataset directory there and returns its
-    ``s3://`` URL) with ``upload.options``: the fsspec storage options that reach it.
+    ``s3://`` URL) with ``upload.options``: the fsspec storage options that reach it,
+    ``upload.put(path, key)``: one file to ``key``, and ``upload.client``: boto3's client.
     """
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
@@ -72,16 +74,20 @@ def moto_s3():
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
+        # moto keeps its buckets per process, not per server: start each test with none
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
                               aws_secret_access_key="test", region_name="us-east-1")
         client.create_bucket(Bucket="bucket")
 
-        def upload(root: Path, prefix: str) -> str:
+        def upload(root: Path, prefix: str, *, bucket: str = "bucket") -> str:
             for path in Path(root).iterdir():
                 if path.is_file():
-                    client.upload_file(str(path), "bucket", f"{prefix}/{path.name}")
-            return f"s3://bucket/{prefix}"
+                    client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+            return f"s3://{bucket}/{prefix}"
 
+        upload.put = lambda path, key, bucket="bucket": client.upload_file(str(path), bucket, key)
+        upload.client = client
         upload.options = {"key": "test", "secret": "test",
                           "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
         yield upload

@@ -17,10 +17,11 @@ import pytest
 from tests.test_server_support import REPO_ROOT, build_root, free_port, request
 
 
-def start(root: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start(root: Path | str, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cifar5m", "serve", str(root), "--port", str(port), *args],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

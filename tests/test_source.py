@@ -27,12 +27,20 @@ def dataset(tmp_path_factory) -> Path:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     peers: ClassVar[set] = set()
+    authorizations: ClassVar[list] = []
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:
         self.peers.add(self.client_address)
+        self.authorizations.append(self.headers.get("Authorization"))
+        if self.path.startswith("/away/"):  # to another host (port): a signed object-store URL
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.path[6:]}/data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/moved":
             self.send_response(302)
             self.send_header("Location", "/data")
@@ -69,6 +77,23 @@ def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_connections_send_no_authorization_to_another_host_after_a_redirect():
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    first, other_port = f"http://127.0.0.1:{servers[0].server_address[1]}", servers[1].server_address[1]
+    try:
+        http, auth = Connections(), {"Authorization": "Bearer t0ken", "Range": "bytes=0-9"}
+        _Handler.authorizations.clear()
+        assert bytes(http.get(f"{first}/moved", auth).body) == bytes(range(10))  # same host: kept
+        assert bytes(http.get(f"{first}/away/{other_port}", auth).body) == bytes(range(10))
+        assert _Handler.authorizations == ["Bearer t0ken", "Bearer t0ken", "Bearer t0ken", None]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from cifar5m.cli.options import config_option
+from cifar5m.cli.options import config_option, parse_storage_options
 from cifar5m.dataset_server.config import ServeConfig
 
 
 @click.command("serve")
-@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("root")
 @config_option(ServeConfig, "host", help="Address to listen on (0.0.0.0: every interface).")
 @config_option(ServeConfig, "port", type=click.IntRange(0, 65535))
 @config_option(ServeConfig, "tokens", type=click.Path(exists=True, dir_okay=False),
@@ -20,8 +20,20 @@ from cifar5m.dataset_server.config import ServeConfig
                help="Entries per page of tree listings (the Hub's is 1000).")
 @config_option(ServeConfig, "access_log", "--access-log/--no-access-log", show_default=True,
                help="Log one line per request to stderr.")
+@config_option(ServeConfig, "storage_options", callback=lambda _ctx, _param, value: parse_storage_options(value),
+               help='fsspec options of an s3:// (gs://, ...) ROOT as JSON, e.g. '
+                    '\'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'.')
+@config_option(ServeConfig, "url_expiry_s", type=click.IntRange(min=1),
+               help="Seconds a signed URL of a file of an s3:// ROOT stays valid.")
+@config_option(ServeConfig, "accel_redirect", metavar="PREFIX",
+               help="Answer file GETs with X-Accel-Redirect: PREFIX<path under ROOT> for nginx to "
+                    "send (its internal location aliasing ROOT; docs/serving.md).")
 def serve_cmd(root: str, **fields) -> None:
     """Serve every dataset ROOT/<org>/<name>/ as a Hugging Face Hub dataset repo.
+
+    ROOT is a folder or an object-store URL (s3://bucket/prefix, any fsspec URL; credentials
+    and AWS_ENDPOINT_URL as for the AWS tools, or --storage-options): the API and pages are
+    answered from the manifests read there, files by a redirect to a signed URL.
 
     A dataset folder right under ROOT (ROOT/<name>/manifest.json, as `make demo` writes)
     is served as local/<name>, and ROOT may itself be one dataset folder (it has
@@ -34,6 +46,8 @@ def serve_cmd(root: str, **fields) -> None:
       cifar5m serve data --port 8000
       cifar5m serve data/lab/cifar10 --port 8000     # one dataset, as local/cifar10
       cifar5m serve demo-output                      # local/cifar10, local/generated
+      cifar5m serve s3://bucket/datasets             # s3://bucket/datasets/<org>/<name>/
+      cifar5m serve data --accel-redirect /_cifar5m_files/   # behind nginx (docs/serving.md)
       HF_ENDPOINT=http://127.0.0.1:8000 python -c \\
         "import datasets; print(next(iter(datasets.load_dataset('lab/cifar10', split='train', streaming=True))))"
       cifar5m download lab/cifar10 --endpoint http://127.0.0.1:8000 --local-dir cifar10

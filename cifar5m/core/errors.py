@@ -109,6 +109,10 @@ class ServerConfigError(Cifar5mError, ValueError):
     """The server's root or token file is unusable."""
 
 
+class StoreError(Cifar5mError, OSError):
+    """An object store that a served root is on did not answer, or refused a request."""
+
+
 class DownloadError(Cifar5mError, OSError):
     """A downloaded file does not match the manifest, or the download failed."""
 

@@ -28,9 +28,10 @@ from cifar5m.dataset_server import api, viewer
 from cifar5m.dataset_server.auth import AccessPolicy
 from cifar5m.dataset_server.config import ServeConfig
 from cifar5m.dataset_server.context import MAIN, ServerContext
-from cifar5m.dataset_server.repo import HashCache, Library
+from cifar5m.dataset_server.hashes import HashCache
 from cifar5m.dataset_server.resolve import resolve
 from cifar5m.dataset_server.responses import Denied, FdResponse, hub_error, printable
+from cifar5m.dataset_server.store import open_library
 
 CTX = web.AppKey("ctx", ServerContext)
 # huggingface_hub asks for this once per process; an empty answer is cached for 24 h.
@@ -156,7 +157,8 @@ def create_app(**options: Any) -> web.Application:
     hashes = HashCache()
     if config.hash_cache is not None:
         hashes.load(Path(config.hash_cache))
-    ctx = ServerContext(Library(Path(config.root), hashes), AccessPolicy.from_file(config.tokens), config)
+    ctx = ServerContext(open_library(config.root, config.storage_options, hashes),
+                        AccessPolicy.from_file(config.tokens), config)
     app = web.Application(client_max_size=config.max_body,
                           handler_args={"max_line_size": config.max_header_bytes, "max_headers": 2 * config.max_headers,
                                         "max_field_size": config.max_header_bytes})

@@ -36,6 +36,13 @@ class ServeConfig:
     # still checks its own file, and API calls always re-check every file.
     scan_max_age: float = 1.0
     hash_cache: str | None = None
+    # A root on an object store (s3://bucket/prefix): fsspec options (credentials, endpoint,
+    # ...), and the seconds a signed URL of one of its files stays valid.
+    storage_options: dict | None = None
+    url_expiry_s: int = 300
+    # File GETs answered with "X-Accel-Redirect: <this prefix><the file's path under root>"
+    # for nginx to send the bytes (docs/serving.md); None: the server sends them itself.
+    accel_redirect: str | None = None
 
 
 def configure_logging(*, access_log: bool) -> None:

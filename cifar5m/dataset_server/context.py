@@ -9,17 +9,19 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from cifar5m.core.errors import StoreError
 from cifar5m.dataset_server.auth import Access, AccessPolicy
 from cifar5m.dataset_server.config import ServeConfig
 from cifar5m.dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
 from cifar5m.dataset_server.responses import Denied, hub_error, printable, repo_not_found
+from cifar5m.dataset_server.store import StoreLibrary, StoreRepo
 
 MAIN = "main"
 
 
 @dataclass(frozen=True)
 class ServerContext:
-    library: Library
+    library: Library | StoreLibrary
     policy: AccessPolicy
     config: ServeConfig
     # The re-scan in flight per dataset, which file requests join: when the last scan
@@ -29,7 +31,7 @@ class ServerContext:
 
 
 def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
-              max_age: float = 0.0) -> tuple[DatasetRepo, Access]:
+              max_age: float = 0.0) -> tuple[DatasetRepo | StoreRepo, Access]:
     """The repo ``org/name`` and what this request may do with it (Denied if nothing)."""
     repo_id = f"{org}/{name}"
     if not (valid_name(org) and valid_name(name)):
@@ -45,7 +47,7 @@ def access_of(ctx: ServerContext, request: web.BaseRequest, org: str, name: str,
     return repo, access
 
 
-def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo, Access]]:
+def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[DatasetRepo | StoreRepo, Access]]:
     """Every dataset this request may see, and what it may do with it."""
     authorization = request.headers.get("Authorization")
     for repo in ctx.library.repos():
@@ -55,7 +57,7 @@ def visible(ctx: ServerContext, request: web.BaseRequest) -> Iterator[tuple[Data
 
 
 def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
-           files: bool) -> DatasetRepo:
+           files: bool) -> DatasetRepo | StoreRepo:
     """The repo ``org/name`` if this request may see it (and, with ``files``, read files)."""
     repo, access = access_of(ctx, request, org, name, max_age=ctx.config.scan_max_age if files else 0.0)
     if files and access is Access.METADATA:
@@ -67,7 +69,7 @@ def lookup(ctx: ServerContext, request: web.BaseRequest, org: str, name: str, *,
     return repo
 
 
-def _scan(ctx: ServerContext | None, repo: DatasetRepo) -> asyncio.Future:
+def _scan(ctx: ServerContext | None, repo: DatasetRepo | StoreRepo) -> asyncio.Future:
     """A scan of ``repo`` in a thread: the one in flight if there is one (``ctx`` given)."""
     if ctx is None:
         return asyncio.ensure_future(asyncio.to_thread(repo.scan))
@@ -78,7 +80,7 @@ def _scan(ctx: ServerContext | None, repo: DatasetRepo) -> asyncio.Future:
     return asyncio.shield(running)
 
 
-async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0,
+async def state_at(repo: DatasetRepo | StoreRepo, revision: str, *, max_age: float = 0.0,
                    ctx: ServerContext | None = None) -> RepoState:
     """The repo's current state if ``revision`` names it (``main`` or its commit sha).
 
@@ -95,6 +97,9 @@ async def state_at(repo: DatasetRepo, revision: str, *, max_age: float = 0.0,
             # reason, not a "not found" that sends the user looking for a token.
             reason = str(exc).replace(os.path.realpath(repo.dir), repo.repo_id)  # no server paths
             raise Denied(hub_error(501, "DatasetUnreadable", f"dataset {repo.repo_id}: {reason}")) from exc
+        except StoreError as exc:
+            raise Denied(hub_error(503, None, f"dataset {repo.repo_id}: its store did not answer; "
+                                   "retry later")) from exc
         except OSError as exc:
             # The folder vanished or its manifest went between lookup and scan.
             raise Denied(repo_not_found(repo.repo_id)) from exc

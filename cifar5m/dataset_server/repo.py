@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from cifar5m.core.atomic import atomic_write_bytes
 from cifar5m.core.errors import ManifestError
+from cifar5m.dataset_server.hashes import HashCache
 from cifar5m.shards.format import CARD_NAME, MANIFEST_NAME
 from cifar5m.shards.manifest import Manifest, safe_path
 
@@ -40,12 +40,20 @@ _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 # the Hub's default .gitattributes does for *.tar and *.parquet.
 _TEXT_SUFFIXES = {".md", ".json", ".txt", ".yaml", ".yml"}
 _LFS_MIN_BYTES = 10 * 1024 * 1024
-_CHUNK = 4 * 1024 * 1024
 
 
 def valid_name(part: str) -> bool:
     """Whether ``part`` is a valid organisation or dataset name."""
     return _NAME.fullmatch(part) is not None and ".." not in part
+
+
+def served_name(name: str) -> bool:
+    """Whether ``name`` may be served as a file of a dataset (one plain name: ``safe_path``)."""
+    try:
+        safe_path(None, name, where="a listing")
+    except ManifestError:
+        return False
+    return True
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -56,6 +64,11 @@ def git_blob_sha1(data: bytes) -> str:
 def lfs_pointer(sha256: str, size: int) -> bytes:
     """The git-lfs pointer file the Hub stores in git for an LFS file."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def is_lfs(name: str, size: int) -> bool:
+    """Whether the Hub would keep ``name`` (of ``size`` bytes) in LFS rather than in git."""
+    return Path(name).suffix not in _TEXT_SUFFIXES or size > _LFS_MIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,7 @@ class RepoFile:
     sha256: str
     oid: str  # git blob id: of the content for plain files, of the LFS pointer otherwise
     lfs: bool
+    version: str = ""  # an object store's ETag of these bytes ("" on this machine's disk)
 
     def matches(self, st: os.stat_result) -> bool:
         return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
@@ -93,57 +107,8 @@ class RepoState:
     # Encoded API answers and the viewer's data of this commit (api.py, viewer.py): shared
     # by the copies ``replace`` makes.
     answers: dict = field(default_factory=dict, compare=False, repr=False)
-
-
-class HashCache:
-    """sha256 (and git id of small files) by (path, size, mtime_ns, inode); thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sums: dict[tuple, tuple[str, str | None]] = {}
-
-    @staticmethod
-    def key(path: str, st: os.stat_result) -> tuple:
-        return (path, st.st_size, st.st_mtime_ns, st.st_ino)
-
-    def get(self, key: tuple) -> tuple[str, str | None] | None:
-        with self._lock:
-            return self._sums.get(key)
-
-    def put(self, key: tuple, sums: tuple[str, str | None]) -> None:
-        with self._lock:
-            self._sums[key] = sums
-
-    def hash_file(self, path: str, st: os.stat_result, *, git: bool) -> tuple[str, str | None]:
-        """sha256 (and git blob id when ``git``) of ``path``, from the cache or read once."""
-        key = self.key(path, st)
-        cached = self.get(key)
-        if cached is not None and (cached[1] is not None or not git):
-            return cached
-        sha = hashlib.sha256()
-        blob = hashlib.sha1(b"blob %d\0" % st.st_size, usedforsecurity=False) if git else None
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                sha.update(chunk)
-                if blob is not None:
-                    blob.update(chunk)
-        sums = (sha.hexdigest(), blob.hexdigest() if blob is not None else None)
-        self.put(key, sums)
-        return sums
-
-    def save(self, path: Path) -> None:
-        with self._lock:
-            rows = [[*k, *v] for k, v in self._sums.items()]
-        atomic_write_bytes(Path(path), json.dumps(rows).encode())
-
-    def load(self, path: Path) -> None:
-        try:
-            rows = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            return  # a missing or broken cache only costs re-hashing
-        with self._lock:
-            for p, size, mtime_ns, ino, sha, oid in rows:
-                self._sums[(p, size, mtime_ns, ino)] = (sha, oid)
+    # The fsspec file system the files' paths are in (None: this machine's disk).
+    fs: Any = field(default=None, compare=False, repr=False)
 
 
 def parse_card(text: str) -> tuple[dict, str]:
@@ -157,6 +122,30 @@ def parse_card(text: str) -> tuple[dict, str]:
     except yaml.YAMLError:
         data = None
     return (data if isinstance(data, dict) else {}), body.partition("\n")[2].strip()
+
+
+def _read_text(f: RepoFile) -> str:
+    return Path(f.path).read_text(encoding="utf-8")
+
+
+def commit_state(repo_id: str, files: dict[str, RepoFile], manifest: Manifest, prev: RepoState | None,
+                 read_text: Callable[[RepoFile], str], *, checks: tuple | None = None,
+                 fs: Any = None) -> RepoState:
+    """The commit of ``files`` (the card read by ``read_text``); ``prev`` itself when every
+    entry is the one it had, so its encoded answers are kept."""
+    if prev is not None and prev.files.keys() == files.keys() and \
+            all(prev.files[name] is f for name, f in files.items()):
+        return replace(prev, checks=checks)  # nothing changed: the same commit, only scanned again
+    listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
+    sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
+    card: tuple[dict, str] = ({}, "")
+    if prev is not None and CARD_NAME in files and prev.files.get(CARD_NAME) is files[CARD_NAME]:
+        card = prev.card_data, prev.card_text  # unchanged card: no re-reading, no YAML parse
+    elif CARD_NAME in files:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            card = parse_card(read_text(files[CARD_NAME]))
+    last = max(f.mtime_ns for f in files.values()) / 1e9
+    return RepoState(repo_id, sha, files, last, manifest, *card, checks, fs=fs)
 
 
 class DatasetRepo:
@@ -237,8 +226,8 @@ class DatasetRepo:
                     files[name] = entry
             self._entries, self._seen = self._seen, {}
             checks = tuple(self._checks) if self._checks is not None else None
-            self._state = self._make_state({k: v for k, v in files.items() if v is not None}, manifest,
-                                           checks)
+            self._state = commit_state(self.repo_id, {k: v for k, v in files.items() if v is not None},
+                                       manifest, self._state, _read_text, checks=checks)
             self._checked_at = time.monotonic()
             return self._state
 
@@ -279,7 +268,7 @@ class DatasetRepo:
         if known is not None and known.name == name:
             self._seen[key] = known
             return known
-        lfs = Path(name).suffix not in _TEXT_SUFFIXES or st.st_size > _LFS_MIN_BYTES
+        lfs = is_lfs(name, st.st_size)
         sums = self.hashes.get(key)
         if sums is None and lfs and trusted is not None:
             size, sha = trusted
@@ -295,24 +284,6 @@ class DatasetRepo:
         entry = RepoFile(name, path, st.st_size, st.st_mtime_ns, st.st_ino, sha256, oid, lfs)
         self._seen[key] = entry
         return entry
-
-    def _make_state(self, files: dict[str, RepoFile], manifest: Manifest,
-                    checks: tuple | None) -> RepoState:
-        prev = self._state
-        if prev is not None and prev.files.keys() == files.keys() and \
-                all(prev.files[name] is f for name, f in files.items()):
-            # Nothing changed: the same commit (and its encoded answers), only scanned again.
-            return replace(prev, checks=checks)
-        listing = "".join(f"{f.name}\0{f.size}\0{f.sha256}\n" for f in files.values())
-        sha = hashlib.sha256(listing.encode()).hexdigest()[:40]
-        card: tuple[dict, str] = ({}, "")
-        if prev is not None and CARD_NAME in files and prev.files.get(CARD_NAME) is files[CARD_NAME]:
-            card = prev.card_data, prev.card_text  # unchanged card: no re-reading, no YAML parse
-        elif CARD_NAME in files:
-            with contextlib.suppress(OSError, UnicodeDecodeError):
-                card = parse_card(Path(files[CARD_NAME].path).read_text(encoding="utf-8"))
-        last = max(f.mtime_ns for f in files.values()) / 1e9
-        return RepoState(self.repo_id, sha, files, last, manifest, *card, checks)
 
 
 SINGLE_ORG = "local"  # the organisation of a dataset served on its own (``cifar5m serve DIR``)

@@ -17,6 +17,7 @@ from cifar5m.core.errors import ServerConfigError
 from cifar5m.dataset_server.auth import AccessPolicy
 from cifar5m.dataset_server.config import ServeConfig, configure_logging
 from cifar5m.dataset_server.repo import SINGLE_ORG, Library, valid_name
+from cifar5m.dataset_server.store import StoreLibrary, is_store_url, open_library
 from cifar5m.dataset_server.workers import run_workers
 from cifar5m.shards.format import MANIFEST_NAME
 
@@ -25,22 +26,35 @@ __all__ = ["ServeConfig", "check_config", "prewarm", "run"]
 
 
 def check_config(config: ServeConfig) -> None:
-    """Raise ServerConfigError for a root or token file that cannot be served."""
+    """Raise ServerConfigError for a root, token file or option that cannot be served."""
+    AccessPolicy.from_file(config.tokens)
+    if config.page_size < 1 or config.workers < 1 or config.url_expiry_s < 1:
+        raise ServerConfigError("--page-size, --workers and --url-expiry-s must be at least 1")
+    prefix = config.accel_redirect
+    if prefix is not None and not (prefix.startswith("/") and prefix.endswith("/") and "?" not in prefix):
+        raise ServerConfigError(f"--accel-redirect {prefix!r} must be the path of nginx's internal "
+                                "location, starting and ending with '/', e.g. /_cifar5m_files/")
+    if is_store_url(config.root):
+        if prefix is not None:
+            raise ServerConfigError(f"--accel-redirect is for a local ROOT that nginx reads; files of "
+                                    f"{config.root} are sent by the store itself (signed URLs)")
+        return
+    if config.storage_options:
+        raise ServerConfigError(f"--storage-options is for an object-store ROOT (s3://...), not {config.root}")
     root = Path(config.root)
     if not root.is_dir():
-        raise ServerConfigError(f"serve root {root} is not a directory; pass a dataset folder "
-                                "or the folder that holds <org>/<name>/ datasets")
+        raise ServerConfigError(f"serve root {root} is not a directory; pass a dataset folder, "
+                                "the folder that holds <org>/<name>/ datasets, or an s3://bucket/prefix URL")
     if (root / MANIFEST_NAME).is_file() and not valid_name(root.resolve().name):
         raise ServerConfigError(f"dataset folder {root} cannot be served as {SINGLE_ORG}/{root.resolve().name}: "
                                 "rename it to letters, digits, '-', '_' and '.'")
-    AccessPolicy.from_file(config.tokens)
-    if config.page_size < 1 or config.workers < 1:
-        raise ServerConfigError("--page-size and --workers must be at least 1")
 
 
-def prewarm(config: ServeConfig) -> Library:
+def prewarm(config: ServeConfig) -> Library | StoreLibrary:
     """Scan (and hash where needed) every dataset under the root; log what is served."""
-    library = Library(Path(config.root))
+    library = open_library(config.root, config.storage_options)
+    if isinstance(library, StoreLibrary):
+        library.check_signing()
     served, skipped = 0, []
     for repo_id, state in library.scan_all():
         if isinstance(state, Exception):

@@ -233,24 +233,36 @@ def _make_view(state: RepoState) -> View:
     if INDEX_NAME not in state.files:
         return View({}, [_png(blank) for _ in manifest.class_names])
     path = state.files[INDEX_NAME].path
-    table = read_index(path, columns=_INDEX_COLUMNS, where=str(path))
+    table = read_index(path, columns=_INDEX_COLUMNS, filesystem=state.fs, where=f"{state.repo_id}/{INDEX_NAME}")
     n = len(manifest.class_names)  # per split in the manifest's order (train first), one per class
     counts = {s: np.bincount(table.filter(pc.equal(table["split"], s))["label"].to_numpy(),
                              minlength=n)[:n] for s in manifest.splits}
     split = "train" if "train" in manifest.splits else manifest.splits[0]
     rows = table.filter(pc.equal(table["split"], split)).sort_by("position")
     labels = rows["label"].to_numpy()
-    strips = []
-    for k in range(len(manifest.class_names)):
-        canvas = blank.copy()
+    picks = []  # (class, place in its strip, path, offset, size) of the samples shown
+    for k in range(n):
         for j, i in enumerate(np.flatnonzero(labels == k)[:PER_CLASS].tolist()):
             shard = state.files.get(rows["shard"][i].as_py())  # only files the scan let through
             if shard is not None:
-                with open(shard.path, "rb") as f:
-                    data = os.pread(f.fileno(), rows["image_size"][i].as_py(), rows["image_offset"][i].as_py())
-                canvas[:, j * 33:j * 33 + 32] = decode_image(data, manifest.image_format)
-        strips.append(_png(canvas))
-    return View(counts, strips)
+                picks.append((k, j, shard.path, rows["image_offset"][i].as_py(), rows["image_size"][i].as_py()))
+    canvases = [blank.copy() for _ in range(n)]
+    for (k, j, *_), data in zip(picks, _read(state, [p[2:] for p in picks]), strict=True):
+        canvases[k][:, j * 33:j * 33 + 32] = decode_image(data, manifest.image_format)
+    return View(counts, [_png(c) for c in canvases])
+
+
+def _read(state: RepoState, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes of each ``(path, offset, size)`` of served files: from this machine's disk, or
+    from the store all at once."""
+    if state.fs is not None:
+        return state.fs.cat_ranges([p for p, _, _ in ranges], [o for _, o, _ in ranges],
+                                   [o + n for _, o, n in ranges])
+    out = []
+    for path, offset, size in ranges:
+        with open(path, "rb") as f:
+            out.append(os.pread(f.fileno(), size, offset))
+    return out
 
 
 def _png(pixels: np.ndarray) -> bytes:

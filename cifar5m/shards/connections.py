@@ -107,14 +107,20 @@ class Connections:
         return Reply(response.status, response.headers, body)
 
     def get(self, url: str, headers: dict | None = None, *, into: Parts | None = None) -> Reply:
-        """GET ``url``, following redirects; retries on connection errors (raises DownloadError)."""
+        """GET ``url``, following redirects (without ``Authorization`` to another host); retries
+        on connection errors (raises DownloadError)."""
         headers = dict(headers or {})
         for _ in range(REDIRECTS + 1):
             reply = self._retrying(url, headers, into)
             location = reply.headers.get("Location")
             if reply.status not in (301, 302, 303, 307, 308) or not location:
                 return reply
-            url = urljoin(url, location)
+            target = urljoin(url, location)
+            if urlsplit(target)[:2] != urlsplit(url)[:2]:
+                # A signed URL of an object store (cifar5m serve s3://...): it refuses a second
+                # credential, and a token must not leave the server it was given for.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
         raise DownloadError(f"GET {url}: more than {REDIRECTS} redirects")
 
     def _retrying(self, url: str, headers: dict, into: Parts | None) -> Reply:
