@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import rebuild_storage_filename
 
 from cifar5m.train.order import Plan
 from cifar5m.train.sample_reader import SampleReader
@@ -31,20 +32,27 @@ class StreamBatch(NamedTuple):
 
 
 def _reduce_batch(batch: StreamBatch):
-    """Between processes (a DataLoader's workers), images and labels travel as one shared
-    tensor: torch passes each tensor's shared memory as its own file descriptor, ~0.5 ms each
-    on a 2-core VM, and the main process receiving them capped a plain DataLoader at ~156k img/s
-    with two tensors per 256-image batch against ~217k with one (benchmarks/results)."""
+    """Between processes (a DataLoader's workers), images and labels travel as one tensor in
+    torch's file_system shared memory, whatever the process-wide sharing strategy. torch's
+    default (file_descriptor) passes each tensor's memory as a file descriptor over a socket:
+    ~0.5 ms per tensor for the main process on a 2-core VM, which capped a plain DataLoader at
+    ~156k img/s with two tensors per 256-image batch (benchmarks/results/2026-12-08-dataloader.md)."""
     images, labels = batch.images, batch.labels
     if images.dtype != torch.uint8 or labels.dtype != torch.int64 or images.is_cuda or labels.is_cuda:
         return StreamBatch, tuple(batch)
     flat = torch.empty(images.numel() + 8 * labels.numel(), dtype=torch.uint8)
     flat[: images.numel()].view(images.shape).copy_(images)
     flat[images.numel():].view(torch.int64).copy_(labels)
-    return _rebuild_batch, (flat, tuple(images.shape), batch.keys, batch.step)
+    storage = flat.untyped_storage()
+    manager, handle, size = storage._share_filename_cpu_()
+    storage._shared_incref()  # alive until the receiver has mapped it (torch's protocol)
+    return _rebuild_batch, (manager, handle, size, tuple(images.shape), batch.keys, batch.step)
 
 
-def _rebuild_batch(flat: torch.Tensor, shape: tuple[int, ...], keys: list[str] | None, step: int) -> StreamBatch:
+def _rebuild_batch(manager: bytes, handle: bytes, size: int, shape: tuple[int, ...],
+                   keys: list[str] | None, step: int) -> StreamBatch:
+    storage = rebuild_storage_filename(torch.UntypedStorage, manager, handle, size)
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
     n = int(np.prod(shape))
     return StreamBatch(flat[:n].view(shape), flat[n:].view(torch.int64), keys, step)
 
