@@ -30,12 +30,15 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.core.errors import DownloadError, ShardNotFoundError
-from cifar5m.shards.connections import Connections, Parts
+from cifar5m.shards.connections import Connections, Piece, Reply
+
+Parts = list[tuple[int, memoryview]]  # (offset from a request's start, where its bytes go), ascending
 
 GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
 PAGE = 4096  # ...but skip no more than the range being added, or a page the disk reads anyway
 MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
-THREADS = 8  # concurrent requests per process: loopback HTTP is latency-, not bandwidth-bound
+THREADS = 16  # concurrent requests per process: HTTP is latency-, not bandwidth-bound
+MULTI_HEADER = 6000  # characters of a multi-range header (aiohttp refuses header fields over 8190)
 WHOLE_BYTES = 512 << 20  # whole files kept from a server that ignores Range
 
 
@@ -282,6 +285,7 @@ class HttpSource(Source):
         self.headers = dict(headers or {})
         self._pid = -1
         self._ranges: bool | None = None  # does the server honour Range? None: not known yet
+        self._multiranges: bool | None = None  # ...several ranges in one request?
         self._whole: OrderedDict[str, bytes | bytearray] = OrderedDict()  # servers that ignore Range
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()  # guards _whole, _inflight and _ranges
@@ -300,31 +304,58 @@ class HttpSource(Source):
 
     def _get(self, file: str, start: int | None, end: int | None,
              into: Parts | None = None) -> bytearray | memoryview | list:
+        """Bytes ``[start, end)`` of ``file`` (None, None: all of it); with ``into`` (parts as
+        ``(offset from start, view)``) received into the views, returned as a list of them."""
         url = f"{self.url}/{file}"
-        if start is not None and end is not None and end <= start:
+        if start is None or end is None:
+            return self._whole_reply(url, file, self._http.get(url, self.headers), None, None)
+        if end <= start:
             # nothing to read; "bytes=10-9" is no range at all, and the whole-file 200 a
             # server answers it with would switch this source to whole files for good
             return bytearray()
-        headers = dict(self.headers)
-        if start is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        reply = self._http.get(url, headers, into=into)  # a 206 body lands in into's parts
+        pieces = [Piece(start + offset, view) for offset, view in
+                  (into or [(0, memoryview(bytearray(end - start)))])]
+        reply = self._http.get_range(url, self.headers, pieces)
+        if reply.status == 206:
+            with self._lock:
+                self._ranges = True
+            return [p.data() for p in pieces] if into is not None else pieces[0].data()
+        return self._whole_reply(url, file, reply, start, end)
+
+    def _whole_reply(self, url: str, file: str, reply: Reply, start: int | None, end: int | None
+                 ) -> bytearray | memoryview:
+        """The body of a whole-file reply (200), ``[start, end)`` of it; a 416 is empty."""
         if reply.status == 404:
             raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
         if reply.status == 416:  # range starts past the end: the file is shorter
             return bytearray()
-        if reply.status not in (200, 206):
+        if reply.status != 200:
             # The server's reason (a Hub-style X-Error-Message: a gated dataset, a manifest
             # of a newer format), not only its status code.
             reason = reply.headers.get("X-Error-Message")
             raise DownloadError(f"GET {url} answered HTTP {reply.status}" + (f": {reason}" if reason else ""))
-        if start is not None:
-            with self._lock:
-                self._ranges = reply.status == 206
-            if reply.status == 200:  # no Range support: keep the whole file
-                self._keep(file, reply.body)
-                return memoryview(reply.body)[start:end]
-        return reply.body
+        if start is None:
+            return reply.body
+        with self._lock:
+            self._ranges = False  # no Range support: keep the whole file
+        self._keep(file, reply.body)
+        return memoryview(reply.body)[start:end]
+
+    def _multi(self, file: str, jobs: list[tuple[str, int, int]]) -> list[memoryview]:
+        """Ranges of one file in one multi-range request; a server that answers otherwise
+        (the whole file, 416) is asked one range at a time from then on."""
+        url = f"{self.url}/{file}"
+        pieces = [Piece(a, memoryview(bytearray(b - a))) for _, a, b in jobs]
+        reply = self._http.get_range(url, self.headers, pieces, multi=True)
+        if reply.status == 206:
+            self._multiranges = True
+            return [p.data() for p in pieces]
+        if reply.status == 404:
+            raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
+        self._multiranges = False
+        if reply.status == 200:
+            return [memoryview(reply.body)[a:b] for _, a, b in jobs]
+        return [self._one(job) for job in jobs]
 
     def _keep(self, file: str, data: bytes | bytearray) -> None:
         with self._lock:
@@ -366,11 +397,41 @@ class HttpSource(Source):
 
     def _get_many(self, jobs: list[tuple[str, int, int]]) -> list:
         self._setup()
+        if len(jobs) <= 1:
+            return [self._one(job) for job in jobs]
         if self._ranges is None:  # the first request tells whether Range works, before the pool
-            return [self._one(jobs[0]), *self._get_many(jobs[1:])] if jobs else []
-        if len(jobs) == 1:
-            return [self._one(jobs[0])]
+            return [self._one(jobs[0]), *self._get_many(jobs[1:])]
+        if self._ranges and self._multiranges is not False and all(b > a for _, a, b in jobs):
+            return self._get_multi(jobs)
         return list(self._pool.map(self._one, jobs))
+
+    def _get_multi(self, jobs: list[tuple[str, int, int]]) -> list:
+        """Scattered ranges (a real-world subset) as multi-range requests, one per file and
+        ``MULTI_HEADER`` characters of ranges: 20,000 samples of 100 shards in ~100
+        requests instead of 20,000 (each a round trip behind a network)."""
+        groups: list[list[int]] = []
+        chars: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for i, (file, a, b) in enumerate(jobs):
+            n = len(f"{a}-{b - 1},")
+            if file not in last or chars[file] + n > MULTI_HEADER:
+                last[file], chars[file] = len(groups), 0
+                groups.append([])
+            groups[last[file]].append(i)
+            chars[file] += n
+        out: list = [b""] * len(jobs)
+
+        def run(group: list[int]) -> None:
+            wanted = [jobs[i] for i in group]
+            got = self._multi(wanted[0][0], wanted) if self._multiranges is not False else \
+                [self._one(job) for job in wanted]
+            for i, data in zip(group, got, strict=True):
+                out[i] = data
+
+        if self._multiranges is None:  # the first request tells whether the server does it
+            run(groups.pop(0))
+        list(self._pool.map(run, groups))
+        return out
 
     def fetch_into(self, requests: Sequence[tuple[str, int, int]],
                    outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
