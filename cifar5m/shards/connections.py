@@ -31,6 +31,7 @@ MAX_BACKOFF = 4.0
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 REDIRECTS = 5
 TIMEOUT = 60.0  # seconds a connection may stay silent (a stalled reply is retried)
+CHUNK = 1 << 16  # bytes per readinto: what a fault mid-call loses (the count of a failed call is lost)
 
 
 class Reply:
@@ -79,7 +80,7 @@ def _fill(response: http.client.HTTPResponse, start: int, end: int, pieces: Sequ
         pos = at
         view = p.view[p.got : p.got + min(p.end, end) - at]
         while view:
-            n = response.readinto(view)
+            n = response.readinto(view[:CHUNK])
             if not n:
                 raise Transient("the body ended early")
             p.got, pos, view = p.got + n, pos + n, view[n:]
