@@ -129,3 +129,17 @@ def test_retries_run_out_into_one_error_naming_url_and_range(served, quick):
     message = str(info.value)
     assert message.startswith(f"GET {target} (bytes ") and "-10511) failed after 6 tries" in message
     assert "\n" not in message and proxy.injected == {"short": 6}
+
+
+def test_s3_through_faults_delivers_the_local_batches(served, moto_s3, quick):
+    """moto behind the proxy: botocore/s3fs retry a 503 SlowDown; a reset or a short body
+    that reaches the source is asked for again (``FsspecSource``)."""
+    _, root = served
+    url = moto_s3(root, "sets/ds")
+    endpoint = moto_s3.options["client_kwargs"]["endpoint_url"]
+    with FaultProxy(endpoint, every=2, faults=("503", "reset", "short")) as proxy:
+        options = {**moto_s3.options, "client_kwargs": {"endpoint_url": proxy.url(endpoint).rstrip("/"),
+                                                         "region_name": "us-east-1"}}
+        got = stream(url, block=64, storage_options=options)
+    assert same(got, stream(str(root), block=64))
+    assert set(proxy.injected) == {"503", "reset", "short"}

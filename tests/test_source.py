@@ -86,7 +86,7 @@ def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_
 def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
     from collections import Counter
 
-    from cifar5m.shards.source import HttpSource
+    from cifar5m.shards.http_source import HttpSource
 
     gets: Counter = Counter()
 

@@ -87,24 +87,27 @@ def _fill(response: http.client.HTTPResponse, start: int, end: int, pieces: Sequ
     _skip(response, end - pos)
 
 
-def _content_range(value: str | None, first: int, length: int) -> tuple[int, int]:
-    """``[start, end)`` of ``Content-Range: bytes a-b/size`` (absent: ``length`` bytes from ``first``)."""
+def _content_range(value: str | None, first: int, length: int) -> tuple[int, int, int | None]:
+    """``(start, end, file size or None)`` of ``Content-Range: bytes a-b/size`` (absent:
+    ``length`` bytes from ``first``, size unknown)."""
     if not value or not value.strip().startswith("bytes "):
-        return first, first + length
-    a, _, b = value.strip()[6:].partition("/")[0].partition("-")
-    return int(a), int(b) + 1
+        return first, first + length, None
+    span, _, size = value.strip()[6:].partition("/")
+    a, _, b = span.partition("-")
+    return int(a), int(b) + 1, int(size) if size.strip().isdigit() else None
 
 
-def _fill_parts(response: http.client.HTTPResponse, boundary: bytes, pieces: Sequence[Piece]) -> None:
-    """A ``multipart/byteranges`` body: each part's bytes into the pieces it covers."""
-    delimiter = b"--" + boundary
+def _fill_parts(response: http.client.HTTPResponse, boundary: bytes, pieces: Sequence[Piece]) -> int | None:
+    """A ``multipart/byteranges`` body: each part's bytes into the pieces it covers; the
+    file's size (None: not told)."""
+    delimiter, size = b"--" + boundary, None
     while True:
         line = response.readline(4096)
         if not line:
             raise Transient("the body ended early")
         if line.strip() == delimiter + b"--":
             response.read()
-            return
+            return size
         if line.strip() != delimiter:
             continue  # the preamble, or the line break after a part
         value = None
@@ -114,7 +117,7 @@ def _fill_parts(response: http.client.HTTPResponse, boundary: bytes, pieces: Seq
                 value = rest
         if not header or value is None:
             raise Transient("a part without Content-Range" if header else "the body ended early")
-        start, end = _content_range(value, 0, 0)
+        start, end, size = _content_range(value, 0, 0)
         _fill(response, start, end, pieces)
 
 
@@ -194,13 +197,17 @@ class Connections:
 
     def _retrying(self, url: str, headers: dict, what: Callable[[], str],
                   receive: Callable[[http.client.HTTPResponse], None] | None = None,
-                  spec: Callable[[], str] | None = None) -> Reply:
+                  spec: Callable[[], str | None] | None = None) -> Reply:
         """``_once`` until it gives a reply, following redirects; ``spec`` makes the Range of
-        each try (what is still missing); ``what`` names the bytes in the final error."""
+        each try (what is still missing; None: nothing is); ``what`` names the bytes in the
+        final error."""
         tries, redirects = 0, 0
         while True:
+            wanted = spec() if spec else None
+            if spec and wanted is None:  # all arrived before a fault after them
+                return Reply(206, http.client.HTTPMessage(), None)
             try:
-                reply = self._once(url, {**headers, "Range": spec()} if spec else headers, tries > 0, receive)
+                reply = self._once(url, {**headers, "Range": wanted} if wanted else headers, tries > 0, receive)
             except (OSError, http.client.HTTPException, Transient) as exc:
                 tries += 1
                 refused = isinstance(exc, ConnectionRefusedError)  # no server: no long wait
@@ -239,14 +246,18 @@ class Connections:
             kind = response.getheader("Content-Type", "")
             if kind.startswith("multipart/byteranges") and "boundary=" in kind:
                 boundary = kind.split("boundary=", 1)[1].split(";")[0].strip().strip('"')
-                return _fill_parts(response, boundary.encode("latin-1"), missing)
-            first = missing[0].start + missing[0].got
-            start, end = _content_range(response.getheader("Content-Range"), first,
-                                        int(response.getheader("Content-Length", "0")))
-            _fill(response, start, end, missing)
+                size = _fill_parts(response, boundary.encode("latin-1"), missing)
+            else:
+                first = missing[0].start + missing[0].got
+                start, end, size = _content_range(response.getheader("Content-Range"), first,
+                                                  int(response.getheader("Content-Length", "0")))
+                _fill(response, start, end, missing)
+            if size is not None and any(p.start + p.got < min(p.end, size) for p in missing):
+                raise Transient("the reply left out bytes the file has")  # ask for them again
 
         def what() -> str:
             missing = todo() or pieces
             return f" (bytes {missing[0].start + missing[0].got}-{missing[-1].end - 1})"
 
-        return self._retrying(url, dict(headers or {}), what, receive, lambda: _spec(todo() or pieces, multi))
+        return self._retrying(url, dict(headers or {}), what, receive,
+                              lambda: _spec(missing, multi) if (missing := todo()) else None)
