@@ -198,7 +198,8 @@ class Connections:
     def _retrying(self, url: str, headers: dict, what: Callable[[], str],
                   receive: Callable[[http.client.HTTPResponse], None] | None = None,
                   spec: Callable[[], str | None] | None = None) -> Reply:
-        """``_once`` until it gives a reply, following redirects; ``spec`` makes the Range of
+        """``_once`` until it gives a reply, following redirects (without ``Authorization`` to
+        another host); ``spec`` makes the Range of
         each try (what is still missing; None: nothing is); ``what`` names the bytes in the
         final error."""
         tries, redirects = 0, 0
@@ -223,7 +224,12 @@ class Connections:
             redirects += 1
             if redirects > REDIRECTS:
                 raise DownloadError(f"GET {url}: more than {REDIRECTS} redirects")
-            url = urljoin(url, location)
+            target = urljoin(url, location)
+            if urlsplit(target)[:2] != urlsplit(url)[:2]:
+                # A signed URL of an object store (cifar5m serve s3://...): it refuses a second
+                # credential, and a token must not leave the server it was given for.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
 
     def get(self, url: str, headers: dict | None = None) -> Reply:
         """GET ``url`` whole (body in ``reply.body``), retrying faults (raises DownloadError)."""
