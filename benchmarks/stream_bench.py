@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/stream_bench.py --only-http --repeat 3  # the HTTP table only
     .venv/bin/python benchmarks/stream_bench.py --only-checksums        # what verifying costs
     .venv/bin/python benchmarks/stream_bench.py --scale --gigabytes 30  # cold, larger than RAM
+    .venv/bin/python benchmarks/stream_bench.py --latency --batch 512  # behind 0/20/50 ms (stream_latency.py)
 
 Datasets are imported once into --work (PNG and npy shards of 2,000 samples) from the
 shared CIFAR-10 copy; when it is missing, synthetic images are used (and the table says
@@ -226,9 +227,11 @@ def parse_args() -> argparse.Namespace:
                     help="Cold-cache runs of `cifar5m stream` on a large npy dataset (stream_scale.py).")
     ap.add_argument("--gigabytes", type=float, default=0.0,
                     help="--scale: an all-train dataset of about this size; 0: CIFAR-5m's six parts.")
-    ap.add_argument("--batches", type=int, default=2000,
-                    help="--scale: batches per ideal-world run; 0: the whole split (one epoch).")
-    ap.add_argument("--n", type=int, default=50_000, help="--scale: the real world's subset.")
+    ap.add_argument("--batches", type=int, default=None,
+                    help="Ideal-world batches per run: --scale: 2000 by default, 0: the whole split (one epoch); "
+                         "--latency: 200 by default.")
+    ap.add_argument("--n", type=int, default=None,
+                    help="The real world's subset: --scale 50,000, --latency 20,000 by default.")
     ap.add_argument("--code", help="--scale: run this checkout of the project (e.g. a worktree of an old commit).")
     ap.add_argument("--code-deps", help="--scale: a pip --target folder of packages --code needs (on PYTHONPATH).")
     ap.add_argument("--label", help="--scale: the code's name in the table (default: after, or --code's name).")
@@ -236,6 +239,11 @@ def parse_args() -> argparse.Namespace:
                                                   "http-real"],
                     help="--scale: what to measure (also local-first, http-first: one batch, --limit 1).")
     ap.add_argument("--results", help="--scale: append each row as JSON to this file.")
+    ap.add_argument("--latency", action="store_true",
+                    help="The stream over `cifar5m serve` behind a delay proxy (stream_latency.py); "
+                         "--n is the real world's subset there too.")
+    ap.add_argument("--rtts", nargs="+", type=float, default=[0, 20, 50], help="--latency: round trips, ms.")
+    ap.add_argument("--pool", type=int, default=200_000, help="--latency: npy samples served.")
     return ap.parse_args()
 
 
@@ -409,9 +417,16 @@ def main() -> None:
     global SECONDS
     args = parse_args()
     SECONDS = args.seconds
-    if args.scale:
+    if args.scale or args.latency:
         sys.path.insert(0, str(Path(__file__).parent))
+        from stream_latency import run as latency
         from stream_scale import run
+        if args.latency:
+            run = latency
+            args.batches, args.n = args.batches or 200, args.n or 20_000
+        else:
+            args.batches = 2000 if args.batches is None else args.batches
+            args.n = args.n or 50_000
 
         args.work.mkdir(parents=True, exist_ok=True)
         return run(args)

@@ -174,9 +174,27 @@ def test_range_past_the_end_is_416_and_bad_ranges_are_ignored(served):
         for method in ("GET", "HEAD"):
             status, headers, _ = request(url, method, f"{DS}/train-000001.tar", headers={"Range": spec})
             assert status == 416 and headers["content-range"] == f"bytes */{size}"
-    for spec in ("bytes=9-3", "items=0-5", "bytes=a-b", "bytes=0-1,5-6"):
+    for spec in ("bytes=9-3", "items=0-5", "bytes=a-b", "bytes=0-1,7-5", "bytes=0-1,-5"):
         status, headers, body = request(url, "GET", f"{DS}/train-000001.tar", headers={"Range": spec})
         assert status == 200 and len(body) == size == int(headers["content-length"])
+
+
+def test_several_ranges_come_back_as_one_multipart_body(served):
+    from cifar5m.shards.connections import Connections, Piece
+
+    url, root = served
+    data = (root / "lab/ds/train-000001.tar").read_bytes()
+    status, headers, body = request(url, "GET", f"{DS}/train-000001.tar",
+                                    headers={"Range": f"bytes=0-9,100-199,{len(data) - 5}-{len(data) + 99}"})
+    assert status == 206 and headers["content-type"].startswith("multipart/byteranges; boundary=")
+    assert f"Content-Range: bytes 100-199/{len(data)}".encode() in body
+    wanted = [(0, 10), (100, 200), (5000, 5003), (len(data) - 5, len(data) + 100)]
+    pieces = [Piece(a, memoryview(bytearray(b - a))) for a, b in wanted]
+    reply = Connections().get_range(f"{url}{DS}/train-000001.tar", {}, pieces, multi=True)
+    assert reply.status == 206 and [bytes(p.data()) for p in pieces] == [data[a:b] for a, b in wanted]
+    spec = f"bytes={len(data)}-{len(data) + 1},{len(data) + 5}-{len(data) + 9}"
+    status, headers, _ = request(url, "GET", f"{DS}/train-000001.tar", headers={"Range": spec})
+    assert status == 416 and headers["content-range"] == f"bytes */{len(data)}"
 
 
 def test_missing_file_and_repo_are_typed(served):

@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from cifar5m.shards.connections import Connections
+from cifar5m.shards.connections import Connections, Piece
 from cifar5m.shards.source import GAP, LocalSource, coalesce
 from cifar5m.shards.synthetic import write_synthetic_dataset
 from tests.conftest import QuietHTTPHandler
@@ -63,16 +63,17 @@ def test_connections_keep_alive_read_into_buffer_and_follow_redirects():
         http = Connections()
         into = memoryview(bytearray(100))
         for start in range(0, 40, 10):
-            reply = http.get(f"{url}/data", {"Range": f"bytes={start}-{start + 9}"}, into=[(0, into[:10])])
-            (body,) = reply.body
-            assert reply.status == 206 and bytes(body) == bytes(range(start, start + 10))
-            assert np.shares_memory(np.frombuffer(body, np.uint8), np.frombuffer(into, np.uint8))
+            piece = Piece(start, into[:10])
+            reply = http.get_range(f"{url}/data", {}, [piece])
+            assert reply.status == 206 and bytes(piece.data()) == bytes(range(start, start + 10))
+            assert np.shares_memory(np.frombuffer(piece.data(), np.uint8), np.frombuffer(into, np.uint8))
         # one request, two parts with 5 skipped bytes between them, each into its own view
-        a, b = memoryview(bytearray(8)), memoryview(bytearray(8))
-        reply = http.get(f"{url}/data", {"Range": "bytes=100-120"}, into=[(0, a), (13, b)])
-        assert [bytes(v) for v in reply.body] == [bytes(range(100, 108)), bytes(range(113, 121))]
-        reply = http.get(f"{url}/moved", {"Range": "bytes=1000-1023"})  # no room given: a new buffer
-        assert reply.status == 206 and bytes(reply.body) == bytes(range(232, 256))
+        pieces = [Piece(100, memoryview(bytearray(8))), Piece(113, memoryview(bytearray(8)))]
+        http.get_range(f"{url}/data", {}, pieces)
+        assert [bytes(p.data()) for p in pieces] == [bytes(range(100, 108)), bytes(range(113, 121))]
+        piece = Piece(1000, memoryview(bytearray(24)))
+        reply = http.get_range(f"{url}/moved", {}, [piece])  # a redirect followed
+        assert reply.status == 206 and bytes(piece.data()) == bytes(range(232, 256))
         assert len(_Handler.peers) == 1  # one connection for all six requests
     finally:
         server.shutdown()
@@ -110,7 +111,7 @@ def test_local_fetch_into_lands_in_the_buffer_given_and_is_short_at_the_end(tmp_
 def test_server_without_range_support_gets_each_file_once_under_concurrency(dataset):
     from collections import Counter
 
-    from cifar5m.shards.source import HttpSource
+    from cifar5m.shards.http_source import HttpSource
 
     gets: Counter = Counter()
 

@@ -20,6 +20,8 @@ Whole files and ranges to the end (resumed downloads) keep the sequential read-a
 Two other ways send the bytes (docs/serving.md), after the same checks: with
 ``--accel-redirect`` a GET is answered with ``X-Accel-Redirect`` for nginx to send the file,
 and a root on an object store answers with a redirect to a signed URL of the object.
+Several ranges in one request (a scattered subset) come back as one ``multipart/byteranges``
+body, read by ``pread`` in a thread.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aiohttp import web
 
 from cifar5m.core.errors import StoreError
 from cifar5m.dataset_server.context import ServerContext, lookup, state_at
-from cifar5m.dataset_server.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from cifar5m.dataset_server.ranges import ByteRange, RangeNotSatisfiable, parse_range, parse_ranges
 from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
 from cifar5m.dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
 from cifar5m.dataset_server.store import StoreRepo
@@ -131,10 +133,33 @@ def _range_applies(request: web.BaseRequest, headers: dict[str, str]) -> bool:
     return if_range == headers["Last-Modified"]
 
 
+def _multipart(fd: int, ranges: list[ByteRange], content_type: str, boundary: str) -> bytes:
+    """The ``multipart/byteranges`` body of ``ranges`` of ``fd`` (then closed)."""
+    try:
+        out = []
+        for r in ranges:
+            out.append(f"\r\n--{boundary}\r\nContent-Type: {content_type}\r\n"
+                       f"Content-Range: {r.content_range}\r\n\r\n".encode())
+            out.append(os.pread(fd, r.end - r.start, r.start))
+        out.append(f"\r\n--{boundary}--\r\n".encode())
+        return b"".join(out)
+    finally:
+        os.close(fd)
+
+
+async def _multipart_response(fd: int, ranges: list[ByteRange], headers: dict[str, str]) -> web.Response:
+    boundary = os.urandom(12).hex()
+    if _FADVISE is not None:
+        _FADVISE(fd, 0, 0, os.POSIX_FADV_RANDOM)  # scattered samples: no read-ahead around each
+    body = await asyncio.to_thread(_multipart, fd, ranges, headers["Content-Type"], boundary)
+    headers = {**headers, "Content-Type": f"multipart/byteranges; boundary={boundary}"}
+    return web.Response(status=206, body=body, headers=headers)
+
+
 def conditions(request: web.BaseRequest, path: str, f: RepoFile,
-               headers: dict[str, str]) -> web.Response | ByteRange | None:
+               headers: dict[str, str]) -> web.Response | ByteRange | list[ByteRange] | None:
     """What the request's preconditions and range call for: a 412, 304 or 416 answer, else
-    the range to send (None: the whole file)."""
+    the range or ranges to send (None: the whole file)."""
     etag = headers["ETag"]
     if_match = request.headers.get("If-Match")
     if if_match is not None and not _strong_match(if_match, etag):
@@ -146,8 +171,10 @@ def conditions(request: web.BaseRequest, path: str, f: RepoFile,
     inm = request.headers.get("If-None-Match")
     if inm is not None and _weak_match(inm, etag):
         return web.Response(status=304, headers=headers)
+    header = request.headers.get("Range") if _range_applies(request, headers) else None
     try:
-        return parse_range(request.headers.get("Range"), f.size) if _range_applies(request, headers) else None
+        ranges = parse_ranges(header, f.size)
+        return ranges if ranges is not None else parse_range(header, f.size)
     except RangeNotSatisfiable as exc:
         keep = {k: headers[k] for k in (REPO_COMMIT, "ETag", "Accept-Ranges")}
         return hub_error(416, None, f"range not satisfiable: {path} has {f.size} bytes",
@@ -164,7 +191,8 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
     repo = lookup(ctx, request, org, name, files=True)
     if isinstance(repo, StoreRepo):
         return await store_file(ctx, request, repo, revision, path)
-    accel = ctx.config.accel_redirect is not None and request.method == "GET" and nginx_may_answer(request)
+    accel = (ctx.config.accel_redirect is not None and request.method == "GET" and nginx_may_answer(request)
+             and "," not in request.headers.get("Range", ""))  # several ranges: answered here
     state, entry, fd = await _open(ctx, repo, revision, path, fd=not accel)
     if entry is None:
         return missing(repo.repo_id, state, path)
@@ -176,6 +204,8 @@ async def resolve(ctx: ServerContext, request: web.BaseRequest, org: str, name: 
     if isinstance(answer, web.Response):
         os.close(fd)
         return answer
+    if isinstance(answer, list):
+        return await _multipart_response(fd, answer, headers)
     if answer is None:
         return FdResponse(fd, 0, entry.size, status=200, headers=headers)
     headers["Content-Range"] = answer.content_range
@@ -219,6 +249,8 @@ async def store_file(ctx: ServerContext, request: web.BaseRequest, repo: StoreRe
         answer = conditions(request, path, entry, headers)
         if isinstance(answer, web.Response):
             return answer
+        if isinstance(answer, list):  # several ranges of a small file: all of it (RFC 9110 allows)
+            answer = None
         if not entry.lfs:
             body = repo.body(entry)
             if body is None:

@@ -6,11 +6,8 @@ headers, so a 256-sample block is one ~1 MB request instead of 256). Sources ret
 what the file holds: a range past the end comes back short, and the caller turns that
 into a ``CorruptShardError`` naming the sample and offset.
 
-HTTP is done with ``cifar5m.shards.connections`` (``http.client``, one keep-alive connection per
-pool thread, bodies received with ``readinto`` into one buffer) rather than fsspec's
-aiohttp layer: it works in forked DataLoader workers without event-loop juggling and
-copies nothing after the socket; a static server that ignores ``Range``
-(``python -m http.server``) still works: a 200 reply is kept whole and sliced.
+HTTP(S) is ``cifar5m.shards.http_source.HttpSource``; remote reads retry faults on the
+way (``cifar5m.shards.connections``).
 """
 
 from __future__ import annotations
@@ -19,9 +16,9 @@ import contextlib
 import mmap
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,96 +27,13 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cifar5m.core.errors import DownloadError, ShardNotFoundError
-from cifar5m.shards.connections import Connections, Parts
+from cifar5m.shards import connections
 from cifar5m.shards.format import MANIFEST_NAME
+from cifar5m.shards.http_source import HttpSource
 from cifar5m.shards.manifest import safe_path
-
-GAP = 64 * 1024  # merge ranges closer than this: one request beats two below ~64 KB
-PAGE = 4096  # ...but skip no more than the range being added, or a page the disk reads anyway
-MAX_REQUEST = 8 << 20  # but keep single requests under 8 MB so threads share the work
-THREADS = 8  # concurrent requests per process: loopback HTTP is latency-, not bandwidth-bound
-WHOLE_BYTES = 512 << 20  # whole files kept from a server that ignores Range
-
-
-def coalesce(ranges: Sequence[tuple[int, int]], *, gap: int = GAP,
-             limit: int = MAX_REQUEST) -> list[tuple[int, int, list[int]]]:
-    """Group ranges into requests ``(start, end, [indices of ranges inside])``.
-
-    A gap is bridged when it is at most ``gap`` and at most the bytes of the range it brings
-    in (or one page), so a request never carries more skipped bytes than wanted ones: the
-    real world's scattered samples (1 % of a 5M split: 5 KB each, ~0.5 MB apart) were read
-    at 2.55x their bytes over HTTP with any gap under 64 KB bridged, against 1.87x locally.
-    (A range under a page may still bring in up to a page of skipped bytes.)"""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
-    groups: list[tuple[int, int, list[int]]] = []
-    for i in order:
-        a, b = ranges[i]
-        if groups and a - groups[-1][1] <= min(gap, max(PAGE, b - a)) and b - groups[-1][0] <= limit:
-            start, end, members = groups[-1]
-            groups[-1] = (start, max(end, b), [*members, i])
-        else:
-            groups.append((a, b, [i]))
-    return groups
-
-
-def copied(data: bytes | memoryview, out: memoryview | None) -> bytes | memoryview:
-    """``data`` copied into the start of ``out`` (a view of that part), or ``data`` when it
-    does not fit."""
-    if out is None or len(data) > len(out):
-        return data
-    out[: len(data)] = data
-    return out[: len(data)]
-
-
-class Source:
-    """Reads bytes of the files of one dataset directory."""
-
-    url: str
-    local = False
-
-    def fetch(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes | memoryview]:
-        """``[(file, start, end)]`` -> the bytes of each (short where a file ends early).
-
-        Ranges are merged per file and all requests of one call run concurrently."""
-        jobs = self._jobs(requests)
-        out: list = [b""] * len(requests)
-        datas = self._get_many([job[:3] for job in jobs]) if jobs else []
-        for (_, start, _, inside), data in zip(jobs, datas, strict=True):
-            view = memoryview(data)
-            for i in inside:
-                out[i] = view[requests[i][1] - start : requests[i][2] - start]
-        return out
-
-    def fetch_into(self, requests: Sequence[tuple[str, int, int]],
-                   outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
-        """Like ``fetch``, but request i's bytes land in ``outs[i]`` where given and they fit
-        (returned as ``outs[i][:n]``); the others come back in buffers of their own."""
-        return [copied(data, out) for data, out in zip(self.fetch(requests), outs, strict=True)]
-
-    @staticmethod
-    def _jobs(requests: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int, list[int]]]:
-        """The requests merged per file (``coalesce``): ``[(file, start, end, [request indices])]``."""
-        by_file: dict[str, list[int]] = {}
-        for i, (file, _, _) in enumerate(requests):
-            by_file.setdefault(file, []).append(i)
-        return [(file, start, end, [members[k] for k in inside])
-                for file, members in by_file.items()
-                for start, end, inside in coalesce([requests[i][1:] for i in members])]
-
-    def read_ranges(self, file: str, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
-        return self.fetch([(file, a, b) for a, b in ranges])
-
-    def read_file(self, file: str) -> bytes | memoryview:
-        raise NotImplementedError
-
-    def read_whole(self, file: str) -> bytes | bytearray | memoryview:
-        """A whole file for one pass (verify, a shard decoded whole): ``read_file``, except that
-        a local one is read into a buffer of its own rather than kept mapped (a pass over
-        every shard would otherwise hold the last 64 maps)."""
-        return self.read_file(file)
-
-    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
-        raise NotImplementedError
+from cifar5m.shards.source_base import GAP as GAP  # re-exported: the readers' names
+from cifar5m.shards.source_base import Source as Source
+from cifar5m.shards.source_base import coalesce as coalesce
 
 
 class LocalSource(Source):
@@ -275,147 +189,6 @@ class LocalSource(Source):
         return np.frombuffer(self._map(file), np.uint8)
 
 
-class HttpSource(Source):
-    """A dataset directory behind any static HTTP(S) server (Range requests).
-
-    A server that ignores Range answers 200 with the whole file: from then on whole files
-    are fetched and kept (up to ``WHOLE_BYTES``), each by one request even when many
-    pool threads want it at once (one in-flight future per file, under a lock).
-    """
-
-    def __init__(self, url: str, *, headers: dict | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.headers = dict(headers or {})
-        self._pid = -1
-        self._ranges: bool | None = None  # does the server honour Range? None: not known yet
-        self._whole: OrderedDict[str, bytes | bytearray] = OrderedDict()  # servers that ignore Range
-        self._inflight: dict[str, Future] = {}
-        self._lock = threading.Lock()  # guards _whole, _inflight and _ranges
-
-    def _setup(self) -> None:
-        if self._pid != os.getpid():  # pools and threads do not survive fork
-            self._http = Connections()
-            self._pool = ThreadPoolExecutor(THREADS)
-            self._pid = os.getpid()
-
-    def __getstate__(self) -> dict:
-        return {"url": self.url, "headers": self.headers}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], headers=state["headers"])
-
-    def _get(self, file: str, start: int | None, end: int | None,
-             into: Parts | None = None) -> bytearray | memoryview | list:
-        url = f"{self.url}/{file}"
-        if start is not None and end is not None and end <= start:
-            # nothing to read; "bytes=10-9" is no range at all, and the whole-file 200 a
-            # server answers it with would switch this source to whole files for good
-            return bytearray()
-        headers = dict(self.headers)
-        if start is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        reply = self._http.get(url, headers, into=into)  # a 206 body lands in into's parts
-        if reply.status == 404:
-            raise ShardNotFoundError(f"{url} is missing (HTTP 404); the manifest lists it")
-        if reply.status == 416:  # range starts past the end: the file is shorter
-            return bytearray()
-        if reply.status not in (200, 206):
-            # The server's reason (a Hub-style X-Error-Message: a gated dataset, a manifest
-            # of a newer format), not only its status code.
-            reason = reply.headers.get("X-Error-Message")
-            raise DownloadError(f"GET {url} answered HTTP {reply.status}" + (f": {reason}" if reason else ""))
-        if start is not None:
-            with self._lock:
-                self._ranges = reply.status == 206
-            if reply.status == 200:  # no Range support: keep the whole file
-                self._keep(file, reply.body)
-                return memoryview(reply.body)[start:end]
-        return reply.body
-
-    def _keep(self, file: str, data: bytes | bytearray) -> None:
-        with self._lock:
-            self._whole[file] = data
-            self._whole.move_to_end(file)
-            while sum(map(len, self._whole.values())) > WHOLE_BYTES and len(self._whole) > 1:
-                self._whole.popitem(last=False)
-
-    def _whole_file(self, file: str) -> bytes | bytearray:
-        """The whole file, downloaded once however many threads ask for it together."""
-        with self._lock:
-            data = self._whole.get(file)
-            if data is not None:
-                self._whole.move_to_end(file)
-                return data
-            future = self._inflight.get(file)
-            owner = future is None
-            if owner:
-                future = self._inflight[file] = Future()
-        if not owner:
-            return future.result()
-        try:
-            data = self._get(file, None, None)
-            self._keep(file, data)
-            future.set_result(data)
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(file, None)
-        return data
-
-    def _one(self, job: tuple[str, int, int]) -> bytes | bytearray | memoryview:
-        file, start, end = job
-        if self._ranges is False:
-            return memoryview(self._whole_file(file))[start:end]
-        return self._get(file, start, end)
-
-    def _get_many(self, jobs: list[tuple[str, int, int]]) -> list:
-        self._setup()
-        if self._ranges is None:  # the first request tells whether Range works, before the pool
-            return [self._one(jobs[0]), *self._get_many(jobs[1:])] if jobs else []
-        if len(jobs) == 1:
-            return [self._one(jobs[0])]
-        return list(self._pool.map(self._one, jobs))
-
-    def fetch_into(self, requests: Sequence[tuple[str, int, int]],
-                   outs: Sequence[memoryview | None]) -> list[bytes | memoryview]:
-        """Adjacent ranges of a file are merged into one request (up to MAX_REQUEST: on
-        loopback 1.3 MB requests moved 0.75-1.0 GB/s, 5.2 MB ones 1.1-1.65 GB/s) whose body
-        is received part by part straight into each ``out``."""
-        self._setup()
-        if self._ranges is not True:  # not known yet, or whole files: fetch and copy
-            return super().fetch_into(requests, outs)
-        dests = [out if out is not None and len(out) >= b - a else memoryview(bytearray(b - a))
-                 for (_, a, b), out in zip(requests, outs, strict=True)]
-        jobs = self._jobs(requests)
-        results: list = [b""] * len(requests)
-
-        def run(job: tuple[str, int, int, list[int]]) -> None:
-            file, start, end, inside = job
-            ends = [requests[i][2] for i in inside]
-            if any(requests[j][1] < e for j, e in zip(inside[1:], ends, strict=False)):  # overlaps
-                data = memoryview(self._get(file, start, end))
-                got = [data[requests[i][1] - start : requests[i][2] - start] for i in inside]
-            else:
-                parts = [(requests[i][1] - start, dests[i][: requests[i][2] - requests[i][1]]) for i in inside]
-                got = self._get(file, start, end, into=parts)
-                if isinstance(got, list):  # received in place: outs[i][:n] or a buffer of its own
-                    for i, data in zip(inside, got, strict=True):
-                        results[i] = data
-                    return
-                got = [memoryview(got)[a : a + len(v)] for a, v in parts]  # not a 206 after all
-            for i, data in zip(inside, got, strict=True):
-                results[i] = copied(data, outs[i])
-
-        list(self._pool.map(run, jobs))
-        return results
-
-    def read_file(self, file: str) -> bytearray:
-        self._setup()
-        return self._get(file, None, None)
-
-
 class FsspecSource(Source):
     """Any fsspec URL (``s3://``, ``gs://``, ...): merged ranges through ``cat_ranges``."""
 
@@ -435,20 +208,28 @@ class FsspecSource(Source):
         return self.fs
 
     def _get_many(self, jobs: list[tuple[str, int, int]]) -> list[bytes]:
-        fs = self._fs()
-        results = fs.cat_ranges([f"{self.path}/{f}" for f, _, _ in jobs], [j[1] for j in jobs],
-                                [j[2] for j in jobs], on_error="return")
-        out = []
-        for (file, _, _), result in zip(jobs, results, strict=True):
-            if isinstance(result, FileNotFoundError):
-                raise ShardNotFoundError(f"{self.url}/{file} is missing; the manifest lists it")
-            if isinstance(result, Exception):
-                if "InvalidRange" in repr(result) or "416" in str(result):
-                    result = b""  # range past the end: the caller reports a truncated shard
-                else:
-                    raise DownloadError(f"reading {self.url}/{file} failed: {result!r}")
-            out.append(result)
-        return out
+        """The jobs' bytes; ranges that failed (after the filesystem's own retries) are asked
+        for again with backoff, ``connections.RETRIES`` times, then named in one error."""
+        fs, out, todo = self._fs(), [b""] * len(jobs), list(range(len(jobs)))
+        for attempt in range(connections.RETRIES + 1):
+            if attempt:
+                time.sleep(min(connections.MAX_BACKOFF, connections.BACKOFF * 2 ** (attempt - 1)))
+            results = fs.cat_ranges([f"{self.path}/{jobs[i][0]}" for i in todo], [jobs[i][1] for i in todo],
+                                    [jobs[i][2] for i in todo], on_error="return")
+            failed = []
+            for i, result in zip(todo, results, strict=True):
+                if isinstance(result, FileNotFoundError):
+                    raise ShardNotFoundError(f"{self.url}/{jobs[i][0]} is missing; the manifest lists it")
+                if isinstance(result, Exception) and not ("InvalidRange" in repr(result) or "416" in str(result)):
+                    failed.append((i, result))
+                else:  # a range past the end is empty: the caller reports a truncated shard
+                    out[i] = b"" if isinstance(result, Exception) else result
+            if not failed:
+                return out
+            todo = [i for i, _ in failed]
+        (file, a, b), exc = jobs[failed[0][0]], failed[0][1]
+        raise DownloadError(f"reading {self.url}/{file} (bytes {a}-{b - 1}) failed after "
+                            f"{connections.RETRIES + 1} tries: {exc!r}")
 
     def read_file(self, file: str) -> bytes:
         try:

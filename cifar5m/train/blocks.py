@@ -51,6 +51,7 @@ class BlockStore:
         self._blocks: OrderedDict[Key, Held] = OrderedDict()
         self._inflight: dict[Key, Future] = {}
         self._pinned: set[Key] = set()  # the blocks of the batch being decoded now
+        self._unused: set[Key] = set()  # fetched ahead, no batch has used them yet
         self._arena: np.ndarray | None = None  # npy: slots of slot_bytes, allocated lazily
         self._free: list[int] = []
         counts, self._starts, self._stops = block_grid(catalog.shard_count, block=block,
@@ -65,7 +66,7 @@ class BlockStore:
 
     def __getstate__(self) -> dict:  # blocks, lock and thread belong to one process
         state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_pool")}
-        return {**state, "_blocks": OrderedDict(), "_inflight": {}, "_pinned": set(), "_pid": -1,
+        return {**state, "_blocks": OrderedDict(), "_inflight": {}, "_pinned": set(), "_unused": set(), "_pid": -1,
                 "_arena": None, "_free": [], "_base": None, "_in_arena": None, "_windows": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -135,14 +136,15 @@ class BlockStore:
 
     def _reclaim(self) -> None:
         """Under the lock: free the slot of the least recently used unpinned block, if any."""
-        for key, held in self._blocks.items():
-            if held.slot >= 0 and key not in self._pinned:
+        for key in self._spare(set()):
+            if self._blocks[key].slot >= 0:
                 self._drop(key)
                 return
 
     def _drop(self, key: Key) -> None:
         """Under the lock: forget a held block and free its arena slot."""
         held = self._blocks.pop(key)
+        self._unused.discard(key)
         if held.slot >= 0:
             self._free.append(held.slot)
             self._in_arena[key] = False
@@ -185,6 +187,7 @@ class BlockStore:
             self._free.extend(s for s, h in zip(slots, held, strict=True) if s >= 0 and h.slot < 0)
             for k, h in zip(keys, held, strict=True):
                 self._blocks[k] = h
+                self._unused.add(k)
                 if h.slot >= 0:
                     self._base[k], self._in_arena[k] = h.slot * self._arena.shape[1] - h.start, True
                 self._inflight.pop(k).set_result(None)
@@ -193,9 +196,15 @@ class BlockStore:
 
     def _evict(self, fresh: set[Key]) -> None:
         """Drop least recently used blocks beyond ``keep``, never pinned or fresh ones."""
-        spare = [k for k in self._blocks if k not in self._pinned and k not in fresh]
-        for k in spare[: max(0, len(self._blocks) - self.keep)]:
+        for k in self._spare(fresh)[: max(0, len(self._blocks) - self.keep)]:
             self._drop(k)
+
+    def _spare(self, fresh: set[Key]) -> list[Key]:
+        """Under the lock: blocks that may go, least recently used first; those fetched ahead
+        and not used yet last (a window's blocks, fetched a window early, would otherwise
+        be older than the last window's, which its batches kept touching)."""
+        spare = [k for k in self._blocks if k not in self._pinned and k not in fresh]
+        return [k for k in spare if k not in self._unused] + [k for k in spare if k in self._unused]
 
     def ensure(self, rows: np.ndarray) -> None:
         """Make the blocks of ``rows`` present and pinned until the next ``ensure``; waits only
@@ -205,6 +214,7 @@ class BlockStore:
             self._pinned = keys
         self._present(keys)
         with self._lock:
+            self._unused -= keys
             for k in keys:
                 self._blocks.move_to_end(k)
 

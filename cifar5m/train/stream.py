@@ -105,7 +105,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         ideal = self.subset is None  # the real world reads its scattered subset once, by sample
         self.reader = SampleReader(self.catalog, self.source, cache if ideal else None,
                                    block=c.block if ideal else None,
-                                   keep_blocks=max(16, 2 * c.window // c.block))
+                                   keep_blocks=max(16, 9 * c.window // (4 * c.block)))  # 2 windows and their edges
         self.next_batch = 0
         self._resumed_from = 0
         self._delivered = 0
