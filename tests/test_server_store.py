@@ -113,7 +113,7 @@ def test_files_are_redirects_to_signed_urls_carrying_what_the_hub_clients_read(s
 def test_a_store_that_does_not_answer_is_a_503_not_a_traceback(store, monkeypatch):
     from cifar5m.core.errors import StoreError
     from cifar5m.dataset_server.app import create_app
-    from cifar5m.dataset_server.store import StoreRepo
+    from cifar5m.dataset_server.store_root import StoreRepo
 
     def down(*_):
         raise StoreError("the store is down")

@@ -31,7 +31,7 @@ from cifar5m.dataset_server.context import MAIN, ServerContext
 from cifar5m.dataset_server.hashes import HashCache
 from cifar5m.dataset_server.resolve import resolve
 from cifar5m.dataset_server.responses import Denied, FdResponse, hub_error, printable
-from cifar5m.dataset_server.store import open_library
+from cifar5m.dataset_server.store_root import open_library
 
 CTX = web.AppKey("ctx", ServerContext)
 # huggingface_hub asks for this once per process; an empty answer is cached for 24 h.

@@ -14,7 +14,7 @@ from cifar5m.dataset_server.auth import Access, AccessPolicy
 from cifar5m.dataset_server.config import ServeConfig
 from cifar5m.dataset_server.repo import DatasetRepo, Library, RepoState, valid_name
 from cifar5m.dataset_server.responses import Denied, hub_error, printable, repo_not_found
-from cifar5m.dataset_server.store import StoreLibrary, StoreRepo
+from cifar5m.dataset_server.store_root import StoreLibrary, StoreRepo
 
 MAIN = "main"
 

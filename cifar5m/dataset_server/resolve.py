@@ -39,7 +39,7 @@ from cifar5m.dataset_server.context import ServerContext, lookup, state_at
 from cifar5m.dataset_server.ranges import ByteRange, RangeNotSatisfiable, parse_range, parse_ranges
 from cifar5m.dataset_server.repo import DatasetRepo, RepoFile, RepoState
 from cifar5m.dataset_server.responses import REPO_COMMIT, FdResponse, hub_error
-from cifar5m.dataset_server.store import StoreRepo
+from cifar5m.dataset_server.store_root import StoreRepo
 
 # The types files go out as: these, and application/octet-stream for anything else, which a
 # browser then saves instead of rendering (an x.html or x.svg a manifest lists is no page of

@@ -17,7 +17,7 @@ from cifar5m.core.errors import ServerConfigError
 from cifar5m.dataset_server.auth import AccessPolicy
 from cifar5m.dataset_server.config import ServeConfig, configure_logging
 from cifar5m.dataset_server.repo import SINGLE_ORG, Library, valid_name
-from cifar5m.dataset_server.store import StoreLibrary, is_store_url, open_library
+from cifar5m.dataset_server.store_root import StoreLibrary, is_store_url, open_library
 from cifar5m.dataset_server.workers import run_workers
 from cifar5m.shards.format import MANIFEST_NAME
 
