@@ -32,12 +32,6 @@ def config_option(config: type, name: str, *decls: str, **kwargs: Any) -> Callab
     return click.option(*(decls or ("--" + name.replace("_", "-"),)), name, default=default, **kwargs)
 
 
-def config_fields(config: type, params: dict[str, Any]) -> dict[str, Any]:
-    """The entries of a command's ``params`` that are fields of ``config``."""
-    names = {f.name for f in dataclasses.fields(config)}
-    return {k: v for k, v in params.items() if k in names}
-
-
 def parse_size(value: str | None) -> int | None:
     """'500M', '2G', '123' -> bytes."""
     if value is None:
